@@ -1,0 +1,128 @@
+"""Covers: every preset loads and validates; dotted overrides with type coercion; unknown, missing
+and mistyped keys rejected with messages naming key, value and fix; the paper preset carries the
+numbers of REFERENCE.md section 5; fingerprints follow what a stage computes."""
+
+from __future__ import annotations
+
+import pytest
+
+from thinkdiff.config import available_presets, load_config
+from thinkdiff.errors import ConfigError
+from thinkdiff.storage import features_fingerprint, train_fingerprint
+
+PAPER_INSTRUCTIONS = [
+    "Describe the image concisely.",
+    "Provide a brief description of the given image.",
+    "Offer a succinct explanation of the picture presented.",
+    "Summarize the visual content of the image.",
+    "Give a short and clear explanation of the subsequent image.",
+    "Share a concise interpretation of the image provided.",
+    "Present a compact description of the photo's key features.",
+    "Relay a brief, clear account of the picture shown.",
+    "Render a clear and concise summary of the photo.",
+    "Write a terse but informative summary of the picture.",
+    "Create a compact narrative representing the image presented.",
+    "Generate a prompt that can recreate the image in a 2D diffusion model.",
+    "Provide a descriptive prompt to reproduce the given image using a diffusion model.",
+    "Create a prompt suitable for a 2D diffusion model to generate the same image.",
+    "Summarize the visual details as a prompt for a 2D diffusion model.",
+    "Write a clear prompt to guide a 2D diffusion model in recreating the image.",
+]
+
+
+@pytest.mark.parametrize("preset", available_presets())
+def test_every_preset_loads_validates_and_round_trips(preset, tmp_path):
+    cfg = load_config(preset)
+    assert cfg.preset == preset
+    # The resolved YAML is itself a loadable config (it is what the train stage hands to accelerate).
+    path = tmp_path / "resolved.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path).to_dict() == cfg.to_dict()
+
+
+def test_presets_include_tiny_and_paper():
+    assert {"tiny", "paper-lvlm"} <= set(available_presets())
+
+
+def test_paper_preset_has_reference_hyperparameters():
+    cfg = load_config("paper-lvlm")
+    assert cfg.models.vlm.id == "Qwen/Qwen2-VL-7B-Instruct"
+    assert cfg.models.t5.id == "google/flan-t5-xxl"
+    assert cfg.models.flux.id == "black-forest-labs/FLUX.1-dev"
+    f, t = cfg.features, cfg.train
+    assert f.instructions == PAPER_INSTRUCTIONS
+    assert (f.temperature, f.top_p, f.max_new_tokens, f.max_feature_rows) == (0.6, 0.9, 256, 128)
+    assert f.system_prompt == "You are a helpful assistant."
+    assert (t.lr, t.warmup_start_lr, t.warmup_steps, t.final_lr) == (1e-4, 1e-6, 2000, 8e-5)
+    assert t.betas == [0.9, 0.999] and t.weight_decay == 0.05
+    assert (t.batch_size, t.max_steps, t.max_source_rows, t.max_target_tokens) == (32, 25000, 128, 128)
+    assert t.mixed_precision == "bf16"
+
+
+def test_tiny_preset_is_offline():
+    cfg = load_config("tiny")
+    assert {cfg.models.vlm.id, cfg.models.t5.id} == {"tiny"}
+    assert cfg.features.instructions == PAPER_INSTRUCTIONS
+
+
+def test_override_coerces_to_field_type():
+    cfg = load_config("tiny", ["train.lr=2e-4", "train.max_steps=70", "features.instructions=[a, b]", "train.betas=[0.8, 0.9]"])
+    assert cfg.train.lr == pytest.approx(2e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.train.max_steps == 70
+    assert cfg.features.instructions == ["a", "b"]
+    assert cfg.train.betas == [0.8, 0.9]
+
+
+def test_unknown_key_is_rejected_with_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown key `train.lrr`; did you mean `train.lr`"):
+        load_config("tiny", ["train.lrr=1"])
+
+
+def test_unknown_section_is_rejected():
+    with pytest.raises(ConfigError, match="unknown key `optim`"):
+        load_config("tiny", ["optim.lr=1"])
+
+
+def test_wrong_type_names_key_and_value():
+    with pytest.raises(ConfigError, match=r"`train.max_steps`='many' is not a valid int"):
+        load_config("tiny", ["train.max_steps=many"])
+    with pytest.raises(ConfigError, match=r"`train.max_steps`=2.5 is not a valid int"):
+        load_config("tiny", ["train.max_steps=2.5"])
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="not of the form section.key=value"):
+        load_config("tiny", ["train.lr"])
+
+
+def test_missing_key_in_file_is_named(tmp_path):
+    text = load_config("tiny").to_yaml().replace("  top_p: 0.9\n", "")
+    path = tmp_path / "incomplete.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"incomplete.yaml: missing key `features.top_p`"):
+        load_config(path)
+
+
+def test_validation_names_key_value_and_fix():
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", ["features.top_p=1.5", "train.max_source_rows=64"])
+    message = str(err.value)
+    assert "features.top_p=1.5: use a value in (0, 1]" in message
+    assert "train.max_source_rows=64" in message and "features.max_feature_rows=16" in message
+
+
+def test_unknown_preset_lists_available():
+    with pytest.raises(ConfigError, match="presets: .*paper-lvlm.*tiny"):
+        load_config("nope")
+
+
+def test_fingerprints_follow_what_a_stage_computes():
+    base = load_config("tiny")
+    # Observation-only settings keep the training directory; what changes results moves it.
+    assert train_fingerprint(load_config("tiny", ["train.log_every=3"])) == train_fingerprint(base)
+    assert train_fingerprint(load_config("tiny", ["train.lr=2e-3"])) != train_fingerprint(base)
+    # Training settings do not invalidate cached features; the VLM and sampling settings do.
+    assert features_fingerprint(load_config("tiny", ["train.lr=2e-3"])) == features_fingerprint(base)
+    assert features_fingerprint(load_config("tiny", ["features.temperature=0.7"])) != features_fingerprint(base)
+    # Upstream changes propagate downstream.
+    assert train_fingerprint(load_config("tiny", ["corpus.seed=1"])) != train_fingerprint(base)

@@ -1,0 +1,5 @@
+import sys
+
+from thinkdiff.cli import main
+
+sys.exit(main())

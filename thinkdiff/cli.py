@@ -1,0 +1,101 @@
+"""Command line: `thinkdiff <command> --config PRESET_OR_YAML [section.key=value ...]`.
+
+    thinkdiff run --config tiny                 # demo corpus -> features -> train, offline on CPU
+    thinkdiff features --config tiny            # caption + cache VLM states (resumable)
+    thinkdiff train --config tiny               # train the aligner (resumes from the newest checkpoint)
+    thinkdiff config --config paper-lvlm        # print the resolved, validated config
+    thinkdiff aligner import-official IN.pth OUT_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from thinkdiff.errors import ThinkDiffError
+
+log = logging.getLogger("thinkdiff")
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", required=True, help="preset name in conf/ (tiny, paper-lvlm) or a YAML path")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=2e-4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="thinkdiff", description="ThinkDiff: align VLM token features to a T5 decoder / FLUX.")
+    parser.add_argument("--quiet", "-q", action="store_true", help="log warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("config", help="print the resolved, validated config as YAML")
+    _add_config_args(p)
+
+    p = sub.add_parser("demo-corpus", help="write the generated offline demo corpus (img2dataset layout)")
+    _add_config_args(p)
+
+    p = sub.add_parser("features", help="caption images with the VLM and cache generated-token states to Parquet")
+    _add_config_args(p)
+    p.add_argument("--corpus", type=Path, help="img2dataset parquet output dir (default: the config's corpus stage dir)")
+    p.add_argument("--out", type=Path, help="feature store dir (default: {paths.root}/features/{fingerprint})")
+
+    p = sub.add_parser("train", help="train the aligner from a feature store (resumes from the newest checkpoint)")
+    _add_config_args(p)
+    p.add_argument("--features", type=Path, help="feature store dir (default: the config's features stage dir)")
+    p.add_argument("--out", type=Path, help="run dir (default: {paths.root}/train/{fingerprint})")
+
+    p = sub.add_parser("run", help="demo corpus -> features -> train, each stage skipped when already complete")
+    _add_config_args(p)
+
+    p = sub.add_parser("aligner", help="aligner checkpoint tools")
+    aligner_sub = p.add_subparsers(dest="aligner_command", required=True, metavar="ACTION")
+    q = aligner_sub.add_parser("import-official", help="convert the released .pth aligner to config.json + model.safetensors")
+    q.add_argument("input", type=Path, help="the official checkpoint (.pth, a dict with key 'model')")
+    q.add_argument("output", type=Path, help="new directory to write (must not exist)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return _dispatch(args)
+    except (ThinkDiffError, FileNotFoundError, FileExistsError) as err:
+        print(f"thinkdiff {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    # Heavy imports (torch, transformers) only after the arguments parsed, so --help is instant.
+    from thinkdiff import pipeline
+    from thinkdiff.config import load_config
+
+    if args.command == "aligner":
+        from thinkdiff.models.aligner import import_official_checkpoint
+
+        print(import_official_checkpoint(args.input, args.output))
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "config":
+        print(cfg.to_yaml(), end="")
+    elif args.command == "demo-corpus":
+        print(pipeline.build_demo_corpus(cfg))
+    elif args.command == "features":
+        print(pipeline.extract_features(cfg, corpus_dir=args.corpus, out_dir=args.out))
+    elif args.command == "train":
+        result = pipeline.train_aligner(cfg, features_dir=args.features, run_dir=args.out)
+        print(result.aligner_dir)
+    elif args.command == "run":
+        outputs = pipeline.run_all(cfg)
+        print("\n".join(f"{name:>9}: {path}" for name, path in outputs.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""One typed config tree, loaded from a complete YAML preset plus dotted overrides.
+
+    from thinkdiff.config import load_config
+    cfg = load_config("tiny", ["train.lr=2e-4"])   # a preset name in conf/ or a path to a YAML file
+
+Every field is required: a preset states every setting (no inheritance chains, no hidden defaults),
+unknown keys are rejected, values are coerced to the annotated type (so YAML's `1e-4`, which PyYAML
+reads as a string, is a float here), and `validate()` runs before any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from thinkdiff.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+TINY_MODEL_ID = "tiny"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(kw_only=True)
+class ModelSource:
+    id: str
+    """Hugging Face id, a local directory, or `tiny` (the same class, small and random-init, offline)."""
+    revision: str
+    """Hub revision (branch, tag or commit); recorded in every output. Ignored for local dirs and `tiny`."""
+    dtype: str
+    """Dtype of the frozen weights: float32, bfloat16 or float16."""
+
+
+@dataclass(kw_only=True)
+class ModelsConfig:
+    vlm: ModelSource
+    """The frozen vision-language model whose generated-token states are aligned (Qwen2-VL)."""
+    t5: ModelSource
+    """The frozen encoder-decoder whose decoder supervises the aligner (Flan-T5)."""
+    flux: ModelSource
+    """The diffusion model that consumes aligned features at inference (FLUX.1)."""
+
+
+@dataclass(kw_only=True)
+class PathsConfig:
+    root: str
+    """Every stage writes into {root}/{stage}/{fingerprint}/."""
+
+
+@dataclass(kw_only=True)
+class CorpusConfig:
+    demo_images: int
+    """Size of the generated offline demo corpus (coloured shapes with captions that describe them)."""
+    image_size: int
+    """Side in pixels of the demo images."""
+    shard_size: int
+    """Images per corpus shard (img2dataset's number_sample_per_shard)."""
+    seed: int
+    """Seed of the demo corpus generator."""
+
+
+@dataclass(kw_only=True)
+class FeaturesConfig:
+    instructions: list[str]
+    """User instructions, one drawn per image with a seeded RNG keyed by the image key."""
+    system_prompt: str
+    """System message of the chat prompt."""
+    temperature: float
+    """Sampling temperature of the caption generation."""
+    top_p: float
+    """Nucleus sampling threshold."""
+    max_new_tokens: int
+    """Generation stops at EOS or after this many tokens."""
+    max_feature_rows: int
+    """Feature rows stored per image: training never reads past row train.max_source_rows."""
+    storage_dtype: str
+    """Dtype of stored feature rows: bfloat16, float16 or float32."""
+    min_pixels: int
+    """Qwen2-VL image processor: smallest image area after resizing."""
+    max_pixels: int
+    """Qwen2-VL image processor: largest image area after resizing (448*448 = 200704 for the paper)."""
+    batch_size: int
+    """Images per generate() call."""
+    seed: int
+    """Seed for instruction choice and sampling (combined with the shard index, so reruns are equal)."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    batch_size: int
+    """Samples per optimizer step and process (paper: 32 per GPU)."""
+    max_steps: int
+    """Optimizer steps of the whole run (paper: 25,000)."""
+    lr: float
+    """Peak learning rate, reached after the warmup."""
+    warmup_start_lr: float
+    """Learning rate at step 0; it rises linearly to `lr` over `warmup_steps`."""
+    warmup_steps: int
+    """Linear warmup length in steps."""
+    final_lr: float
+    """The cosine decay after the warmup ends here at `max_steps`."""
+    betas: list[float]
+    """AdamW betas."""
+    weight_decay: float
+    """AdamW weight decay, applied to matrices only (not to biases or other 1-D parameters)."""
+    max_source_rows: int
+    """Upper bound of the masked split s ~ UniformInt[1, min(L-1, max_source_rows)]."""
+    max_target_tokens: int
+    """T5 target length after re-tokenization (with </s>); longer targets are truncated."""
+    mixed_precision: str
+    """`bf16` autocast (GPU only; the aligner stays fp32) or `no`."""
+    checkpoint_every: int
+    """Save a checkpoint every this many steps (and at the end)."""
+    keep_last: int
+    """Checkpoints kept on disk; older ones are deleted after a newer one is complete."""
+    log_every: int
+    """Log loss, learning rate and throughput every this many steps."""
+    seed: int
+    """Seed of aligner init, data order and masked splits."""
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    preset: str
+    """Name of the preset this config came from (informational)."""
+    paths: PathsConfig
+    models: ModelsConfig
+    corpus: CorpusConfig
+    features: FeaturesConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, width=100)
+
+    def validate(self) -> RunConfig:
+        """Check values and cross-field rules; raise ConfigError naming key, value and fix."""
+        problems: list[str] = []
+
+        def need(ok: bool, key: str, value: Any, fix: str) -> None:
+            if not ok:
+                problems.append(f"{key}={value!r}: {fix}")
+
+        for name in ("vlm", "t5", "flux"):
+            src: ModelSource = getattr(self.models, name)
+            need(bool(src.id.strip()), f"models.{name}.id", src.id, "give a Hugging Face id, a local directory or `tiny`")
+            need(src.dtype in DTYPES, f"models.{name}.dtype", src.dtype, f"use one of {', '.join(DTYPES)}")
+        need(bool(self.paths.root.strip()), "paths.root", self.paths.root, "give a directory for stage outputs")
+
+        c = self.corpus
+        need(c.demo_images >= 1, "corpus.demo_images", c.demo_images, "use at least 1")
+        need(c.image_size >= 28, "corpus.image_size", c.image_size, "use at least 28 (one Qwen2-VL merged patch)")
+        need(c.shard_size >= 1, "corpus.shard_size", c.shard_size, "use at least 1")
+
+        f = self.features
+        need(len(f.instructions) > 0 and all(s.strip() for s in f.instructions), "features.instructions",
+             f.instructions, "give a non-empty list of non-empty instructions")
+        need(f.temperature > 0, "features.temperature", f.temperature, "use a value > 0 (sampling)")
+        need(0 < f.top_p <= 1, "features.top_p", f.top_p, "use a value in (0, 1]")
+        need(f.max_new_tokens >= 2, "features.max_new_tokens", f.max_new_tokens,
+             "use at least 2: the masked split needs two generated tokens")
+        need(f.max_feature_rows >= 1, "features.max_feature_rows", f.max_feature_rows, "use at least 1")
+        need(f.storage_dtype in DTYPES, "features.storage_dtype", f.storage_dtype, f"use one of {', '.join(DTYPES)}")
+        need(28 * 28 <= f.min_pixels <= f.max_pixels, "features.min_pixels", f.min_pixels,
+             "use 784 (28*28) <= min_pixels <= features.max_pixels")
+        need(f.batch_size >= 1, "features.batch_size", f.batch_size, "use at least 1")
+
+        t = self.train
+        need(t.batch_size >= 1, "train.batch_size", t.batch_size, "use at least 1")
+        need(t.max_steps >= 1, "train.max_steps", t.max_steps, "use at least 1")
+        need(t.lr > 0, "train.lr", t.lr, "use a value > 0")
+        need(0 < t.warmup_start_lr <= t.lr, "train.warmup_start_lr", t.warmup_start_lr, f"use a value in (0, train.lr={t.lr}]")
+        need(0 <= t.final_lr <= t.lr, "train.final_lr", t.final_lr, f"use a value in [0, train.lr={t.lr}]")
+        need(0 <= t.warmup_steps <= t.max_steps, "train.warmup_steps", t.warmup_steps,
+             f"use a value in [0, train.max_steps={t.max_steps}]")
+        need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", t.betas, "give two values in [0, 1)")
+        need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "use a value >= 0")
+        need(t.max_source_rows >= 1, "train.max_source_rows", t.max_source_rows, "use at least 1")
+        need(t.max_source_rows <= f.max_feature_rows, "train.max_source_rows", t.max_source_rows,
+             f"the feature store keeps only features.max_feature_rows={f.max_feature_rows} rows; "
+             "lower train.max_source_rows or raise features.max_feature_rows")
+        need(t.max_target_tokens >= 2, "train.max_target_tokens", t.max_target_tokens, "use at least 2")
+        need(t.mixed_precision in ("no", "bf16"), "train.mixed_precision", t.mixed_precision, "use `bf16` or `no`")
+        need(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "use at least 1")
+        need(t.keep_last >= 1, "train.keep_last", t.keep_last, "use at least 1 (the latest checkpoint is needed to resume)")
+        need(t.log_every >= 1, "train.log_every", t.log_every, "use at least 1")
+        if problems:
+            raise ConfigError(f"invalid config (preset {self.preset!r}):\n  " + "\n  ".join(problems))
+        return self
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+
+
+def resolve_preset_path(name_or_path: str | Path) -> Path:
+    """A path to an existing YAML file, or a preset name found in conf/."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    preset = CONF_DIR / f"{name_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    raise ConfigError(
+        f"config {str(name_or_path)!r} is neither a YAML file nor a preset; presets: {', '.join(available_presets())}"
+    )
+
+
+def load_config(name_or_path: str | Path, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Load a preset (name in conf/ or a YAML path), apply `a.b=value` overrides, validate.
+
+    Raises:
+        ConfigError: unknown or missing key, a value of the wrong type, or a failed validation rule.
+    """
+    path = resolve_preset_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = _build(RunConfig, raw, prefix="", source=str(path))
+    return cfg.validate()
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    """Rebuild a config from `to_dict()` output (checkpoints, resolved config files)."""
+    return _build(RunConfig, raw, prefix="", source=source).validate()
+
+
+def fingerprint(obj: Any) -> str:
+    """Stable short hash of JSON-able data; names stage output directories."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.lr=2e-4)")
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node = child
+    # YAML parsing gives lists and booleans; scalars are coerced to the field type in _build.
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else value
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: `{prefix.rstrip('.') or '<top>'}` must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f"did you mean `{prefix}{close[0]}`?" if close else f"valid keys here: {', '.join(names)}"
+        raise ConfigError(f"{source}: unknown key `{prefix}{key}`; {hint}")
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise ConfigError(
+            f"{source}: missing key `{prefix}{missing[0]}`; presets are complete, add it to the file "
+            f"(see conf/paper-lvlm.yaml for every key)"
+        )
+    values = {n: _coerce(hints[n], raw[n], f"{prefix}{n}", source) for n in names}
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, prefix=f"{key}.", source=source)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: `{key}` must be a list, got {value!r}")
+        return [_coerce(item_tp, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin in (types.UnionType, typing.Union):
+        raise TypeError(f"config field {key} uses a union type; config fields must be concrete")
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if isinstance(value, (dict, list)) or value is None:
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: `{key}`={value!r} is not a valid {tp.__name__}") from None
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+__all__ = [
+    "CorpusConfig",
+    "FeaturesConfig",
+    "ModelSource",
+    "ModelsConfig",
+    "PathsConfig",
+    "RunConfig",
+    "TrainConfig",
+    "TINY_MODEL_ID",
+    "available_presets",
+    "config_from_dict",
+    "fingerprint",
+    "load_config",
+]

@@ -1,0 +1,147 @@
+"""Feature extraction stage: corpus shards -> captions + generated-token states -> feature shards.
+
+    thinkdiff features --config tiny
+
+For each image: a chat prompt with an instruction drawn by a seeded RNG keyed by the image key,
+sampled generation (temperature, top_p, max_new_tokens from config), then one teacher-forced pass
+for the final-norm states (REFERENCE.md section 4). One corpus shard becomes one feature shard;
+finished shards are skipped, so a killed run resumes at the first missing one.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import zlib
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from thinkdiff.config import RunConfig
+from thinkdiff.data.corpus import CorpusImage, corpus_shards, read_corpus_shard
+from thinkdiff.data.features import (
+    FEATURE_KIND_LVLM,
+    FeatureRecord,
+    FeatureStoreInfo,
+    read_shard_failures,
+    write_feature_shard,
+)
+from thinkdiff.models.vlm import VLM, encode_chat, generate_with_states, load_vlm
+from thinkdiff.storage import (
+    FEATURES_SCHEMA_VERSION,
+    features_fingerprint,
+    read_manifest,
+    remove_stale_temp_files,
+    write_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+
+def pick_instruction(instructions: list[str], seed: int, key: str) -> str:
+    """Deterministic per image: the same key gets the same instruction in every run and batching."""
+    return instructions[random.Random(f"{seed}:{key}").randrange(len(instructions))]
+
+
+def feature_shard_path(out_dir: Path, corpus_shard: Path) -> Path:
+    return out_dir / f"part-{corpus_shard.stem}.parquet"
+
+
+def store_info(cfg: RunConfig, vlm: VLM) -> FeatureStoreInfo:
+    return FeatureStoreInfo(
+        schema_version=FEATURES_SCHEMA_VERSION,
+        feature_kind=FEATURE_KIND_LVLM,
+        dtype=cfg.features.storage_dtype,
+        dim=vlm.hidden_size,
+        model_id=vlm.model_id,
+        model_revision=vlm.revision,
+        max_feature_rows=cfg.features.max_feature_rows,
+    )
+
+
+def extract_shard(cfg: RunConfig, vlm: VLM, corpus_shard: Path, out_path: Path, progress: tqdm | None = None) -> Path:
+    """Caption every decodable image of one corpus shard and write one feature shard atomically."""
+    f = cfg.features
+    info = store_info(cfg, vlm)
+    records: list[FeatureRecord] = []
+    failures: list[dict] = []
+    pending: list[CorpusImage] = []
+
+    def flush(batch_index: int) -> None:
+        instructions = [pick_instruction(f.instructions, f.seed, item.key) for item in pending]
+        batch = encode_chat(vlm, [[item.image, ins] for item, ins in zip(pending, instructions, strict=True)], f.system_prompt)
+        seed = zlib.crc32(f"{f.seed}:{corpus_shard.name}:{batch_index}".encode())
+        samples = generate_with_states(
+            vlm, batch, max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_p=f.top_p, seed=seed
+        )
+        for item, instruction, sample in zip(pending, instructions, samples, strict=True):
+            records.append(FeatureRecord(
+                key=item.key,
+                instruction=instruction,
+                text=vlm.tokenizer.decode(sample.token_ids, skip_special_tokens=True),
+                token_ids=sample.token_ids,
+                features_LD=sample.states_LD,
+            ))
+        if progress is not None:
+            progress.update(len(pending))
+        pending.clear()
+
+    batch_index = 0
+    for item in read_corpus_shard(corpus_shard):
+        if item.image is None:
+            failures.append({"key": item.key, "error": item.error})
+            log.warning("%s: image %s does not decode (%s); skipped", corpus_shard.name, item.key, item.error)
+            continue
+        pending.append(item)
+        if len(pending) == f.batch_size:
+            flush(batch_index)
+            batch_index += 1
+    if pending:
+        flush(batch_index)
+    return write_feature_shard(out_path, records, info, failures)
+
+
+def extract_features(cfg: RunConfig, corpus_dir: Path, out_dir: Path, vlm: VLM | None = None) -> Path:
+    """Run the features stage over every corpus shard into `out_dir`; returns `out_dir`.
+
+    Skipped entirely when `out_dir/manifest.json` exists; otherwise only missing shards are computed.
+    """
+    if read_manifest(out_dir) is not None:
+        log.info("features %s are complete; skipping", out_dir)
+        return out_dir
+    shards = corpus_shards(corpus_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out_dir)
+    todo = [s for s in shards if not feature_shard_path(out_dir, s).exists()]
+    log.info("features: %d of %d corpus shards to extract -> %s", len(todo), len(shards), out_dir)
+    vlm = vlm or load_vlm(cfg.models.vlm, min_pixels=cfg.features.min_pixels, max_pixels=cfg.features.max_pixels)
+    info = store_info(cfg, vlm)
+    total = sum(_count_rows(s) for s in todo)
+    with tqdm(total=total, desc="features", unit="img", dynamic_ncols=True) as progress:
+        for shard in todo:
+            started = time.perf_counter()
+            path = extract_shard(cfg, vlm, shard, feature_shard_path(out_dir, shard), progress)
+            rate = progress.n / max(progress.format_dict["elapsed"], 1e-9)
+            eta = (total - progress.n) / max(rate, 1e-9)
+            log.info("features: wrote %s in %.1fs (%.1f img/s overall, ETA %.0fs)", path.name, time.perf_counter() - started, rate, eta)
+    entries = []
+    for shard in shards:
+        path = feature_shard_path(out_dir, shard)
+        entries.append({"name": path.name, "num_samples": _count_rows(path), "num_failed": len(read_shard_failures(path))})
+    write_manifest(out_dir, {
+        "stage": "features",
+        "fingerprint": features_fingerprint(cfg),
+        "corpus_dir": str(corpus_dir),
+        "info": info.__dict__,
+        "config": {"features": cfg.features.__dict__, "vlm": cfg.models.vlm.__dict__},
+        "shards": entries,
+    })
+    log.info("features: %d samples (%d failed to decode) in %s", sum(e["num_samples"] for e in entries),
+             sum(e["num_failed"] for e in entries), out_dir)
+    return out_dir
+
+
+def _count_rows(parquet_path: Path) -> int:
+    return pq.ParquetFile(parquet_path).metadata.num_rows

@@ -1,0 +1,212 @@
+"""The feature store: Parquet shards of generated captions and their VLM token states.
+
+One row per image, keyed by the corpus `key`:
+
+| column      | type              | meaning                                                    |
+|-------------|-------------------|------------------------------------------------------------|
+| key         | string            | join key from the corpus                                   |
+| instruction | string            | the user instruction the VLM answered                      |
+| text        | string            | the generated caption (special tokens removed)             |
+| token_ids   | list<int32>       | all generated ids, EOS included when one was generated     |
+| num_tokens  | int32             | len(token_ids)                                             |
+| num_rows    | int32             | stored feature rows = min(num_tokens, max_feature_rows)    |
+| features    | large_binary      | num_rows x dim raw values of `dtype`, row-major            |
+
+The file metadata (`thinkdiff.*` keys) records schema version, feature kind, dtype, dim, model id
+and revision, max_feature_rows and the images that failed to decode. Features are raw bytes in a
+binary column, uncompressed: read zero-copy this outruns any GPU consumer (STACK.md measurements).
+
+A store directory holds `part-{corpus shard}.parquet` files, each written under a temporary name
+and renamed when complete, and `manifest.json`, written last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from thinkdiff.errors import DataContractError
+from thinkdiff.storage import FEATURES_SCHEMA_VERSION, read_manifest, temp_path_for
+
+log = logging.getLogger(__name__)
+
+FEATURE_KIND_LVLM = "lvlm-generated-final-norm"
+_META_PREFIX = "thinkdiff."
+# Stored as raw bits of this width; torch reinterprets them as the feature dtype.
+_BITS = {"bfloat16": (torch.int16, np.int16), "float16": (torch.int16, np.int16), "float32": (torch.int32, np.int32)}
+_TORCH = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+ARROW_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("instruction", pa.string()),
+    ("text", pa.string()),
+    ("token_ids", pa.list_(pa.int32())),
+    ("num_tokens", pa.int32()),
+    ("num_rows", pa.int32()),
+    ("features", pa.large_binary()),
+])
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeatureStoreInfo:
+    """What every shard of one store has in common; written to each file's metadata."""
+
+    schema_version: int
+    feature_kind: str
+    dtype: str
+    dim: int
+    model_id: str
+    model_revision: str
+    max_feature_rows: int
+
+    def to_metadata(self) -> dict[bytes, bytes]:
+        return {f"{_META_PREFIX}{k}".encode(): json.dumps(v).encode() for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_metadata(cls, path: Path, metadata: dict[bytes, bytes] | None) -> FeatureStoreInfo:
+        meta = {k.decode(): v for k, v in (metadata or {}).items()}
+        values = {}
+        for name in cls.__dataclass_fields__:
+            raw = meta.get(f"{_META_PREFIX}{name}")
+            if raw is None:
+                raise DataContractError(f"{path}: not a thinkdiff feature shard (metadata key {_META_PREFIX}{name} missing)")
+            values[name] = json.loads(raw)
+        return cls(**values)
+
+
+@dataclass
+class FeatureRecord:
+    key: str
+    instruction: str
+    text: str
+    token_ids: list[int]
+    features_LD: torch.Tensor
+    """Producing states of the generated tokens; only the first max_feature_rows are stored."""
+
+
+def encode_features(features_LD: torch.Tensor, dtype: str) -> bytes:
+    bits, _ = _BITS[dtype]
+    return features_LD.detach().to("cpu", _TORCH[dtype]).contiguous().view(bits).numpy().tobytes()
+
+
+def decode_features(data: bytes | memoryview, num_rows: int, dim: int, dtype: str) -> torch.Tensor:
+    """Bytes of one row -> (num_rows, dim) tensor of the stored dtype (one copy)."""
+    bits, np_bits = _BITS[dtype]
+    array = np.frombuffer(data, dtype=np_bits, count=num_rows * dim).reshape(num_rows, dim)
+    return torch.from_numpy(array.copy()).view(_TORCH[dtype])
+
+
+def write_feature_shard(
+    path: Path, records: Sequence[FeatureRecord], info: FeatureStoreInfo, failures: Sequence[dict] = ()
+) -> Path:
+    """Write one shard atomically; `failures` ({key, error}) go into the file metadata.
+
+    Raises:
+        FileExistsError: the shard exists (completed shards are never overwritten).
+        ValueError: a record's feature width differs from `info.dim`.
+    """
+    if path.exists():
+        raise FileExistsError(f"{path} exists; completed feature shards are never overwritten")
+    columns: dict[str, list] = {name: [] for name in ARROW_SCHEMA.names}
+    for rec in records:
+        if rec.features_LD.ndim != 2 or rec.features_LD.shape[1] != info.dim:
+            raise ValueError(f"{path}: record {rec.key} has features of shape {tuple(rec.features_LD.shape)}, expected (L, {info.dim})")
+        rows = rec.features_LD[: info.max_feature_rows]
+        columns["key"].append(rec.key)
+        columns["instruction"].append(rec.instruction)
+        columns["text"].append(rec.text)
+        columns["token_ids"].append(rec.token_ids)
+        columns["num_tokens"].append(len(rec.token_ids))
+        columns["num_rows"].append(rows.shape[0])
+        columns["features"].append(encode_features(rows, info.dtype))
+    metadata = {**info.to_metadata(), f"{_META_PREFIX}failures".encode(): json.dumps(list(failures)).encode()}
+    table = pa.table(columns, schema=ARROW_SCHEMA.with_metadata(metadata))
+    tmp = temp_path_for(path)
+    try:
+        # Small row groups keep the streaming reader's memory bounded and let it skip groups on resume.
+        pq.write_table(table, tmp, compression="none", row_group_size=64, use_dictionary=["key", "instruction"])
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_shard_info(path: Path) -> FeatureStoreInfo:
+    return FeatureStoreInfo.from_metadata(path, pq.read_schema(path).metadata)
+
+
+def read_shard_failures(path: Path) -> list[dict]:
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(f"{_META_PREFIX}failures".encode(), b"[]"))
+
+
+class FeatureStore:
+    """A completed feature-store directory, read shard by shard and column by column.
+
+    Every shard's metadata is checked against the manifest's (and the caller's `expect`) when the
+    store is opened, so a store mixing models, dims or schema versions is rejected up front.
+    """
+
+    def __init__(self, directory: str | Path, *, expect_model_id: str | None = None, expect_dim: int | None = None):
+        self.directory = Path(directory)
+        manifest = read_manifest(self.directory)
+        if manifest is None:
+            raise FileNotFoundError(
+                f"{self.directory}/manifest.json not found: the feature store is missing or incomplete; "
+                "run `thinkdiff features` (it resumes where it stopped)"
+            )
+        self.manifest = manifest
+        self.info = FeatureStoreInfo(**manifest["info"])
+        if self.info.schema_version != FEATURES_SCHEMA_VERSION:
+            raise DataContractError(
+                f"{self.directory}/manifest.json: schema version {self.info.schema_version}, this code reads "
+                f"{FEATURES_SCHEMA_VERSION}; re-extract the features"
+            )
+        self.shards = [self.directory / s["name"] for s in manifest["shards"]]
+        for shard in self.shards:
+            self._check_shard(shard, expect_model_id, expect_dim)
+        self.num_samples = sum(s["num_samples"] for s in manifest["shards"])
+
+    def _check_shard(self, path: Path, expect_model_id: str | None, expect_dim: int | None) -> None:
+        if not path.is_file():
+            raise DataContractError(f"{path} is listed in {self.directory}/manifest.json but missing")
+        info = read_shard_info(path)
+        mismatches = [
+            f"{name}: shard has {getattr(info, name)!r}, store has {getattr(self.info, name)!r}"
+            for name in FeatureStoreInfo.__dataclass_fields__
+            if getattr(info, name) != getattr(self.info, name)
+        ]
+        if info.schema_version != FEATURES_SCHEMA_VERSION:
+            mismatches.append(f"schema_version: shard has {info.schema_version}, this code reads {FEATURES_SCHEMA_VERSION}")
+        if expect_model_id is not None and info.model_id != expect_model_id:
+            mismatches.append(f"model_id: shard has {info.model_id!r}, config models.vlm.id is {expect_model_id!r}")
+        if expect_dim is not None and info.dim != expect_dim:
+            mismatches.append(f"dim: shard has {info.dim}, expected {expect_dim}")
+        if mismatches:
+            raise DataContractError(f"{path}: does not match: " + "; ".join(mismatches) + ". Re-extract it or point to the right store.")
+
+    def row_groups(self) -> list[tuple[Path, int, int]]:
+        """(shard, row group index, rows) for every row group: the units the training stream shuffles."""
+        units = []
+        for shard in self.shards:
+            meta = pq.ParquetFile(shard).metadata
+            units.extend((shard, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups))
+        return units
+
+    def read_row_group(self, shard: Path, index: int, columns: Sequence[str]) -> pa.Table:
+        return pq.ParquetFile(shard, memory_map=True).read_row_group(index, columns=list(columns))
+
+    def iter_records(self, columns: Sequence[str] = ("key", "text")) -> Iterator[dict]:
+        """Stream rows as dicts of the chosen columns (never more than one batch in memory)."""
+        for shard in self.shards:
+            for batch in pq.ParquetFile(shard, memory_map=True).iter_batches(columns=list(columns), batch_size=256):
+                yield from batch.to_pylist()

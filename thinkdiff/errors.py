@@ -1,0 +1,13 @@
+"""Exceptions the library raises on purpose: each message names the file, key or value, and the fix."""
+
+
+class ThinkDiffError(Exception):
+    """Base class for errors caused by inputs (config, files, checkpoints), not by bugs."""
+
+
+class ConfigError(ThinkDiffError, ValueError):
+    """A config file or override is invalid; raised before any download or heavy work."""
+
+
+class DataContractError(ThinkDiffError):
+    """A stored file (feature shard, manifest, checkpoint) does not match what the reader expects."""

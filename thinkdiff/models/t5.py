@@ -1,0 +1,127 @@
+"""The frozen T5 decoder that supervises the aligner (REFERENCE.md sections 1 and 5).
+
+Only the decoder stack and `lm_head` are kept; the encoder is dropped right after loading, except
+its `final_layer_norm` weight, which initialises the aligner's output norm. `T5DecoderLM.loss`
+computes teacher-forced token cross-entropy with the aligned features as `encoder_hidden_states`,
+projecting only the non-padded target positions to the vocabulary (no full (B, T, V) logits).
+
+Shape legend: B batch, S source rows, T target tokens, D d_model, V vocabulary, N real target tokens.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase, T5Config, T5ForConditionalGeneration
+
+from thinkdiff.config import TINY_MODEL_ID, ModelSource
+from thinkdiff.models.common import default_device, torch_dtype
+
+log = logging.getLogger(__name__)
+
+TINY_REVISION = "tiny-v1"
+IGNORE_INDEX = -100
+
+
+class T5DecoderLM(nn.Module):
+    """T5 decoder stack + lm_head, frozen, scoring targets given encoder-side states."""
+
+    def __init__(self, model: T5ForConditionalGeneration):
+        super().__init__()
+        self.config: T5Config = model.config
+        self.decoder = model.decoder
+        self.lm_head = model.lm_head
+        # T5 rescales the decoder output before a tied lm_head (flan-t5 does not tie; tiny T5 neither).
+        self.output_scale = self.config.d_model**-0.5 if self.config.tie_word_embeddings else 1.0
+        self.eval().requires_grad_(False)
+
+    @property
+    def d_model(self) -> int:
+        return self.config.d_model
+
+    def train(self, mode: bool = True) -> T5DecoderLM:
+        # Frozen: dropout stays off whatever the caller does to parent modules.
+        return super().train(False)
+
+    def shift_right(self, labels_BT: torch.Tensor) -> torch.Tensor:
+        start = torch.full_like(labels_BT[:, :1], self.config.decoder_start_token_id)
+        shifted = torch.cat([start, labels_BT[:, :-1]], dim=1)
+        return shifted.masked_fill(shifted == IGNORE_INDEX, self.config.pad_token_id)
+
+    def loss(
+        self, encoder_states_BSD: torch.Tensor, encoder_mask_BS: torch.Tensor, labels_BT: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean token cross-entropy over target positions whose label is not -100."""
+        hidden_BTD = self.decoder(
+            input_ids=self.shift_right(labels_BT),
+            encoder_hidden_states=encoder_states_BSD,
+            encoder_attention_mask=encoder_mask_BS,
+            use_cache=False,
+        ).last_hidden_state
+        keep = labels_BT != IGNORE_INDEX
+        logits_NV = self.lm_head(hidden_BTD[keep] * self.output_scale)
+        return F.cross_entropy(logits_NV.float(), labels_BT[keep])
+
+
+@dataclass
+class T5Parts:
+    decoder_lm: T5DecoderLM
+    tokenizer: PreTrainedTokenizerBase
+    encoder_final_norm: torch.Tensor
+    """The T5 encoder's final_layer_norm weight (D,), fp32 on CPU: the aligner norm's init."""
+    model_id: str
+    revision: str
+
+
+def load_t5(src: ModelSource, *, device: torch.device | None = None) -> T5Parts:
+    """Load T5 by Hugging Face id or local directory (`tiny`: same class, random-init), keep the decoder."""
+    device = device or default_device()
+    if src.id == TINY_MODEL_ID:
+        model, tokenizer, revision = build_tiny_t5(), ByT5Tokenizer(), TINY_REVISION
+    else:
+        revision = None if Path(src.id).is_dir() else src.revision
+        log.info("loading T5 %s (revision %s, %s)", src.id, revision, src.dtype)
+        model = T5ForConditionalGeneration.from_pretrained(
+            src.id, revision=revision, dtype=torch_dtype(src.dtype), trust_remote_code=False
+        )
+        tokenizer = AutoTokenizer.from_pretrained(src.id, revision=revision, trust_remote_code=False)
+        revision = src.revision if revision else "local"
+    norm = model.encoder.final_layer_norm.weight.detach().float().cpu().clone()
+    decoder_lm = T5DecoderLM(model)
+    # Drop the encoder (about half of flan-t5-xxl) before anything moves to the GPU.
+    del model
+    gc.collect()
+    decoder_lm.to(device=device, dtype=torch_dtype(src.dtype))
+    return T5Parts(decoder_lm=decoder_lm, tokenizer=tokenizer, encoder_final_norm=norm, model_id=src.id, revision=revision)
+
+
+def build_tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
+    """A Flan-T5-shaped model (gated-gelu, untied head) with small dims and fixed random weights."""
+    config = T5Config(
+        vocab_size=len(ByT5Tokenizer()),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=1,
+        num_decoder_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = T5ForConditionalGeneration(config)
+        # Random init leaves final_layer_norm at ones; give it structure so the aligner-norm init is visible.
+        with torch.no_grad():
+            model.encoder.final_layer_norm.weight.uniform_(0.5, 1.5)
+    return model.eval()

@@ -1,0 +1,279 @@
+"""The frozen vision-language model (Qwen2-VL): loading, chat prompts, and generated-token states.
+
+ThinkDiff-LVLM aligns the final-norm hidden states of the tokens the VLM *generates* (REFERENCE.md
+sections 2 and 4): the state stored for generated token j is the one that produced it, i.e. the
+input of `lm_head` at the previous position. `generate_with_states` samples a continuation with
+`generate()` and then recovers those states with one teacher-forced forward pass over
+prompt + generated ids (equal to the states seen during generation; a unit test checks it).
+
+Shape legend: B batch, P padded prompt length, G generated length, L one sample's length, D width.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import (
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedTokenizerBase,
+    Qwen2Tokenizer,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from thinkdiff.config import TINY_MODEL_ID, ModelSource
+from thinkdiff.models.common import default_device, torch_dtype
+
+log = logging.getLogger(__name__)
+
+IMAGE_PAD = "<|image_pad|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+END_OF_TEXT = "<|endoftext|>"
+VIDEO_PAD = "<|video_pad|>"
+TINY_REVISION = "tiny-v1"
+
+PromptPart = str | Image.Image
+
+
+@dataclass
+class VLM:
+    """A frozen Qwen2-VL with its tokenizer and image processor, and where it came from."""
+
+    model: Qwen2VLForConditionalGeneration
+    tokenizer: PreTrainedTokenizerBase
+    image_processor: Qwen2VLImageProcessorPil
+    model_id: str
+    revision: str
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.text_config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return [self.tokenizer.convert_tokens_to_ids(t) for t in (IM_END, END_OF_TEXT)]
+
+    @property
+    def vision_token_ids(self) -> list[int]:
+        return [self.tokenizer.convert_tokens_to_ids(t) for t in (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)]
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+
+
+def load_vlm(src: ModelSource, *, min_pixels: int, max_pixels: int, device: torch.device | None = None) -> VLM:
+    """Load Qwen2-VL by Hugging Face id or local directory (`tiny`: the same class, random-init).
+
+    `trust_remote_code` stays off: Qwen2-VL is a transformers class. The image processor is the
+    PIL one, so no torchvision is needed.
+    """
+    device = device or default_device()
+    if src.id == TINY_MODEL_ID:
+        vlm = build_tiny_vlm(min_pixels=min_pixels, max_pixels=max_pixels)
+        vlm.model.to(device=device, dtype=torch_dtype(src.dtype))
+        return vlm
+    revision = None if Path(src.id).is_dir() else src.revision
+    log.info("loading VLM %s (revision %s, %s) on %s", src.id, revision, src.dtype, device)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(
+        src.id, revision=revision, dtype=torch_dtype(src.dtype), trust_remote_code=False
+    )
+    model.to(device).eval().requires_grad_(False)
+    return VLM(
+        model=model,
+        tokenizer=load_vlm_tokenizer(src),
+        image_processor=Qwen2VLImageProcessorPil.from_pretrained(
+            src.id, revision=revision, min_pixels=min_pixels, max_pixels=max_pixels
+        ),
+        model_id=src.id,
+        revision=src.revision if revision else "local",
+    )
+
+
+def load_vlm_tokenizer(src: ModelSource) -> PreTrainedTokenizerBase:
+    """The VLM's tokenizer alone (training decodes generated ids with it)."""
+    if src.id == TINY_MODEL_ID:
+        return build_tiny_qwen_tokenizer()
+    revision = None if Path(src.id).is_dir() else src.revision
+    return AutoTokenizer.from_pretrained(src.id, revision=revision, trust_remote_code=False)
+
+
+def build_tiny_qwen_tokenizer() -> Qwen2Tokenizer:
+    """A byte-level Qwen2 tokenizer with no merges and the chat/vision special tokens; needs no files."""
+    byte_chars = bytes_to_unicode()
+    vocab = {byte_chars[b]: i for i, b in enumerate(range(256))}
+    specials = [END_OF_TEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
+    for token in specials:
+        vocab[token] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token=IM_END, pad_token=END_OF_TEXT)
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    return tok
+
+
+def build_tiny_vlm(*, min_pixels: int, max_pixels: int, seed: int = 0) -> VLM:
+    """Qwen2VLForConditionalGeneration with small dims and fixed random weights (same seed, same model)."""
+    tok = build_tiny_qwen_tokenizer()
+    config = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+            bos_token_id=tok.convert_tokens_to_ids(END_OF_TEXT),
+            eos_token_id=tok.convert_tokens_to_ids(IM_END),
+            pad_token_id=tok.convert_tokens_to_ids(END_OF_TEXT),
+        ),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
+        image_token_id=tok.convert_tokens_to_ids(IMAGE_PAD),
+        video_token_id=tok.convert_tokens_to_ids(VIDEO_PAD),
+        vision_start_token_id=tok.convert_tokens_to_ids(VISION_START),
+        vision_end_token_id=tok.convert_tokens_to_ids(VISION_END),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2VLForConditionalGeneration(config)
+    model.eval().requires_grad_(False)
+    processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    return VLM(model=model, tokenizer=tok, image_processor=processor, model_id=TINY_MODEL_ID, revision=TINY_REVISION)
+
+
+def encode_chat(vlm: VLM, conversations: list[list[PromptPart]], system_prompt: str) -> dict[str, torch.Tensor]:
+    """Tokenize a batch of one-turn chats (interleaved text and images) with left padding.
+
+    The text matches Qwen2-VL's chat template: each image becomes
+    `<|vision_start|>` + one `<|image_pad|>` per merged patch + `<|vision_end|>`, and the prompt ends
+    with the assistant header so generation continues as the assistant. `mm_token_type_ids` is 1 on
+    image-pad tokens: without it Qwen2-VL's M-RoPE positions are wrong.
+    """
+    images = [part for conv in conversations for part in conv if isinstance(part, Image.Image)]
+    vision: dict[str, torch.Tensor] = {}
+    tokens_per_image: list[int] = []
+    if images:
+        vision = dict(vlm.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt"))
+        merge = vlm.image_processor.merge_size**2
+        tokens_per_image = [int(thw.prod()) // merge for thw in vision["image_grid_thw"]]
+    texts, image_index = [], 0
+    for conv in conversations:
+        user = []
+        for part in conv:
+            if isinstance(part, Image.Image):
+                user.append(VISION_START + IMAGE_PAD * tokens_per_image[image_index] + VISION_END)
+                image_index += 1
+            else:
+                user.append(part)
+        texts.append(
+            f"{IM_START}system\n{system_prompt}{IM_END}\n{IM_START}user\n{''.join(user)}{IM_END}\n{IM_START}assistant\n"
+        )
+    rows = [vlm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), vlm.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r):] = torch.tensor(r)
+        attention_mask[i, width - len(r):] = 1
+    image_pad_id = vlm.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "mm_token_type_ids": (input_ids == image_pad_id).long(),
+        **vision,
+    }
+    return {k: v.to(vlm.device) for k, v in batch.items()}
+
+
+@dataclass
+class GeneratedSample:
+    token_ids: list[int]
+    """Generated ids, up to and including the first EOS (if one came before the limit)."""
+    states_LD: torch.Tensor
+    """Final-norm hidden state that produced each generated token, (L, D), on CPU."""
+
+
+@torch.no_grad()
+def generate_with_states(
+    vlm: VLM,
+    batch: dict[str, torch.Tensor],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+) -> list[GeneratedSample]:
+    """Sample continuations, then recover each generated token's producing state in one forward pass.
+
+    Sampling uses exactly the given temperature and top_p (no top-k, no repetition penalty, whatever
+    the checkpoint's generation_config says) and a seeded RNG, so a rerun is identical.
+    """
+    gen_config = GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,
+        repetition_penalty=1.0,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=vlm.eos_token_ids,
+        pad_token_id=vlm.pad_token_id,
+        # A generated <|image_pad|> would be taken for an image placeholder by the teacher-forced
+        # pass (and a caption has no use for vision tokens); a trained Qwen2-VL never emits them.
+        suppress_tokens=vlm.vision_token_ids,
+    )
+    devices = [vlm.device] if vlm.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        sequences = vlm.model.generate(**batch, generation_config=gen_config)
+    prompt_len = batch["input_ids"].shape[1]
+    generated_BG = sequences[:, prompt_len:]
+    lengths = [_generated_length(row, vlm.eos_token_ids) for row in generated_BG.tolist()]
+    states = final_norm_states(vlm, batch, generated_BG, lengths)
+    return [
+        GeneratedSample(token_ids=generated_BG[i, :n].tolist(), states_LD=states[i])
+        for i, n in enumerate(lengths)
+    ]
+
+
+@torch.no_grad()
+def final_norm_states(
+    vlm: VLM, batch: dict[str, torch.Tensor], generated_BG: torch.Tensor, lengths: list[int]
+) -> list[torch.Tensor]:
+    """Teacher-forced pass over prompt + generated ids; returns each sample's (L, D) producing states.
+
+    The prompt is left-padded to P, so generated token j of every sample sits at P + j and was
+    produced by the state at P + j - 1. Positions past a sample's length are masked out.
+    """
+    prompt_len = batch["input_ids"].shape[1]
+    width = generated_BG.shape[1]
+    gen_mask = (torch.arange(width, device=generated_BG.device)[None, :] < torch.tensor(lengths, device=generated_BG.device)[:, None]).long()
+    ids = generated_BG.masked_fill(gen_mask == 0, vlm.pad_token_id)
+    inputs = dict(batch)
+    inputs["input_ids"] = torch.cat([batch["input_ids"], ids], dim=1)
+    inputs["attention_mask"] = torch.cat([batch["attention_mask"], gen_mask], dim=1)
+    inputs["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(ids)], dim=1)
+    # The base model (no lm_head): its last_hidden_state is the final-norm output, and no logits
+    # over the 152k vocabulary are materialised.
+    hidden_BTD = vlm.model.model(**inputs, use_cache=False).last_hidden_state
+    return [hidden_BTD[i, prompt_len - 1: prompt_len - 1 + n].float().cpu() for i, n in enumerate(lengths)]
+
+
+def _generated_length(row: list[int], eos_ids: list[int]) -> int:
+    for j, token in enumerate(row):
+        if token in eos_ids:
+            return j + 1
+    return len(row)

@@ -1,0 +1,119 @@
+"""Stage directories, fingerprints and atomic writes shared by every stage.
+
+Each stage writes into `{paths.root}/{stage}/{fingerprint}/`: files appear under temporary names
+and are renamed when complete, and `manifest.json` is written last. A stage whose manifest exists
+is complete and skipped; an interrupted one resumes at its first missing file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from thinkdiff.config import RunConfig, fingerprint
+from thinkdiff.errors import DataContractError
+
+MANIFEST = "manifest.json"
+CORPUS_SCHEMA_VERSION = 1
+FEATURES_SCHEMA_VERSION = 1
+TRAIN_SCHEMA_VERSION = 1
+# Settings that change how a run is observed or kept, not what it computes.
+_TRAIN_OPERATIONAL = ("checkpoint_every", "keep_last", "log_every")
+
+
+def corpus_fingerprint(cfg: RunConfig) -> str:
+    return fingerprint({"stage": "corpus", "schema": CORPUS_SCHEMA_VERSION, "corpus": cfg.corpus.__dict__})
+
+
+def features_fingerprint(cfg: RunConfig) -> str:
+    return fingerprint({
+        "stage": "features",
+        "schema": FEATURES_SCHEMA_VERSION,
+        "corpus": corpus_fingerprint(cfg),
+        "features": cfg.features.__dict__,
+        "vlm": cfg.models.vlm.__dict__,
+    })
+
+
+def train_fingerprint(cfg: RunConfig) -> str:
+    train = {k: v for k, v in cfg.train.__dict__.items() if k not in _TRAIN_OPERATIONAL}
+    return fingerprint({
+        "stage": "train",
+        "schema": TRAIN_SCHEMA_VERSION,
+        "features": features_fingerprint(cfg),
+        "train": train,
+        "t5": cfg.models.t5.__dict__,
+    })
+
+
+def stage_dir(cfg: RunConfig, stage: str) -> Path:
+    fingerprints: dict[str, Callable[[RunConfig], str]] = {
+        "corpus": corpus_fingerprint,
+        "features": features_fingerprint,
+        "train": train_fingerprint,
+    }
+    return Path(cfg.paths.root) / stage / fingerprints[stage](cfg)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same directory, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def temp_path_for(path: Path) -> Path:
+    """A unique temporary sibling of `path`, for writers that need a file name (e.g. Parquet)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    """The stage's manifest, or None when the stage has not completed."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataContractError(f"{path} is not valid JSON ({err}); delete it to let the stage rerun") from err
+
+
+def write_manifest(directory: Path, payload: dict[str, Any]) -> None:
+    atomic_write_json(directory / MANIFEST, payload)
+
+
+def remove_stale_temp_files(directory: Path) -> None:
+    """Delete leftovers of writers killed mid-write (`.name.XXXX.tmp`); completed files are untouched."""
+    for tmp in directory.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def git_revision() -> str:
+    """The checkout's commit (with `-dirty` when it has local changes), or `unknown` outside git."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{rev}-dirty" if dirty else rev

@@ -1,0 +1,96 @@
+"""Training checkpoints: `checkpoints/step_{step:06d}/` holding
+
+    aligner/            config.json + model.safetensors (Aligner.save_pretrained)
+    trainer_state.pt    optimizer, scheduler, RNG, data position; tensors and plain values only,
+                        read back with torch.load(weights_only=True)
+    meta.json           resolved config, step, loss, feature-store fingerprint, git revision
+
+A checkpoint is written into a temporary directory and renamed when complete, so a directory named
+`step_*` is always whole; only the newest `keep_last` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from thinkdiff.errors import DataContractError
+from thinkdiff.models.aligner import Aligner
+from thinkdiff.storage import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+ALIGNER_DIR = "aligner"
+STATE_FILE = "trainer_state.pt"
+META_FILE = "meta.json"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / META_FILE).is_file())
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    root: Path,
+    *,
+    step: int,
+    aligner: Aligner,
+    trainer_state: dict[str, Any],
+    meta: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write one complete checkpoint atomically, then prune older ones beyond `keep_last`."""
+    final = root / checkpoint_name(step)
+    if final.exists():
+        raise FileExistsError(f"{final} exists; a checkpoint is never overwritten")
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+    try:
+        aligner.save_pretrained(tmp / ALIGNER_DIR)
+        torch.save(trainer_state, tmp / STATE_FILE)
+        atomic_write_json(tmp / META_FILE, {**meta, "step": step})
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old)
+        log.info("removed old checkpoint %s (keep_last=%d)", old.name, keep_last)
+    return final
+
+
+def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / STATE_FILE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DataContractError(f"{path} missing: the checkpoint is incomplete; delete {checkpoint} to resume from the one before") from None
+
+
+def read_meta(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / META_FILE).read_text())
+
+
+def remove_partial_checkpoints(root: Path) -> None:
+    """Temporary directories of checkpoints whose writer died; complete ones are untouched."""
+    if root.is_dir():
+        for tmp in root.glob(".step_*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,231 @@
+"""Train the aligner against the frozen T5 decoder from a feature store (REFERENCE.md section 5).
+
+    thinkdiff train --config tiny                       # one process (CPU or one GPU)
+    accelerate launch -m thinkdiff train --config run.yaml   # N GPUs / nodes
+
+Loop: stream samples -> masked-split collate -> aligner -> T5 decoder loss -> AdamW step -> log ->
+checkpoint every K steps. A rerun of the same config resumes from the newest checkpoint and ends
+with the same weights as an uninterrupted run (bitwise on CPU; a unit test checks it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from thinkdiff.config import RunConfig, TrainConfig
+from thinkdiff.data.features import FeatureStore
+from thinkdiff.models.aligner import Aligner, AlignerConfig
+from thinkdiff.models.t5 import load_t5
+from thinkdiff.models.vlm import load_vlm_tokenizer
+from thinkdiff.plots import plot_loss_curve
+from thinkdiff.storage import (
+    atomic_write_bytes,
+    features_fingerprint,
+    git_revision,
+    read_manifest,
+    train_fingerprint,
+    write_manifest,
+)
+from thinkdiff.train.checkpoint import (
+    ALIGNER_DIR,
+    latest_checkpoint,
+    load_trainer_state,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
+from thinkdiff.train.data import MaskedSplitCollator, SampleStream, StreamPosition, take
+from thinkdiff.train.engine import make_accelerator
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+LOSS_CURVE_FILE = "loss_curve.png"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path
+    """The newest checkpoint; its `aligner/` subdirectory loads with Aligner.from_pretrained."""
+    step: int
+    loss: float | None
+    """Mean loss over the last logging window (None when the run was already complete)."""
+
+    @property
+    def aligner_dir(self) -> Path:
+        return self.checkpoint / ALIGNER_DIR
+
+
+def lr_multiplier(cfg: TrainConfig):
+    """Linear warmup from warmup_start_lr to lr, then cosine from lr toward final_lr at max_steps."""
+
+    def multiplier(step: int) -> float:
+        if step < cfg.warmup_steps:
+            lr = cfg.warmup_start_lr + (cfg.lr - cfg.warmup_start_lr) * step / cfg.warmup_steps
+        else:
+            progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+            lr = cfg.final_lr + (cfg.lr - cfg.final_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return lr / cfg.lr
+
+    return multiplier
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; biases and 1-D parameters (the norm) get none."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_after_steps: int | None = None) -> TrainResult:
+    """Train (or resume training) the aligner into `run_dir`; returns the newest checkpoint.
+
+    Args:
+        cfg: the resolved config; `cfg.train` drives the loop.
+        features_dir: a complete feature store.
+        run_dir: where checkpoints, metrics and the manifest go (the stage directory).
+        stop_after_steps: stop (with a checkpoint) once this step is reached, as a preempted job
+            would; the next call resumes. Used by tests; None runs to `train.max_steps`.
+
+    Raises:
+        FileNotFoundError / DataContractError: the feature store is missing, incomplete or was
+            made by another model than `models.vlm`.
+    """
+    t = cfg.train
+    ckpt_root = run_dir / "checkpoints"
+    manifest = read_manifest(run_dir)
+    if manifest is not None:
+        log.info("training run %s is complete (step %d); skipping", run_dir, manifest["step"])
+        return TrainResult(run_dir=run_dir, checkpoint=Path(manifest["checkpoint"]), step=manifest["step"], loss=None)
+
+    accelerator = make_accelerator(t)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    store = FeatureStore(features_dir, expect_model_id=cfg.models.vlm.id)
+    t5 = load_t5(cfg.models.t5, device=accelerator.device)
+    collate = MaskedSplitCollator(
+        load_vlm_tokenizer(cfg.models.vlm), t5.tokenizer,
+        max_source_rows=t.max_source_rows, max_target_tokens=t.max_target_tokens, seed=t.seed,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(t.seed)
+        aligner = Aligner(AlignerConfig(in_dim=store.info.dim, out_dim=t5.decoder_lm.d_model))
+    aligner.init_norm_from(t5.encoder_final_norm)
+    optimizer = torch.optim.AdamW(param_groups(aligner, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
+    # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it
+    # once per process).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(t))
+    aligner, optimizer = accelerator.prepare(aligner, optimizer)
+
+    step, position = 0, StreamPosition()
+    remove_partial_checkpoints(ckpt_root)
+    resume_from = latest_checkpoint(ckpt_root)
+    if resume_from is not None:
+        state = load_trainer_state(resume_from)
+        accelerator.unwrap_model(aligner).load_state_dict(Aligner.from_pretrained(resume_from / ALIGNER_DIR).state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if torch.cuda.is_available() and state.get("rng_cuda"):
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        step, position = state["step"], StreamPosition(**state["position"])
+        log.info("resuming %s from %s (step %d, epoch %d, sample %d)", run_dir, resume_from.name, step, position.epoch, position.index)
+    _truncate_metrics(run_dir / METRICS_FILE, step, accelerator.is_main_process)
+
+    meta = {
+        "config": cfg.to_dict(),
+        "features_dir": str(features_dir),
+        "features_fingerprint": features_fingerprint(cfg),
+        "train_fingerprint": train_fingerprint(cfg),
+        "git_revision": git_revision(),
+    }
+    sample_stream = SampleStream(store, seed=t.seed, position=position)
+    stream = iter(sample_stream)  # sample_stream.position follows what has been consumed
+    world, rank = accelerator.num_processes, accelerator.process_index
+    target_step = min(t.max_steps, stop_after_steps) if stop_after_steps is not None else t.max_steps
+    last_ckpt = resume_from
+    window_loss, window_steps, window_samples, window_tokens = 0.0, 0, 0, 0
+    window_start = time.perf_counter()
+    loss_value = None
+    aligner.train()
+    progress = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    log.info("training %s: step %d -> %d, batch %d x %d processes, %d samples in store", run_dir, step, target_step, t.batch_size, world, store.num_samples)
+    while step < target_step:
+        # Every process draws the same global batch and keeps its own slice: the order does not
+        # depend on the number of processes' scheduling.
+        samples = take(stream, t.batch_size * world)[rank * t.batch_size: (rank + 1) * t.batch_size]
+        batch = collate(samples, step).to(accelerator.device)
+        with accelerator.autocast():
+            aligned = aligner(batch.features_BSD.float())
+            loss = t5.decoder_lm.loss(aligned, batch.source_mask_BS, batch.labels_BT)
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        progress.update(1)
+        window_loss += loss.item()
+        window_steps += 1
+        window_samples += len(samples) * world
+        window_tokens += batch.num_target_tokens * world
+        if step % t.log_every == 0 or step == target_step:
+            elapsed = time.perf_counter() - window_start
+            loss_value = window_loss / window_steps
+            record = {
+                "step": step,
+                "loss": loss_value,
+                "lr": scheduler.get_last_lr()[0],
+                "samples_per_s": window_samples / elapsed,
+                "tokens_per_s": window_tokens / elapsed,
+            }
+            eta = (t.max_steps - step) * elapsed / window_steps
+            log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s %.0f tokens/s ETA %.0fs",
+                     step, t.max_steps, loss_value, record["lr"], record["samples_per_s"], record["tokens_per_s"], eta)
+            progress.set_postfix(loss=f"{loss_value:.3f}")
+            if accelerator.is_main_process:
+                with open(run_dir / METRICS_FILE, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            window_loss, window_steps, window_samples, window_tokens = 0.0, 0, 0, 0
+            window_start = time.perf_counter()
+        if step % t.checkpoint_every == 0 or step == target_step:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                last_ckpt = save_checkpoint(
+                    ckpt_root,
+                    step=step,
+                    aligner=accelerator.unwrap_model(aligner),
+                    trainer_state={
+                        "step": step,
+                        "position": {"epoch": sample_stream.position.epoch, "index": sample_stream.position.index},
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng_cpu": torch.get_rng_state(),
+                        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    },
+                    meta={**meta, "loss": loss_value},
+                    keep_last=t.keep_last,
+                )
+            accelerator.wait_for_everyone()
+    progress.close()
+    last_ckpt = latest_checkpoint(ckpt_root) or last_ckpt
+    if step >= t.max_steps and accelerator.is_main_process:
+        plot_loss_curve(run_dir / METRICS_FILE, run_dir / LOSS_CURVE_FILE)
+        write_manifest(run_dir, {**meta, "stage": "train", "step": step, "loss": loss_value, "checkpoint": str(last_ckpt)})
+        log.info("training complete: %s (loss curve %s)", last_ckpt, run_dir / LOSS_CURVE_FILE)
+    accelerator.wait_for_everyone()
+    return TrainResult(run_dir=run_dir, checkpoint=last_ckpt, step=step, loss=loss_value)
+
+
+def _truncate_metrics(path: Path, step: int, is_main: bool) -> None:
+    """Drop metric lines past the resumed step (written by a run that died before its next checkpoint)."""
+    if not is_main or not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
