@@ -9,7 +9,6 @@ that every later stage keeps.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import random
 from collections.abc import Iterator
@@ -22,7 +21,13 @@ from PIL import Image, ImageDraw
 
 from thinkdiff.config import CorpusConfig
 from thinkdiff.errors import DataContractError
-from thinkdiff.storage import CORPUS_SCHEMA_VERSION, atomic_write_json, read_manifest, temp_path_for, write_manifest
+from thinkdiff.storage import (
+    CORPUS_SCHEMA_VERSION,
+    atomic_write_json,
+    read_manifest,
+    temp_path_for,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +150,3 @@ def read_corpus_shard(path: Path) -> Iterator[CorpusImage]:
                 yield CorpusImage(key=key, image=image.convert("RGB"))
             except Exception as err:  # noqa: BLE001 - PIL raises many types for corrupt data
                 yield CorpusImage(key=key, image=None, error=f"{type(err).__name__}: {err}")
-
-
-def shard_stats(corpus_dir: Path, shard: Path) -> dict:
-    stats = corpus_dir / f"{shard.stem}_stats.json"
-    return json.loads(stats.read_text()) if stats.is_file() else {}

@@ -18,7 +18,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase, T5Config, T5ForConditionalGeneration
+from transformers import (
+    AutoTokenizer,
+    ByT5Tokenizer,
+    PreTrainedTokenizerBase,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 from thinkdiff.config import TINY_MODEL_ID, ModelSource
 from thinkdiff.models.common import default_device, torch_dtype
@@ -37,8 +43,10 @@ class T5DecoderLM(nn.Module):
         self.config: T5Config = model.config
         self.decoder = model.decoder
         self.lm_head = model.lm_head
-        # T5 rescales the decoder output before a tied lm_head (flan-t5 does not tie; tiny T5 neither).
-        self.output_scale = self.config.d_model**-0.5 if self.config.tie_word_embeddings else 1.0
+        # Original T5 scales the decoder output by d_model**-0.5 before lm_head; T5 v1.1 / Flan-T5 do
+        # not. transformers 5 records which in `scale_decoder_outputs` (older: tie_word_embeddings).
+        scaled = getattr(self.config, "scale_decoder_outputs", self.config.tie_word_embeddings)
+        self.output_scale = self.config.d_model**-0.5 if scaled else 1.0
         self.eval().requires_grad_(False)
 
     @property

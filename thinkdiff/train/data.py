@@ -50,10 +50,6 @@ class Batch:
     labels_BT: torch.Tensor
 
     @property
-    def num_source_rows(self) -> int:
-        return int(self.source_mask_BS.sum())
-
-    @property
     def num_target_tokens(self) -> int:
         return int((self.labels_BT != IGNORE_INDEX).sum())
 

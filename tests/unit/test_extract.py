@@ -1,0 +1,174 @@
+"""Covers: chat prompts with left padding and mm_token_type_ids; the teacher-forced final-norm
+states equal the states captured during generation (the state that produced each token); seeded
+instruction choice; the features stage end to end on the demo corpus (schema, stored rows,
+determinism, resume of a missing shard, corrupt images recorded and skipped, rerun skipped)."""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from transformers import GenerationConfig
+
+from thinkdiff import pipeline
+from thinkdiff.data import extract
+from thinkdiff.data.features import FeatureStore, decode_features, read_shard_failures
+from thinkdiff.models.vlm import (
+    IMAGE_PAD,
+    build_tiny_vlm,
+    encode_chat,
+    final_norm_states,
+    generate_with_states,
+)
+
+SYSTEM = "You are a helpful assistant."
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    return build_tiny_vlm(min_pixels=28 * 28, max_pixels=112 * 112)
+
+
+def two_prompts():
+    return [
+        [Image.new("RGB", (56, 56), (200, 10, 10)), "Describe the image concisely."],
+        [Image.new("RGB", (112, 56), (10, 200, 10)), "Write a clear prompt to guide a 2D diffusion model in recreating the image."],
+    ]
+
+
+def test_encode_chat_left_pads_and_marks_image_tokens(vlm):
+    batch = encode_chat(vlm, two_prompts(), SYSTEM)
+    ids, mask, mm = batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"]
+    pad_id = vlm.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    assert torch.equal(mm, (ids == pad_id).long())
+    per_image = (batch["image_grid_thw"].prod(-1) // 4).tolist()
+    assert mm.sum(1).tolist() == per_image and per_image[1] == 2 * per_image[0]
+    # Left padding: every row ends with the assistant header; the shorter one starts with masked pads.
+    for row, m in zip(ids, mask, strict=True):
+        text = vlm.tokenizer.decode(row[m.bool()])
+        assert text.startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n<|vision_start|>")
+        assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert mask[0, 0] == 0 and mask[1].all()
+
+
+def test_teacher_forced_states_equal_generation_states(vlm):
+    batch = encode_chat(vlm, two_prompts(), SYSTEM)
+    samples = generate_with_states(vlm, batch, max_new_tokens=12, temperature=0.6, top_p=0.9, seed=7)
+    # The same sampling, with the hidden states generate() itself saw at every step.
+    config = GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9, top_k=0, repetition_penalty=1.0,
+                              max_new_tokens=12, eos_token_id=vlm.eos_token_ids, pad_token_id=vlm.pad_token_id,
+                              suppress_tokens=vlm.vision_token_ids, output_hidden_states=True, return_dict_in_generate=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        out = vlm.model.generate(**batch, generation_config=config)
+    prompt_len = batch["input_ids"].shape[1]
+    # Step 0 holds the whole prompt (its last position produced token 0); later steps one position each.
+    seen = torch.stack([out.hidden_states[0][-1][:, -1]] + [h[-1][:, -1] for h in out.hidden_states[1:]], dim=1)
+    for i, sample in enumerate(samples):
+        n = len(sample.token_ids)
+        assert sample.token_ids == out.sequences[i, prompt_len: prompt_len + n].tolist()
+        assert sample.states_LD.shape == (n, vlm.hidden_size)
+        torch.testing.assert_close(sample.states_LD, seen[i, :n], rtol=1e-5, atol=1e-5)
+    # A shorter length masks the tail without changing the states before it.
+    gen = out.sequences[:, prompt_len:]
+    short = final_norm_states(vlm, batch, gen, [3, 5])
+    torch.testing.assert_close(short[0], samples[0].states_LD[:3], rtol=1e-5, atol=1e-5)
+
+
+def test_generation_is_seeded(vlm):
+    batch = encode_chat(vlm, two_prompts(), SYSTEM)
+    a = generate_with_states(vlm, batch, max_new_tokens=8, temperature=0.6, top_p=0.9, seed=1)
+    b = generate_with_states(vlm, batch, max_new_tokens=8, temperature=0.6, top_p=0.9, seed=1)
+    c = generate_with_states(vlm, batch, max_new_tokens=8, temperature=0.6, top_p=0.9, seed=2)
+    assert [s.token_ids for s in a] == [s.token_ids for s in b]
+    assert [s.token_ids for s in a] != [s.token_ids for s in c]
+
+
+def test_instruction_choice_is_seeded_per_key():
+    options = [f"instruction {i}" for i in range(16)]
+    picks = [extract.pick_instruction(options, 0, f"{k:09d}") for k in range(400)]
+    assert picks == [extract.pick_instruction(options, 0, f"{k:09d}") for k in range(400)]
+    assert set(picks) == set(options)
+    assert picks != [extract.pick_instruction(options, 1, f"{k:09d}") for k in range(400)]
+
+
+def test_feature_store_rows_are_the_producing_states(tiny_store):
+    cfg, features_dir = tiny_store
+    store = FeatureStore(features_dir, expect_model_id="tiny")
+    assert store.num_samples == 40 and len(store.shards) == 2
+    assert store.info.dim == 64 and store.info.dtype == "bfloat16" and store.info.model_revision == "tiny-v1"
+    vlm = build_tiny_vlm(min_pixels=cfg.features.min_pixels, max_pixels=cfg.features.max_pixels)
+    table = pq.read_table(store.shards[0])
+    assert table.schema.names == ["key", "instruction", "text", "token_ids", "num_tokens", "num_rows", "features"]
+    row = table.slice(0, 1).to_pylist()[0]
+    assert row["num_rows"] == min(row["num_tokens"], cfg.features.max_feature_rows)
+    assert row["text"] == vlm.tokenizer.decode(row["token_ids"], skip_special_tokens=True)
+    assert row["instruction"] == extract.pick_instruction(cfg.features.instructions, cfg.features.seed, row["key"])
+    # Recompute the states for this image from its stored ids: they match the stored rows in bf16.
+    image = next(i for i in pipeline.corpus.read_corpus_shard(sorted(features_dir.parent.parent.glob("corpus/*/00000.parquet"))[0]) if i.key == row["key"]).image
+    batch = encode_chat(vlm, [[image, row["instruction"]]], cfg.features.system_prompt)
+    ids = torch.tensor([row["token_ids"]])
+    expected = final_norm_states(vlm, batch, ids, [row["num_tokens"]])[0][: row["num_rows"]]
+    stored = decode_features(row["features"], row["num_rows"], 64, "bfloat16")
+    torch.testing.assert_close(stored.float(), expected.to(torch.bfloat16).float())
+
+
+def test_features_stage_resumes_missing_shard_identically(make_cfg, tmp_path):
+    cfg = make_cfg("corpus.demo_images=24", "corpus.shard_size=8")
+    corpus_dir = pipeline.build_demo_corpus(cfg)
+    out = pipeline.extract_features(cfg, corpus_dir)
+    shards = sorted(out.glob("part-*.parquet"))
+    assert len(shards) == 3
+    before = {p.name: p.read_bytes() for p in shards}
+    stamps = {p.name: p.stat().st_mtime_ns for p in shards}
+    # A run killed after two shards: no manifest, one shard missing, a temp file left behind.
+    (out / "manifest.json").unlink()
+    shards[1].unlink()
+    (out / ".part-00001.parquet.abc.tmp").write_bytes(b"partial")
+    pipeline.extract_features(cfg, corpus_dir)
+    assert shards[1].read_bytes() == before[shards[1].name]  # same seeds, same bytes
+    assert shards[0].stat().st_mtime_ns == stamps[shards[0].name]  # untouched
+    assert not list(out.glob(".*.tmp"))
+    assert FeatureStore(out).num_samples == 24
+
+
+def test_complete_stage_is_skipped_without_loading_models(make_cfg, monkeypatch):
+    cfg = make_cfg("corpus.demo_images=8", "corpus.shard_size=8")
+    corpus_dir = pipeline.build_demo_corpus(cfg)
+    out = pipeline.extract_features(cfg, corpus_dir)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the VLM must not be loaded for a complete stage")
+
+    monkeypatch.setattr(extract, "load_vlm", fail)
+    assert pipeline.extract_features(cfg, corpus_dir) == out
+
+
+def test_corrupt_images_are_recorded_and_skipped(make_cfg, tmp_path):
+    cfg = make_cfg("corpus.demo_images=6", "corpus.shard_size=6")
+    corpus_dir = tmp_path / "corpus"
+    pipeline.build_demo_corpus(cfg, corpus_dir)
+    shard = corpus_dir / "00000.parquet"
+    table = pq.read_table(shard)
+    jpg = table.column("jpg").to_pylist()
+    jpg[2] = b"not an image at all"
+    truncated = io.BytesIO(jpg[4][:40])
+    jpg[4] = truncated.getvalue()
+    table = table.set_column(table.schema.get_field_index("jpg"), "jpg", pa.array(jpg, pa.binary()))
+    pq.write_table(table, shard)
+    out = pipeline.extract_features(cfg, corpus_dir, tmp_path / "features")
+    store = FeatureStore(out)
+    assert store.num_samples == 4
+    failures = read_shard_failures(store.shards[0])
+    assert [f["key"] for f in failures] == [table.column("key")[2].as_py(), table.column("key")[4].as_py()]
+    assert all(f["error"] for f in failures)
+    assert store.manifest["shards"][0]["num_failed"] == 2
+
+
+def test_missing_corpus_is_a_clear_error(make_cfg):
+    with pytest.raises(FileNotFoundError, match="run `thinkdiff demo-corpus --config tiny`"):
+        pipeline.extract_features(make_cfg())

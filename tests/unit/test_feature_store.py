@@ -1,0 +1,126 @@
+"""Covers: feature shards round-trip exactly per storage dtype; writes are atomic and never
+overwrite; the reader checks every shard against the manifest and the caller, naming the file and
+the mismatch; it reads only the columns asked for."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from thinkdiff.data import features as fs
+from thinkdiff.data.features import (
+    FeatureRecord,
+    FeatureStore,
+    FeatureStoreInfo,
+    decode_features,
+    write_feature_shard,
+)
+from thinkdiff.errors import DataContractError
+from thinkdiff.storage import FEATURES_SCHEMA_VERSION, write_manifest
+
+INFO = FeatureStoreInfo(schema_version=FEATURES_SCHEMA_VERSION, feature_kind=fs.FEATURE_KIND_LVLM, dtype="bfloat16",
+                        dim=6, model_id="tiny", model_revision="tiny-v1", max_feature_rows=4)
+
+
+def records(n=3, dim=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [FeatureRecord(key=f"k{i}", instruction="Describe.", text=f"text {i}", token_ids=list(range(2 + i * 2)),
+                          features_LD=torch.randn(2 + i * 2, dim, generator=g)) for i in range(n)]
+
+
+def make_store(directory, shards: dict[str, FeatureStoreInfo], info=INFO):
+    entries = []
+    for name, shard_info in shards.items():
+        write_feature_shard(directory / name, records(dim=shard_info.dim), shard_info)
+        entries.append({"name": name, "num_samples": 3, "num_failed": 0})
+    write_manifest(directory, {"stage": "features", "info": dataclasses.asdict(info), "shards": entries})
+    return directory
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_round_trip_per_dtype(tmp_path, dtype):
+    info = dataclasses.replace(INFO, dtype=dtype)
+    recs = records()
+    write_feature_shard(tmp_path / "part-0.parquet", recs, info, failures=[{"key": "bad", "error": "x"}])
+    table = pq.read_table(tmp_path / "part-0.parquet")
+    assert fs.read_shard_info(tmp_path / "part-0.parquet") == info
+    assert fs.read_shard_failures(tmp_path / "part-0.parquet") == [{"key": "bad", "error": "x"}]
+    for rec, row in zip(recs, table.to_pylist(), strict=True):
+        rows = min(len(rec.token_ids), info.max_feature_rows)
+        assert (row["key"], row["text"], row["token_ids"], row["num_tokens"], row["num_rows"]) == (
+            rec.key, rec.text, rec.token_ids, len(rec.token_ids), rows)
+        decoded = decode_features(row["features"], rows, 6, dtype)
+        assert decoded.dtype == getattr(torch, dtype)
+        assert torch.equal(decoded, rec.features_LD[:rows].to(getattr(torch, dtype)))
+
+
+def test_write_never_overwrites(tmp_path):
+    path = write_feature_shard(tmp_path / "p.parquet", records(), INFO)
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        write_feature_shard(path, records(seed=1), INFO)
+    assert path.read_bytes() == before
+
+
+def test_failed_write_leaves_nothing_visible(tmp_path, monkeypatch):
+    def crash(table, where, **kwargs):
+        with open(where, "wb") as fh:
+            fh.write(b"PAR1 half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fs.pq, "write_table", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_feature_shard(tmp_path / "p.parquet", records(), INFO)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_wrong_feature_width_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match=r"record k0 has features of shape \(2, 5\), expected \(L, 6\)"):
+        write_feature_shard(tmp_path / "p.parquet", records(dim=5), INFO)
+
+
+def test_reader_accepts_matching_store_and_streams_columns(tmp_path):
+    store = FeatureStore(make_store(tmp_path, {"a.parquet": INFO, "b.parquet": INFO}), expect_model_id="tiny", expect_dim=6)
+    assert store.num_samples == 6
+    assert [r["key"] for r in store.iter_records(("key",))] == ["k0", "k1", "k2"] * 2
+    shard, group, rows = store.row_groups()[0]
+    assert rows == 3
+    assert store.read_row_group(shard, group, ["num_rows"]).column_names == ["num_rows"]
+
+
+def test_reader_rejects_other_model(tmp_path):
+    make_store(tmp_path, {"a.parquet": INFO})
+    with pytest.raises(DataContractError, match=r"a.parquet: does not match: model_id: shard has 'tiny', config models.vlm.id is 'Qwen/Qwen2-VL-7B-Instruct'"):
+        FeatureStore(tmp_path, expect_model_id="Qwen/Qwen2-VL-7B-Instruct")
+
+
+def test_reader_rejects_mixed_shards(tmp_path):
+    make_store(tmp_path, {"a.parquet": INFO, "b.parquet": dataclasses.replace(INFO, dim=5, model_revision="other")})
+    with pytest.raises(DataContractError, match=r"b.parquet: does not match: dim: shard has 5, store has 6; model_revision"):
+        FeatureStore(tmp_path)
+
+
+def test_reader_rejects_other_schema_version(tmp_path):
+    old = dataclasses.replace(INFO, schema_version=FEATURES_SCHEMA_VERSION + 1)
+    make_store(tmp_path, {"a.parquet": old}, info=INFO)
+    with pytest.raises(DataContractError, match=r"a.parquet: does not match: schema_version"):
+        FeatureStore(tmp_path)
+    make_store(tmp_path / "v", {"a.parquet": old}, info=old)
+    with pytest.raises(DataContractError, match=r"manifest.json: schema version .*re-extract"):
+        FeatureStore(tmp_path / "v")
+
+
+def test_reader_rejects_foreign_parquet(tmp_path):
+    pq.write_table(pq.read_table(write_feature_shard(tmp_path / "x.parquet", records(), INFO)).replace_schema_metadata({}), tmp_path / "a.parquet")
+    write_manifest(tmp_path, {"info": dataclasses.asdict(INFO), "shards": [{"name": "a.parquet", "num_samples": 3}]})
+    with pytest.raises(DataContractError, match="a.parquet: not a thinkdiff feature shard"):
+        FeatureStore(tmp_path)
+
+
+def test_incomplete_store_is_a_clear_error(tmp_path):
+    write_feature_shard(tmp_path / "a.parquet", records(), INFO)
+    with pytest.raises(FileNotFoundError, match="incomplete; run `thinkdiff features`"):
+        FeatureStore(tmp_path)

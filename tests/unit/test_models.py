@@ -1,0 +1,72 @@
+"""Covers: tiny builders make the real classes with fixed weights and offline tokenizers; the T5
+loader keeps only decoder + lm_head and hands out the encoder's final_layer_norm; both loaders
+read a local directory the way they read a Hub id; the decoder loss equals transformers' own."""
+
+from __future__ import annotations
+
+import torch
+from transformers import Qwen2VLForConditionalGeneration, T5ForConditionalGeneration
+
+from thinkdiff.config import ModelSource
+from thinkdiff.models.t5 import build_tiny_t5, load_t5
+from thinkdiff.models.vlm import build_tiny_vlm, load_vlm
+
+TINY = ModelSource(id="tiny", revision="tiny-v1", dtype="float32")
+CPU = torch.device("cpu")
+
+
+def test_tiny_vlm_is_the_real_class_and_deterministic():
+    a = build_tiny_vlm(min_pixels=3136, max_pixels=3136)
+    b = build_tiny_vlm(min_pixels=3136, max_pixels=3136)
+    assert isinstance(a.model, Qwen2VLForConditionalGeneration)
+    for (name, p), (_, q) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
+        assert torch.equal(p, q), name
+    assert a.tokenizer.decode(a.tokenizer("a cat, 3 dogs")["input_ids"]) == "a cat, 3 dogs"
+
+
+def test_t5_loader_keeps_decoder_only_and_encoder_norm():
+    reference = build_tiny_t5()
+    parts = load_t5(TINY, device=CPU)
+    names = [n for n, _ in parts.decoder_lm.named_parameters()]
+    assert names and not any(n.startswith("encoder") for n in names)
+    assert all(n.startswith(("decoder.", "lm_head.")) for n in names)
+    assert torch.equal(parts.encoder_final_norm, reference.encoder.final_layer_norm.weight)
+    assert not any(p.requires_grad for p in parts.decoder_lm.parameters())
+
+
+def test_decoder_loss_equals_transformers_loss():
+    reference = build_tiny_t5()
+    parts = load_t5(TINY, device=CPU)
+    states = torch.randn(2, 5, 32)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    labels = torch.tensor([[5, 6, 7, 1], [8, 1, -100, -100]])
+    expected = reference(encoder_outputs=(states,), attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(parts.decoder_lm.loss(states, mask, labels), expected)
+
+
+def test_decoder_stays_in_eval_mode():
+    parts = load_t5(TINY, device=CPU)
+    parts.decoder_lm.train()
+    assert not parts.decoder_lm.training
+
+
+def test_loaders_read_local_directories(tmp_path):
+    t5 = build_tiny_t5()
+    t5.save_pretrained(tmp_path / "t5")
+    load_t5(TINY, device=CPU).tokenizer.save_pretrained(tmp_path / "t5")
+    parts = load_t5(ModelSource(id=str(tmp_path / "t5"), revision="main", dtype="float32"), device=CPU)
+    assert parts.revision == "local"
+    assert torch.equal(parts.decoder_lm.lm_head.weight, t5.lm_head.weight)
+    assert torch.equal(parts.encoder_final_norm, t5.encoder.final_layer_norm.weight)
+    assert isinstance(t5, T5ForConditionalGeneration)
+
+    vlm = build_tiny_vlm(min_pixels=3136, max_pixels=3136)
+    vlm.model.save_pretrained(tmp_path / "vlm")
+    vlm.tokenizer.save_pretrained(tmp_path / "vlm")
+    vlm.image_processor.save_pretrained(tmp_path / "vlm")
+    loaded = load_vlm(ModelSource(id=str(tmp_path / "vlm"), revision="main", dtype="float32"),
+                      min_pixels=3136, max_pixels=3136, device=CPU)
+    assert loaded.model_id == str(tmp_path / "vlm") and loaded.revision == "local"
+    for (name, p), (_, q) in zip(vlm.model.state_dict().items(), loaded.model.state_dict().items(), strict=True):
+        assert torch.equal(p, q), name
+    assert loaded.tokenizer("hi <|image_pad|>")["input_ids"] == vlm.tokenizer("hi <|image_pad|>")["input_ids"]

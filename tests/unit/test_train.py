@@ -1,0 +1,128 @@
+"""Covers: the learning-rate schedule and weight-decay groups of REFERENCE.md section 5; the
+masked-split collate; the streaming sample order and its resume position; checkpoints (atomic,
+keep_last, weights_only); a run stopped after step K and resumed equals an uninterrupted run
+bitwise; the aligner learns on a fixed feature set."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import ByT5Tokenizer
+
+from thinkdiff.config import load_config
+from thinkdiff.data.features import FeatureStore
+from thinkdiff.models.aligner import Aligner, AlignerConfig
+from thinkdiff.models.t5 import IGNORE_INDEX
+from thinkdiff.models.vlm import build_tiny_qwen_tokenizer
+from thinkdiff.train.checkpoint import list_checkpoints, load_trainer_state, read_meta
+from thinkdiff.train.data import MaskedSplitCollator, Sample, SampleStream, StreamPosition, take
+from thinkdiff.train.loop import lr_multiplier, param_groups, train_aligner
+
+
+def test_lr_schedule_warmup_then_cosine_to_final():
+    t = load_config("paper-lvlm").train
+    lr = lambda step: t.lr * lr_multiplier(t)(step)  # noqa: E731
+    assert lr(0) == pytest.approx(1e-6)
+    assert lr(1000) == pytest.approx(1e-6 + (1e-4 - 1e-6) / 2)
+    assert lr(2000) == pytest.approx(1e-4)
+    mid = 2000 + (25000 - 2000) // 2
+    assert lr(mid) == pytest.approx(8e-5 + (1e-4 - 8e-5) * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr(25000) == pytest.approx(8e-5)
+
+
+def test_weight_decay_only_on_matrices():
+    aligner = Aligner(AlignerConfig(in_dim=4, out_dim=6))
+    decay, no_decay = param_groups(aligner, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(aligner.fc1.weight), id(aligner.fc2.weight)}
+    assert {id(p) for p in no_decay["params"]} == {id(aligner.fc1.bias), id(aligner.fc2.bias), id(aligner.norm.weight)}
+
+
+def test_masked_split_collate():
+    qwen, t5 = build_tiny_qwen_tokenizer(), ByT5Tokenizer()
+    text = "a small red circle on a blue background"
+    ids = qwen(text)["input_ids"] + [qwen.convert_tokens_to_ids("<|im_end|>")]
+    samples = [Sample(ids, torch.randn(min(len(ids), 16), 8)), Sample(ids[:3], torch.randn(3, 8))]
+    collate = MaskedSplitCollator(qwen, t5, max_source_rows=16, max_target_tokens=12, seed=0)
+    for step in range(50):
+        s = collate.split_points([len(ids), 3], step)
+        assert 1 <= s[0] <= min(len(ids) - 1, 16) and 1 <= s[1] <= 2
+        batch = collate(samples, step)
+        assert batch.features_BSD.shape == (2, max(s), 8)
+        assert batch.source_mask_BS.sum(1).tolist() == s
+        assert torch.equal(batch.features_BSD[0, : s[0]], samples[0].features_LD[: s[0]])
+        assert not batch.features_BSD[1, s[1]:].any()
+        # Target: the rest of the caption re-tokenized by T5 with </s>, truncated, padded with -100.
+        expected = t5(qwen.decode(ids[s[0]:], skip_special_tokens=True), max_length=12, truncation=True)["input_ids"]
+        labels = batch.labels_BT[0]
+        assert labels[labels != IGNORE_INDEX].tolist() == expected
+        assert expected[-1] == t5.eos_token_id and len(expected) <= 12
+    # The same step draws the same splits; different steps differ somewhere.
+    assert collate.split_points([40] * 8, 3) == collate.split_points([40] * 8, 3)
+    assert collate.split_points([40] * 8, 3) != collate.split_points([40] * 8, 4)
+
+
+def test_stream_resumes_at_saved_position_across_epochs(tiny_store):
+    _, features_dir = tiny_store
+    store = FeatureStore(features_dir)
+    stream = SampleStream(store, seed=0, position=StreamPosition())
+    it = iter(stream)
+    first = take(it, 30)
+    saved = StreamPosition(stream.position.epoch, stream.position.index)
+    rest = take(it, 70)  # crosses into the next epochs (40 samples per epoch)
+    assert stream.position.epoch >= 2
+    resumed = take(iter(SampleStream(store, seed=0, position=saved)), 70)
+    assert [s.token_ids for s in resumed] == [s.token_ids for s in rest]
+    assert all(torch.equal(a.features_LD, b.features_LD) for a, b in zip(resumed, rest, strict=True))
+    # An epoch is a permutation of the store; the next epoch is another permutation.
+    epoch0 = [tuple(s.token_ids) for s in first + rest[:10]]
+    epoch1 = [tuple(s.token_ids) for s in rest[10:50]]
+    assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
+
+
+def test_resumed_run_equals_uninterrupted_run_bitwise(tiny_store, tmp_path):
+    cfg, features_dir = tiny_store
+    cfg = load_config("tiny", [f"paths.root={tmp_path}", "train.max_steps=12", "train.warmup_steps=3",
+                               "train.checkpoint_every=4", "train.keep_last=2", "train.log_every=2", "train.batch_size=8"])
+    full = train_aligner(cfg, features_dir, tmp_path / "full")
+    first = train_aligner(cfg, features_dir, tmp_path / "resumed", stop_after_steps=6)
+    assert first.step == 6 and not (tmp_path / "resumed" / "manifest.json").exists()
+    second = train_aligner(cfg, features_dir, tmp_path / "resumed")
+    assert second.step == 12 == full.step
+    a, b = Aligner.from_pretrained(full.aligner_dir), Aligner.from_pretrained(second.aligner_dir)
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    # The resumed run's metrics are one clean history, the same as the uninterrupted one.
+    read = lambda p: [json.loads(line) for line in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [(r["step"], r["loss"]) for r in read(tmp_path / "resumed")] == [(r["step"], r["loss"]) for r in read(tmp_path / "full")]
+
+
+def test_checkpoints_are_complete_pruned_and_weights_only(tiny_store, tmp_path):
+    _, features_dir = tiny_store
+    cfg = load_config("tiny", [f"paths.root={tmp_path}", "train.max_steps=10", "train.warmup_steps=2",
+                               "train.checkpoint_every=3", "train.keep_last=2", "train.batch_size=4"])
+    result = train_aligner(cfg, features_dir, tmp_path / "run")
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_000009", "step_000010"]
+    assert sorted(p.name for p in result.checkpoint.iterdir()) == ["aligner", "meta.json", "trainer_state.pt"]
+    state = load_trainer_state(result.checkpoint)  # torch.load(weights_only=True) inside
+    assert state["step"] == 10 and set(state) >= {"optimizer", "scheduler", "rng_cpu", "position"}
+    meta = read_meta(result.checkpoint)
+    assert meta["step"] == 10 and meta["config"]["train"]["max_steps"] == 10
+    assert meta["features_fingerprint"] and meta["git_revision"]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["checkpoint"] == str(result.checkpoint)
+    assert (tmp_path / "run" / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    # Complete: a rerun is skipped and returns the same checkpoint.
+    assert train_aligner(cfg, features_dir, tmp_path / "run").checkpoint == result.checkpoint
+
+
+def test_aligner_learns_on_a_fixed_feature_set(tiny_store, tmp_path):
+    _, features_dir = tiny_store
+    cfg = load_config("tiny", [f"paths.root={tmp_path}", "train.max_steps=150", "train.warmup_steps=5",
+                               "train.lr=3e-3", "train.final_lr=3e-4", "train.log_every=10", "train.batch_size=8"])
+    train_aligner(cfg, features_dir, tmp_path / "run")
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.75 * losses[0], losses
