@@ -36,11 +36,20 @@ def make_cfg(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def tiny_store(tmp_path_factory):
+def demo_corpus(tmp_path_factory):
+    """The demo corpus through the real stage (loopback HTTP + img2dataset), built once:
+    40 images and 3 broken urls in 3 shards."""
+    from thinkdiff import pipeline
+
+    root = tmp_path_factory.mktemp("corpus")
+    cfg = load_config("tiny", [f"paths.root={root}", "corpus.demo_images=40", "corpus.shard_size=16", "corpus.demo_broken=3"])
+    return cfg, pipeline.build_corpus(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(demo_corpus):
     """A small feature store made by the real extraction path on the demo corpus (built once)."""
     from thinkdiff import pipeline
 
-    root = tmp_path_factory.mktemp("store")
-    cfg = load_config("tiny", [f"paths.root={root}", "corpus.demo_images=40", "corpus.shard_size=20"])
-    corpus_dir = pipeline.build_demo_corpus(cfg)
+    cfg, corpus_dir = demo_corpus
     return cfg, pipeline.extract_features(cfg, corpus_dir)

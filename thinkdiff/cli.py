@@ -1,6 +1,6 @@
 """Command line: `thinkdiff <command> --config PRESET_OR_YAML [section.key=value ...]`.
 
-    thinkdiff run --config tiny                 # demo corpus -> features -> train, offline on CPU
+    thinkdiff run --config tiny                 # corpus -> features -> train, offline on CPU
     thinkdiff features --config tiny            # caption + cache VLM states (resumable)
     thinkdiff train --config tiny               # train the aligner (resumes from the newest checkpoint)
     thinkdiff config --config paper-lvlm        # print the resolved, validated config
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved, validated config as YAML")
     _add_config_args(p)
 
-    p = sub.add_parser("demo-corpus", help="write the generated offline demo corpus (img2dataset layout)")
+    p = sub.add_parser("corpus", help="download the url list (or the loopback demo) with img2dataset")
     _add_config_args(p)
 
     p = sub.add_parser("features", help="caption images with the VLM and cache generated-token states to Parquet")
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", type=Path, help="feature store dir (default: the config's features stage dir)")
     p.add_argument("--out", type=Path, help="run dir (default: {paths.root}/train/{fingerprint})")
 
-    p = sub.add_parser("run", help="demo corpus -> features -> train, each stage skipped when already complete")
+    p = sub.add_parser("run", help="corpus -> features -> train, each stage skipped when already complete")
     _add_config_args(p)
 
     p = sub.add_parser("aligner", help="aligner checkpoint tools")
@@ -84,8 +84,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.command == "config":
         print(cfg.to_yaml(), end="")
-    elif args.command == "demo-corpus":
-        print(pipeline.build_demo_corpus(cfg))
+    elif args.command == "corpus":
+        print(pipeline.build_corpus(cfg))
     elif args.command == "features":
         print(pipeline.extract_features(cfg, corpus_dir=args.corpus, out_dir=args.out))
     elif args.command == "train":

@@ -58,14 +58,36 @@ class PathsConfig:
 
 @dataclass(kw_only=True)
 class CorpusConfig:
-    demo_images: int
-    """Size of the generated offline demo corpus (coloured shapes with captions that describe them)."""
+    url_list: str
+    """`demo` (generated images served on 127.0.0.1) or a url + caption file (CC3M/CC12M/SBU TSV, LAION parquet)."""
+    input_format: str
+    """Format of `url_list`: csv, csv.gz, tsv, tsv.gz or parquet (csv/tsv need a header row)."""
+    url_col: str
+    """Column holding the image url (LAION: URL)."""
+    caption_col: str
+    """Column holding the caption (LAION: TEXT); kept with every image."""
     image_size: int
-    """Side in pixels of the demo images."""
+    """img2dataset image_size: side in pixels after resizing."""
+    resize_mode: str
+    """img2dataset resize_mode: no, border, keep_ratio, keep_ratio_largest or center_crop."""
     shard_size: int
-    """Images per corpus shard (img2dataset's number_sample_per_shard)."""
+    """img2dataset number_sample_per_shard: images per corpus shard (and per feature shard)."""
+    processes: int
+    """img2dataset processes_count."""
+    threads: int
+    """img2dataset thread_count (download threads per process)."""
+    retries: int
+    """img2dataset retries per url."""
+    timeout_s: int
+    """img2dataset timeout per download, seconds."""
+    min_success_rate: float
+    """The stage fails when fewer than this fraction of urls yield an image."""
+    demo_images: int
+    """`demo` only: number of generated images (coloured shapes whose captions describe them)."""
+    demo_broken: int
+    """`demo` only: extra urls that are broken on purpose (alternately 404 and not-an-image)."""
     seed: int
-    """Seed of the demo corpus generator."""
+    """`demo` only: seed of the generator."""
 
 
 @dataclass(kw_only=True)
@@ -159,9 +181,20 @@ class RunConfig:
         need(bool(self.paths.root.strip()), "paths.root", self.paths.root, "give a directory for stage outputs")
 
         c = self.corpus
-        need(c.demo_images >= 1, "corpus.demo_images", c.demo_images, "use at least 1")
+        formats = ("csv", "csv.gz", "tsv", "tsv.gz", "parquet")
+        need(c.input_format in formats, "corpus.input_format", c.input_format, f"use one of {', '.join(formats)}")
+        need(bool(c.url_col) and bool(c.caption_col), "corpus.url_col", c.url_col, "name the url and caption columns")
+        modes = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
+        need(c.resize_mode in modes, "corpus.resize_mode", c.resize_mode, f"use one of {', '.join(modes)}")
         need(c.image_size >= 28, "corpus.image_size", c.image_size, "use at least 28 (one Qwen2-VL merged patch)")
         need(c.shard_size >= 1, "corpus.shard_size", c.shard_size, "use at least 1")
+        need(c.processes >= 1, "corpus.processes", c.processes, "use at least 1")
+        need(c.threads >= 1, "corpus.threads", c.threads, "use at least 1")
+        need(c.retries >= 0, "corpus.retries", c.retries, "use 0 or more")
+        need(c.timeout_s >= 1, "corpus.timeout_s", c.timeout_s, "use at least 1 second")
+        need(0 <= c.min_success_rate <= 1, "corpus.min_success_rate", c.min_success_rate, "use a fraction in [0, 1]")
+        need(c.demo_images >= 1, "corpus.demo_images", c.demo_images, "use at least 1")
+        need(c.demo_broken >= 0, "corpus.demo_broken", c.demo_broken, "use 0 or more")
 
         f = self.features
         need(len(f.instructions) > 0 and all(s.strip() for s in f.instructions), "features.instructions",

@@ -18,15 +18,15 @@ from thinkdiff.train import loop
 log = logging.getLogger(__name__)
 
 
-def build_demo_corpus(cfg: RunConfig, out_dir: Path | None = None) -> Path:
-    return corpus.build_demo_corpus(cfg.corpus, out_dir or stage_dir(cfg, "corpus"))
+def build_corpus(cfg: RunConfig, out_dir: Path | None = None) -> Path:
+    return corpus.build_corpus(cfg.corpus, out_dir or stage_dir(cfg, "corpus"))
 
 
 def extract_features(cfg: RunConfig, corpus_dir: Path | None = None, out_dir: Path | None = None) -> Path:
     corpus_dir = corpus_dir or stage_dir(cfg, "corpus")
-    if read_manifest(corpus_dir) is None and not list(corpus_dir.glob("*.parquet")):
+    if read_manifest(corpus_dir) is None and not list(corpus_dir.glob("*_stats.json")):
         raise FileNotFoundError(
-            f"no corpus at {corpus_dir}: run `thinkdiff demo-corpus --config {cfg.preset}` or pass --corpus DIR "
+            f"no corpus at {corpus_dir}: run `thinkdiff corpus --config {cfg.preset}` or pass --corpus DIR "
             "(img2dataset parquet output)"
         )
     return extract.extract_features(cfg, corpus_dir, out_dir or stage_dir(cfg, "features"))
@@ -37,8 +37,8 @@ def train_aligner(cfg: RunConfig, features_dir: Path | None = None, run_dir: Pat
 
 
 def run_all(cfg: RunConfig) -> dict[str, Path]:
-    """demo corpus -> features -> train; each stage skipped when its manifest exists."""
-    corpus_dir = build_demo_corpus(cfg)
+    """corpus -> features -> train; each stage skipped when its manifest exists."""
+    corpus_dir = build_corpus(cfg)
     features_dir = extract_features(cfg, corpus_dir)
     result = train_aligner(cfg, features_dir)
     return {

@@ -7,6 +7,8 @@ is complete and skipped; an interrupted one resumes at its first missing file.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import subprocess
@@ -27,7 +29,28 @@ _TRAIN_OPERATIONAL = ("checkpoint_every", "keep_last", "log_every")
 
 
 def corpus_fingerprint(cfg: RunConfig) -> str:
-    return fingerprint({"stage": "corpus", "schema": CORPUS_SCHEMA_VERSION, "corpus": cfg.corpus.__dict__})
+    """Hashes the corpus settings and, for a real url list, the list's content."""
+    source = cfg.corpus.url_list
+    content = source if source == "demo" else file_digest(Path(source))
+    return fingerprint({"stage": "corpus", "schema": CORPUS_SCHEMA_VERSION, "corpus": cfg.corpus.__dict__, "urls": content})
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, cached by (path, size, mtime) so repeated fingerprints stay cheap."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"corpus.url_list={str(path)!r}: no such file (give a url list, or `demo`)") from None
+    return _file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def features_fingerprint(cfg: RunConfig) -> str:

@@ -5,7 +5,7 @@ determinism, resume of a missing shard, corrupt images recorded and skipped, rer
 
 from __future__ import annotations
 
-import io
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,6 +16,7 @@ from transformers import GenerationConfig
 
 from thinkdiff import pipeline
 from thinkdiff.data import extract
+from thinkdiff.data.corpus import read_corpus_shard
 from thinkdiff.data.features import FeatureStore, decode_features, read_shard_failures
 from thinkdiff.models.vlm import (
     IMAGE_PAD,
@@ -24,6 +25,7 @@ from thinkdiff.models.vlm import (
     final_norm_states,
     generate_with_states,
 )
+from thinkdiff.storage import stage_dir
 
 SYSTEM = "You are a helpful assistant."
 
@@ -99,7 +101,7 @@ def test_instruction_choice_is_seeded_per_key():
 def test_feature_store_rows_are_the_producing_states(tiny_store):
     cfg, features_dir = tiny_store
     store = FeatureStore(features_dir, expect_model_id="tiny")
-    assert store.num_samples == 40 and len(store.shards) == 2
+    assert store.num_samples == 40 and len(store.shards) == 3
     assert store.info.dim == 64 and store.info.dtype == "bfloat16" and store.info.model_revision == "tiny-v1"
     vlm = build_tiny_vlm(min_pixels=cfg.features.min_pixels, max_pixels=cfg.features.max_pixels)
     table = pq.read_table(store.shards[0])
@@ -109,7 +111,8 @@ def test_feature_store_rows_are_the_producing_states(tiny_store):
     assert row["text"] == vlm.tokenizer.decode(row["token_ids"], skip_special_tokens=True)
     assert row["instruction"] == extract.pick_instruction(cfg.features.instructions, cfg.features.seed, row["key"])
     # Recompute the states for this image from its stored ids: they match the stored rows in bf16.
-    image = next(i for i in pipeline.corpus.read_corpus_shard(sorted(features_dir.parent.parent.glob("corpus/*/00000.parquet"))[0]) if i.key == row["key"]).image
+    corpus_shard = features_dir.parent.parent / "corpus" / stage_dir(cfg, "corpus").name / "00000.parquet"
+    image = next(i for i in read_corpus_shard(corpus_shard) if i.key == row["key"]).image
     batch = encode_chat(vlm, [[image, row["instruction"]]], cfg.features.system_prompt)
     ids = torch.tensor([row["token_ids"]])
     expected = final_norm_states(vlm, batch, ids, [row["num_tokens"]])[0][: row["num_rows"]]
@@ -117,10 +120,9 @@ def test_feature_store_rows_are_the_producing_states(tiny_store):
     torch.testing.assert_close(stored.float(), expected.to(torch.bfloat16).float())
 
 
-def test_features_stage_resumes_missing_shard_identically(make_cfg, tmp_path):
-    cfg = make_cfg("corpus.demo_images=24", "corpus.shard_size=8")
-    corpus_dir = pipeline.build_demo_corpus(cfg)
-    out = pipeline.extract_features(cfg, corpus_dir)
+def test_features_stage_resumes_missing_shard_identically(demo_corpus, tmp_path):
+    cfg, corpus_dir = demo_corpus
+    out = pipeline.extract_features(cfg, corpus_dir, tmp_path / "features")
     shards = sorted(out.glob("part-*.parquet"))
     assert len(shards) == 3
     before = {p.name: p.read_bytes() for p in shards}
@@ -129,46 +131,45 @@ def test_features_stage_resumes_missing_shard_identically(make_cfg, tmp_path):
     (out / "manifest.json").unlink()
     shards[1].unlink()
     (out / ".part-00001.parquet.abc.tmp").write_bytes(b"partial")
-    pipeline.extract_features(cfg, corpus_dir)
+    pipeline.extract_features(cfg, corpus_dir, out)
     assert shards[1].read_bytes() == before[shards[1].name]  # same seeds, same bytes
     assert shards[0].stat().st_mtime_ns == stamps[shards[0].name]  # untouched
     assert not list(out.glob(".*.tmp"))
-    assert FeatureStore(out).num_samples == 24
+    assert FeatureStore(out).num_samples == 40
 
 
-def test_complete_stage_is_skipped_without_loading_models(make_cfg, monkeypatch):
-    cfg = make_cfg("corpus.demo_images=8", "corpus.shard_size=8")
-    corpus_dir = pipeline.build_demo_corpus(cfg)
-    out = pipeline.extract_features(cfg, corpus_dir)
+def test_complete_stage_is_skipped_without_loading_models(tiny_store, monkeypatch):
+    cfg, features_dir = tiny_store
 
     def fail(*args, **kwargs):
         raise AssertionError("the VLM must not be loaded for a complete stage")
 
     monkeypatch.setattr(extract, "load_vlm", fail)
-    assert pipeline.extract_features(cfg, corpus_dir) == out
+    assert pipeline.extract_features(cfg) == features_dir
 
 
-def test_corrupt_images_are_recorded_and_skipped(make_cfg, tmp_path):
-    cfg = make_cfg("corpus.demo_images=6", "corpus.shard_size=6")
-    corpus_dir = tmp_path / "corpus"
-    pipeline.build_demo_corpus(cfg, corpus_dir)
-    shard = corpus_dir / "00000.parquet"
+def test_corrupt_images_are_recorded_and_skipped(demo_corpus, tmp_path):
+    cfg, corpus_dir = demo_corpus
+    copy = tmp_path / "corpus"
+    shutil.copytree(corpus_dir, copy)
+    shard = copy / "00000.parquet"
     table = pq.read_table(shard)
+    ok = [i for i, status in enumerate(table.column("status").to_pylist()) if status == "success"]
     jpg = table.column("jpg").to_pylist()
-    jpg[2] = b"not an image at all"
-    truncated = io.BytesIO(jpg[4][:40])
-    jpg[4] = truncated.getvalue()
+    jpg[ok[2]] = b"not an image at all"
+    jpg[ok[4]] = jpg[ok[4]][:40]  # truncated
     table = table.set_column(table.schema.get_field_index("jpg"), "jpg", pa.array(jpg, pa.binary()))
     pq.write_table(table, shard)
-    out = pipeline.extract_features(cfg, corpus_dir, tmp_path / "features")
+    out = pipeline.extract_features(cfg, copy, tmp_path / "features")
     store = FeatureStore(out)
-    assert store.num_samples == 4
+    assert store.num_samples == 38
     failures = read_shard_failures(store.shards[0])
-    assert [f["key"] for f in failures] == [table.column("key")[2].as_py(), table.column("key")[4].as_py()]
+    keys = table.column("key").to_pylist()
+    assert [f["key"] for f in failures] == [keys[ok[2]], keys[ok[4]]]
     assert all(f["error"] for f in failures)
     assert store.manifest["shards"][0]["num_failed"] == 2
 
 
 def test_missing_corpus_is_a_clear_error(make_cfg):
-    with pytest.raises(FileNotFoundError, match="run `thinkdiff demo-corpus --config tiny`"):
+    with pytest.raises(FileNotFoundError, match="run `thinkdiff corpus --config tiny`"):
         pipeline.extract_features(make_cfg())

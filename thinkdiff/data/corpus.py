@@ -1,36 +1,50 @@
-"""Image corpora in img2dataset's Parquet output layout, and the generated offline demo corpus.
+"""Corpus stage: a url + caption list -> img2dataset Parquet shards, with per-shard failure stats.
 
-A corpus directory holds shards `{shard:05d}.parquet` with the columns img2dataset writes
-(`key`, `caption`, `url`, `status`, `error_message`, `width`, `height`, `jpg`) plus a
-`{shard:05d}_stats.json` per shard, and `manifest.json` once complete. The `key` is the join key
-that every later stage keeps.
+    thinkdiff corpus --config tiny        # the generated demo corpus, served on 127.0.0.1
+    thinkdiff corpus --config paper-lvlm corpus.url_list=cc3m.tsv
+
+The url list is checked (readable, the url and caption columns present, not empty) before any
+download. img2dataset runs as a subprocess (its console entry point), with every argument that
+matters taken from `corpus.*`; it writes `{shard:05d}.parquet` + `{shard:05d}_stats.json` into
+the stage directory. Per-image failures (404, refused, corrupt, not an image) are data: they are
+counted per shard and reported; the stage fails only when the success rate falls below
+`corpus.min_success_rate`, naming the shards and the main error kinds. A shard with its stats file
+is complete, so a rerun after a crash only redoes the missing ones (img2dataset incremental mode).
+
+The `demo` url list is a generated set of coloured shapes whose captions describe them, written
+to disk and served by a loopback HTTP server for the duration of the download, a few of its urls
+deliberately broken, so the offline preset exercises the real download path.
 """
 
 from __future__ import annotations
 
+import collections
 import io
+import json
 import logging
+import math
+import os
 import random
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from thinkdiff.config import CorpusConfig
-from thinkdiff.errors import DataContractError
-from thinkdiff.storage import (
-    CORPUS_SCHEMA_VERSION,
-    atomic_write_json,
-    read_manifest,
-    temp_path_for,
-    write_manifest,
-)
+from thinkdiff.data.webserver import serve_directory
+from thinkdiff.errors import DataContractError, ThinkDiffError
+from thinkdiff.storage import CORPUS_SCHEMA_VERSION, atomic_write_bytes, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
+DEMO = "demo"
+URL_LIST_FORMATS = ("csv", "csv.gz", "tsv", "tsv.gz", "parquet")
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
     "purple": (140, 60, 180), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
@@ -39,12 +53,20 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = {"small": 0.3, "large": 0.7}
 
 
+class CorpusError(ThinkDiffError):
+    """The url list is unusable, or too many downloads failed."""
+
+
 @dataclass
 class CorpusImage:
     key: str
     image: Image.Image | None
     """None when the bytes could not be decoded; `error` says why."""
     error: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo corpus
 
 
 def render_demo_image(shape: str, colour: str, background: str, size: str, side: int) -> Image.Image:
@@ -65,71 +87,211 @@ def render_demo_image(shape: str, colour: str, background: str, size: str, side:
     return image
 
 
-def demo_items(cfg: CorpusConfig) -> list[tuple[str, Image.Image]]:
-    """`cfg.demo_images` (caption, image) pairs whose captions describe the picture; seeded."""
+def write_demo_site(cfg: CorpusConfig, site_dir: Path) -> list[tuple[str, str]]:
+    """Write the demo images under `site_dir` and return (relative url path, caption) rows.
+
+    `cfg.demo_broken` of the rows are broken on purpose, alternating a missing file (404) and a
+    file that is not an image, so failure accounting is exercised on every demo run.
+    """
     rng = random.Random(cfg.seed)
-    items = []
-    for _ in range(cfg.demo_images):
+    rows = []
+    for i in range(cfg.demo_images):
         shape, size = rng.choice(SHAPES), rng.choice(list(SIZES))
         colour, background = rng.sample(list(COLOURS), 2)
-        caption = f"a {size} {colour} {shape} on a {background} background"
-        items.append((caption, render_demo_image(shape, colour, background, size, cfg.image_size)))
-    return items
+        name = f"images/{i:06d}.jpg"
+        path = site_dir / name
+        if not path.exists():
+            buf = io.BytesIO()
+            render_demo_image(shape, colour, background, size, cfg.image_size).save(buf, format="JPEG", quality=95)
+            atomic_write_bytes(path, buf.getvalue())
+        rows.append((name, f"a {size} {colour} {shape} on a {background} background"))
+    for j in range(cfg.demo_broken):
+        # Spread over the list, so failures land in several shards as they do on the web.
+        at = (j + 1) * len(rows) // (cfg.demo_broken + 1)
+        if j % 2 == 0:
+            rows.insert(at, (f"images/missing-{j}.jpg", "a picture that is not there"))
+        else:
+            name = f"images/corrupt-{j}.jpg"
+            atomic_write_bytes(site_dir / name, b"this is not a jpeg")
+            rows.insert(at, (name, "a picture that does not decode"))
+    return rows
 
 
-def jpeg_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
+# ---------------------------------------------------------------------------------------------
+# Url lists
 
 
-CORPUS_COLUMNS = pa.schema([
-    ("key", pa.string()), ("caption", pa.string()), ("url", pa.string()), ("status", pa.string()),
-    ("error_message", pa.string()), ("width", pa.int64()), ("height", pa.int64()), ("jpg", pa.binary()),
-])
+def check_url_list(path: Path, input_format: str, url_col: str, caption_col: str) -> int:
+    """Validate a url list before any download; returns its number of rows.
+
+    Raises:
+        CorpusError: unsupported format, unreadable file, missing columns, or no rows.
+    """
+    if input_format not in URL_LIST_FORMATS:
+        raise CorpusError(f"corpus.input_format={input_format!r}: use one of {', '.join(URL_LIST_FORMATS)}")
+    if not path.is_file():
+        raise CorpusError(f"corpus.url_list={str(path)!r}: no such file (give a {input_format} file with columns "
+                          f"{url_col!r} and {caption_col!r}, or `demo`)")
+    try:
+        if input_format == "parquet":
+            parquet = pq.ParquetFile(path)
+            columns, rows = parquet.schema_arrow.names, parquet.metadata.num_rows
+        else:
+            parse = pa_csv.ParseOptions(delimiter="\t" if input_format.startswith("tsv") else ",")
+            with pa_csv.open_csv(path, parse_options=parse) as reader:
+                columns = reader.schema.names
+                missing = [c for c in (url_col, caption_col) if c not in columns]
+                rows = 0 if missing else sum(batch.num_rows for batch in reader)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises many types for unreadable input
+        raise CorpusError(f"{path}: cannot be read as {input_format} ({type(err).__name__}: {err})") from err
+    missing = [c for c in (url_col, caption_col) if c not in columns]
+    if missing:
+        raise CorpusError(
+            f"{path}: column(s) {missing} not found; its columns are {columns[:12]}. Set corpus.url_col / "
+            "corpus.caption_col to the names used in the file (a header row is required for csv/tsv)"
+        )
+    if rows == 0:
+        raise CorpusError(f"{path}: the url list has no rows")
+    return rows
 
 
-def build_demo_corpus(cfg: CorpusConfig, out_dir: Path) -> Path:
-    """Write the demo corpus as img2dataset-layout shards into `out_dir` (skipped when complete)."""
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def build_corpus(cfg: CorpusConfig, out_dir: Path) -> Path:
+    """Run the corpus stage into `out_dir` (skipped when its manifest exists); returns `out_dir`.
+
+    Raises:
+        CorpusError: bad url list (before downloading), img2dataset wrote fewer rows than listed,
+            or the success rate is below `min_success_rate`.
+    """
     if read_manifest(out_dir) is not None:
-        log.info("demo corpus %s is complete; skipping", out_dir)
+        log.info("corpus %s is complete; skipping", out_dir)
         return out_dir
-    items = demo_items(cfg)
-    shards = []
-    for shard_index, start in enumerate(range(0, len(items), cfg.shard_size)):
-        chunk = items[start: start + cfg.shard_size]
-        rows = {name: [] for name in CORPUS_COLUMNS.names}
-        for offset, (caption, image) in enumerate(chunk):
-            # img2dataset keys: shard index then position, zero-padded (9 digits for the default layout).
-            rows["key"].append(f"{shard_index:05d}{offset:04d}")
-            rows["caption"].append(caption)
-            rows["url"].append(f"demo://{start + offset}")
-            rows["status"].append("success")
-            rows["error_message"].append(None)
-            rows["width"].append(image.width)
-            rows["height"].append(image.height)
-            rows["jpg"].append(jpeg_bytes(image))
-        name = f"{shard_index:05d}"
-        path = out_dir / f"{name}.parquet"
-        tmp = temp_path_for(path)
-        pq.write_table(pa.table(rows, schema=CORPUS_COLUMNS), tmp)
-        atomic_write_json(out_dir / f"{name}_stats.json", {"count": len(chunk), "successes": len(chunk), "failed_to_download": 0, "failed_to_resize": 0})
-        tmp.replace(path)
-        shards.append({"name": path.name, "count": len(chunk)})
-    write_manifest(out_dir, {"stage": "corpus", "source": "demo", "schema_version": CORPUS_SCHEMA_VERSION, "shards": shards})
-    log.info("demo corpus: %d images in %d shards -> %s", len(items), len(shards), out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.url_list == DEMO:
+        site = out_dir.parent / f"{out_dir.name}.site"
+        rows = write_demo_site(cfg, site)
+        with serve_directory(site) as base_url:
+            url_list = out_dir.parent / f"{out_dir.name}.urls.tsv"
+            lines = ["url\tcaption"] + [f"{base_url}/{name}\t{caption}" for name, caption in rows]
+            atomic_write_bytes(url_list, ("\n".join(lines) + "\n").encode())
+            expected = check_url_list(url_list, "tsv", "url", "caption")
+            run_img2dataset(cfg, url_list, "tsv", "url", "caption", out_dir)
+    else:
+        url_list = Path(cfg.url_list)
+        expected = check_url_list(url_list, cfg.input_format, cfg.url_col, cfg.caption_col)
+        run_img2dataset(cfg, url_list, cfg.input_format, cfg.url_col, cfg.caption_col, out_dir)
+    report = check_shard_stats(out_dir, expected, cfg)
+    write_manifest(out_dir, {
+        "stage": "corpus",
+        "schema_version": CORPUS_SCHEMA_VERSION,
+        "url_list": str(cfg.url_list),
+        "config": cfg.__dict__,
+        **report,
+    })
     return out_dir
 
 
+def img2dataset_args(cfg: CorpusConfig, url_list: Path, input_format: str, url_col: str, caption_col: str, out_dir: Path) -> list[str]:
+    """Every img2dataset argument that matters, explicit (datacomp style)."""
+    args = {
+        "url_list": str(url_list),
+        "input_format": input_format,
+        "url_col": url_col,
+        "caption_col": caption_col,
+        "output_format": "parquet",
+        "output_folder": str(out_dir),
+        "image_size": cfg.image_size,
+        "resize_mode": cfg.resize_mode,
+        "resize_only_if_bigger": False,
+        "encode_format": "jpg",
+        "encode_quality": 95,
+        "number_sample_per_shard": cfg.shard_size,
+        "processes_count": cfg.processes,
+        "thread_count": cfg.threads,
+        "retries": cfg.retries,
+        "timeout": cfg.timeout_s,
+        "incremental_mode": "incremental",
+        "distributor": "multiprocessing",
+        "extract_exif": False,
+        "compute_hash": "sha256",
+        "enable_wandb": False,
+    }
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def run_img2dataset(cfg: CorpusConfig, url_list: Path, input_format: str, url_col: str, caption_col: str, out_dir: Path) -> None:
+    """img2dataset as a subprocess: it installs signal handlers and spawns workers, neither of which
+    is safe inside a Prefect worker thread (STACK.md); its output tail goes to the log."""
+    entry = "import sys; from img2dataset.main import main; sys.exit(main())"
+    command = [sys.executable, "-c", entry, *img2dataset_args(cfg, url_list, input_format, url_col, caption_col, out_dir)]
+    log.info("corpus: img2dataset %s -> %s (%d processes x %d threads)", url_list, out_dir, cfg.processes, cfg.threads)
+    started = time.perf_counter()
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+    log.info("corpus: img2dataset finished in %.1fs (exit %d); output tail:\n%s", time.perf_counter() - started, proc.returncode, tail)
+    if proc.returncode != 0:
+        raise CorpusError(f"img2dataset exited with {proc.returncode} for {url_list}; last output:\n{tail}")
+
+
+def check_shard_stats(out_dir: Path, expected_rows: int, cfg: CorpusConfig) -> dict:
+    """Read every `{shard}_stats.json`, log per-shard failures, and enforce the success rate.
+
+    img2dataset never fails a run for failed shards (and its ray distributor silently writes
+    nothing without ray), so the totals are checked here.
+    """
+    expected_shards = math.ceil(expected_rows / cfg.shard_size)
+    shards, errors, count, successes = [], collections.Counter(), 0, 0
+    for i in range(expected_shards):
+        stats_path = out_dir / f"{i:05d}_stats.json"
+        if not stats_path.is_file() or not (out_dir / f"{i:05d}.parquet").is_file():
+            raise CorpusError(f"{out_dir}: shard {i:05d} is missing (img2dataset wrote no stats for it); rerun the stage to retry it")
+        stats = json.loads(stats_path.read_text())
+        shard_errors = {k: v for k, v in stats.get("status_dict", {}).items() if k != "success"}
+        errors.update(shard_errors)
+        count += stats["count"]
+        successes += stats["successes"]
+        shards.append({
+            "name": f"{i:05d}.parquet",
+            "count": stats["count"],
+            "successes": stats["successes"],
+            "failed_to_download": stats["failed_to_download"],
+            "failed_to_resize": stats["failed_to_resize"],
+            "errors": shard_errors,
+        })
+        if stats["successes"] < stats["count"]:
+            log.warning("corpus: shard %05d: %d/%d images ok; failures: %s", i, stats["successes"], stats["count"], shard_errors)
+    if count != expected_rows:
+        raise CorpusError(f"{out_dir}: img2dataset processed {count} of {expected_rows} listed urls; rerun the stage to finish it")
+    rate = successes / count
+    log.info("corpus: %d/%d images downloaded (%.1f%%) in %d shards", successes, count, 100 * rate, len(shards))
+    if rate < cfg.min_success_rate:
+        worst = sorted(shards, key=lambda s: s["successes"] / max(s["count"], 1))[:5]
+        raise CorpusError(
+            f"{out_dir}: only {successes}/{count} images downloaded ({rate:.1%} < corpus.min_success_rate="
+            f"{cfg.min_success_rate:.0%}). Worst shards: "
+            + ", ".join(f"{s['name']} {s['successes']}/{s['count']}" for s in worst)
+            + ". Main errors: " + "; ".join(f"{k} x{v}" for k, v in errors.most_common(5))
+        )
+    return {"count": count, "successes": successes, "success_rate": rate, "errors": dict(errors.most_common()), "shards": shards}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
 def corpus_shards(corpus_dir: Path) -> list[Path]:
-    """The complete shards of a corpus directory, in order.
+    """The complete shards of a corpus directory (those with a stats file), in order.
 
     Raises:
-        FileNotFoundError: the directory has no shards.
+        FileNotFoundError: the directory has no complete shards.
     """
-    shards = sorted(p for p in corpus_dir.glob("*.parquet") if not p.name.startswith("."))
+    shards = sorted(p for p in corpus_dir.glob("*.parquet") if (corpus_dir / f"{p.stem}_stats.json").is_file())
     if not shards:
-        raise FileNotFoundError(f"{corpus_dir}: no *.parquet corpus shards (img2dataset output_format='parquet')")
+        raise FileNotFoundError(f"{corpus_dir}: no complete corpus shards (img2dataset parquet output with _stats.json)")
     return shards
 
 

@@ -110,7 +110,7 @@ def load_t5(src: ModelSource, *, device: torch.device | None = None) -> T5Parts:
 
 
 def build_tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
-    """A Flan-T5-shaped model (gated-gelu, untied head) with small dims and fixed random weights."""
+    """A Flan-T5-shaped model (gated-gelu, no decoder-output scaling) with small dims and fixed random weights."""
     config = T5Config(
         vocab_size=len(ByT5Tokenizer()),
         d_model=32,

@@ -1,0 +1,96 @@
+"""Covers: url lists are checked before any download (missing columns, empty, unreadable, missing
+file); the demo corpus goes through loopback HTTP + img2dataset with its broken urls counted per
+shard; a user's url list (LAION-style parquet columns) downloads; the stage fails below the
+success rate naming shards and error kinds, and a rerun finishes from the shards already done."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from thinkdiff.data.corpus import (
+    CorpusError,
+    build_corpus,
+    check_url_list,
+    read_corpus_shard,
+    render_demo_image,
+)
+from thinkdiff.data.webserver import serve_directory
+
+
+def test_missing_columns_named_with_fix(tmp_path):
+    path = tmp_path / "urls.tsv"
+    path.write_text("link\ttext\nhttp://x/a.jpg\ta\n")
+    with pytest.raises(CorpusError, match=r"column\(s\) \['url', 'caption'\] not found; its columns are \['link', 'text'\]. Set corpus.url_col"):
+        check_url_list(path, "tsv", "url", "caption")
+
+
+def test_empty_and_unreadable_and_missing_lists(tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("url,caption\n")
+    with pytest.raises(CorpusError, match="has no rows"):
+        check_url_list(empty, "csv", "url", "caption")
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"not parquet")
+    with pytest.raises(CorpusError, match=r"broken.parquet: cannot be read as parquet"):
+        check_url_list(broken, "parquet", "URL", "TEXT")
+    with pytest.raises(CorpusError, match="no such file"):
+        check_url_list(tmp_path / "nope.tsv", "tsv", "url", "caption")
+    with pytest.raises(CorpusError, match="corpus.input_format='txt'"):
+        check_url_list(empty, "txt", "url", "caption")
+
+
+def test_parquet_list_rows_counted(tmp_path):
+    path = tmp_path / "laion.parquet"
+    pq.write_table(pa.table({"URL": ["http://a", "http://b"], "TEXT": ["a", "b"], "similarity": [0.3, 0.4]}), path)
+    assert check_url_list(path, "parquet", "URL", "TEXT") == 2
+
+
+def test_demo_corpus_counts_broken_urls_per_shard(demo_corpus):
+    cfg, corpus_dir = demo_corpus
+    manifest = json.loads((corpus_dir / "manifest.json").read_text())
+    assert (manifest["count"], manifest["successes"]) == (43, 40)
+    assert [s["count"] for s in manifest["shards"]] == [16, 16, 11]
+    assert sum(s["failed_to_download"] for s in manifest["shards"]) == 2
+    assert sum(s["failed_to_resize"] for s in manifest["shards"]) == 1
+    assert any("404" in kind for kind in manifest["errors"])
+    rows = pq.read_table(corpus_dir / "00000.parquet", columns=["key", "caption", "status"]).to_pylist()
+    captions = [r["caption"] for r in rows if r["status"] == "success"]
+    assert all(c.startswith("a ") and c.endswith(" background") for c in captions)
+    images = list(read_corpus_shard(corpus_dir / "00000.parquet"))
+    assert len(images) == sum(r["status"] == "success" for r in rows)
+    assert images[0].image.size == (cfg.corpus.image_size, cfg.corpus.image_size)
+
+
+def test_user_url_list_with_failures_then_resume(make_cfg, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    for i in range(6):
+        render_demo_image("circle", "red", "blue", "large", 64).save(site / f"{i}.jpg")
+    (site / "bad.jpg").write_bytes(b"\x00\x01 not an image")
+    cfg = make_cfg("corpus.input_format=parquet", "corpus.url_col=URL", "corpus.caption_col=TEXT",
+                   "corpus.shard_size=3", "corpus.min_success_rate=0.9").corpus
+    out = tmp_path / "corpus"
+    with serve_directory(site) as base:
+        urls = [f"{base}/{i}.jpg" for i in range(6)] + [f"{base}/missing.jpg", f"{base}/bad.jpg", "http://127.0.0.1:9/refused.jpg"]
+        url_list = tmp_path / "laion.parquet"
+        pq.write_table(pa.table({"URL": urls, "TEXT": [f"caption {i}" for i in range(len(urls))]}), url_list)
+        cfg.url_list = str(url_list)
+        with pytest.raises(CorpusError) as err:
+            build_corpus(cfg, out)
+        message = str(err.value)
+        assert "6/9 images downloaded (66.7% < corpus.min_success_rate=90%)" in message
+        assert "00002.parquet 0/3" in message and "404" in message and "Image decoding error" in message
+        assert not (out / "manifest.json").exists()
+        # A lower bar accepts the same shards without downloading them again.
+        stamp = (out / "00000_stats.json").stat().st_mtime_ns
+        cfg.min_success_rate = 0.5
+        build_corpus(cfg, out)
+    assert (out / "00000_stats.json").stat().st_mtime_ns == stamp
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["successes"] == 6 and manifest["shards"][2]["failed_to_download"] == 2
+    captions = pq.read_table(out / "00001.parquet", columns=["caption"]).column("caption").to_pylist()
+    assert sorted(captions) == ["caption 3", "caption 4", "caption 5"]  # rows land in completion order
