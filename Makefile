@@ -18,8 +18,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip uninstall -y -q dataclasses
 	touch $@
 
+# The whole pipeline as a Prefect flow (a temporary Prefect server starts and stops with it).
 demo: setup
-	HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1 $(BIN)/thinkdiff run --config tiny
+	HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false \
+		$(BIN)/python -m flows.pipeline --config tiny
 
 test: setup
 	$(BIN)/ruff check thinkdiff tasks flows tests

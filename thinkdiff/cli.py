@@ -1,6 +1,6 @@
 """Command line: `thinkdiff <command> --config PRESET_OR_YAML [section.key=value ...]`.
 
-    thinkdiff run --config tiny                 # corpus -> features -> train, offline on CPU
+    thinkdiff corpus --config tiny              # download the url list (tiny: the loopback demo)
     thinkdiff features --config tiny            # caption + cache VLM states (resumable)
     thinkdiff train --config tiny               # train the aligner (resumes from the newest checkpoint)
     thinkdiff config --config paper-lvlm        # print the resolved, validated config
@@ -41,13 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", type=Path, help="img2dataset parquet output dir (default: the config's corpus stage dir)")
     p.add_argument("--out", type=Path, help="feature store dir (default: {paths.root}/features/{fingerprint})")
 
-    p = sub.add_parser("train", help="train the aligner from a feature store (resumes from the newest checkpoint)")
+    p = sub.add_parser("train", help="train the aligner in this process (resumes from the newest checkpoint)")
     _add_config_args(p)
     p.add_argument("--features", type=Path, help="feature store dir (default: the config's features stage dir)")
     p.add_argument("--out", type=Path, help="run dir (default: {paths.root}/train/{fingerprint})")
-
-    p = sub.add_parser("run", help="corpus -> features -> train, each stage skipped when already complete")
-    _add_config_args(p)
 
     p = sub.add_parser("aligner", help="aligner checkpoint tools")
     aligner_sub = p.add_subparsers(dest="aligner_command", required=True, metavar="ACTION")
@@ -91,9 +88,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "train":
         result = pipeline.train_aligner(cfg, features_dir=args.features, run_dir=args.out)
         print(result.aligner_dir)
-    elif args.command == "run":
-        outputs = pipeline.run_all(cfg)
-        print("\n".join(f"{name:>9}: {path}" for name, path in outputs.items()))
     return 0
 
 

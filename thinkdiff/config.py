@@ -148,6 +148,10 @@ class TrainConfig:
     """Log loss, learning rate and throughput every this many steps."""
     seed: int
     """Seed of aligner init, data order and masked splits."""
+    num_processes: int
+    """Processes `accelerate launch` starts on this machine (one per GPU; 1 on CPU)."""
+    launch_args: list[str]
+    """Extra `accelerate launch` flags, e.g. for several nodes (--num_machines, --machine_rank, ...)."""
 
 
 @dataclass(kw_only=True)
@@ -228,6 +232,7 @@ class RunConfig:
         need(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "use at least 1")
         need(t.keep_last >= 1, "train.keep_last", t.keep_last, "use at least 1 (the latest checkpoint is needed to resume)")
         need(t.log_every >= 1, "train.log_every", t.log_every, "use at least 1")
+        need(t.num_processes >= 1, "train.num_processes", t.num_processes, "use at least 1")
         if problems:
             raise ConfigError(f"invalid config (preset {self.preset!r}):\n  " + "\n  ".join(problems))
         return self

@@ -13,7 +13,7 @@ from thinkdiff.cli import main
 
 def test_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "thinkdiff", "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("run", "corpus", "features", "train", "config", "aligner"):
+    for command in ("corpus", "features", "train", "config", "aligner"):
         assert command in out
 
 

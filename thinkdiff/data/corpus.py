@@ -57,6 +57,10 @@ class CorpusError(ThinkDiffError):
     """The url list is unusable, or too many downloads failed."""
 
 
+class IncompleteDownloadError(CorpusError):
+    """img2dataset stopped before writing every shard; a rerun continues where it stopped."""
+
+
 @dataclass
 class CorpusImage:
     key: str
@@ -234,7 +238,7 @@ def run_img2dataset(cfg: CorpusConfig, url_list: Path, input_format: str, url_co
     tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
     log.info("corpus: img2dataset finished in %.1fs (exit %d); output tail:\n%s", time.perf_counter() - started, proc.returncode, tail)
     if proc.returncode != 0:
-        raise CorpusError(f"img2dataset exited with {proc.returncode} for {url_list}; last output:\n{tail}")
+        raise IncompleteDownloadError(f"img2dataset exited with {proc.returncode} for {url_list}; last output:\n{tail}")
 
 
 def check_shard_stats(out_dir: Path, expected_rows: int, cfg: CorpusConfig) -> dict:
@@ -248,7 +252,7 @@ def check_shard_stats(out_dir: Path, expected_rows: int, cfg: CorpusConfig) -> d
     for i in range(expected_shards):
         stats_path = out_dir / f"{i:05d}_stats.json"
         if not stats_path.is_file() or not (out_dir / f"{i:05d}.parquet").is_file():
-            raise CorpusError(f"{out_dir}: shard {i:05d} is missing (img2dataset wrote no stats for it); rerun the stage to retry it")
+            raise IncompleteDownloadError(f"{out_dir}: shard {i:05d} is missing (img2dataset wrote no stats for it); rerun the stage to retry it")
         stats = json.loads(stats_path.read_text())
         shard_errors = {k: v for k, v in stats.get("status_dict", {}).items() if k != "success"}
         errors.update(shard_errors)
@@ -265,7 +269,7 @@ def check_shard_stats(out_dir: Path, expected_rows: int, cfg: CorpusConfig) -> d
         if stats["successes"] < stats["count"]:
             log.warning("corpus: shard %05d: %d/%d images ok; failures: %s", i, stats["successes"], stats["count"], shard_errors)
     if count != expected_rows:
-        raise CorpusError(f"{out_dir}: img2dataset processed {count} of {expected_rows} listed urls; rerun the stage to finish it")
+        raise IncompleteDownloadError(f"{out_dir}: img2dataset processed {count} of {expected_rows} listed urls; rerun the stage to finish it")
     rate = successes / count
     log.info("corpus: %d/%d images downloaded (%.1f%%) in %d shards", successes, count, 100 * rate, len(shards))
     if rate < cfg.min_success_rate:

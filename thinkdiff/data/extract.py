@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -26,8 +27,10 @@ from thinkdiff.data.features import (
     FeatureRecord,
     FeatureStoreInfo,
     read_shard_failures,
+    read_shard_info,
     write_feature_shard,
 )
+from thinkdiff.errors import DataContractError
 from thinkdiff.models.vlm import VLM, encode_chat, generate_with_states, load_vlm
 from thinkdiff.storage import (
     FEATURES_SCHEMA_VERSION,
@@ -71,11 +74,13 @@ def extract_shard(cfg: RunConfig, vlm: VLM, corpus_shard: Path, out_path: Path, 
 
     def flush(batch_index: int) -> None:
         instructions = [pick_instruction(f.instructions, f.seed, item.key) for item in pending]
-        batch = encode_chat(vlm, [[item.image, ins] for item, ins in zip(pending, instructions, strict=True)], f.system_prompt)
         seed = zlib.crc32(f"{f.seed}:{corpus_shard.name}:{batch_index}".encode())
-        samples = generate_with_states(
-            vlm, batch, max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_p=f.top_p, seed=seed
-        )
+        # One generation at a time per process: the model is shared, and seeding uses the global RNG.
+        with _GENERATE_LOCK:
+            batch = encode_chat(vlm, [[item.image, ins] for item, ins in zip(pending, instructions, strict=True)], f.system_prompt)
+            samples = generate_with_states(
+                vlm, batch, max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_p=f.top_p, seed=seed
+            )
         for item, instruction, sample in zip(pending, instructions, samples, strict=True):
             records.append(FeatureRecord(
                 key=item.key,
@@ -103,38 +108,47 @@ def extract_shard(cfg: RunConfig, vlm: VLM, corpus_shard: Path, out_path: Path, 
     return write_feature_shard(out_path, records, info, failures)
 
 
-def extract_features(cfg: RunConfig, corpus_dir: Path, out_dir: Path, vlm: VLM | None = None) -> Path:
-    """Run the features stage over every corpus shard into `out_dir`; returns `out_dir`.
+def pending_feature_shards(corpus_dir: Path, out_dir: Path) -> list[Path]:
+    """Corpus shards whose feature shard does not exist yet ([] when the stage is complete)."""
+    if read_manifest(out_dir) is not None:
+        return []
+    return [s for s in corpus_shards(corpus_dir) if not feature_shard_path(out_dir, s).exists()]
 
-    Skipped entirely when `out_dir/manifest.json` exists; otherwise only missing shards are computed.
+
+def extract_feature_shard(cfg: RunConfig, corpus_shard: Path, out_dir: Path, progress: tqdm | None = None) -> Path:
+    """One corpus shard -> one feature shard (skipped when it exists). Safe to call from several
+    threads: the VLM is loaded once per process and generation is serialised on it."""
+    out_path = feature_shard_path(out_dir, corpus_shard)
+    if out_path.exists():
+        return out_path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    path = extract_shard(cfg, shared_vlm(cfg), corpus_shard, out_path, progress)
+    log.info("features: wrote %s in %.1fs", path.name, time.perf_counter() - started)
+    return path
+
+
+def finalize_features(cfg: RunConfig, corpus_dir: Path, out_dir: Path) -> Path:
+    """Write the manifest once every corpus shard has its feature shard; returns `out_dir`.
+
+    Raises:
+        DataContractError: a feature shard is missing, or shards disagree on model, dim or dtype.
     """
     if read_manifest(out_dir) is not None:
-        log.info("features %s are complete; skipping", out_dir)
         return out_dir
-    shards = corpus_shards(corpus_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(out_dir)
-    todo = [s for s in shards if not feature_shard_path(out_dir, s).exists()]
-    log.info("features: %d of %d corpus shards to extract -> %s", len(todo), len(shards), out_dir)
-    vlm = vlm or load_vlm(cfg.models.vlm, min_pixels=cfg.features.min_pixels, max_pixels=cfg.features.max_pixels)
-    info = store_info(cfg, vlm)
-    total = sum(_count_rows(s) for s in todo)
-    with tqdm(total=total, desc="features", unit="img", dynamic_ncols=True) as progress:
-        for shard in todo:
-            started = time.perf_counter()
-            path = extract_shard(cfg, vlm, shard, feature_shard_path(out_dir, shard), progress)
-            rate = progress.n / max(progress.format_dict["elapsed"], 1e-9)
-            eta = (total - progress.n) / max(rate, 1e-9)
-            log.info("features: wrote %s in %.1fs (%.1f img/s overall, ETA %.0fs)", path.name, time.perf_counter() - started, rate, eta)
-    entries = []
-    for shard in shards:
-        path = feature_shard_path(out_dir, shard)
-        entries.append({"name": path.name, "num_samples": _count_rows(path), "num_failed": len(read_shard_failures(path))})
+    shards = [feature_shard_path(out_dir, s) for s in corpus_shards(corpus_dir)]
+    missing = [p.name for p in shards if not p.exists()]
+    if missing:
+        raise DataContractError(f"{out_dir}: feature shards {missing[:5]} are missing; rerun the features stage to make them")
+    infos = {read_shard_info(p) for p in shards}
+    if len(infos) != 1:
+        raise DataContractError(f"{out_dir}: shards were made with different settings: {sorted(map(str, infos))}; delete the odd ones")
+    entries = [{"name": p.name, "num_samples": pq.ParquetFile(p).metadata.num_rows, "num_failed": len(read_shard_failures(p))} for p in shards]
     write_manifest(out_dir, {
         "stage": "features",
         "fingerprint": features_fingerprint(cfg),
         "corpus_dir": str(corpus_dir),
-        "info": info.__dict__,
+        "info": infos.pop().__dict__,
         "config": {"features": cfg.features.__dict__, "vlm": cfg.models.vlm.__dict__},
         "shards": entries,
     })
@@ -143,5 +157,37 @@ def extract_features(cfg: RunConfig, corpus_dir: Path, out_dir: Path, vlm: VLM |
     return out_dir
 
 
-def _count_rows(parquet_path: Path) -> int:
-    return pq.ParquetFile(parquet_path).metadata.num_rows
+def extract_features(cfg: RunConfig, corpus_dir: Path, out_dir: Path) -> Path:
+    """The whole features stage in this process: every missing shard, then the manifest.
+
+    Skipped entirely when `out_dir/manifest.json` exists; a killed run resumes at the missing shards.
+    """
+    if read_manifest(out_dir) is not None:
+        log.info("features %s are complete; skipping", out_dir)
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out_dir)
+    todo = pending_feature_shards(corpus_dir, out_dir)
+    log.info("features: %d corpus shards to extract -> %s", len(todo), out_dir)
+    total = sum(pq.ParquetFile(s).metadata.num_rows for s in todo)
+    with tqdm(total=total, desc="features", unit="img", dynamic_ncols=True, disable=None) as progress:
+        for shard in todo:
+            extract_feature_shard(cfg, shard, out_dir, progress)
+            rate = progress.n / max(progress.format_dict["elapsed"], 1e-9)
+            log.info("features: %d/%d images, %.1f img/s, ETA %.0fs", progress.n, total, rate, (total - progress.n) / max(rate, 1e-9))
+    return finalize_features(cfg, corpus_dir, out_dir)
+
+
+_VLMS: dict[tuple, VLM] = {}
+_VLM_LOCK = threading.Lock()
+_GENERATE_LOCK = threading.Lock()
+
+
+def shared_vlm(cfg: RunConfig) -> VLM:
+    """The VLM of `cfg`, loaded once per process (mapped shard tasks share it)."""
+    f, src = cfg.features, cfg.models.vlm
+    key = (src.id, src.revision, src.dtype, f.min_pixels, f.max_pixels)
+    with _VLM_LOCK:
+        if key not in _VLMS:
+            _VLMS[key] = load_vlm(src, min_pixels=f.min_pixels, max_pixels=f.max_pixels)
+        return _VLMS[key]

@@ -155,7 +155,8 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
     window_start = time.perf_counter()
     loss_value = None
     aligner.train()
-    progress = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    # Bars only on a terminal (disable=None); logs and pipes get the periodic log line with rate and ETA.
+    progress = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=None if accelerator.is_main_process else True, dynamic_ncols=True)
     log.info("training %s: step %d -> %d, batch %d x %d processes, %d samples in store", run_dir, step, target_step, t.batch_size, world, store.num_samples)
     while step < target_step:
         # Every process draws the same global batch and keeps its own slice: the order does not

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from flows import run_from_command_line
+from flows.build_corpus import build_corpus_flow
+from flows.cache_features import cache_features_flow
+from flows.train_aligner import train_aligner_flow
+
+
+@flow(name="thinkdiff-pipeline")
+def thinkdiff_pipeline_flow(config: str = "tiny", overrides: list[str] | None = None) -> dict[str, str]:
+    """corpus -> features -> train; every stage is skipped when its output is already complete."""
+    corpus_dir = build_corpus_flow(config, overrides)
+    features_dir = cache_features_flow(config, overrides, corpus_dir)
+    checkpoint = train_aligner_flow(config, overrides, features_dir)
+    return {
+        "corpus": corpus_dir,
+        "features": features_dir,
+        "checkpoint": checkpoint,
+        "aligner": str(Path(checkpoint) / "aligner"),
+        "loss curve": str(Path(checkpoint).parents[1] / "loss_curve.png"),
+    }
+
+
+if __name__ == "__main__":
+    run_from_command_line(thinkdiff_pipeline_flow, "python -m flows.pipeline")

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from thinkdiff import pipeline
+from thinkdiff.config import load_config
+
+
+@task(name="plan-feature-shards")
+def plan_feature_shards_task(config: str, overrides: list[str], corpus_dir: str | None) -> list[str]:
+    cfg = load_config(config, overrides)
+    return [str(p) for p in pipeline.pending_feature_shards(cfg, Path(corpus_dir) if corpus_dir else None)]
+
+
+@task(name="extract-feature-shard", tags=["gpu"], timeout_seconds=6 * 3600)
+def extract_feature_shard_task(config: str, overrides: list[str], corpus_shard: str) -> str:
+    return str(pipeline.extract_feature_shard(load_config(config, overrides), Path(corpus_shard)))
+
+
+@task(name="finalize-features")
+def finalize_features_task(config: str, overrides: list[str], corpus_dir: str | None) -> str:
+    cfg = load_config(config, overrides)
+    return str(pipeline.finalize_features(cfg, Path(corpus_dir) if corpus_dir else None))
