@@ -12,16 +12,17 @@ from flows.train_aligner import train_aligner_flow
 
 @flow(name="thinkdiff-pipeline")
 def thinkdiff_pipeline_flow(config: str = "tiny", overrides: list[str] | None = None) -> dict[str, str]:
-    """corpus -> features -> train; every stage is skipped when its output is already complete."""
+    """corpus -> features -> train -> register; every stage is skipped when its output is complete."""
     corpus_dir = build_corpus_flow(config, overrides)
     features_dir = cache_features_flow(config, overrides, corpus_dir)
-    checkpoint = train_aligner_flow(config, overrides, features_dir)
+    trained = train_aligner_flow(config, overrides, features_dir)
     return {
         "corpus": corpus_dir,
         "features": features_dir,
-        "checkpoint": checkpoint,
-        "aligner": str(Path(checkpoint) / "aligner"),
-        "loss curve": str(Path(checkpoint).parents[1] / "loss_curve.png"),
+        "checkpoint": trained["checkpoint"],
+        "aligner": str(Path(trained["checkpoint"]) / "aligner"),
+        "loss curve": str(Path(trained["checkpoint"]).parents[1] / "loss_curve.png"),
+        "model": trained["model"],
     }
 
 

@@ -3,13 +3,22 @@ from __future__ import annotations
 from prefect import flow
 
 from flows import run_from_command_line
+from flows.cache_features import cache_features_flow
+from tasks.registry import register_checkpoint_task
 from tasks.train import train_aligner_task
 
 
 @flow(name="train-aligner")
-def train_aligner_flow(config: str = "tiny", overrides: list[str] | None = None, features_dir: str | None = None) -> str:
-    """Train the aligner through `accelerate launch`; returns the final checkpoint directory."""
-    return train_aligner_task(config, overrides or [], features_dir)
+def train_aligner_flow(config: str = "tiny", overrides: list[str] | None = None, features_dir: str | None = None) -> dict[str, str]:
+    """Train the aligner through `accelerate launch` and register it in MLflow as a `candidate`.
+
+    Without `features_dir`, the cache-features flow runs first (a no-op when its output is complete).
+    """
+    overrides = overrides or []
+    features_dir = features_dir or cache_features_flow(config, overrides)
+    checkpoint = train_aligner_task(config, overrides, features_dir)
+    model = register_checkpoint_task(config, overrides, wait_for=[checkpoint])
+    return {"checkpoint": checkpoint, "model": model}
 
 
 if __name__ == "__main__":

@@ -3,7 +3,16 @@ returns something small (a path as a string, a list of paths)."""
 
 import logging
 
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.handlers import APILogHandler
+
+
+class _InsideRunsOnly(logging.Filter):
+    """The same library also runs outside flows (CLI, tests); only run-time records go to the API."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
 
 # Library log lines (logger "thinkdiff", which never imports Prefect) go to the Prefect run logs.
 # Attached here rather than through PREFECT_LOGGING_EXTRA_LOGGERS, which only works when set
@@ -11,4 +20,6 @@ from prefect.logging.handlers import APILogHandler
 _library_logger = logging.getLogger("thinkdiff")
 _library_logger.setLevel(logging.INFO)
 if not any(isinstance(h, APILogHandler) for h in _library_logger.handlers):
-    _library_logger.addHandler(APILogHandler())
+    _handler = APILogHandler()
+    _handler.addFilter(_InsideRunsOnly())
+    _library_logger.addHandler(_handler)

@@ -4,6 +4,8 @@
     thinkdiff features --config tiny            # caption + cache VLM states (resumable)
     thinkdiff train --config tiny               # train the aligner (resumes from the newest checkpoint)
     thinkdiff config --config paper-lvlm        # print the resolved, validated config
+    thinkdiff registry register --config tiny   # log the finished run to MLflow, register the aligner
+    thinkdiff registry promote --config tiny --version candidate
     thinkdiff aligner import-official IN.pth OUT_DIR
 """
 
@@ -46,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", type=Path, help="feature store dir (default: the config's features stage dir)")
     p.add_argument("--out", type=Path, help="run dir (default: {paths.root}/train/{fingerprint})")
 
+    p = sub.add_parser("registry", help="MLflow: log + register a finished training run, promote a version")
+    registry_sub = p.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
+    q = registry_sub.add_parser("register", help="log the config's finished training run and register its aligner (idempotent)")
+    _add_config_args(q)
+    q = registry_sub.add_parser("promote", help="point the `champion` alias at a version")
+    _add_config_args(q)
+    q.add_argument("--version", required=True, help="a version number or an alias (e.g. candidate)")
+    q.add_argument("--reason", default="manual promotion", help="recorded on the version")
+
     p = sub.add_parser("aligner", help="aligner checkpoint tools")
     aligner_sub = p.add_subparsers(dest="aligner_command", required=True, metavar="ACTION")
     q = aligner_sub.add_parser("import-official", help="convert the released .pth aligner to config.json + model.safetensors")
@@ -85,6 +96,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(pipeline.build_corpus(cfg))
     elif args.command == "features":
         print(pipeline.extract_features(cfg, corpus_dir=args.corpus, out_dir=args.out))
+    elif args.command == "registry" and args.registry_command == "register":
+        print(pipeline.register_checkpoint(cfg).uri)
+    elif args.command == "registry" and args.registry_command == "promote":
+        print(pipeline.promote(cfg, args.version, args.reason).uri)
     elif args.command == "train":
         result = pipeline.train_aligner(cfg, features_dir=args.features, run_dir=args.out)
         print(result.aligner_dir)

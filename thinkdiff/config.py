@@ -85,7 +85,7 @@ class CorpusConfig:
     demo_images: int
     """`demo` only: number of generated images (coloured shapes whose captions describe them)."""
     demo_broken: int
-    """`demo` only: extra urls that are broken on purpose (alternately 404 and not-an-image)."""
+    """`demo` only: extra urls that are broken on purpose (alternately 404 and a corrupt JPEG)."""
     seed: int
     """`demo` only: seed of the generator."""
 
@@ -155,6 +155,16 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class TrackingConfig:
+    uri: str
+    """MLflow tracking + registry URI; empty: $MLFLOW_TRACKING_URI, else sqlite:///{paths.root}/mlflow.db."""
+    experiment: str
+    """MLflow experiment of the training runs."""
+    registered_model: str
+    """Registered model name of the aligner versions."""
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     preset: str
     """Name of the preset this config came from (informational)."""
@@ -163,6 +173,7 @@ class RunConfig:
     corpus: CorpusConfig
     features: FeaturesConfig
     train: TrainConfig
+    tracking: TrackingConfig
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -233,6 +244,9 @@ class RunConfig:
         need(t.keep_last >= 1, "train.keep_last", t.keep_last, "use at least 1 (the latest checkpoint is needed to resume)")
         need(t.log_every >= 1, "train.log_every", t.log_every, "use at least 1")
         need(t.num_processes >= 1, "train.num_processes", t.num_processes, "use at least 1")
+        need(bool(self.tracking.experiment.strip()), "tracking.experiment", self.tracking.experiment, "name an MLflow experiment")
+        need(bool(self.tracking.registered_model.strip()), "tracking.registered_model", self.tracking.registered_model,
+             "name the registered model (default thinkdiff-aligner)")
         if problems:
             raise ConfigError(f"invalid config (preset {self.preset!r}):\n  " + "\n  ".join(problems))
         return self

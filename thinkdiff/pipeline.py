@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from thinkdiff import registry
 from thinkdiff.config import RunConfig
 from thinkdiff.data import corpus, extract
 from thinkdiff.storage import read_manifest, stage_dir
@@ -55,3 +56,12 @@ def train_aligner(cfg: RunConfig, features_dir: Path | None = None, run_dir: Pat
 def launch_training(cfg: RunConfig, features_dir: Path | None = None) -> Path:
     """Train through `accelerate launch` subprocesses; returns the final checkpoint directory."""
     return launch.launch_training(cfg, features_dir or stage_dir(cfg, "features"), stage_dir(cfg, "train"))
+
+
+def register_checkpoint(cfg: RunConfig) -> registry.ModelVersionRef:
+    """Log the finished training run of `cfg` to MLflow and register its aligner (idempotent)."""
+    return registry.register_checkpoint(cfg, stage_dir(cfg, "train"))
+
+
+def promote(cfg: RunConfig, version: str, reason: str = "manual promotion") -> registry.ModelVersionRef:
+    return registry.promote(cfg, version, reason)

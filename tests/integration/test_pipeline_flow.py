@@ -60,6 +60,8 @@ def test_pipeline_flow_end_to_end_then_skipped(prefect_harness, tmp_path):
     meta = read_meta(checkpoint)
     assert meta["features_dir"] == out["features"] and meta["config"]["train"]["max_steps"] == 30
     assert (checkpoint.parents[1] / "config.yaml").is_file() and Path(out["loss curve"]).is_file()
+    # Registered in the local MLflow store as the candidate.
+    assert out["model"] == "models:/thinkdiff-aligner-tiny/1"
 
     # Library log lines reach the Prefect run logs (sent in batches: flush, then poll briefly).
     wanted = {"thinkdiff.data.corpus", "thinkdiff.data.extract", "thinkdiff.train.launch"}

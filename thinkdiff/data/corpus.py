@@ -95,7 +95,7 @@ def write_demo_site(cfg: CorpusConfig, site_dir: Path) -> list[tuple[str, str]]:
     """Write the demo images under `site_dir` and return (relative url path, caption) rows.
 
     `cfg.demo_broken` of the rows are broken on purpose, alternating a missing file (404) and a
-    file that is not an image, so failure accounting is exercised on every demo run.
+    corrupt JPEG, so failure accounting is exercised on every demo run.
     """
     rng = random.Random(cfg.seed)
     rows = []
@@ -116,7 +116,8 @@ def write_demo_site(cfg: CorpusConfig, site_dir: Path) -> list[tuple[str, str]]:
             rows.insert(at, (f"images/missing-{j}.jpg", "a picture that is not there"))
         else:
             name = f"images/corrupt-{j}.jpg"
-            atomic_write_bytes(site_dir / name, b"this is not a jpeg")
+            # A JPEG signature over garbage: served as image/jpeg, fails to decode.
+            atomic_write_bytes(site_dir / name, b"\xff\xd8\xff\xe0" + random.Random(j).randbytes(2048))
             rows.insert(at, (name, "a picture that does not decode"))
     return rows
 
@@ -273,7 +274,8 @@ def check_shard_stats(out_dir: Path, expected_rows: int, cfg: CorpusConfig) -> d
     rate = successes / count
     log.info("corpus: %d/%d images downloaded (%.1f%%) in %d shards", successes, count, 100 * rate, len(shards))
     if rate < cfg.min_success_rate:
-        worst = sorted(shards, key=lambda s: s["successes"] / max(s["count"], 1))[:5]
+        failing = [s for s in shards if s["successes"] < s["count"]]
+        worst = sorted(failing, key=lambda s: s["successes"] / max(s["count"], 1))[:5]
         raise CorpusError(
             f"{out_dir}: only {successes}/{count} images downloaded ({rate:.1%} < corpus.min_success_rate="
             f"{cfg.min_success_rate:.0%}). Worst shards: "

@@ -181,6 +181,7 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
             loss_value = window_loss / window_steps
             record = {
                 "step": step,
+                "time": time.time(),
                 "loss": loss_value,
                 "lr": scheduler.get_last_lr()[0],
                 "samples_per_s": window_samples / elapsed,

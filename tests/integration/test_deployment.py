@@ -1,0 +1,108 @@
+"""Covers: the README's deployment path against real servers on 127.0.0.1: `prefect server start`,
+work pools, `prefect deploy --all` from flows/prefect.yaml, a process worker, and
+`prefect deployment run train-aligner/train-aligner` on the tiny preset; then, through MLflow's own
+client, the training run, its metrics and a registered version with the `candidate` alias that
+loads back into an Aligner. Worker and server are stopped by PID, also when the test fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from thinkdiff import registry
+from thinkdiff.config import load_config
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} not healthy after {timeout_s}s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group, SIGKILL it if it lingers."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_train_aligner_deployment_registers_a_candidate(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "HF_HUB_OFFLINE": "1"}
+    server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    root = tmp_path / "data"
+    started: list[subprocess.Popen] = []
+
+    def prefect(*args: str) -> subprocess.CompletedProcess:
+        result = subprocess.run([PREFECT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        return result
+
+    try:
+        started.append(subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                        env=server_env, cwd=tmp_path, start_new_session=True,
+                                        stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT))
+        wait_healthy(f"http://127.0.0.1:{port}/api/health", 120)
+        prefect("work-pool", "create", "thinkdiff-process", "--type", "process")
+        prefect("work-pool", "create", "thinkdiff-gpu", "--type", "process")
+        deployed = prefect("--no-prompt", "deploy", "--all", "--prefect-file", "flows/prefect.yaml")
+        for name in ("build-corpus/build-corpus", "cache-features/cache-features", "train-aligner/train-aligner",
+                     "thinkdiff-pipeline/thinkdiff-pipeline", "train-aligner/paper-lvlm"):
+            assert f"'{name}'" in deployed.stdout
+        started.append(subprocess.Popen([PREFECT, "worker", "start", "--pool", "thinkdiff-process", "--limit", "1"],
+                                        env=env, cwd=REPO, start_new_session=True,
+                                        stdout=open(tmp_path / "worker.log", "w"), stderr=subprocess.STDOUT))
+        params = {"overrides": [f"paths.root={root}", "corpus.demo_images=24", "corpus.shard_size=12", "corpus.min_success_rate=0.8",
+                                "train.max_steps=12", "train.warmup_steps=2", "train.log_every=4"]}
+        run = prefect("deployment", "run", "train-aligner/train-aligner", "--params", json.dumps(params),
+                      "--watch", "--watch-timeout", "800")
+        assert "Completed" in run.stdout
+    finally:
+        for proc in reversed(started):  # the worker before the server
+            stop(proc)
+
+    cfg = load_config("tiny", params["overrides"])
+    uri = registry.tracking_uri(cfg)
+    assert uri == f"sqlite:///{root.resolve() / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    (mlflow_run,) = client.search_runs([experiment.experiment_id])
+    assert mlflow_run.info.status == "FINISHED" and mlflow_run.data.params["train.max_steps"] == "12"
+    assert [m.step for m in client.get_metric_history(mlflow_run.info.run_id, "loss")] == [4, 8, 12]
+    version = client.get_model_version_by_alias(cfg.tracking.registered_model, "candidate")
+    assert version.run_id == mlflow_run.info.run_id
+    aligner = registry.load_aligner(f"models:/{cfg.tracking.registered_model}@candidate", cfg)
+    assert aligner.config.in_dim == 64 and aligner.config.out_dim == 32

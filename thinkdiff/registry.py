@@ -1,0 +1,285 @@
+"""MLflow tracking and model registry: the only module that imports mlflow.
+
+    thinkdiff registry register --config tiny          # log the finished run + register its aligner
+    thinkdiff registry promote --config tiny --version candidate
+
+A finished training run directory (checkpoints, metrics.jsonl, loss_curve.png, manifest.json) is
+logged as one MLflow run after the fact, with the original step numbers and timestamps, so a
+tracking server that is down during training costs nothing: the checkpoint is on disk and
+registration is retried later, never retraining. Logging and registering are idempotent: the run
+is found again by its training fingerprint and the model version by the aligner's sha256.
+
+Aliases: every new version gets `candidate`; `champion` moves only through `promote`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from thinkdiff.config import RunConfig
+from thinkdiff.errors import ThinkDiffError
+from thinkdiff.models.aligner import WEIGHTS_NAME, Aligner
+from thinkdiff.storage import corpus_fingerprint, read_manifest
+
+log = logging.getLogger(__name__)
+
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+TAG_TRAIN_FP = "thinkdiff.train_fingerprint"
+TAG_FEATURES_FP = "thinkdiff.features_fingerprint"
+TAG_CORPUS_FP = "thinkdiff.corpus_fingerprint"
+TAG_ALIGNER_SHA = "thinkdiff.aligner_sha256"
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+
+
+class TrackingUnavailableError(ThinkDiffError):
+    """The MLflow tracking server cannot be reached; nothing was lost, retry registration later."""
+
+
+class RegistryError(ThinkDiffError):
+    """A registry request names a model, version or alias that does not exist."""
+
+
+@dataclass(frozen=True)
+class ModelVersionRef:
+    name: str
+    version: str
+    run_id: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def tracking_uri(cfg: RunConfig) -> str:
+    """`tracking.uri`, else $MLFLOW_TRACKING_URI, else a sqlite store under `paths.root`."""
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = Path(cfg.paths.root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def redact(uri: str) -> str:
+    """The URI without credentials, for messages and logs."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return uri
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, naming the URI, when an HTTP tracking server does not answer its health check."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except (urllib.error.URLError, OSError) as err:
+        problem = str(getattr(err, "reason", err))
+    raise TrackingUnavailableError(
+        f"MLflow tracking server {redact(uri)} is unreachable ({problem}). Checkpoints are kept; once it is up, "
+        "rerun registration (`thinkdiff registry register --config ...` or the train-aligner flow): nothing retrains"
+    )
+
+
+def _client(cfg: RunConfig):
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(cfg)
+    check_reachable(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+
+
+def _experiment_id(client, cfg: RunConfig, uri: str) -> str:
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    # A local store keeps artifacts beside its database; a server decides for itself.
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"train.lr": "0.0001", ...} (MLflow params)."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, list) else str(value)
+    return flat
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def log_training_run(cfg: RunConfig, run_dir: Path) -> str:
+    """Log a finished training run directory as one MLflow run (once); returns the run id.
+
+    Raises:
+        FileNotFoundError: the run has not finished (no manifest.json).
+        TrackingUnavailableError: an HTTP tracking server does not answer.
+    """
+    from mlflow.entities import Metric, Param
+
+    manifest = read_manifest(run_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"{run_dir}/manifest.json not found: the training run has not finished; train first")
+    client, uri = _client(cfg)
+    experiment_id = _experiment_id(client, cfg, uri)
+    fingerprint = manifest["train_fingerprint"]
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{TAG_TRAIN_FP}` = '{fingerprint}' and attributes.status = 'FINISHED'", max_results=1
+    )
+    if found:
+        log.info("training run %s is already logged as MLflow run %s", run_dir, found[0].info.run_id)
+        return found[0].info.run_id
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    now_ms = int(time.time() * 1000)
+    start_ms = int(records[0]["time"] * 1000) if records else now_ms
+    tags = {
+        "mlflow.runName": f"train-{fingerprint[:8]}",
+        "mlflow.source.git.commit": manifest["git_revision"],
+        TAG_TRAIN_FP: fingerprint,
+        TAG_FEATURES_FP: manifest["features_fingerprint"],
+        TAG_CORPUS_FP: corpus_fingerprint(cfg),
+        "thinkdiff.run_dir": str(run_dir.resolve()),
+        "thinkdiff.checkpoint": manifest["checkpoint"],
+        "thinkdiff.preset": cfg.preset,
+    }
+    run = client.create_run(experiment_id, start_time=start_ms, tags=tags)
+    run_id = run.info.run_id
+    try:
+        params = [Param(k, v[:6000]) for k, v in flatten(manifest["config"]).items()]
+        for i in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[i: i + 100])
+        metrics = [
+            Metric(key, float(r[key]), int(r["time"] * 1000), r["step"])
+            for r in records for key in ("loss", "lr", "samples_per_s", "tokens_per_s")
+        ]
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[i: i + 1000])
+        with tempfile.TemporaryDirectory() as tmp:
+            config_file = Path(tmp) / "config.yaml"
+            config_file.write_text(yaml.safe_dump(manifest["config"], sort_keys=False, width=100))
+            client.log_artifact(run_id, str(config_file))
+        for name in ("loss_curve.png", "metrics.jsonl", "manifest.json"):
+            if (run_dir / name).is_file():
+                client.log_artifact(run_id, str(run_dir / name))
+        checkpoint = Path(manifest["checkpoint"])
+        client.log_artifacts(run_id, str(checkpoint / "aligner"), "aligner")
+        client.log_artifact(run_id, str(checkpoint / "meta.json"), "aligner")
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED", end_time=int(records[-1]["time"] * 1000) if records else now_ms)
+    log.info("logged training run %s as MLflow run %s (%s)", run_dir, run_id, redact(uri))
+    return run_id
+
+
+def register_checkpoint(cfg: RunConfig, run_dir: Path) -> ModelVersionRef:
+    """Log the run (if needed) and register its final aligner; new versions get `candidate`.
+
+    Registering the same aligner again returns the existing version (matched by sha256).
+    """
+    run_id = log_training_run(cfg, run_dir)
+    client, _ = _client(cfg)
+    name = cfg.tracking.registered_model
+    manifest = read_manifest(run_dir)
+    assert manifest is not None  # log_training_run checked it
+    digest = file_sha256(Path(manifest["checkpoint"]) / "aligner" / WEIGHTS_NAME)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description="ThinkDiff aligner: VLM token features -> T5 encoder space")
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    existing = client.search_model_versions(f"name='{name}' and tags.`{TAG_ALIGNER_SHA}` = '{digest}'")
+    if existing:
+        version = existing[0]
+        log.info("aligner %s is already registered as %s version %s", digest[:12], name, version.version)
+        return ModelVersionRef(name=name, version=str(version.version), run_id=version.run_id)
+    run = client.get_run(run_id)
+    version = client.create_model_version(
+        name,
+        source=f"{run.info.artifact_uri}/aligner",
+        run_id=run_id,
+        tags={TAG_ALIGNER_SHA: digest, TAG_TRAIN_FP: manifest["train_fingerprint"], TAG_FEATURES_FP: manifest["features_fingerprint"]},
+        description=f"step {manifest['step']}, final loss {manifest['loss']}",
+    )
+    client.set_registered_model_alias(name, CANDIDATE, version.version)
+    log.info("registered %s version %s (alias %s)", name, version.version, CANDIDATE)
+    return ModelVersionRef(name=name, version=str(version.version), run_id=run_id)
+
+
+def promote(cfg: RunConfig, version: str, reason: str = "manual promotion") -> ModelVersionRef:
+    """Point `champion` at a version (a number or an alias such as `candidate`); recorded as tags."""
+    client, _ = _client(cfg)
+    name = cfg.tracking.registered_model
+    target = _resolve_version(client, name, version)
+    previous = None
+    try:
+        previous = client.get_model_version_by_alias(name, CHAMPION).version
+    except Exception:  # noqa: BLE001 - no champion yet
+        previous = None
+    client.set_registered_model_alias(name, CHAMPION, target.version)
+    client.set_model_version_tag(name, target.version, "thinkdiff.promoted_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    client.set_model_version_tag(name, target.version, "thinkdiff.promotion_reason", reason)
+    client.set_model_version_tag(name, target.version, "thinkdiff.previous_champion", str(previous))
+    log.info("%s: champion %s -> version %s (%s)", name, previous, target.version, reason)
+    return ModelVersionRef(name=name, version=str(target.version), run_id=target.run_id)
+
+
+def _resolve_version(client, name: str, version: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if str(version).isdigit():
+            return client.get_model_version(name, str(version))
+        return client.get_model_version_by_alias(name, str(version))
+    except MlflowException as err:
+        raise RegistryError(f"{name}: no version or alias {version!r} ({err.message})") from err
+
+
+def load_aligner(uri: str, cfg: RunConfig) -> Aligner:
+    """An aligner from `models:/name@alias`, `models:/name/3` or a saved directory."""
+    match = _MODEL_URI.match(uri)
+    if match is None:
+        return Aligner.from_pretrained(uri)
+    import mlflow.artifacts
+
+    client, tracking = _client(cfg)
+    version = _resolve_version(client, match["name"], match["alias"] or match["version"])
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=tmp, tracking_uri=tracking)
+        return Aligner.from_pretrained(local)
