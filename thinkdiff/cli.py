@@ -6,12 +6,15 @@
     thinkdiff config --config paper-lvlm        # print the resolved, validated config
     thinkdiff registry register --config tiny   # log the finished run to MLflow, register the aligner
     thinkdiff registry promote --config tiny --version candidate
+    thinkdiff cobsat prompts --task 1 --shot 2 --limit 5
+    thinkdiff cobsat eval --config tiny eval.generator=copy-last
     thinkdiff aligner import-official IN.pth OUT_DIR
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -57,6 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--version", required=True, help="a version number or an alias (e.g. candidate)")
     q.add_argument("--reason", default="manual promotion", help="recorded on the version")
 
+    p = sub.add_parser("cobsat", help="CoBSAT benchmark: prompts, synthetic set, evaluation")
+    cobsat_sub = p.add_subparsers(dest="cobsat_command", required=True, metavar="ACTION")
+    q = cobsat_sub.add_parser("prompts", help="print the official prompts of one task and shot as JSON lines")
+    q.add_argument("--task", required=True, help="1..10, a name (Color-I) or a short name (C-I)")
+    q.add_argument("--shot", type=int, required=True, help="number of demos (papers: 2 and 4)")
+    q.add_argument("--limit", type=int, help="only the first K prompts (default: all 1000)")
+    q = cobsat_sub.add_parser("make-synthetic", help="write the synthetic CoBSAT-format set into a directory")
+    q.add_argument("output", type=Path)
+    q.add_argument("--size", type=int, default=96, help="image side in pixels")
+    q = cobsat_sub.add_parser("eval", help="generate -> judge -> results.jsonl, summary table and charts (resumable)")
+    _add_config_args(q)
+
     p = sub.add_parser("aligner", help="aligner checkpoint tools")
     aligner_sub = p.add_subparsers(dest="aligner_command", required=True, metavar="ACTION")
     q = aligner_sub.add_parser("import-official", help="convert the released .pth aligner to config.json + model.safetensors")
@@ -74,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return _dispatch(args)
-    except (ThinkDiffError, FileNotFoundError, FileExistsError) as err:
+    except (ThinkDiffError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"thinkdiff {args.command}: error: {err}", file=sys.stderr)
         return 2
 
@@ -84,6 +99,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     from thinkdiff import pipeline
     from thinkdiff.config import load_config
 
+    if args.command == "cobsat" and args.cobsat_command == "prompts":
+        from thinkdiff.eval.cobsat import build_prompts, get_task
+
+        for prompt in build_prompts(get_task(args.task), args.shot, args.limit):
+            print(json.dumps(prompt.to_json()))
+        return 0
+    if args.command == "cobsat" and args.cobsat_command == "make-synthetic":
+        from thinkdiff.eval.dataset import make_synthetic_dataset
+
+        print(make_synthetic_dataset(args.output, args.size).root)
+        return 0
     if args.command == "aligner":
         from thinkdiff.models.aligner import import_official_checkpoint
 
@@ -100,6 +126,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(pipeline.register_checkpoint(cfg).uri)
     elif args.command == "registry" and args.registry_command == "promote":
         print(pipeline.promote(cfg, args.version, args.reason).uri)
+    elif args.command == "cobsat":
+        out_dir, summary = pipeline.evaluate_cobsat(cfg)
+        print(summary.table())
+        print(f"results: {out_dir} (accuracy.png, samples.png, summary.json)")
     elif args.command == "train":
         result = pipeline.train_aligner(cfg, features_dir=args.features, run_dir=args.out)
         print(result.aligner_dir)

@@ -165,6 +165,25 @@ class TrackingConfig:
 
 
 @dataclass(kw_only=True)
+class EvalConfig:
+    dataset: str
+    """`synthetic` (generated offline under {paths.root}/cobsat-synthetic) or a directory holding the real
+    CoBSAT `datasets/` folder."""
+    tasks: list[int]
+    """CoBSAT task ids (1..10)."""
+    shots: list[int]
+    """Demo counts; the papers report 2 and 4."""
+    limit: int
+    """Prompts per (task, shot), the first ones of the 1000 (1000 = all)."""
+    generator: str
+    """What draws the images: a sanity baseline (oracle, copy-last, random-theta, random)."""
+    judge: str
+    """`synthetic` (reads the synthetic set's factors back)."""
+    synthetic_image_size: int
+    """Side in pixels of the synthetic set's images."""
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     preset: str
     """Name of the preset this config came from (informational)."""
@@ -174,6 +193,7 @@ class RunConfig:
     features: FeaturesConfig
     train: TrainConfig
     tracking: TrackingConfig
+    eval: EvalConfig
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -247,6 +267,16 @@ class RunConfig:
         need(bool(self.tracking.experiment.strip()), "tracking.experiment", self.tracking.experiment, "name an MLflow experiment")
         need(bool(self.tracking.registered_model.strip()), "tracking.registered_model", self.tracking.registered_model,
              "name the registered model (default thinkdiff-aligner)")
+        e = self.eval
+        need(bool(e.tasks) and all(1 <= k <= 10 for k in e.tasks), "eval.tasks", e.tasks, "give CoBSAT task ids in 1..10")
+        need(bool(e.shots) and all(1 <= k <= 8 for k in e.shots), "eval.shots", e.shots, "give demo counts in 1..8 (papers: 2 and 4)")
+        need(1 <= e.limit <= 1000, "eval.limit", e.limit, "use 1..1000 prompts per task and shot")
+        generators = ("oracle", "copy-last", "random-theta", "random")
+        need(e.generator in generators, "eval.generator", e.generator, f"use one of {', '.join(generators)}")
+        need(e.judge == "synthetic", "eval.judge", e.judge, "use `synthetic` (with eval.dataset=synthetic)")
+        need(e.judge != "synthetic" or e.dataset == "synthetic", "eval.judge", e.judge,
+             "the synthetic judge reads only the synthetic set's renders; set eval.dataset=synthetic")
+        need(e.synthetic_image_size >= 32, "eval.synthetic_image_size", e.synthetic_image_size, "use at least 32")
         if problems:
             raise ConfigError(f"invalid config (preset {self.preset!r}):\n  " + "\n  ".join(problems))
         return self

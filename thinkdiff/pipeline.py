@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from thinkdiff import registry
-from thinkdiff.config import RunConfig
+from thinkdiff.config import RunConfig, fingerprint
 from thinkdiff.data import corpus, extract
+from thinkdiff.eval import dataset, harness
 from thinkdiff.storage import read_manifest, stage_dir
 from thinkdiff.train import launch, loop
 
@@ -65,3 +66,17 @@ def register_checkpoint(cfg: RunConfig) -> registry.ModelVersionRef:
 
 def promote(cfg: RunConfig, version: str, reason: str = "manual promotion") -> registry.ModelVersionRef:
     return registry.promote(cfg, version, reason)
+
+
+def evaluate_cobsat(cfg: RunConfig) -> tuple[Path, harness.Summary]:
+    """CoBSAT with `eval.generator` and `eval.judge` into {paths.root}/eval/{fingerprint}/ (resumable)."""
+    e = cfg.eval
+    if e.dataset == "synthetic":
+        data = dataset.make_synthetic_dataset(Path(cfg.paths.root) / "cobsat-synthetic", e.synthetic_image_size)
+    else:
+        data = dataset.open_dataset(e.dataset)
+    out_dir = Path(cfg.paths.root) / "eval" / fingerprint({"eval": e.__dict__, "dataset": str(data.root.resolve())})
+    summary = harness.evaluate(data, harness.BASELINES[e.generator], harness.synthetic_judge, out_dir,
+                               tasks=e.tasks, shots=e.shots, limit=e.limit)
+    harness.save_samples(out_dir, data)
+    return out_dir, summary

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
 from thinkdiff.storage import atomic_write_bytes  # noqa: E402
 
@@ -28,6 +29,49 @@ def plot_loss_curve(metrics_jsonl: Path, out_png: Path) -> Path:
     loss_ax.set_title("aligner training")
     loss_ax.grid(alpha=0.3)
     fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def plot_cobsat_accuracy(accuracy: dict[int, dict[int, float]], out_png: Path) -> Path:
+    """Grouped bars: accuracy per CoBSAT task (papers' column order), one group member per shot."""
+    from thinkdiff.eval.cobsat import COLUMN_ORDER, get_task
+
+    fig, ax = plt.subplots(figsize=(9, 4), dpi=110)
+    shots = sorted(accuracy)
+    width = 0.8 / max(len(shots), 1)
+    for k, shot in enumerate(shots):
+        values = [accuracy[shot].get(t, 0.0) for t in COLUMN_ORDER]
+        xs = [i + k * width for i in range(len(COLUMN_ORDER))]
+        mean = sum(accuracy[shot].values()) / len(accuracy[shot])
+        ax.bar(xs, values, width=width, label=f"{shot}-shot (mean {mean:.3f})")
+    ax.set_xticks([i + width * (len(shots) - 1) / 2 for i in range(len(COLUMN_ORDER))])
+    ax.set_xticklabels([get_task(t).short for t in COLUMN_ORDER])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title("CoBSAT accuracy per task")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def save_sample_grid(rows: list[tuple[list[Image.Image], str]], out_png: Path, cell: int = 128) -> Path:
+    """One row per sample: its images side by side (demos, then the output) under a caption."""
+    columns = max(len(images) for images, _ in rows)
+    sheet = Image.new("RGB", (columns * cell, len(rows) * (cell + 16)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for r, (images, caption) in enumerate(rows):
+        top = r * (cell + 16)
+        draw.text((2, top + 2), caption[:120], fill=(0, 0, 0))
+        for c, image in enumerate(images):
+            sheet.paste(image.convert("RGB").resize((cell, cell)), (c * cell, top + 16))
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    atomic_write_bytes(out_png, buf.getvalue())
+    return out_png
+
+
+def _save(fig, out_png: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)

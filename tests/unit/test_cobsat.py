@@ -1,0 +1,141 @@
+"""Covers: the CoBSAT protocol (item order, display words, seed-123 permutation lists, theta at
+position shot+1, texts, image paths, expected items, save names), the exact judge questions and
+answer parsing, the real-layout reader's error, the synthetic set and its judge (>= 99.5% per
+factor on clean renders), and the sanity baselines' exact accuracies (oracle 1.0, copy-last 0.0),
+with resumable results, the summary table and its pictures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from thinkdiff.cli import main
+from thinkdiff.eval.cobsat import (
+    ITEMS,
+    TASKS,
+    build_prompt,
+    get_task,
+    is_correct,
+    judge_questions,
+    parse_answer,
+    prompt_lists,
+)
+from thinkdiff.eval.dataset import all_item_paths, make_synthetic_dataset, open_dataset, read_factors
+from thinkdiff.eval.harness import BASELINES, evaluate, synthetic_judge
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return make_synthetic_dataset(tmp_path_factory.mktemp("cobsat"))
+
+
+def test_prompt_lists_match_the_protocol():
+    pairs = prompt_lists()
+    assert len(pairs) == 1000
+    assert pairs[0] == ((8, 7, 5, 9, 2, 3, 6, 1, 4, 0), (7, 6, 3, 4, 1, 0, 2, 5, 9, 8))
+    assert all(sorted(x) == list(range(10)) and sorted(t) == list(range(10)) for x, t in pairs)
+
+
+def test_official_example_prompt():
+    prompt = build_prompt(get_task(1), shot=2, index=0)
+    assert prompt.text_inputs == ["blue: ", "brown: ", "orange: "]
+    assert prompt.image_inputs == ["datasets/color_car/blue_car.jpg", "datasets/color_car/brown_car.jpg"]
+    assert prompt.expected == ("orange", "car") and prompt.theta == "car"
+    assert prompt.save_name == "0_car_blue_brown_orange"
+    # 4-shot prompt 0 uses theta_list[5] = 0: another object.
+    four = build_prompt(get_task(1), shot=4, index=0)
+    assert four.theta == "leaf" and four.text_inputs[-1] == "red: " and len(four.image_inputs) == 4
+
+
+def test_task_ii_and_display_words():
+    prompt = build_prompt(get_task("Style-II"), shot=2, index=0)
+    # x is the object, theta the style: theta_list[3] = 4 -> lego.
+    assert prompt.text_inputs == ["bag: ", "ball: ", "box: "]
+    assert prompt.image_inputs[0] == "datasets/style_bag/lego_bag.jpg"
+    assert prompt.expected == ("lego", "box")
+    wire = next(build_prompt(get_task(5), 2, i) for i in range(1000) if "3d" in build_prompt(get_task(5), 2, i).x_items)
+    assert "wireframe: " in wire.text_inputs
+    park = next(build_prompt(get_task(3), 2, i) for i in range(1000) if "park" in build_prompt(get_task(3), 2, i).x_items)
+    assert "amusement park: " in park.text_inputs
+
+
+def test_prompts_command_prints_json_lines(capsys):
+    assert main(["cobsat", "prompts", "--task", "1", "--shot", "2", "--limit", "2"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 2
+    assert lines[0] == {
+        "index": 0, "task": 1, "shot": 2, "theta": "car", "text_inputs": ["blue: ", "brown: ", "orange: "],
+        "image_inputs": ["datasets/color_car/blue_car.jpg", "datasets/color_car/brown_car.jpg"],
+        "expected_detail": "orange", "expected_object": "car",
+    }
+
+
+def test_judge_questions_are_exact():
+    detail, obj = judge_questions(get_task(1))
+    assert detail == (
+        "What is the color (of the main object) in this image? Answer from the following options:  (1)yellow "
+        "(2)white (3)red (4)purple (5)pink (6)orange (7)green (8)brown (9)blue (10)black. Answer the number only "
+        "and do not include any other texts (e.g., 1)."
+    )
+    assert obj.startswith("What is the main object in this image? Answer from the following options:  (1)leaf (2)hat")
+    assert "(9)wireframe" in judge_questions(get_task(5))[0]
+    assert "(1)zebra" in judge_questions(get_task(3))[1] and "(5)amusement park" in judge_questions(get_task(3))[0]
+
+
+@pytest.mark.parametrize(("reply", "option"), [("3", 3), ("(10)", 10), ("The answer is 1 0", 10), ("0", -1), ("11", -1), ("none", -1)])
+def test_answer_parsing_concatenates_digits(reply, option):
+    assert parse_answer(reply) == option
+
+
+def test_correct_only_if_both():
+    task, prompt = get_task(1), build_prompt(get_task(1), 2, 0)
+    orange, car = ITEMS["color"].index("orange") + 1, ITEMS["object"].index("car") + 1
+    assert is_correct(task, prompt, orange, car)
+    assert not is_correct(task, prompt, orange, car + 1) and not is_correct(task, prompt, -1, car)
+
+
+def test_real_layout_reader_names_missing_files(tmp_path):
+    (tmp_path / "datasets" / "color_car").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"500 of 500 CoBSAT images missing.*yzeng58/CoBSAT"):
+        open_dataset(tmp_path)
+
+
+def test_synthetic_set_layout_and_judge_accuracy(synthetic):
+    assert len(all_item_paths()) == 500 and all((synthetic.root / p).is_file() for p in all_item_paths())
+    assert (synthetic.root / "color_object.csv").read_text().startswith("image,caption\n")
+    for task in TASKS[::2]:  # the five themes
+        detail_ok = object_ok = total = 0
+        for obj in ITEMS[task.object]:
+            for attribute in ITEMS[task.attribute]:
+                d, o = read_factors(synthetic.item(task, attribute, obj), task)
+                detail_ok += d == ITEMS[task.attribute].index(attribute) + 1
+                object_ok += o == ITEMS[task.object].index(obj) + 1
+                total += 1
+        assert detail_ok / total >= 0.995 and object_ok / total >= 0.995
+
+
+def test_sanity_baselines_exact_on_synthetic(synthetic, tmp_path):
+    tasks = [t.id for t in TASKS]
+    oracle = evaluate(synthetic, BASELINES["oracle"], synthetic_judge, tmp_path / "oracle", tasks=tasks, shots=[2, 4], limit=5)
+    copy = evaluate(synthetic, BASELINES["copy-last"], synthetic_judge, tmp_path / "copy", tasks=tasks, shots=[2, 4], limit=5)
+    assert oracle.mean == {2: 1.0, 4: 1.0} and all(v == 1.0 for per in oracle.accuracy.values() for v in per.values())
+    assert copy.mean == {2: 0.0, 4: 0.0}
+    assert oracle.num_prompts == 100 and "| shot | C-I | B-I | S-I | A-I | T-I | C-II |" in oracle.table()
+    assert (tmp_path / "oracle" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_random_baselines_are_near_chance(synthetic, tmp_path):
+    tasks = [t.id for t in TASKS]
+    theta = evaluate(synthetic, BASELINES["random-theta"], synthetic_judge, tmp_path / "theta", tasks=tasks, shots=[2], limit=40)
+    assert 0.03 <= theta.mean[2] <= 0.2  # about 1/10
+
+
+def test_results_resume_after_a_torn_line(synthetic, tmp_path):
+    out = tmp_path / "run"
+    evaluate(synthetic, BASELINES["oracle"], synthetic_judge, out, tasks=[1], shots=[2], limit=3)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:10])  # killed mid-write
+    summary = evaluate(synthetic, BASELINES["oracle"], synthetic_judge, out, tasks=[1], shots=[2], limit=3)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2] and summary.num_prompts == 3
