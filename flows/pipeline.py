@@ -7,15 +7,19 @@ from prefect import flow
 from flows import run_from_command_line
 from flows.build_corpus import build_corpus_flow
 from flows.cache_features import cache_features_flow
+from flows.evaluate_cobsat import evaluate_cobsat_flow
 from flows.train_aligner import train_aligner_flow
 
 
-@flow(name="thinkdiff-pipeline")
+@flow(name="thinkdiff-pipeline", log_prints=True)
 def thinkdiff_pipeline_flow(config: str = "tiny", overrides: list[str] | None = None) -> dict[str, str]:
-    """corpus -> features -> train -> register; every stage is skipped when its output is complete."""
+    """corpus -> features -> train -> register -> CoBSAT of the new version; every stage is skipped
+    when its output is complete."""
     corpus_dir = build_corpus_flow(config, overrides)
     features_dir = cache_features_flow(config, overrides, corpus_dir)
     trained = train_aligner_flow(config, overrides, features_dir)
+    evaluation = evaluate_cobsat_flow(config, overrides, model=trained["model"])
+    print(evaluation["table"])  # the CoBSAT table, also in the run logs and MLflow
     return {
         "corpus": corpus_dir,
         "features": features_dir,
@@ -23,6 +27,8 @@ def thinkdiff_pipeline_flow(config: str = "tiny", overrides: list[str] | None = 
         "aligner": str(Path(trained["checkpoint"]) / "aligner"),
         "loss curve": str(Path(trained["checkpoint"]).parents[1] / "loss_curve.png"),
         "model": trained["model"],
+        "cobsat": evaluation["results"],
+        "cobsat run": evaluation["mlflow_run"],
     }
 
 

@@ -20,6 +20,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from PIL import Image
+
 from thinkdiff.errors import ThinkDiffError
 
 log = logging.getLogger("thinkdiff")
@@ -71,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--size", type=int, default=96, help="image side in pixels")
     q = cobsat_sub.add_parser("eval", help="generate -> judge -> results.jsonl, summary table and charts (resumable)")
     _add_config_args(q)
+    q.add_argument("--model", help="aligner to evaluate: models:/name@alias, models:/name/N, a dir or a .pth")
+    q.add_argument("--nightly", action="store_true", help="evaluate @champion (and a newer @candidate), promote the better")
+
+    p = sub.add_parser("generate", help="interleaved images and text -> VLM -> aligner -> FLUX image")
+    _add_config_args(p)
+    p.add_argument("--text", dest="parts", action="append", type=lambda v: ("text", v), help="a text part (repeatable)")
+    p.add_argument("--image", dest="parts", action="append", type=lambda v: ("image", v), help="an image part (repeatable)")
+    p.add_argument("--aligner", help="models:/name@alias, a directory or an official .pth (default: eval.aligner, then this config's own)")
+    p.add_argument("--out", type=Path, required=True, help="where to write the PNG")
 
     p = sub.add_parser("aligner", help="aligner checkpoint tools")
     aligner_sub = p.add_subparsers(dest="aligner_command", required=True, metavar="ACTION")
@@ -126,10 +137,22 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(pipeline.register_checkpoint(cfg).uri)
     elif args.command == "registry" and args.registry_command == "promote":
         print(pipeline.promote(cfg, args.version, args.reason).uri)
+    elif args.command == "cobsat" and args.nightly:
+        print(json.dumps(pipeline.nightly_evaluation(cfg)))
     elif args.command == "cobsat":
-        out_dir, summary = pipeline.evaluate_cobsat(cfg)
-        print(summary.table())
-        print(f"results: {out_dir} (accuracy.png, samples.png, summary.json)")
+        result = pipeline.evaluate_cobsat(cfg, model=args.model)
+        print(result["summary"].table())
+        print(f"results: {result['dir']} (accuracy.png, samples.png, summary.json); MLflow run {result['run_id']}")
+    elif args.command == "generate":
+        from thinkdiff.generate import build_generator
+
+        if not args.parts:
+            raise ValueError("give the prompt as --text and --image parts, in order")
+        generator = build_generator(cfg, args.aligner or cfg.eval.aligner or str(pipeline.trained_aligner_dir(cfg)))
+        parts = [Image.open(value).convert("RGB") if kind == "image" else value for kind, value in args.parts]
+        image = generator.draw(parts, seed=cfg.eval.seed)
+        image.save(args.out)
+        print(args.out)
     elif args.command == "train":
         result = pipeline.train_aligner(cfg, features_dir=args.features, run_dir=args.out)
         print(result.aligner_dir)

@@ -176,7 +176,25 @@ class EvalConfig:
     limit: int
     """Prompts per (task, shot), the first ones of the 1000 (1000 = all)."""
     generator: str
-    """What draws the images: a sanity baseline (oracle, copy-last, random-theta, random)."""
+    """thinkdiff (VLM -> aligner -> FLUX), text-bridge (VLM writes a prompt, FLUX draws it), or a sanity
+    baseline: oracle, copy-last, random-theta, random."""
+    aligner: str
+    """thinkdiff generator: a directory, an official .pth or models:/name@alias; empty: this config's own
+    trained aligner."""
+    gen_tokens: int
+    """Tokens the VLM generates per prompt (EOS ignored for thinkdiff; the text bridge stops at EOS)."""
+    temperature: float
+    """VLM sampling temperature at inference."""
+    top_p: float
+    """VLM nucleus sampling threshold at inference."""
+    steps: int
+    """FLUX denoising steps."""
+    guidance: float
+    """FLUX guidance scale."""
+    image_size: int
+    """FLUX output side in pixels (multiple of 16)."""
+    seed: int
+    """Seed of generation (plus the prompt index)."""
     judge: str
     """`synthetic` (reads the synthetic set's factors back)."""
     synthetic_image_size: int
@@ -271,11 +289,15 @@ class RunConfig:
         need(bool(e.tasks) and all(1 <= k <= 10 for k in e.tasks), "eval.tasks", e.tasks, "give CoBSAT task ids in 1..10")
         need(bool(e.shots) and all(1 <= k <= 8 for k in e.shots), "eval.shots", e.shots, "give demo counts in 1..8 (papers: 2 and 4)")
         need(1 <= e.limit <= 1000, "eval.limit", e.limit, "use 1..1000 prompts per task and shot")
-        generators = ("oracle", "copy-last", "random-theta", "random")
+        generators = ("thinkdiff", "text-bridge", "oracle", "copy-last", "random-theta", "random")
         need(e.generator in generators, "eval.generator", e.generator, f"use one of {', '.join(generators)}")
         need(e.judge == "synthetic", "eval.judge", e.judge, "use `synthetic` (with eval.dataset=synthetic)")
         need(e.judge != "synthetic" or e.dataset == "synthetic", "eval.judge", e.judge,
              "the synthetic judge reads only the synthetic set's renders; set eval.dataset=synthetic")
+        need(e.gen_tokens >= 1, "eval.gen_tokens", e.gen_tokens, "use at least 1 (the paper: 128)")
+        need(e.temperature > 0 and 0 < e.top_p <= 1, "eval.temperature", e.temperature, "use temperature > 0 and top_p in (0, 1]")
+        need(e.steps >= 1, "eval.steps", e.steps, "use at least 1 (the paper: 28)")
+        need(e.image_size >= 16 and e.image_size % 16 == 0, "eval.image_size", e.image_size, "use a multiple of 16 (CoBSAT: 512)")
         need(e.synthetic_image_size >= 32, "eval.synthetic_image_size", e.synthetic_image_size, "use at least 32")
         if problems:
             raise ConfigError(f"invalid config (preset {self.preset!r}):\n  " + "\n  ".join(problems))

@@ -7,14 +7,18 @@ tasks call these; neither holds stage logic of its own.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
-from thinkdiff import registry
+from thinkdiff import generate, registry
 from thinkdiff.config import RunConfig, fingerprint
 from thinkdiff.data import corpus, extract
 from thinkdiff.eval import dataset, harness
 from thinkdiff.storage import read_manifest, stage_dir
 from thinkdiff.train import launch, loop
+
+log = logging.getLogger(__name__)
 
 
 def build_corpus(cfg: RunConfig, out_dir: Path | None = None) -> Path:
@@ -68,15 +72,68 @@ def promote(cfg: RunConfig, version: str, reason: str = "manual promotion") -> r
     return registry.promote(cfg, version, reason)
 
 
-def evaluate_cobsat(cfg: RunConfig) -> tuple[Path, harness.Summary]:
-    """CoBSAT with `eval.generator` and `eval.judge` into {paths.root}/eval/{fingerprint}/ (resumable)."""
+def trained_aligner_dir(cfg: RunConfig) -> Path:
+    """The final aligner of this config's finished training run."""
+    run_dir = stage_dir(cfg, "train")
+    manifest = read_manifest(run_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"no finished training run at {run_dir}: train first (`thinkdiff train --config {cfg.preset}`) "
+                                "or name an aligner (eval.aligner / --aligner / --model)")
+    return Path(manifest["checkpoint"]) / loop.ALIGNER_DIR
+
+
+def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
+    """CoBSAT with `eval.generator` into {paths.root}/eval/{fingerprint}/ (resumable), logged to MLflow.
+
+    For the thinkdiff generator the aligner is `model` (e.g. models:/name@champion), else
+    `eval.aligner`, else this config's own trained aligner; a registry alias is pinned to the
+    version it names now, so results are logged against that version.
+    """
     e = cfg.eval
     if e.dataset == "synthetic":
         data = dataset.make_synthetic_dataset(Path(cfg.paths.root) / "cobsat-synthetic", e.synthetic_image_size)
     else:
         data = dataset.open_dataset(e.dataset)
-    out_dir = Path(cfg.paths.root) / "eval" / fingerprint({"eval": e.__dict__, "dataset": str(data.root.resolve())})
-    summary = harness.evaluate(data, harness.BASELINES[e.generator], harness.synthetic_judge, out_dir,
-                               tasks=e.tasks, shots=e.shots, limit=e.limit)
-    harness.save_samples(out_dir, data)
-    return out_dir, summary
+    ref = None
+    if e.generator in harness.BASELINES:
+        generator, identity = harness.BASELINES[e.generator], e.generator
+    elif e.generator == "text-bridge":
+        generator, identity = generate.build_generator(cfg, None), "text-bridge"
+    else:
+        spec = model or e.aligner or str(trained_aligner_dir(cfg))
+        if spec.startswith("models:/"):
+            ref = registry.resolve_model(spec, cfg)
+            spec = ref.uri
+        generator, identity = generate.build_generator(cfg, spec), spec
+    settings = {k: v for k, v in e.__dict__.items() if k not in ("aligner", "limit")}
+    out_dir = Path(cfg.paths.root) / "eval" / fingerprint({
+        "eval": settings, "generator": identity, "dataset": str(data.root.resolve()),
+        "models": {k: v.__dict__ for k, v in cfg.models.__dict__.items()},
+    })
+    summary = harness.evaluate(data, generator, harness.synthetic_judge, out_dir, tasks=e.tasks, shots=e.shots, limit=e.limit)
+    run_id = registry.log_evaluation(cfg, out_dir, summary, ref, identity)
+    log.info("CoBSAT (%s):\n%s", identity, summary.table())
+    return {"dir": out_dir, "summary": summary, "run_id": run_id, "model": ref}
+
+
+def nightly_evaluation(cfg: RunConfig) -> dict[str, Any]:
+    """Evaluate `@champion`, and `@candidate` when it is a newer version; promote the candidate when
+    its mean accuracy (over the configured shots) is higher, or when there is no champion yet."""
+    champion = registry.current_version(cfg, registry.CHAMPION)
+    candidate = registry.current_version(cfg, registry.CANDIDATE)
+    report: dict[str, Any] = {"champion": champion and champion.version, "candidate": candidate and candidate.version}
+    scores = {}
+    for role, ref in (("champion", champion), ("candidate", candidate)):
+        if ref is None or (role == "candidate" and champion is not None and int(ref.version) <= int(champion.version)):
+            continue
+        result = evaluate_cobsat(cfg, model=ref.uri)
+        scores[role] = sum(result["summary"].mean.values()) / len(result["summary"].mean)
+        report[f"{role}_mean"] = scores[role]
+    if "candidate" in scores and (champion is None or scores["candidate"] > scores.get("champion", float("-inf"))):
+        reason = (f"nightly CoBSAT: candidate mean {scores['candidate']:.4f} > champion mean {scores['champion']:.4f}"
+                  if champion else f"nightly CoBSAT: first champion (mean {scores['candidate']:.4f})")
+        report["promoted"] = registry.promote(cfg, candidate.version, reason).version
+    else:
+        report["promoted"] = None
+    log.info("nightly evaluation: %s", report)
+    return report

@@ -283,3 +283,68 @@ def load_aligner(uri: str, cfg: RunConfig) -> Aligner:
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=tmp, tracking_uri=tracking)
         return Aligner.from_pretrained(local)
+
+
+def resolve_model(uri: str, cfg: RunConfig) -> ModelVersionRef:
+    """`models:/name@alias` or `models:/name/N` -> the version it points to now."""
+    match = _MODEL_URI.match(uri)
+    if match is None:
+        raise RegistryError(f"{uri!r} is not a registry URI (models:/name@alias or models:/name/N)")
+    client, _ = _client(cfg)
+    version = _resolve_version(client, match["name"], match["alias"] or match["version"])
+    return ModelVersionRef(name=match["name"], version=str(version.version), run_id=version.run_id)
+
+
+def log_evaluation(cfg: RunConfig, out_dir: Path, summary: Any, model: ModelVersionRef | None, generator: str) -> str:
+    """Log a finished CoBSAT evaluation as an MLflow run (once per results directory).
+
+    Metrics: accuracy per task and shot (`cobsat.2shot.C-I`), the mean per shot, images/s and
+    seconds per prompt; artifacts: the table, results.jsonl, the bar chart, the sample grid and the
+    generated images. An evaluated model version also gets `cobsat.mean.{shot}shot` tags.
+    """
+    from mlflow.entities import Metric, Param
+
+    from thinkdiff.eval.cobsat import get_task
+
+    client, uri = _client(cfg)
+    experiment_id = _experiment_id(client, cfg, uri)
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`thinkdiff.eval_dir` = '{out_dir.name}' and attributes.status = 'FINISHED'", max_results=1
+    )
+    if found:
+        return found[0].info.run_id
+    tags = {"mlflow.runName": f"cobsat-{generator.split('/')[-1]}-{out_dir.name[:8]}", "thinkdiff.kind": "cobsat-eval",
+            "thinkdiff.eval_dir": out_dir.name, "thinkdiff.generator": generator, "thinkdiff.preset": cfg.preset}
+    if model is not None:
+        tags.update({"thinkdiff.model": model.name, "thinkdiff.model_version": model.version})
+    run_id = client.create_run(experiment_id, tags=tags).info.run_id
+    try:
+        now = int(time.time() * 1000)
+        metrics = [Metric(f"cobsat.{shot}shot.{get_task(t).short}", acc, now, 0)
+                   for shot, per_task in summary.accuracy.items() for t, acc in per_task.items()]
+        metrics += [Metric(f"cobsat.{shot}shot.mean", mean, now, 0) for shot, mean in summary.mean.items()]
+        metrics += [Metric(name, getattr(summary, name), now, 0) for name in ("gen_images_per_s", "gen_s_per_prompt", "judge_s_per_prompt")]
+        client.log_batch(run_id, metrics=metrics)
+        client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in flatten({"eval": cfg.eval.__dict__}).items()])
+        for name in ("summary.md", "summary.json", "results.jsonl", "accuracy.png", "samples.png"):
+            if (out_dir / name).is_file():
+                client.log_artifact(run_id, str(out_dir / name))
+        client.log_artifacts(run_id, str(out_dir / "images"), "images")
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+    if model is not None:
+        for shot, mean in summary.mean.items():
+            client.set_model_version_tag(model.name, model.version, f"cobsat.mean.{shot}shot", f"{mean:.4f}")
+        client.set_model_version_tag(model.name, model.version, "cobsat.eval_run", run_id)
+    log.info("logged CoBSAT evaluation %s as MLflow run %s", out_dir, run_id)
+    return run_id
+
+
+def current_version(cfg: RunConfig, alias: str) -> ModelVersionRef | None:
+    """The version an alias points to, or None when the alias (or the model) does not exist."""
+    try:
+        return resolve_model(f"models:/{cfg.tracking.registered_model}@{alias}", cfg)
+    except RegistryError:
+        return None

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from mlflow import MlflowClient
 
 from thinkdiff.data.features import ARROW_SCHEMA, FeatureStore
 from thinkdiff.models.aligner import Aligner
@@ -30,7 +31,8 @@ def prefect_harness():
 
 
 def snapshot(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    """Every stage output file and its mtime (MLflow's own database is a store, not an output)."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and p.name != "mlflow.db"}
 
 
 def test_pipeline_flow_end_to_end_then_skipped(prefect_harness, tmp_path):
@@ -39,7 +41,8 @@ def test_pipeline_flow_end_to_end_then_skipped(prefect_harness, tmp_path):
     from flows.pipeline import thinkdiff_pipeline_flow
 
     overrides = [f"paths.root={tmp_path}", "corpus.demo_images=40", "corpus.shard_size=16",
-                 "train.max_steps=30", "train.warmup_steps=5", "train.checkpoint_every=10", "train.log_every=10"]
+                 "train.max_steps=30", "train.warmup_steps=5", "train.checkpoint_every=10", "train.log_every=10",
+                 "eval.limit=1", "eval.tasks=[1, 2]", "eval.shots=[2, 4]"]
     out = thinkdiff_pipeline_flow(config="tiny", overrides=overrides)
 
     # Corpus: img2dataset shards with per-shard stats; the 3 broken urls are counted, not fatal.
@@ -60,8 +63,14 @@ def test_pipeline_flow_end_to_end_then_skipped(prefect_harness, tmp_path):
     meta = read_meta(checkpoint)
     assert meta["features_dir"] == out["features"] and meta["config"]["train"]["max_steps"] == 30
     assert (checkpoint.parents[1] / "config.yaml").is_file() and Path(out["loss curve"]).is_file()
-    # Registered in the local MLflow store as the candidate.
+    # Registered in the local MLflow store as the candidate, then evaluated on the synthetic CoBSAT set.
     assert out["model"] == "models:/thinkdiff-aligner-tiny/1"
+    summary = json.loads((Path(out["cobsat"]) / "summary.json").read_text())
+    assert summary["num_prompts"] == 4 and set(summary["mean"]) == {"2", "4"}
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
+    eval_run = client.get_run(out["cobsat run"])
+    assert eval_run.data.tags["thinkdiff.model_version"] == "1" and "cobsat.4shot.mean" in eval_run.data.metrics
+    assert {a.path for a in client.list_artifacts(out["cobsat run"])} >= {"images", "samples.png", "accuracy.png"}
 
     # Library log lines reach the Prefect run logs (sent in batches: flush, then poll briefly).
     wanted = {"thinkdiff.data.corpus", "thinkdiff.data.extract", "thinkdiff.train.launch"}

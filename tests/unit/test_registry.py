@@ -117,3 +117,72 @@ def test_unfinished_run_is_not_logged(tmp_path):
     cfg = load_config("tiny", [f"paths.root={tmp_path}"])
     with pytest.raises(FileNotFoundError, match="has not finished"):
         pipeline.register_checkpoint(cfg)
+
+
+def test_cobsat_evaluation_is_logged_against_the_version(trained):
+    cfg, _ = trained
+    ref = pipeline.register_checkpoint(cfg)
+    eval_cfg = load_config("tiny", [f"paths.root={cfg.paths.root}", "train.max_steps=6", "train.warmup_steps=2",
+                                    "train.log_every=2", "train.batch_size=4", "eval.limit=1", "eval.tasks=[1, 4]", "eval.shots=[2]"])
+    result = pipeline.evaluate_cobsat(eval_cfg, model=f"models:/{cfg.tracking.registered_model}@candidate")
+    assert result["model"] == ref
+    client = client_for(cfg)
+    run = client.get_run(result["run_id"])
+    assert run.data.tags["thinkdiff.model_version"] == ref.version
+    assert {"cobsat.2shot.C-I", "cobsat.2shot.B-II", "cobsat.2shot.mean", "gen_images_per_s"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
+    assert {"accuracy.png", "samples.png", "summary.md", "results.jsonl", "images"} <= artifacts
+    assert len(client.list_artifacts(result["run_id"], "images")) == 2  # one folder per (task, shot)
+    version = client.get_model_version(cfg.tracking.registered_model, ref.version)
+    assert float(version.tags["cobsat.mean.2shot"]) == result["summary"].mean[2]
+    # Rerun: the results directory is complete and already logged.
+    assert pipeline.evaluate_cobsat(eval_cfg, model=ref.uri)["run_id"] == result["run_id"]
+
+
+@pytest.fixture
+def two_versions(tiny_store, tmp_path):
+    _, features_dir = tiny_store
+    refs = []
+    for seed in (0, 1):
+        cfg = load_config("tiny", [f"paths.root={tmp_path}", "train.max_steps=4", "train.warmup_steps=1",
+                                   "train.log_every=2", "train.batch_size=4", f"train.seed={seed}"])
+        train_aligner(cfg, features_dir, stage_dir(cfg, "train"))
+        refs.append(pipeline.register_checkpoint(cfg))
+    return cfg, refs
+
+
+class _Summary:
+    def __init__(self, mean):
+        self.mean = {2: mean, 4: mean}
+
+
+def test_nightly_promotes_only_a_better_candidate(two_versions, monkeypatch):
+    cfg, (first, second) = two_versions
+    client = client_for(cfg)
+    name = cfg.tracking.registered_model
+    assert str(client.get_model_version_by_alias(name, "candidate").version) == second.version
+    scores = {first.uri: 0.2, second.uri: 0.1}
+    evaluated = []
+
+    def fake_evaluate(cfg, model):
+        evaluated.append(model)
+        return {"summary": _Summary(scores[model])}
+
+    monkeypatch.setattr(pipeline, "evaluate_cobsat", fake_evaluate)
+    # No champion yet: the candidate becomes the first one.
+    report = pipeline.nightly_evaluation(cfg)
+    assert report["promoted"] == second.version and evaluated == [second.uri]
+    # Champion v2 (0.1); make v1 the candidate again, better: it is not newer, so not evaluated.
+    client.set_registered_model_alias(name, "candidate", first.version)
+    evaluated.clear()
+    assert pipeline.nightly_evaluation(cfg)["promoted"] is None and evaluated == [second.uri]
+    # A newer candidate that scores lower is evaluated and not promoted; one that scores higher is.
+    pipeline.promote(cfg, first.version, "reset")
+    client.set_registered_model_alias(name, "candidate", second.version)
+    assert pipeline.nightly_evaluation(cfg)["promoted"] is None
+    scores[second.uri] = 0.3
+    report = pipeline.nightly_evaluation(cfg)
+    assert report["promoted"] == second.version and report["candidate_mean"] == 0.3
+    version = client.get_model_version_by_alias(name, "champion")
+    assert str(version.version) == second.version
+    assert "candidate mean 0.3000 > champion mean 0.2000" in version.tags["thinkdiff.promotion_reason"]

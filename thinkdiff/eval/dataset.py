@@ -84,6 +84,8 @@ def make_synthetic_dataset(root: str | Path, size: int = 96) -> CobsatDataset:
     """Write the synthetic set (every theme, item and file name of the real one, plus the theme
     CSVs); existing files are kept, so a rerun completes an interrupted one."""
     root = Path(root)
+    if (root / SYNTHETIC_MARKER).is_file():
+        return open_dataset(root)  # complete: the marker is written last
     for attr, obj_space in THEMES:
         rows = []
         for obj in ITEMS[obj_space]:

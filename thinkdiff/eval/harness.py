@@ -134,6 +134,8 @@ def evaluate(
     todo = [p for shot in shots for t in tasks for p in build_prompts(get_task(t), shot, limit)
             if (p.task.id, shot, p.index) not in done]
     log.info("cobsat: %d prompts to evaluate (%d already in %s)", len(todo), len(done), results_path)
+    if not todo and (out_dir / "summary.json").is_file():
+        return Summary(**_int_keys(json.loads((out_dir / "summary.json").read_text())))
     with open(results_path, "a") as fh, tqdm(total=len(todo), desc="cobsat", unit="prompt", disable=None) as progress:
         for prompt in todo:
             started = time.perf_counter()
@@ -152,7 +154,16 @@ def evaluate(
             fh.write(json.dumps(row) + "\n")
             fh.flush()
             progress.update(1)
-    return summarize(out_dir)
+    summary = summarize(out_dir)
+    save_samples(out_dir, dataset)
+    return summary
+
+
+def _int_keys(raw: dict) -> dict:
+    """summary.json stores shots and task ids as strings (JSON keys)."""
+    raw["accuracy"] = {int(s): {int(t): a for t, a in per.items()} for s, per in raw["accuracy"].items()}
+    raw["mean"] = {int(s): m for s, m in raw["mean"].items()}
+    return raw
 
 
 def summarize(out_dir: Path) -> Summary:

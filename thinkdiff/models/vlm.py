@@ -216,12 +216,16 @@ def generate_with_states(
     temperature: float,
     top_p: float,
     seed: int,
+    ignore_eos: bool = False,
 ) -> list[GeneratedSample]:
     """Sample continuations, then recover each generated token's producing state in one forward pass.
 
     Sampling uses exactly the given temperature and top_p (no top-k, no repetition penalty, whatever
-    the checkpoint's generation_config says) and a seeded RNG, so a rerun is identical.
+    the checkpoint's generation_config says) and a seeded RNG, so a rerun is identical. With
+    `ignore_eos` every sample has exactly `max_new_tokens` tokens: EOS may be sampled and generation
+    goes on (ThinkDiff inference, REFERENCE.md section 6; vLLM's ignore_eos).
     """
+    eos_ids = [] if ignore_eos else vlm.eos_token_ids
     gen_config = GenerationConfig(
         do_sample=True,
         temperature=temperature,
@@ -229,7 +233,7 @@ def generate_with_states(
         top_k=0,
         repetition_penalty=1.0,
         max_new_tokens=max_new_tokens,
-        eos_token_id=vlm.eos_token_ids,
+        eos_token_id=eos_ids,  # an empty list, not None: None would fall back to the model's EOS
         pad_token_id=vlm.pad_token_id,
         # A generated <|image_pad|> would be taken for an image placeholder by the teacher-forced
         # pass (and a caption has no use for vision tokens); a trained Qwen2-VL never emits them.
@@ -241,7 +245,7 @@ def generate_with_states(
         sequences = vlm.model.generate(**batch, generation_config=gen_config)
     prompt_len = batch["input_ids"].shape[1]
     generated_BG = sequences[:, prompt_len:]
-    lengths = [_generated_length(row, vlm.eos_token_ids) for row in generated_BG.tolist()]
+    lengths = [_generated_length(row, eos_ids) for row in generated_BG.tolist()]
     states = final_norm_states(vlm, batch, generated_BG, lengths)
     return [
         GeneratedSample(token_ids=generated_BG[i, :n].tolist(), states_LD=states[i])

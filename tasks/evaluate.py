@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+from prefect import task
+
+from thinkdiff import pipeline
+from thinkdiff.config import load_config
+
+
+@task(name="evaluate-cobsat", tags=["gpu"], timeout_seconds=12 * 3600)
+def evaluate_cobsat_task(config: str, overrides: list[str], model: str | None) -> dict[str, str]:
+    result = pipeline.evaluate_cobsat(load_config(config, overrides), model=model)
+    return {"results": str(result["dir"]), "mlflow_run": result["run_id"], "table": result["summary"].table()}
+
+
+@task(name="nightly-cobsat", tags=["gpu"], timeout_seconds=12 * 3600)
+def nightly_evaluation_task(config: str, overrides: list[str]) -> dict:
+    return pipeline.nightly_evaluation(load_config(config, overrides))

@@ -1,0 +1,89 @@
+"""Covers: the ThinkDiff CoBSAT prompt to the VLM (REFERENCE.md section 6, exact strings), exactly
+gen_tokens generated tokens with EOS ignored, the aligner output reaching FLUX as prompt_embeds
+(other embeddings, another image) with the pooled CLIP of "", seeded images, the text-bridge path,
+and a clear error for an aligner trained for other models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from thinkdiff.config import load_config
+from thinkdiff.eval.cobsat import build_prompt, get_task
+from thinkdiff.eval.dataset import make_synthetic_dataset
+from thinkdiff.generate import (
+    COBSAT_INSTRUCTION,
+    TextBridgeGenerator,
+    ThinkDiffGenerator,
+    build_generator,
+    cobsat_parts,
+)
+from thinkdiff.models.aligner import Aligner, AlignerConfig
+from thinkdiff.models.flux import load_flux
+from thinkdiff.models.vlm import build_tiny_vlm, encode_chat, generate_with_states
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def parts_env(tmp_path_factory):
+    cfg = load_config("tiny", [f"paths.root={tmp_path_factory.mktemp('gen')}"])
+    data = make_synthetic_dataset(tmp_path_factory.mktemp("cobsat"), 64)
+    vlm = build_tiny_vlm(min_pixels=cfg.features.min_pixels, max_pixels=cfg.features.max_pixels)
+    flux = load_flux(cfg.models.flux, device=CPU)
+    torch.manual_seed(0)
+    aligner = Aligner(AlignerConfig(in_dim=vlm.hidden_size, out_dim=flux.joint_dim))
+    return cfg, data, vlm, flux, aligner
+
+
+def test_cobsat_parts_follow_the_reference_prompt(parts_env):
+    cfg, data, *_ = parts_env
+    prompt = build_prompt(get_task(1), 2, 0)
+    parts = cobsat_parts(prompt, data)
+    assert parts[0] == COBSAT_INSTRUCTION and parts[0].endswith("start the answer with 'Create an image'.\n\n")
+    texts = [p for p in parts[1:] if isinstance(p, str)]
+    assert texts == ["Word 1: blue, ", "\n\nWord 2: brown, ", "\n\nWord 3: orange, "]
+    assert [type(p) for p in parts[1:]] == [str, Image.Image, str, Image.Image, str]
+
+
+def test_exactly_gen_tokens_with_eos_ignored(parts_env):
+    _, _, vlm, *_ = parts_env
+    with torch.no_grad():  # make EOS the likely next token everywhere
+        vlm.model.lm_head.weight[vlm.eos_token_ids[0]] += 50 * vlm.model.model.language_model.norm.weight
+    batch = encode_chat(vlm, [[Image.new("RGB", (56, 56)), "hi"]], "sys")
+    stopped = generate_with_states(vlm, batch, max_new_tokens=20, temperature=0.6, top_p=0.9, seed=0)
+    ignored = generate_with_states(vlm, batch, max_new_tokens=20, temperature=0.6, top_p=0.9, seed=0, ignore_eos=True)
+    assert len(stopped[0].token_ids) < 20
+    assert len(ignored[0].token_ids) == 20 and ignored[0].states_LD.shape == (20, vlm.hidden_size)
+    assert any(t in vlm.eos_token_ids for t in ignored[0].token_ids)
+
+
+def test_aligned_states_drive_flux(parts_env):
+    cfg, data, _, flux, aligner = parts_env
+    vlm = build_tiny_vlm(min_pixels=cfg.features.min_pixels, max_pixels=cfg.features.max_pixels)
+    generator = ThinkDiffGenerator(vlm=vlm, aligner=aligner, flux=flux, cfg=cfg)
+    assert torch.equal(generator.pooled, flux.pooled_clip(""))
+    prompt = build_prompt(get_task(3), 2, 5)
+    a = generator(prompt, data)
+    assert a.size == (cfg.eval.image_size, cfg.eval.image_size)
+    assert np.array_equal(np.asarray(a), np.asarray(generator(prompt, data)))  # seeded
+    # Another aligner (other prompt embeddings), same seed: another picture.
+    torch.manual_seed(1)
+    other = ThinkDiffGenerator(vlm=vlm, aligner=Aligner(AlignerConfig(in_dim=64, out_dim=32)), flux=flux, cfg=cfg)
+    assert not np.array_equal(np.asarray(a), np.asarray(other(prompt, data)))
+
+
+def test_text_bridge_draws_the_vlm_text(parts_env):
+    cfg, data, _, flux, _ = parts_env
+    vlm = build_tiny_vlm(min_pixels=cfg.features.min_pixels, max_pixels=cfg.features.max_pixels)
+    image = TextBridgeGenerator(vlm=vlm, flux=flux, cfg=cfg)(build_prompt(get_task(2), 2, 0), data)
+    assert image.size == (cfg.eval.image_size, cfg.eval.image_size)
+
+
+def test_aligner_for_other_models_is_rejected(parts_env, tmp_path):
+    cfg, *_ = parts_env
+    Aligner(AlignerConfig(in_dim=3584, out_dim=4096)).save_pretrained(tmp_path / "paper")
+    with pytest.raises(ValueError, match=r"maps 3584 -> 4096, but models.vlm has width 64 and models.flux expects 32"):
+        build_generator(cfg, str(tmp_path / "paper"))

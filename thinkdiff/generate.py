@@ -1,0 +1,116 @@
+"""Image generation: interleaved images and text -> VLM -> aligner -> FLUX (REFERENCE.md section 6).
+
+    thinkdiff generate --config tiny --text "red: " --image a.jpg --text "blue: " --out out.png
+
+The VLM answers the prompt with exactly `eval.gen_tokens` sampled tokens (EOS ignored); the
+final-norm states that produced them go through the aligner and become FLUX's `prompt_embeds`,
+with the pooled CLIP embedding of "". The text-bridge baseline instead lets the VLM write a prompt
+(stopping at EOS) and FLUX draw that text through its own encoders.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from thinkdiff.config import RunConfig
+from thinkdiff.eval.cobsat import Prompt, display
+from thinkdiff.eval.dataset import CobsatDataset
+from thinkdiff.models.aligner import Aligner, import_official_checkpoint
+from thinkdiff.models.flux import Flux, load_flux
+from thinkdiff.models.vlm import VLM, PromptPart, encode_chat, generate_with_states, load_vlm
+
+log = logging.getLogger(__name__)
+
+# The instruction ThinkDiff gives Qwen2-VL before the CoBSAT words and pictures (REFERENCE.md 6).
+COBSAT_INSTRUCTION = (
+    "I give you several words and pictures. First, please analyse what the next picture is. Then give me a "
+    "detailed diffusion prompt to describe the next picture. Please only provide me the detailed prompt and "
+    "start the answer with 'Create an image'.\n\n"
+)
+
+
+def cobsat_parts(prompt: Prompt, dataset: CobsatDataset) -> list[PromptPart]:
+    """The VLM's user turn: instruction, then "Word k: {x}, " + demo image ..., the query word last."""
+    parts: list[PromptPart] = [COBSAT_INSTRUCTION]
+    for k, x in enumerate(prompt.x_items):
+        parts.append(f"{'' if k == 0 else chr(10) * 2}Word {k + 1}: {display(x)}, ")
+        if k < len(prompt.x_items) - 1:
+            parts.append(dataset.item(prompt.task, *prompt.pair(x)))
+    return parts
+
+
+def load_aligner_spec(spec: str, cfg: RunConfig) -> Aligner:
+    """An aligner from a directory, an official `.pth`, or `models:/name@alias` / `models:/name/N`."""
+    if spec.endswith((".pth", ".pt")):
+        with tempfile.TemporaryDirectory() as tmp:
+            return Aligner.from_pretrained(import_official_checkpoint(spec, Path(tmp) / "aligner"))
+    from thinkdiff.registry import load_aligner
+
+    return load_aligner(spec, cfg)
+
+
+@dataclass
+class ThinkDiffGenerator:
+    vlm: VLM
+    aligner: Aligner
+    flux: Flux
+    cfg: RunConfig
+
+    def __post_init__(self) -> None:
+        self.aligner.to(self.flux.device).eval()
+        self.pooled = self.flux.pooled_clip("")
+
+    @torch.no_grad()
+    def draw(self, parts: list[PromptPart], seed: int) -> Image.Image:
+        e = self.cfg.eval
+        batch = encode_chat(self.vlm, [parts], self.cfg.features.system_prompt)
+        (sample,) = generate_with_states(self.vlm, batch, max_new_tokens=e.gen_tokens, temperature=e.temperature,
+                                         top_p=e.top_p, seed=seed, ignore_eos=True)
+        embeds_BLD = self.aligner(sample.states_LD.float().unsqueeze(0).to(self.flux.device))
+        return self.flux.draw_embeds(embeds_BLD, self.pooled, steps=e.steps, guidance=e.guidance, size=e.image_size, seed=seed)[0]
+
+    def __call__(self, prompt: Prompt, dataset: CobsatDataset) -> Image.Image:
+        return self.draw(cobsat_parts(prompt, dataset), seed=self.cfg.eval.seed + prompt.index)
+
+
+@dataclass
+class TextBridgeGenerator:
+    """Baseline: the VLM writes a prompt with the same instruction; FLUX draws it with its own encoders."""
+
+    vlm: VLM
+    flux: Flux
+    cfg: RunConfig
+
+    @torch.no_grad()
+    def __call__(self, prompt: Prompt, dataset: CobsatDataset) -> Image.Image:
+        e = self.cfg.eval
+        seed = e.seed + prompt.index
+        batch = encode_chat(self.vlm, [cobsat_parts(prompt, dataset)], self.cfg.features.system_prompt)
+        (sample,) = generate_with_states(self.vlm, batch, max_new_tokens=e.gen_tokens, temperature=e.temperature,
+                                         top_p=e.top_p, seed=seed)
+        text = self.vlm.tokenizer.decode(sample.token_ids, skip_special_tokens=True)
+        return self.flux.draw_text(text, steps=e.steps, guidance=e.guidance, size=e.image_size, seed=seed)
+
+
+def build_generator(cfg: RunConfig, aligner_spec: str | None):
+    """The model-backed generator named by `eval.generator` (thinkdiff or text-bridge)."""
+    f = cfg.features
+    vlm = load_vlm(cfg.models.vlm, min_pixels=f.min_pixels, max_pixels=f.max_pixels)
+    flux = load_flux(cfg.models.flux)
+    if cfg.eval.generator == "text-bridge":
+        return TextBridgeGenerator(vlm=vlm, flux=flux, cfg=cfg)
+    if not aligner_spec:
+        raise ValueError("eval.generator=thinkdiff needs an aligner: a directory, an official .pth or models:/name@alias")
+    aligner = load_aligner_spec(aligner_spec, cfg)
+    if aligner.config.in_dim != vlm.hidden_size or aligner.config.out_dim != flux.joint_dim:
+        raise ValueError(
+            f"aligner {aligner_spec} maps {aligner.config.in_dim} -> {aligner.config.out_dim}, but models.vlm has width "
+            f"{vlm.hidden_size} and models.flux expects {flux.joint_dim}: use an aligner trained for these models"
+        )
+    return ThinkDiffGenerator(vlm=vlm, aligner=aligner, flux=flux, cfg=cfg)
