@@ -196,7 +196,9 @@ class EvalConfig:
     seed: int
     """Seed of generation (plus the prompt index)."""
     judge: str
-    """`synthetic` (reads the synthetic set's factors back)."""
+    """`llava` (the official judge), `qwen2-vl`, or `synthetic` (reads the synthetic set's factors back)."""
+    judge_model: ModelSource
+    """The judge VLM for llava / qwen2-vl (official: llava-hf/llava-1.5-13b-hf); `tiny` builds one offline."""
     synthetic_image_size: int
     """Side in pixels of the synthetic set's images."""
 
@@ -291,7 +293,8 @@ class RunConfig:
         need(1 <= e.limit <= 1000, "eval.limit", e.limit, "use 1..1000 prompts per task and shot")
         generators = ("thinkdiff", "text-bridge", "oracle", "copy-last", "random-theta", "random")
         need(e.generator in generators, "eval.generator", e.generator, f"use one of {', '.join(generators)}")
-        need(e.judge == "synthetic", "eval.judge", e.judge, "use `synthetic` (with eval.dataset=synthetic)")
+        need(e.judge in ("synthetic", "llava", "qwen2-vl"), "eval.judge", e.judge, "use llava, qwen2-vl or synthetic")
+        need(e.judge_model.dtype in DTYPES, "eval.judge_model.dtype", e.judge_model.dtype, f"use one of {', '.join(DTYPES)}")
         need(e.judge != "synthetic" or e.dataset == "synthetic", "eval.judge", e.judge,
              "the synthetic judge reads only the synthetic set's renders; set eval.dataset=synthetic")
         need(e.gen_tokens >= 1, "eval.gen_tokens", e.gen_tokens, "use at least 1 (the paper: 128)")

@@ -14,7 +14,7 @@ from typing import Any
 from thinkdiff import generate, registry
 from thinkdiff.config import RunConfig, fingerprint
 from thinkdiff.data import corpus, extract
-from thinkdiff.eval import dataset, harness
+from thinkdiff.eval import dataset, harness, judge
 from thinkdiff.storage import read_manifest, stage_dir
 from thinkdiff.train import launch, loop
 
@@ -110,7 +110,7 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
         "eval": settings, "generator": identity, "dataset": str(data.root.resolve()),
         "models": {k: v.__dict__ for k, v in cfg.models.__dict__.items()},
     })
-    summary = harness.evaluate(data, generator, harness.synthetic_judge, out_dir, tasks=e.tasks, shots=e.shots, limit=e.limit)
+    summary = harness.evaluate(data, generator, judge.load_judge(cfg), out_dir, tasks=e.tasks, shots=e.shots, limit=e.limit)
     run_id = registry.log_evaluation(cfg, out_dir, summary, ref, identity)
     log.info("CoBSAT (%s):\n%s", identity, summary.table())
     return {"dir": out_dir, "summary": summary, "run_id": run_id, "model": ref}

@@ -22,7 +22,8 @@ from thinkdiff.eval.cobsat import (
     prompt_lists,
 )
 from thinkdiff.eval.dataset import all_item_paths, make_synthetic_dataset, open_dataset, read_factors
-from thinkdiff.eval.harness import BASELINES, evaluate, synthetic_judge
+from thinkdiff.eval.harness import BASELINES, evaluate
+from thinkdiff.eval.judge import synthetic_judge
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from thinkdiff.eval.cobsat import (
     get_task,
     is_correct,
 )
-from thinkdiff.eval.dataset import CobsatDataset, read_factors
+from thinkdiff.eval.dataset import CobsatDataset
 from thinkdiff.plots import plot_cobsat_accuracy, save_sample_grid
 from thinkdiff.storage import atomic_write_bytes, atomic_write_json
 
@@ -75,10 +75,6 @@ BASELINES: dict[str, Generator] = {
     "random-theta": random_theta,
     "random": random_image,
 }
-
-
-def synthetic_judge(image: Image.Image, task: Task) -> tuple[int, int]:
-    return read_factors(image, task)
 
 
 @dataclass
@@ -136,8 +132,10 @@ def evaluate(
     log.info("cobsat: %d prompts to evaluate (%d already in %s)", len(todo), len(done), results_path)
     if not todo and (out_dir / "summary.json").is_file():
         return Summary(**_int_keys(json.loads((out_dir / "summary.json").read_text())))
+    every = max(1, len(todo) // 20)
+    started_all = time.perf_counter()
     with open(results_path, "a") as fh, tqdm(total=len(todo), desc="cobsat", unit="prompt", disable=None) as progress:
-        for prompt in todo:
+        for n, prompt in enumerate(todo, start=1):
             started = time.perf_counter()
             image = generator(prompt, dataset)
             generated = time.perf_counter()
@@ -154,6 +152,9 @@ def evaluate(
             fh.write(json.dumps(row) + "\n")
             fh.flush()
             progress.update(1)
+            if n % every == 0 or n == len(todo):
+                rate = n / (time.perf_counter() - started_all)
+                log.info("cobsat: %d/%d prompts, %.2f prompts/s, ETA %.0fs", n, len(todo), rate, (len(todo) - n) / rate)
     summary = summarize(out_dir)
     save_samples(out_dir, dataset)
     return summary

@@ -1,0 +1,67 @@
+"""Covers: the VLM judges (LLaVA-1.5 layout and Qwen2-VL, tiny offline builds of the real classes)
+ask the two exact questions about each image in one batch, decode only the generated reply and
+parse it by digit concatenation; an evaluation runs end to end with the LLaVA judge."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from PIL import Image
+
+from thinkdiff import pipeline
+from thinkdiff.config import load_config
+from thinkdiff.eval.cobsat import get_task, judge_questions
+from thinkdiff.eval.judge import LLAVA_IMAGE, Qwen2VLJudge, build_tiny_llava_judge
+from thinkdiff.models.vlm import build_tiny_vlm
+
+IMAGE = Image.new("RGB", (64, 64), (200, 30, 30))
+
+
+def scripted(tokenizer, model, replies):
+    """Make model.generate append fixed replies (what a judge model would answer)."""
+
+    def generate(input_ids, **kwargs):
+        tails = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in replies]
+        width = max(len(t) for t in tails)
+        pad = tokenizer.pad_token_id
+        tails = torch.tensor([t + [pad] * (width - len(t)) for t in tails])
+        return torch.cat([input_ids, tails], dim=1)
+
+    model.generate = generate
+
+
+def test_llava_judge_asks_both_exact_questions():
+    judge = build_tiny_llava_judge()
+    task = get_task(4)
+    batch = judge.inputs(IMAGE, task)
+    texts = judge.processor.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=False)
+    for text, question in zip(texts, judge_questions(task), strict=True):
+        assert f"USER: {LLAVA_IMAGE * 4}\n{question} ASSISTANT:" in text
+    assert batch["pixel_values"].shape[0] == 2
+    detail, obj = judge(IMAGE, task)  # the random tiny model answers something; parsed to -1..10
+    assert -1 <= detail <= 10 and -1 <= obj <= 10
+
+
+def test_llava_judge_parses_replies():
+    judge = build_tiny_llava_judge()
+    scripted(judge.processor.tokenizer, judge.model, ["(3)", "1 0"])
+    assert judge(IMAGE, get_task(1)) == (3, 10)
+    scripted(judge.processor.tokenizer, judge.model, ["none", "11"])
+    assert judge(IMAGE, get_task(1)) == (-1, -1)
+
+
+def test_qwen2vl_judge():
+    vlm = build_tiny_vlm(min_pixels=3136, max_pixels=3136)
+    judge = Qwen2VLJudge(vlm, "You are a helpful assistant.")
+    scripted(vlm.tokenizer, vlm.model, ["7", "Answer: 2"])
+    assert judge(IMAGE, get_task(9)) == (7, 2)
+
+
+def test_evaluation_with_the_llava_judge(tmp_path):
+    cfg = load_config("tiny", [f"paths.root={tmp_path}", "eval.generator=oracle", "eval.judge=llava",
+                               "eval.limit=2", "eval.tasks=[1]", "eval.shots=[2]"])
+    result = pipeline.evaluate_cobsat(cfg)
+    rows = [json.loads(line) for line in (result["dir"] / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(-1 <= r["detail"] <= 10 and -1 <= r["object"] <= 10 for r in rows)
+    assert result["summary"].judge_s_per_prompt > 0

@@ -1,0 +1,127 @@
+"""CoBSAT judges: a VLM asked the two exact questions (greedy), or the synthetic set's reader.
+
+The official judge is LLaVA-1.5-13B (`llava-hf/llava-1.5-13b-hf` through transformers); Qwen2-VL
+is an option. Each image gets the detail question and the object question in one batch; the
+replies are parsed by digit concatenation (COBSAT.md), so "(3)" and "3" both read as option 3.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import (
+    AutoProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from thinkdiff.config import TINY_MODEL_ID, ModelSource, RunConfig
+from thinkdiff.eval.cobsat import Task, judge_questions, parse_answer
+from thinkdiff.eval.dataset import read_factors
+from thinkdiff.models.common import default_device, torch_dtype
+from thinkdiff.models.vlm import VLM, build_tiny_qwen_tokenizer, encode_chat, load_vlm
+
+log = logging.getLogger(__name__)
+
+MAX_ANSWER_TOKENS = 8
+LLAVA_IMAGE = "<image>"
+
+
+def synthetic_judge(image: Image.Image, task: Task) -> tuple[int, int]:
+    """Reads the factors of the synthetic set's renders back (exact on clean renders)."""
+    return read_factors(image, task)
+
+
+@dataclass
+class LlavaJudge:
+    model: LlavaForConditionalGeneration
+    processor: LlavaProcessor
+
+    def inputs(self, image: Image.Image, task: Task) -> dict[str, torch.Tensor]:
+        """Both questions about one image, left-padded, in LLaVA-1.5's conversation format."""
+        texts = [f"USER: {LLAVA_IMAGE}\n{question} ASSISTANT:" for question in judge_questions(task)]
+        batch = self.processor(images=[image, image], text=texts, padding=True, return_tensors="pt")
+        device, dtype = self.model.device, self.model.dtype
+        return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def __call__(self, image: Image.Image, task: Task) -> tuple[int, int]:
+        batch = self.inputs(image, task)
+        out = self.model.generate(**batch, do_sample=False, max_new_tokens=MAX_ANSWER_TOKENS,
+                                  pad_token_id=self.processor.tokenizer.pad_token_id)
+        replies = self.processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        detail, obj = (parse_answer(r) for r in replies)
+        return detail, obj
+
+
+@dataclass
+class Qwen2VLJudge:
+    vlm: VLM
+    system_prompt: str
+
+    @torch.no_grad()
+    def __call__(self, image: Image.Image, task: Task) -> tuple[int, int]:
+        batch = encode_chat(self.vlm, [[image, question] for question in judge_questions(task)], self.system_prompt)
+        out = self.vlm.model.generate(**batch, do_sample=False, max_new_tokens=MAX_ANSWER_TOKENS,
+                                      eos_token_id=self.vlm.eos_token_ids, pad_token_id=self.vlm.pad_token_id)
+        replies = self.vlm.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        detail, obj = (parse_answer(r) for r in replies)
+        return detail, obj
+
+
+def load_judge(cfg: RunConfig):
+    """The judge named by `eval.judge` (synthetic, llava or qwen2-vl) with `eval.judge_model`."""
+    e = cfg.eval
+    if e.judge == "synthetic":
+        return synthetic_judge
+    if e.judge == "qwen2-vl":
+        f = cfg.features
+        return Qwen2VLJudge(load_vlm(e.judge_model, min_pixels=f.min_pixels, max_pixels=f.max_pixels), f.system_prompt)
+    return load_llava_judge(e.judge_model)
+
+
+def load_llava_judge(src: ModelSource, device: torch.device | None = None) -> LlavaJudge:
+    device = device or default_device()
+    if src.id == TINY_MODEL_ID:
+        judge = build_tiny_llava_judge()
+        judge.model.to(device)
+        return judge
+    revision = None if Path(src.id).is_dir() else src.revision
+    log.info("loading judge %s (revision %s, %s)", src.id, revision, src.dtype)
+    model = LlavaForConditionalGeneration.from_pretrained(src.id, revision=revision, dtype=torch_dtype(src.dtype))
+    processor = AutoProcessor.from_pretrained(src.id, revision=revision)
+    processor.tokenizer.padding_side = "left"
+    return LlavaJudge(model=model.to(device).eval(), processor=processor)
+
+
+def build_tiny_llava_judge(seed: int = 0) -> LlavaJudge:
+    """LlavaForConditionalGeneration with small dims and fixed random weights, offline tokenizer."""
+    tokenizer = build_tiny_qwen_tokenizer()
+    tokenizer.add_tokens([LLAVA_IMAGE], special_tokens=True)
+    tokenizer.padding_side = "left"
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy="default", image_token=LLAVA_IMAGE,
+                               num_additional_image_tokens=1)  # the CLS token, dropped by the "default" strategy
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                                       image_size=28, patch_size=14, projection_dim=32),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id),
+        image_token_index=tokenizer.convert_tokens_to_ids(LLAVA_IMAGE),
+        image_seq_length=4,
+        vision_feature_select_strategy="default",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    return LlavaJudge(model=model.eval(), processor=processor)
