@@ -23,3 +23,19 @@ if not any(isinstance(h, APILogHandler) for h in _library_logger.handlers):
     _handler = APILogHandler()
     _handler.addFilter(_InsideRunsOnly())
     _library_logger.addHandler(_handler)
+
+
+def retry_on(*transient: type[BaseException]):
+    """A `retry_condition_fn` that retries only failures of the given (transient) types; anything else
+    would fail the same way again."""
+
+    def condition(task, task_run, state) -> bool:
+        try:
+            state.result()
+        except transient:
+            return True
+        except Exception:  # noqa: BLE001 - every other failure is final
+            return False
+        return False
+
+    return condition

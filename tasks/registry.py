@@ -2,23 +2,14 @@ from __future__ import annotations
 
 from prefect import task
 
+from tasks import retry_on
 from thinkdiff import pipeline
 from thinkdiff.config import load_config
 from thinkdiff.registry import TrackingUnavailableError
 
 
-def retry_if_tracking_unavailable(task, task_run, state) -> bool:
-    """A tracking server that is down may come back; anything else fails the same way again."""
-    try:
-        state.result()
-    except TrackingUnavailableError:
-        return True
-    except Exception:  # noqa: BLE001 - any other failure is final
-        return False
-    return False
-
-
-@task(name="register-aligner", retries=1, retry_delay_seconds=15, retry_condition_fn=retry_if_tracking_unavailable)
+# A tracking server that is down may come back; anything else fails the same way again.
+@task(name="register-aligner", retries=1, retry_delay_seconds=15, retry_condition_fn=retry_on(TrackingUnavailableError))
 def register_checkpoint_task(config: str, overrides: list[str]) -> str:
     return pipeline.register_checkpoint(load_config(config, overrides)).uri
 
