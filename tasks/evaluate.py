@@ -9,6 +9,8 @@ from thinkdiff.config import load_config
 @task(name="evaluate-cobsat", tags=["gpu"], timeout_seconds=12 * 3600)
 def evaluate_cobsat_task(config: str, overrides: list[str], model: str | None) -> dict[str, str]:
     result = pipeline.evaluate_cobsat(load_config(config, overrides), model=model)
+    if result.get("skipped"):
+        return {"results": "", "mlflow_run": "", "table": result["skipped"]}
     return {"results": str(result["dir"]), "mlflow_run": result["run_id"], "table": result["summary"].table()}
 
 

@@ -8,6 +8,7 @@
     thinkdiff registry promote --config tiny --version candidate
     thinkdiff cobsat prompts --task 1 --shot 2 --limit 5
     thinkdiff cobsat eval --config tiny eval.generator=copy-last
+    thinkdiff compose --config tiny-clip --image a.jpg --image b.jpg --text "on a beach" --out out.png
     thinkdiff aligner import-official IN.pth OUT_DIR
 """
 
@@ -83,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aligner", help="models:/name@alias, a directory or an official .pth (default: eval.aligner, then this config's own)")
     p.add_argument("--out", type=Path, required=True, help="where to write the PNG")
 
+    p = sub.add_parser("compose", help="ThinkDiff-CLIP: any number of images and an optional text -> one FLUX image")
+    _add_config_args(p)
+    p.add_argument("--image", dest="images", action="append", type=Path, required=True, help="an input image (repeatable)")
+    p.add_argument("--text", help="optional text, embedded by FLUX's own T5 after the image tokens")
+    p.add_argument("--aligner", help="models:/name@alias or a directory (default: eval.aligner, then this config's own)")
+    p.add_argument("--out", type=Path, required=True, help="output PNG; a side-by-side sheet goes next to it (.sheet.png)")
+
     p = sub.add_parser("aligner", help="aligner checkpoint tools")
     aligner_sub = p.add_subparsers(dest="aligner_command", required=True, metavar="ACTION")
     q = aligner_sub.add_parser("import-official", help="convert the released .pth aligner to config.json + model.safetensors")
@@ -153,6 +161,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         image = generator.draw(parts, seed=cfg.eval.seed)
         image.save(args.out)
         print(args.out)
+    elif args.command == "compose":
+        from thinkdiff.generate import build_composer
+        from thinkdiff.plots import save_sample_grid
+
+        composer = build_composer(cfg, args.aligner or cfg.eval.aligner or str(pipeline.trained_aligner_dir(cfg)))
+        inputs = [Image.open(path).convert("RGB") for path in args.images]
+        image = composer.compose(inputs, args.text, seed=cfg.eval.seed)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        image.save(args.out)
+        sheet = save_sample_grid([(inputs + [image], f"{' + '.join(p.name for p in args.images)} + {args.text or ''!r}")],
+                                 args.out.with_suffix(".sheet.png"))
+        print(f"{args.out}\n{sheet}")
     elif args.command == "train":
         result = pipeline.train_aligner(cfg, features_dir=args.features, run_dir=args.out)
         print(result.aligner_dir)

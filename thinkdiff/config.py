@@ -48,6 +48,8 @@ class ModelsConfig:
     """The frozen encoder-decoder whose decoder supervises the aligner (Flan-T5)."""
     flux: ModelSource
     """The diffusion model that consumes aligned features at inference (FLUX.1)."""
+    vision: ModelSource
+    """ThinkDiff-CLIP only: the vision tower (BLIP-2's EVA-CLIP ViT-g/14, or any CLIP vision model)."""
 
 
 @dataclass(kw_only=True)
@@ -111,7 +113,9 @@ class FeaturesConfig:
     max_pixels: int
     """Qwen2-VL image processor: largest image area after resizing (448*448 = 200704 for the paper)."""
     batch_size: int
-    """Images per generate() call."""
+    """Images per generate() call (LVLM) or per vision forward (CLIP)."""
+    vision_image_size: int
+    """ThinkDiff-CLIP only: input side of the vision tower (224 for BLIP-2)."""
     seed: int
     """Seed for instruction choice and sampling (combined with the shard index, so reruns are equal)."""
 
@@ -138,6 +142,8 @@ class TrainConfig:
     """Upper bound of the masked split s ~ UniformInt[1, min(L-1, max_source_rows)]."""
     max_target_tokens: int
     """T5 target length after re-tokenization (with </s>); longer targets are truncated."""
+    max_prefix_tokens: int
+    """ThinkDiff-CLIP only: T5 encoder length of caption part 1 (the paper: 32)."""
     mixed_precision: str
     """`bf16` autocast (GPU only; the aligner stays fp32) or `no`."""
     checkpoint_every: int
@@ -207,6 +213,8 @@ class EvalConfig:
 class RunConfig:
     preset: str
     """Name of the preset this config came from (informational)."""
+    variant: str
+    """`lvlm` (ThinkDiff-LVLM: generated-token states of a VLM) or `clip` (ThinkDiff-CLIP: vision tokens)."""
     paths: PathsConfig
     models: ModelsConfig
     corpus: CorpusConfig
@@ -229,7 +237,8 @@ class RunConfig:
             if not ok:
                 problems.append(f"{key}={value!r}: {fix}")
 
-        for name in ("vlm", "t5", "flux"):
+        need(self.variant in ("lvlm", "clip"), "variant", self.variant, "use lvlm or clip")
+        for name in ("vlm", "t5", "flux", "vision"):
             src: ModelSource = getattr(self.models, name)
             need(bool(src.id.strip()), f"models.{name}.id", src.id, "give a Hugging Face id, a local directory or `tiny`")
             need(src.dtype in DTYPES, f"models.{name}.dtype", src.dtype, f"use one of {', '.join(DTYPES)}")
@@ -263,6 +272,7 @@ class RunConfig:
         need(28 * 28 <= f.min_pixels <= f.max_pixels, "features.min_pixels", f.min_pixels,
              "use 784 (28*28) <= min_pixels <= features.max_pixels")
         need(f.batch_size >= 1, "features.batch_size", f.batch_size, "use at least 1")
+        need(f.vision_image_size >= 28, "features.vision_image_size", f.vision_image_size, "use at least 28 (two patches of 14)")
 
         t = self.train
         need(t.batch_size >= 1, "train.batch_size", t.batch_size, "use at least 1")
@@ -279,6 +289,7 @@ class RunConfig:
              f"the feature store keeps only features.max_feature_rows={f.max_feature_rows} rows; "
              "lower train.max_source_rows or raise features.max_feature_rows")
         need(t.max_target_tokens >= 2, "train.max_target_tokens", t.max_target_tokens, "use at least 2")
+        need(t.max_prefix_tokens >= 1, "train.max_prefix_tokens", t.max_prefix_tokens, "use at least 1 (the paper: 32)")
         need(t.mixed_precision in ("no", "bf16"), "train.mixed_precision", t.mixed_precision, "use `bf16` or `no`")
         need(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "use at least 1")
         need(t.keep_last >= 1, "train.keep_last", t.keep_last, "use at least 1 (the latest checkpoint is needed to resume)")

@@ -1,6 +1,7 @@
 """Image generation: interleaved images and text -> VLM -> aligner -> FLUX (REFERENCE.md section 6).
 
     thinkdiff generate --config tiny --text "red: " --image a.jpg --text "blue: " --out out.png
+    thinkdiff compose --config tiny-clip --image dog.jpg --image style.jpg --text "on a beach" --out out.png
 
 The VLM answers the prompt with exactly `eval.gen_tokens` sampled tokens (EOS ignored); the
 final-norm states that produced them go through the aligner and become FLUX's `prompt_embeds`,
@@ -23,6 +24,7 @@ from thinkdiff.eval.cobsat import Prompt, display
 from thinkdiff.eval.dataset import CobsatDataset
 from thinkdiff.models.aligner import Aligner, import_official_checkpoint
 from thinkdiff.models.flux import Flux, load_flux
+from thinkdiff.models.vision import VisionEncoder, load_vision
 from thinkdiff.models.vlm import VLM, PromptPart, encode_chat, generate_with_states, load_vlm
 
 log = logging.getLogger(__name__)
@@ -114,3 +116,44 @@ def build_generator(cfg: RunConfig, aligner_spec: str | None):
             f"{vlm.hidden_size} and models.flux expects {flux.joint_dim}: use an aligner trained for these models"
         )
     return ThinkDiffGenerator(vlm=vlm, aligner=aligner, flux=flux, cfg=cfg)
+
+
+@dataclass
+class Composer:
+    """ThinkDiff-CLIP inference: `prompt_embeds = [aligner(img_1) ; ... ; FLUX's T5 embedding of the
+    text]`, pooled CLIP from the text (or ""); REFERENCE.md section 6."""
+
+    vision: VisionEncoder
+    aligner: Aligner
+    flux: Flux
+    cfg: RunConfig
+
+    def __post_init__(self) -> None:
+        self.aligner.to(self.flux.device).eval()
+
+    @torch.no_grad()
+    def prompt_embeds(self, images: list[Image.Image], text: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, n_images * T + L_text, D) prompt embeddings and the (1, D_clip) pooled embedding."""
+        tokens_BTD = self.vision.tokens(images).to(self.flux.device)
+        aligned_1ND = self.aligner(tokens_BTD).reshape(1, -1, self.aligner.config.out_dim).to(self.flux.dtype)
+        if not text:
+            return aligned_1ND, self.flux.pooled_clip("")
+        text_1LD, pooled, _ = self.flux.pipe.encode_prompt(prompt=text, prompt_2=text, device=self.flux.device)
+        return torch.cat([aligned_1ND, text_1LD.to(aligned_1ND.dtype)], dim=1), pooled
+
+    def compose(self, images: list[Image.Image], text: str | None, seed: int) -> Image.Image:
+        e = self.cfg.eval
+        embeds, pooled = self.prompt_embeds(images, text)
+        return self.flux.draw_embeds(embeds, pooled, steps=e.steps, guidance=e.guidance, size=e.image_size, seed=seed)[0]
+
+
+def build_composer(cfg: RunConfig, aligner_spec: str) -> Composer:
+    vision = load_vision(cfg.models.vision, image_size=cfg.features.vision_image_size)
+    flux = load_flux(cfg.models.flux)
+    aligner = load_aligner_spec(aligner_spec, cfg)
+    if aligner.config.in_dim != vision.hidden_size or aligner.config.out_dim != flux.joint_dim:
+        raise ValueError(
+            f"aligner {aligner_spec} maps {aligner.config.in_dim} -> {aligner.config.out_dim}, but models.vision has width "
+            f"{vision.hidden_size} and models.flux expects {flux.joint_dim}: use a ThinkDiff-CLIP aligner for these models"
+        )
+    return Composer(vision=vision, aligner=aligner, flux=flux, cfg=cfg)

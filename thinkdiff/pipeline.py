@@ -90,6 +90,10 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
     version it names now, so results are logged against that version.
     """
     e = cfg.eval
+    if cfg.variant == "clip":
+        note = "CoBSAT scores ThinkDiff-LVLM; skipped for variant clip (use `thinkdiff compose`)"
+        log.info(note)
+        return {"dir": None, "summary": None, "run_id": None, "model": None, "skipped": note}
     if e.dataset == "synthetic":
         data = dataset.make_synthetic_dataset(Path(cfg.paths.root) / "cobsat-synthetic", e.synthetic_image_size)
     else:

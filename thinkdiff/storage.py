@@ -59,7 +59,8 @@ def features_fingerprint(cfg: RunConfig) -> str:
         "schema": FEATURES_SCHEMA_VERSION,
         "corpus": corpus_fingerprint(cfg),
         "features": cfg.features.__dict__,
-        "vlm": cfg.models.vlm.__dict__,
+        "variant": cfg.variant,
+        "model": (cfg.models.vision if cfg.variant == "clip" else cfg.models.vlm).__dict__,
     })
 
 
@@ -70,6 +71,7 @@ def train_fingerprint(cfg: RunConfig) -> str:
         "schema": TRAIN_SCHEMA_VERSION,
         "features": features_fingerprint(cfg),
         "train": train,
+        "variant": cfg.variant,
         "t5": cfg.models.t5.__dict__,
     })
 

@@ -18,7 +18,7 @@ from thinkdiff.models.aligner import Aligner, AlignerConfig
 from thinkdiff.models.t5 import IGNORE_INDEX
 from thinkdiff.models.vlm import build_tiny_qwen_tokenizer
 from thinkdiff.train.checkpoint import list_checkpoints, load_trainer_state, read_meta
-from thinkdiff.train.data import MaskedSplitCollator, Sample, SampleStream, StreamPosition, take
+from thinkdiff.train.data import MaskedSplitCollator, Sample, SampleStream, StreamPosition, lvlm_usable, take
 from thinkdiff.train.loop import lr_multiplier, param_groups, train_aligner
 
 
@@ -68,13 +68,13 @@ def test_masked_split_collate():
 def test_stream_resumes_at_saved_position_across_epochs(tiny_store):
     _, features_dir = tiny_store
     store = FeatureStore(features_dir)
-    stream = SampleStream(store, seed=0, position=StreamPosition())
+    stream = SampleStream(store, seed=0, position=StreamPosition(), usable=lvlm_usable)
     it = iter(stream)
     first = take(it, 30)
     saved = StreamPosition(stream.position.epoch, stream.position.index)
     rest = take(it, 70)  # crosses into the next epochs (40 samples per epoch)
     assert stream.position.epoch >= 2
-    resumed = take(iter(SampleStream(store, seed=0, position=saved)), 70)
+    resumed = take(iter(SampleStream(store, seed=0, position=saved, usable=lvlm_usable)), 70)
     assert [s.token_ids for s in resumed] == [s.token_ids for s in rest]
     assert all(torch.equal(a.features_LD, b.features_LD) for a, b in zip(resumed, rest, strict=True))
     # An epoch is a permutation of the store; the next epoch is another permutation.

@@ -66,6 +66,8 @@ class CorpusImage:
     key: str
     image: Image.Image | None
     """None when the bytes could not be decoded; `error` says why."""
+    caption: str = ""
+    """The url list's caption (ThinkDiff-CLIP trains on it; the LVLM variant ignores it)."""
     error: str | None = None
 
 
@@ -308,13 +310,16 @@ def read_corpus_shard(path: Path) -> Iterator[CorpusImage]:
     needed = {"key", "jpg", "status"}
     if not needed <= names:
         raise DataContractError(f"{path}: corpus shard lacks columns {sorted(needed - names)}; expected img2dataset parquet output")
-    for batch in parquet.iter_batches(columns=["key", "status", "jpg"], batch_size=64):
-        for key, status, data in zip(*(batch.column(i).to_pylist() for i in range(3)), strict=True):
+    columns = ["key", "status", "jpg"] + (["caption"] if "caption" in names else [])
+    for batch in parquet.iter_batches(columns=columns, batch_size=64):
+        rows = batch.to_pydict()
+        captions = rows.get("caption") or [""] * batch.num_rows
+        for key, status, data, caption in zip(rows["key"], rows["status"], rows["jpg"], captions, strict=True):
             if status != "success":
                 continue
             try:
                 image = Image.open(io.BytesIO(data))
                 image.load()
-                yield CorpusImage(key=key, image=image.convert("RGB"))
+                yield CorpusImage(key=key, image=image.convert("RGB"), caption=caption or "")
             except Exception as err:  # noqa: BLE001 - PIL raises many types for corrupt data
-                yield CorpusImage(key=key, image=None, error=f"{type(err).__name__}: {err}")
+                yield CorpusImage(key=key, image=None, caption=caption or "", error=f"{type(err).__name__}: {err}")

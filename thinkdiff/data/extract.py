@@ -2,9 +2,10 @@
 
     thinkdiff features --config tiny
 
-For each image: a chat prompt with an instruction drawn by a seeded RNG keyed by the image key,
-sampled generation (temperature, top_p, max_new_tokens from config), then one teacher-forced pass
-for the final-norm states (REFERENCE.md section 4). One corpus shard becomes one feature shard;
+ThinkDiff-LVLM, for each image: a chat prompt with an instruction drawn by a seeded RNG keyed by
+the image key, sampled generation (temperature, top_p, max_new_tokens from config), then one
+teacher-forced pass for the final-norm states (REFERENCE.md section 4). ThinkDiff-CLIP: the vision
+tower's CLS + downsampled patch tokens, stored with the url list's caption. One corpus shard becomes one feature shard;
 finished shards are skipped, so a killed run resumes at the first missing one.
 """
 
@@ -23,6 +24,7 @@ from tqdm import tqdm
 from thinkdiff.config import RunConfig
 from thinkdiff.data.corpus import CorpusImage, corpus_shards, read_corpus_shard
 from thinkdiff.data.features import (
+    FEATURE_KIND_CLIP,
     FEATURE_KIND_LVLM,
     FeatureRecord,
     FeatureStoreInfo,
@@ -31,6 +33,7 @@ from thinkdiff.data.features import (
     write_feature_shard,
 )
 from thinkdiff.errors import DataContractError
+from thinkdiff.models.vision import VisionEncoder, load_vision
 from thinkdiff.models.vlm import VLM, encode_chat, generate_with_states, load_vlm
 from thinkdiff.storage import (
     FEATURES_SCHEMA_VERSION,
@@ -52,43 +55,60 @@ def feature_shard_path(out_dir: Path, corpus_shard: Path) -> Path:
     return out_dir / f"part-{corpus_shard.stem}.parquet"
 
 
-def store_info(cfg: RunConfig, vlm: VLM) -> FeatureStoreInfo:
+Extractor = VLM | VisionEncoder
+
+
+def store_info(cfg: RunConfig, model: Extractor) -> FeatureStoreInfo:
     return FeatureStoreInfo(
         schema_version=FEATURES_SCHEMA_VERSION,
-        feature_kind=FEATURE_KIND_LVLM,
+        feature_kind=FEATURE_KIND_CLIP if isinstance(model, VisionEncoder) else FEATURE_KIND_LVLM,
         dtype=cfg.features.storage_dtype,
-        dim=vlm.hidden_size,
-        model_id=vlm.model_id,
-        model_revision=vlm.revision,
+        dim=model.hidden_size,
+        model_id=model.model_id,
+        model_revision=model.revision,
         max_feature_rows=cfg.features.max_feature_rows,
     )
 
 
-def extract_shard(cfg: RunConfig, vlm: VLM, corpus_shard: Path, out_path: Path, progress: tqdm | None = None) -> Path:
-    """Caption every decodable image of one corpus shard and write one feature shard atomically."""
+def _lvlm_records(cfg: RunConfig, vlm: VLM, items: list[CorpusImage], seed: int) -> list[FeatureRecord]:
+    """Caption with the VLM; keep the producing state of every generated token."""
     f = cfg.features
-    info = store_info(cfg, vlm)
+    instructions = [pick_instruction(f.instructions, f.seed, item.key) for item in items]
+    # One generation at a time per process: the model is shared, and seeding uses the global RNG.
+    with _GENERATE_LOCK:
+        batch = encode_chat(vlm, [[item.image, ins] for item, ins in zip(items, instructions, strict=True)], f.system_prompt)
+        samples = generate_with_states(vlm, batch, max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_p=f.top_p, seed=seed)
+    return [
+        FeatureRecord(key=item.key, instruction=instruction, text=vlm.tokenizer.decode(sample.token_ids, skip_special_tokens=True),
+                      token_ids=sample.token_ids, features_LD=sample.states_LD)
+        for item, instruction, sample in zip(items, instructions, samples, strict=True)
+    ]
+
+
+def _clip_records(cfg: RunConfig, vision: VisionEncoder, items: list[CorpusImage]) -> list[FeatureRecord]:
+    """Vision tokens (CLS + downsampled grid) with the url list's own caption."""
+    with _GENERATE_LOCK:
+        tokens_BTD = vision.tokens([item.image for item in items])
+    if tokens_BTD.shape[1] > cfg.features.max_feature_rows:
+        raise ValueError(f"features.max_feature_rows={cfg.features.max_feature_rows} keeps fewer rows than the "
+                         f"{tokens_BTD.shape[1]} vision tokens per image; raise it")
+    return [FeatureRecord(key=item.key, instruction="", text=item.caption, token_ids=[], features_LD=tokens_BTD[i])
+            for i, item in enumerate(items)]
+
+
+def extract_shard(cfg: RunConfig, model: Extractor, corpus_shard: Path, out_path: Path, progress: tqdm | None = None) -> Path:
+    """Every decodable image of one corpus shard -> one feature shard, written atomically."""
+    f = cfg.features
     records: list[FeatureRecord] = []
     failures: list[dict] = []
     pending: list[CorpusImage] = []
 
     def flush(batch_index: int) -> None:
-        instructions = [pick_instruction(f.instructions, f.seed, item.key) for item in pending]
-        seed = zlib.crc32(f"{f.seed}:{corpus_shard.name}:{batch_index}".encode())
-        # One generation at a time per process: the model is shared, and seeding uses the global RNG.
-        with _GENERATE_LOCK:
-            batch = encode_chat(vlm, [[item.image, ins] for item, ins in zip(pending, instructions, strict=True)], f.system_prompt)
-            samples = generate_with_states(
-                vlm, batch, max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_p=f.top_p, seed=seed
-            )
-        for item, instruction, sample in zip(pending, instructions, samples, strict=True):
-            records.append(FeatureRecord(
-                key=item.key,
-                instruction=instruction,
-                text=vlm.tokenizer.decode(sample.token_ids, skip_special_tokens=True),
-                token_ids=sample.token_ids,
-                features_LD=sample.states_LD,
-            ))
+        if isinstance(model, VisionEncoder):
+            records.extend(_clip_records(cfg, model, pending))
+        else:
+            seed = zlib.crc32(f"{f.seed}:{corpus_shard.name}:{batch_index}".encode())
+            records.extend(_lvlm_records(cfg, model, pending, seed))
         if progress is not None:
             progress.update(len(pending))
         pending.clear()
@@ -105,7 +125,7 @@ def extract_shard(cfg: RunConfig, vlm: VLM, corpus_shard: Path, out_path: Path, 
             batch_index += 1
     if pending:
         flush(batch_index)
-    return write_feature_shard(out_path, records, info, failures)
+    return write_feature_shard(out_path, records, store_info(cfg, model), failures)
 
 
 def pending_feature_shards(corpus_dir: Path, out_dir: Path) -> list[Path]:
@@ -123,7 +143,7 @@ def extract_feature_shard(cfg: RunConfig, corpus_shard: Path, out_dir: Path, pro
         return out_path
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    path = extract_shard(cfg, shared_vlm(cfg), corpus_shard, out_path, progress)
+    path = extract_shard(cfg, shared_extractor(cfg), corpus_shard, out_path, progress)
     log.info("features: wrote %s in %.1fs", path.name, time.perf_counter() - started)
     return path
 
@@ -178,16 +198,21 @@ def extract_features(cfg: RunConfig, corpus_dir: Path, out_dir: Path) -> Path:
     return finalize_features(cfg, corpus_dir, out_dir)
 
 
-_VLMS: dict[tuple, VLM] = {}
-_VLM_LOCK = threading.Lock()
+_EXTRACTORS: dict[tuple, Extractor] = {}
+_LOAD_LOCK = threading.Lock()
 _GENERATE_LOCK = threading.Lock()
 
 
-def shared_vlm(cfg: RunConfig) -> VLM:
-    """The VLM of `cfg`, loaded once per process (mapped shard tasks share it)."""
-    f, src = cfg.features, cfg.models.vlm
-    key = (src.id, src.revision, src.dtype, f.min_pixels, f.max_pixels)
-    with _VLM_LOCK:
-        if key not in _VLMS:
-            _VLMS[key] = load_vlm(src, min_pixels=f.min_pixels, max_pixels=f.max_pixels)
-        return _VLMS[key]
+def shared_extractor(cfg: RunConfig) -> Extractor:
+    """The feature model of `cfg` (the VLM, or the vision tower for ThinkDiff-CLIP), loaded once per
+    process: mapped shard tasks share it."""
+    f = cfg.features
+    src = cfg.models.vision if cfg.variant == "clip" else cfg.models.vlm
+    key = (cfg.variant, src.id, src.revision, src.dtype, f.min_pixels, f.max_pixels, f.vision_image_size)
+    with _LOAD_LOCK:
+        if key not in _EXTRACTORS:
+            if cfg.variant == "clip":
+                _EXTRACTORS[key] = load_vision(src, image_size=f.vision_image_size)
+            else:
+                _EXTRACTORS[key] = load_vlm(src, min_pixels=f.min_pixels, max_pixels=f.max_pixels)
+        return _EXTRACTORS[key]

@@ -39,6 +39,7 @@ from thinkdiff.storage import FEATURES_SCHEMA_VERSION, read_manifest, temp_path_
 log = logging.getLogger(__name__)
 
 FEATURE_KIND_LVLM = "lvlm-generated-final-norm"
+FEATURE_KIND_CLIP = "clip-vision-cls-grid"
 _META_PREFIX = "thinkdiff."
 # Stored as raw bits of this width; torch reinterprets them as the feature dtype.
 _BITS = {"bfloat16": (torch.int16, np.int16), "float16": (torch.int16, np.int16), "float32": (torch.int32, np.int32)}

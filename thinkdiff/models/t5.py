@@ -83,12 +83,15 @@ class T5Parts:
     tokenizer: PreTrainedTokenizerBase
     encoder_final_norm: torch.Tensor
     """The T5 encoder's final_layer_norm weight (D,), fp32 on CPU: the aligner norm's init."""
+    encoder: nn.Module | None
+    """The frozen T5 encoder stack, kept only for ThinkDiff-CLIP (it encodes caption part 1)."""
     model_id: str
     revision: str
 
 
-def load_t5(src: ModelSource, *, device: torch.device | None = None) -> T5Parts:
-    """Load T5 by Hugging Face id or local directory (`tiny`: same class, random-init), keep the decoder."""
+def load_t5(src: ModelSource, *, device: torch.device | None = None, keep_encoder: bool = False) -> T5Parts:
+    """Load T5 by Hugging Face id or local directory (`tiny`: same class, random-init), keep the decoder
+    (and, for ThinkDiff-CLIP, the encoder)."""
     device = device or default_device()
     if src.id == TINY_MODEL_ID:
         model, tokenizer, revision = build_tiny_t5(), ByT5Tokenizer(), TINY_REVISION
@@ -102,11 +105,13 @@ def load_t5(src: ModelSource, *, device: torch.device | None = None) -> T5Parts:
         revision = src.revision if revision else "local"
     norm = model.encoder.final_layer_norm.weight.detach().float().cpu().clone()
     decoder_lm = T5DecoderLM(model)
-    # Drop the encoder (about half of flan-t5-xxl) before anything moves to the GPU.
+    encoder = model.encoder.eval().requires_grad_(False).to(device=device, dtype=torch_dtype(src.dtype)) if keep_encoder else None
+    # Otherwise the encoder (about half of flan-t5-xxl) is dropped before anything moves to the GPU.
     del model
     gc.collect()
     decoder_lm.to(device=device, dtype=torch_dtype(src.dtype))
-    return T5Parts(decoder_lm=decoder_lm, tokenizer=tokenizer, encoder_final_norm=norm, model_id=src.id, revision=revision)
+    return T5Parts(decoder_lm=decoder_lm, tokenizer=tokenizer, encoder_final_norm=norm, encoder=encoder,
+                   model_id=src.id, revision=revision)
 
 
 def build_tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:

@@ -41,7 +41,16 @@ from thinkdiff.train.checkpoint import (
     remove_partial_checkpoints,
     save_checkpoint,
 )
-from thinkdiff.train.data import MaskedSplitCollator, SampleStream, StreamPosition, take
+from thinkdiff.train.data import (
+    Batch,
+    CaptionSplitCollator,
+    MaskedSplitCollator,
+    SampleStream,
+    StreamPosition,
+    clip_usable,
+    lvlm_usable,
+    take,
+)
 from thinkdiff.train.engine import make_accelerator
 
 log = logging.getLogger(__name__)
@@ -85,6 +94,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def encoder_states(aligner: torch.nn.Module, t5_encoder: torch.nn.Module | None, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the frozen T5 decoder attends to: the aligned rows (LVLM), or for ThinkDiff-CLIP
+    `[aligner(image tokens) ; T5enc(caption part 1)]` with the masks concatenated the same way."""
+    states, mask = aligner(batch.features_BSD.float()), batch.source_mask_BS
+    if batch.prefix_ids_BP is None:
+        return states, mask
+    with torch.no_grad():
+        prefix = t5_encoder(input_ids=batch.prefix_ids_BP, attention_mask=batch.prefix_mask_BP).last_hidden_state
+    return torch.cat([states, prefix.to(states.dtype)], dim=1), torch.cat([mask, batch.prefix_mask_BP], dim=1)
+
+
 def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_after_steps: int | None = None) -> TrainResult:
     """Train (or resume training) the aligner into `run_dir`; returns the newest checkpoint.
 
@@ -108,12 +128,17 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
 
     accelerator = make_accelerator(t)
     run_dir.mkdir(parents=True, exist_ok=True)
-    store = FeatureStore(features_dir, expect_model_id=cfg.models.vlm.id)
-    t5 = load_t5(cfg.models.t5, device=accelerator.device)
-    collate = MaskedSplitCollator(
-        load_vlm_tokenizer(cfg.models.vlm), t5.tokenizer,
-        max_source_rows=t.max_source_rows, max_target_tokens=t.max_target_tokens, seed=t.seed,
-    )
+    clip = cfg.variant == "clip"
+    store = FeatureStore(features_dir, expect_model_id=(cfg.models.vision if clip else cfg.models.vlm).id)
+    t5 = load_t5(cfg.models.t5, device=accelerator.device, keep_encoder=clip)
+    if clip:
+        collate = CaptionSplitCollator(t5.tokenizer, max_prefix_tokens=t.max_prefix_tokens,
+                                       max_target_tokens=t.max_target_tokens, seed=t.seed)
+    else:
+        collate = MaskedSplitCollator(
+            load_vlm_tokenizer(cfg.models.vlm), t5.tokenizer,
+            max_source_rows=t.max_source_rows, max_target_tokens=t.max_target_tokens, seed=t.seed,
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(t.seed)
         aligner = Aligner(AlignerConfig(in_dim=store.info.dim, out_dim=t5.decoder_lm.d_model))
@@ -146,7 +171,7 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
         "train_fingerprint": train_fingerprint(cfg),
         "git_revision": git_revision(),
     }
-    sample_stream = SampleStream(store, seed=t.seed, position=position)
+    sample_stream = SampleStream(store, seed=t.seed, position=position, usable=clip_usable if clip else lvlm_usable)
     stream = iter(sample_stream)  # sample_stream.position follows what has been consumed
     world, rank = accelerator.num_processes, accelerator.process_index
     target_step = min(t.max_steps, stop_after_steps) if stop_after_steps is not None else t.max_steps
@@ -164,8 +189,8 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
         samples = take(stream, t.batch_size * world)[rank * t.batch_size: (rank + 1) * t.batch_size]
         batch = collate(samples, step).to(accelerator.device)
         with accelerator.autocast():
-            aligned = aligner(batch.features_BSD.float())
-            loss = t5.decoder_lm.loss(aligned, batch.source_mask_BS, batch.labels_BT)
+            states, mask = encoder_states(aligner, t5.encoder, batch)
+            loss = t5.decoder_lm.loss(states, mask, batch.labels_BT)
         accelerator.backward(loss)
         optimizer.step()
         scheduler.step()
