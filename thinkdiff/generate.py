@@ -57,6 +57,17 @@ def load_aligner_spec(spec: str, cfg: RunConfig) -> Aligner:
     return load_aligner(spec, cfg)
 
 
+def load_matching_aligner(spec: str, cfg: RunConfig, *, in_dim: int, out_dim: int, source: str) -> Aligner:
+    """`load_aligner_spec`, checked against the feature model's width and FLUX's prompt width."""
+    aligner = load_aligner_spec(spec, cfg)
+    if (aligner.config.in_dim, aligner.config.out_dim) != (in_dim, out_dim):
+        raise ValueError(
+            f"aligner {spec} maps {aligner.config.in_dim} -> {aligner.config.out_dim}, but {source} has width {in_dim} "
+            f"and models.flux expects {out_dim}: use an aligner trained for these models"
+        )
+    return aligner
+
+
 @dataclass
 class ThinkDiffGenerator:
     vlm: VLM
@@ -109,12 +120,7 @@ def build_generator(cfg: RunConfig, aligner_spec: str | None):
         return TextBridgeGenerator(vlm=vlm, flux=flux, cfg=cfg)
     if not aligner_spec:
         raise ValueError("eval.generator=thinkdiff needs an aligner: a directory, an official .pth or models:/name@alias")
-    aligner = load_aligner_spec(aligner_spec, cfg)
-    if aligner.config.in_dim != vlm.hidden_size or aligner.config.out_dim != flux.joint_dim:
-        raise ValueError(
-            f"aligner {aligner_spec} maps {aligner.config.in_dim} -> {aligner.config.out_dim}, but models.vlm has width "
-            f"{vlm.hidden_size} and models.flux expects {flux.joint_dim}: use an aligner trained for these models"
-        )
+    aligner = load_matching_aligner(aligner_spec, cfg, in_dim=vlm.hidden_size, out_dim=flux.joint_dim, source="models.vlm")
     return ThinkDiffGenerator(vlm=vlm, aligner=aligner, flux=flux, cfg=cfg)
 
 
@@ -150,10 +156,5 @@ class Composer:
 def build_composer(cfg: RunConfig, aligner_spec: str) -> Composer:
     vision = load_vision(cfg.models.vision, image_size=cfg.features.vision_image_size)
     flux = load_flux(cfg.models.flux)
-    aligner = load_aligner_spec(aligner_spec, cfg)
-    if aligner.config.in_dim != vision.hidden_size or aligner.config.out_dim != flux.joint_dim:
-        raise ValueError(
-            f"aligner {aligner_spec} maps {aligner.config.in_dim} -> {aligner.config.out_dim}, but models.vision has width "
-            f"{vision.hidden_size} and models.flux expects {flux.joint_dim}: use a ThinkDiff-CLIP aligner for these models"
-        )
+    aligner = load_matching_aligner(aligner_spec, cfg, in_dim=vision.hidden_size, out_dim=flux.joint_dim, source="models.vision")
     return Composer(vision=vision, aligner=aligner, flux=flux, cfg=cfg)
