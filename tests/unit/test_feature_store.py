@@ -124,3 +124,15 @@ def test_incomplete_store_is_a_clear_error(tmp_path):
     write_feature_shard(tmp_path / "a.parquet", records(), INFO)
     with pytest.raises(FileNotFoundError, match="incomplete; run `thinkdiff features`"):
         FeatureStore(tmp_path)
+
+
+def test_float8_store_is_compact_and_close(tmp_path):
+    info = dataclasses.replace(INFO, dtype="float8_e4m3")
+    recs = records()
+    write_feature_shard(tmp_path / "p.parquet", recs, info)
+    for rec, row in zip(recs, pq.read_table(tmp_path / "p.parquet").to_pylist(), strict=True):
+        rows = min(len(rec.token_ids), info.max_feature_rows)
+        assert len(row["features"]) == rows * 6 + rows * 4  # 1 byte per value + a float32 scale per row
+        decoded = decode_features(row["features"], rows, 6, "float8_e4m3")
+        original = rec.features_LD[:rows]
+        assert ((decoded - original).norm(dim=1) / original.norm(dim=1)).max() < 0.05

@@ -126,3 +126,21 @@ def test_aligner_learns_on_a_fixed_feature_set(tiny_store, tmp_path):
     train_aligner(cfg, features_dir, tmp_path / "run")
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < 0.75 * losses[0], losses
+
+
+def test_float8_store_trains_within_one_percent_of_bf16(demo_corpus, tiny_store, tmp_path):
+    from thinkdiff import pipeline
+
+    cfg, bf16_dir = tiny_store
+    _, corpus_dir = demo_corpus
+    overrides = [f"paths.root={tmp_path}", "corpus.demo_images=40", "corpus.shard_size=16", "corpus.demo_broken=3",
+                 "train.max_steps=60", "train.warmup_steps=5", "train.log_every=20", "train.batch_size=8"]
+    fp8_cfg = load_config("tiny", [*overrides, "features.storage_dtype=float8_e4m3"])
+    fp8_dir = pipeline.extract_features(fp8_cfg, corpus_dir)
+    assert FeatureStore(fp8_dir).info.dtype == "float8_e4m3"
+    train_cfg = load_config("tiny", overrides)
+    final = {}
+    for name, features_dir in (("bf16", bf16_dir), ("fp8", fp8_dir)):
+        train_aligner(train_cfg, features_dir, tmp_path / name)
+        final[name] = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
+    assert abs(final["fp8"] - final["bf16"]) <= 0.01 * final["bf16"], final

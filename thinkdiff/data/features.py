@@ -93,13 +93,27 @@ class FeatureRecord:
     """Producing states of the generated tokens; only the first max_feature_rows are stored."""
 
 
+FLOAT8 = "float8_e4m3"
+_FLOAT8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
 def encode_features(features_LD: torch.Tensor, dtype: str) -> bytes:
+    """Raw row-major values; `float8_e4m3` stores a float32 scale per row, then 1 byte per value."""
+    rows = features_LD.detach().to("cpu", torch.float32).contiguous()
+    if dtype == FLOAT8:
+        scale_L1 = (rows.abs().amax(dim=1, keepdim=True) / _FLOAT8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+        quantized = (rows / scale_L1).to(torch.float8_e4m3fn).view(torch.uint8)
+        return scale_L1.numpy().tobytes() + quantized.numpy().tobytes()
     bits, _ = _BITS[dtype]
-    return features_LD.detach().to("cpu", _TORCH[dtype]).contiguous().view(bits).numpy().tobytes()
+    return rows.to(_TORCH[dtype]).view(bits).numpy().tobytes()
 
 
 def decode_features(data: bytes | memoryview, num_rows: int, dim: int, dtype: str) -> torch.Tensor:
-    """Bytes of one row -> (num_rows, dim) tensor of the stored dtype (one copy)."""
+    """Bytes of one sample -> (num_rows, dim): the stored dtype, or float32 for `float8_e4m3` (one copy)."""
+    if dtype == FLOAT8:
+        scale = np.frombuffer(data, dtype=np.float32, count=num_rows).reshape(num_rows, 1)
+        values = np.frombuffer(data, dtype=np.uint8, count=num_rows * dim, offset=4 * num_rows).reshape(num_rows, dim)
+        return torch.from_numpy(values.copy()).view(torch.float8_e4m3fn).float() * torch.from_numpy(scale.copy())
     bits, np_bits = _BITS[dtype]
     array = np.frombuffer(data, dtype=np_bits, count=num_rows * dim).reshape(num_rows, dim)
     return torch.from_numpy(array.copy()).view(_TORCH[dtype])

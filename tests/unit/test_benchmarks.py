@@ -1,0 +1,19 @@
+"""Covers: the benchmark scripts keep working (their --tiny mode runs the same code at small shapes);
+their numbers are not asserted here: timing belongs in benchmarks/RESULTS.md."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_feature_store_benchmark_tiny():
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "feature_store.py"), "--tiny"],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    lines = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| storage")]
+    assert [line.split("|")[1].strip() for line in lines] == ["bfloat16", "float8_e4m3"]
+    bf16_kb, fp8_kb = (float(line.split("|")[2]) for line in lines)
+    assert fp8_kb < bf16_kb  # the compact store is smaller on disk
