@@ -24,5 +24,5 @@ demo: setup
 		$(BIN)/python -m flows.pipeline --config tiny
 
 test: setup
-	$(BIN)/ruff check thinkdiff tasks flows tests
+	$(BIN)/ruff check thinkdiff tasks flows tests benchmarks
 	$(BIN)/python -m pytest -q

@@ -17,7 +17,13 @@ from pathlib import Path
 
 import torch
 
-from thinkdiff.data.features import FEATURE_KIND_LVLM, FeatureRecord, FeatureStore, FeatureStoreInfo, write_feature_shard
+from thinkdiff.data.features import (
+    FEATURE_KIND_LVLM,
+    FeatureRecord,
+    FeatureStore,
+    FeatureStoreInfo,
+    write_feature_shard,
+)
 from thinkdiff.storage import FEATURES_SCHEMA_VERSION, write_manifest
 from thinkdiff.train.data import SampleStream, StreamPosition, lvlm_usable, take
 
