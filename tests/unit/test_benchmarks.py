@@ -17,3 +17,10 @@ def test_feature_store_benchmark_tiny():
     assert [line.split("|")[1].strip() for line in lines] == ["bfloat16", "float8_e4m3"]
     bf16_kb, fp8_kb = (float(line.split("|")[2]) for line in lines)
     assert fp8_kb < bf16_kb  # the compact store is smaller on disk
+
+
+def test_train_step_benchmark_tiny():
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--tiny", "--steps", "3"],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    rows = {line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")}
+    assert {"naive", "project"} <= rows and "ratio project / naive:" in out

@@ -144,3 +144,38 @@ def test_float8_store_trains_within_one_percent_of_bf16(demo_corpus, tiny_store,
         train_aligner(train_cfg, features_dir, tmp_path / name)
         final[name] = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
     assert abs(final["fp8"] - final["bf16"]) <= 0.01 * final["bf16"], final
+
+
+def test_training_path_equals_the_naive_padded_path():
+    """The project's step (decoder only, batch-max padding, logits for real tokens only) gives the
+    loss and aligner gradients of transformers' full model padded to 128 on the same batch."""
+    from thinkdiff.models.t5 import T5DecoderLM, build_tiny_t5
+    from thinkdiff.train.data import Batch
+    from thinkdiff.train.loop import encoder_states
+
+    full = build_tiny_t5().requires_grad_(False)
+    decoder = T5DecoderLM(build_tiny_t5())
+    g = torch.Generator().manual_seed(0)
+    src, tgt = [5, 17, 9], [8, 3, 12]
+    feats = torch.randn(3, 128, 64, generator=g)
+    labels = [torch.randint(2, 300, (t,), generator=g) for t in tgt]
+
+    def batch(width_s, width_t):
+        mask = torch.zeros(3, width_s, dtype=torch.long)
+        lab = torch.full((3, width_t), IGNORE_INDEX)
+        for i, (s, t) in enumerate(zip(src, tgt, strict=True)):
+            mask[i, :s], lab[i, :t] = 1, labels[i]
+        return Batch(features_BSD=feats[:, :width_s] * mask[..., None], source_mask_BS=mask, labels_BT=lab)
+
+    aligner = Aligner(AlignerConfig(in_dim=64, out_dim=32))
+    naive_batch = batch(128, 128)
+    naive = full(encoder_outputs=(aligner(naive_batch.features_BSD),), attention_mask=naive_batch.source_mask_BS,
+                 labels=naive_batch.labels_BT).loss
+    naive_grads = torch.autograd.grad(naive, list(aligner.parameters()))
+    project_batch = batch(max(src), max(tgt))
+    states, mask = encoder_states(aligner, None, project_batch)
+    project = decoder.loss(states, mask, project_batch.labels_BT)
+    project_grads = torch.autograd.grad(project, list(aligner.parameters()))
+    torch.testing.assert_close(project, naive, rtol=1e-5, atol=1e-5)
+    for a, b in zip(project_grads, naive_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,138 @@
+"""Aligner training step throughput: the naive eager path vs the project's training path, same run.
+
+    .venv/bin/python benchmarks/train_step.py               # paper shapes (flan-t5-xxl, 3584 -> 4096): a GPU
+    .venv/bin/python benchmarks/train_step.py --tiny        # tiny shapes on a CPU in seconds (a test runs it)
+
+Workload (STACK.md's anchor): per sample a source length uniform in 1..128 and a target length
+uniform in 8..128, random weights, random features and labels.
+- naive: the whole T5ForConditionalGeneration resident, source and target padded to 128, full
+  (B, 128, vocab) logits and transformers' own loss.
+- project: what `thinkdiff train` runs: the decoder alone (encoder dropped at load), padding only to
+  the longest sample of the batch, `encoder_states` + `T5DecoderLM.loss` (logits only for real
+  target tokens).
+Useful TFLOP/s counts real tokens only: decoder forward + activation backward (4 x params x
+target tokens, plus attention) and the aligner's forward + backward (6 x params x source rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from transformers import T5Config, T5ForConditionalGeneration
+
+from thinkdiff.models.aligner import Aligner, AlignerConfig
+from thinkdiff.models.t5 import IGNORE_INDEX, T5DecoderLM, build_tiny_t5
+from thinkdiff.train.data import Batch
+from thinkdiff.train.loop import encoder_states
+
+XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_decoder_layers=24, num_heads=64,
+           feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0, decoder_start_token_id=0,
+           pad_token_id=0, eos_token_id=1)
+
+
+def make_batches(n: int, batch: int, d_in: int, vocab: int, seed: int = 0) -> list[tuple[list[int], list[int], torch.Tensor, list[torch.Tensor]]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        src = torch.randint(1, 129, (batch,), generator=g).tolist()
+        tgt = torch.randint(8, 129, (batch,), generator=g).tolist()
+        feats = torch.randn(batch, 128, d_in, generator=g)
+        labels = [torch.randint(2, vocab, (t,), generator=g) for t in tgt]
+        out.append((src, tgt, feats, labels))
+    return out
+
+
+def padded(src, tgt, feats, labels, to: int | None) -> Batch:
+    s_len, t_len = to or max(src), to or max(tgt)
+    mask = torch.zeros(len(src), s_len, dtype=torch.long)
+    lab = torch.full((len(src), t_len), IGNORE_INDEX)
+    for i, (s, t) in enumerate(zip(src, tgt, strict=True)):
+        mask[i, :s] = 1
+        lab[i, :t] = labels[i]
+    return Batch(features_BSD=feats[:, :s_len] * mask[..., None], source_mask_BS=mask, labels_BT=lab)
+
+
+def useful_flops(cfg: T5Config, aligner_params: int, src: list[int], tgt: list[int]) -> float:
+    d, layers = cfg.d_model, cfg.num_decoder_layers
+    per_token = layers * (4 * d * d + 4 * d * d + 3 * d * cfg.d_ff) + d * cfg.vocab_size  # self + cross attn proj, FFN, head
+    total = 0.0
+    for s, t in zip(src, tgt, strict=True):
+        attention = layers * (4 * t * t * d + 4 * t * s * d)
+        total += 2 * (2 * per_token * t + 2 * attention) + 6 * aligner_params * s
+    return total
+
+
+def run(path: str, model: T5ForConditionalGeneration, decoder: T5DecoderLM, aligner: Aligner, batches, device, dtype) -> dict:
+    optimizer = torch.optim.AdamW(aligner.parameters(), lr=1e-4)
+    times, flops = [], 0.0
+    aligner_params = sum(p.numel() for p in aligner.parameters())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for k, (src, tgt, feats, labels) in enumerate(batches):
+        batch = padded(src, tgt, feats, labels, 128 if path == "naive" else None).to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            if path == "naive":
+                aligned = aligner(batch.features_BSD)
+                loss = model(encoder_outputs=(aligned,), attention_mask=batch.source_mask_BS, labels=batch.labels_BT).loss
+            else:
+                states, mask = encoder_states(aligner, None, batch)
+                loss = decoder.loss(states, mask, batch.labels_BT)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if k >= 2:  # the first steps warm up allocators and kernels
+            times.append(time.perf_counter() - started)
+            flops += useful_flops(model.config if model is not None else decoder.config, aligner_params, src, tgt)
+    samples = len(times) * len(batches[0][0])
+    return {
+        "samples_per_s": samples / sum(times),
+        "useful_tflops": flops / sum(times) / 1e12,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--batch", type=int, default=None, help="samples per step (default 32; tiny 8)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps + 2 warm-up (default 12; tiny 5)")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    batch, steps = args.batch or (8 if args.tiny else 32), args.steps or (5 if args.tiny else 12)
+    torch.manual_seed(0)
+    if args.tiny:
+        d_in, full = 64, build_tiny_t5()
+    else:
+        d_in = 3584
+        torch.set_default_dtype(dtype)  # build the 11B model directly in bf16 on the GPU
+        with torch.device(device):
+            full = T5ForConditionalGeneration(T5Config(**XXL))
+        torch.set_default_dtype(torch.float32)
+    full.to(device).eval().requires_grad_(False)
+    aligner = Aligner(AlignerConfig(in_dim=d_in, out_dim=full.config.d_model)).to(device)
+    batches = make_batches(steps, batch, d_in, full.config.vocab_size)
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), dtype {dtype}, "
+          f"batch {batch}, {steps - 2} timed steps, d_model {full.config.d_model}, decoder layers {full.config.num_decoder_layers}")
+    naive = run("naive", full, None, aligner, batches, device, dtype)
+    decoder = T5DecoderLM(full)
+    del full.encoder  # the project path never keeps the encoder (load_t5 drops it)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    project = run("project", None, decoder, aligner, batches, device, dtype)
+    print("| path | samples/s | useful TFLOP/s | peak GiB |")
+    print("|---|---|---|---|")
+    for name, r in (("naive", naive), ("project", project)):
+        print(f"| {name} | {r['samples_per_s']:.1f} | {r['useful_tflops']:.3g} | {r['peak_gib']:.1f} |")
+    print(f"ratio project / naive: {project['samples_per_s'] / naive['samples_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
