@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from thinkdiff import generate, registry
+from thinkdiff import registry
 from thinkdiff.config import RunConfig, fingerprint
 from thinkdiff.data import corpus, extract
 from thinkdiff.eval import dataset, harness, judge
@@ -89,6 +89,8 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
     `eval.aligner`, else this config's own trained aligner; a registry alias is pinned to the
     version it names now, so results are logged against that version.
     """
+    from thinkdiff import generate  # FLUX (diffusers) only when something is drawn
+
     e = cfg.eval
     if cfg.variant == "clip":
         note = "CoBSAT scores ThinkDiff-LVLM; skipped for variant clip (use `thinkdiff compose`)"
