@@ -145,6 +145,8 @@ class TrainConfig:
     """T5 target length after re-tokenization (with </s>); longer targets are truncated."""
     max_prefix_tokens: int
     """ThinkDiff-CLIP only: T5 encoder length of caption part 1 (the paper: 32)."""
+    bucket_window: int
+    """Global batches drawn together and grouped by length, so a batch pads little (1: no bucketing)."""
     mixed_precision: str
     """`bf16` autocast (GPU only; the aligner stays fp32) or `no`."""
     checkpoint_every: int
@@ -291,6 +293,7 @@ class RunConfig:
              f"the feature store keeps only features.max_feature_rows={f.max_feature_rows} rows; "
              "lower train.max_source_rows or raise features.max_feature_rows")
         need(t.max_target_tokens >= 2, "train.max_target_tokens", t.max_target_tokens, "use at least 2")
+        need(t.bucket_window >= 1, "train.bucket_window", t.bucket_window, "use 1 (no bucketing) or more")
         need(t.max_prefix_tokens >= 1, "train.max_prefix_tokens", t.max_prefix_tokens, "use at least 1 (the paper: 32)")
         need(t.mixed_precision in ("no", "bf16"), "train.mixed_precision", t.mixed_precision, "use `bf16` or `no`")
         need(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "use at least 1")

@@ -86,7 +86,7 @@ def test_reader_accepts_matching_store_and_streams_columns(tmp_path):
     store = FeatureStore(make_store(tmp_path, {"a.parquet": INFO, "b.parquet": INFO}), expect_model_id="tiny", expect_dim=6)
     assert store.num_samples == 6
     assert [r["key"] for r in store.iter_records(("key",))] == ["k0", "k1", "k2"] * 2
-    shard, group, rows = store.row_groups()[0]
+    shard, group, rows = store.units[0]
     assert rows == 3
     assert store.read_row_group(shard, group, ["num_rows"]).column_names == ["num_rows"]
 

@@ -108,7 +108,7 @@ def test_checkpoints_are_complete_pruned_and_weights_only(tiny_store, tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_000009", "step_000010"]
     assert sorted(p.name for p in result.checkpoint.iterdir()) == ["aligner", "meta.json", "trainer_state.pt"]
     state = load_trainer_state(result.checkpoint)  # torch.load(weights_only=True) inside
-    assert state["step"] == 10 and set(state) >= {"optimizer", "scheduler", "rng_cpu", "position"}
+    assert state["step"] == 10 and set(state) >= {"optimizer", "scheduler", "rng_cpu", "batcher"}
     meta = read_meta(result.checkpoint)
     assert meta["step"] == 10 and meta["config"]["train"]["max_steps"] == 10
     assert meta["features_fingerprint"] and meta["git_revision"]
@@ -179,3 +179,34 @@ def test_training_path_equals_the_naive_padded_path():
     torch.testing.assert_close(project, naive, rtol=1e-5, atol=1e-5)
     for a, b in zip(project_grads, naive_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _padding(batch):
+    source = 1 - batch.source_mask_BS.float().mean().item()
+    target = (batch.labels_BT == IGNORE_INDEX).float().mean().item()
+    return source, target
+
+
+def test_length_buckets_cut_padding_and_split_ranks(tiny_store):
+    from thinkdiff.train.data import Batcher, BatcherState
+
+    cfg, features_dir = tiny_store
+    store = FeatureStore(features_dir)
+    collate = MaskedSplitCollator(build_tiny_qwen_tokenizer(), ByT5Tokenizer(), max_source_rows=16, max_target_tokens=32, seed=0)
+
+    def batches(window, batch_size=4, world=1, rank=0, n=40):
+        it = iter(Batcher(store, collate, lvlm_usable, seed=0, batch_size=batch_size, world=world, rank=rank, window=window,
+                          state=BatcherState()))
+        return [next(it) for _ in range(n)]
+
+    plain = [_padding(b) for b in batches(window=1)]
+    bucketed = [_padding(b) for b in batches(window=10)]
+    mean = lambda xs, k: sum(x[k] for x in xs) / len(xs)  # noqa: E731
+    assert mean(bucketed, 0) < 0.5 * mean(plain, 0)  # source padding
+    assert mean(bucketed, 1) < mean(plain, 1)  # target padding
+    # Two processes: each takes its half of every global batch; together they are the global batch.
+    whole = batches(window=5, batch_size=8, n=6)
+    halves = [batches(window=5, batch_size=4, world=2, rank=r, n=6) for r in (0, 1)]
+    for k in range(6):
+        joined = torch.cat([halves[0][k].features_BSD.sum((1, 2)), halves[1][k].features_BSD.sum((1, 2))])
+        torch.testing.assert_close(joined, whole[k].features_BSD.sum((1, 2)))

@@ -22,6 +22,7 @@ and renamed when complete, and `manifest.json`, written last.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -209,8 +210,10 @@ class FeatureStore:
         if mismatches:
             raise DataContractError(f"{path}: does not match: " + "; ".join(mismatches) + ". Re-extract it or point to the right store.")
 
-    def row_groups(self) -> list[tuple[Path, int, int]]:
-        """(shard, row group index, rows) for every row group: the units the training stream shuffles."""
+    @functools.cached_property
+    def units(self) -> list[tuple[Path, int, int]]:
+        """(shard, row group index, rows) for every row group: the units the training stream shuffles
+        (read from the Parquet footers once per store)."""
         units = []
         for shard in self.shards:
             meta = pq.ParquetFile(shard).metadata

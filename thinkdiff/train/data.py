@@ -70,7 +70,7 @@ class SampleStream:
         self.usable = usable
         self.seed = seed
         self.position = StreamPosition(position.epoch, position.index)
-        self.units = store.row_groups()
+        self.units = store.units
         if sum(n for _, _, n in self.units) == 0:
             raise ValueError(f"{store.directory}: the feature store holds no samples")
 
@@ -109,6 +109,44 @@ class SampleStream:
             self.position = StreamPosition(self.position.epoch + 1, 0)
 
 
+@dataclass
+class Prepared:
+    """One sample after its split: what the aligner reads, what the decoder must predict."""
+
+    features_SD: torch.Tensor
+    target_ids: list[int]
+    prefix_ids: list[int] | None = None
+    """ThinkDiff-CLIP: caption part 1 for the T5 encoder."""
+
+    @property
+    def cost(self) -> tuple[int, int]:
+        """Padded work grows with these: source rows (+ prefix tokens), target tokens."""
+        return self.features_SD.shape[0] + len(self.prefix_ids or ()), len(self.target_ids)
+
+
+def pad(prepared: list[Prepared], pad_id: int) -> Batch:
+    """Pad to the longest sample of this batch only (sources with zeros, targets with -100)."""
+    width_s = max(p.features_SD.shape[0] for p in prepared)
+    width_t = max(len(p.target_ids) for p in prepared)
+    dim = prepared[0].features_SD.shape[1]
+    features = torch.zeros(len(prepared), width_s, dim, dtype=prepared[0].features_SD.dtype)
+    mask = torch.zeros(len(prepared), width_s, dtype=torch.long)
+    labels = torch.full((len(prepared), width_t), IGNORE_INDEX, dtype=torch.long)
+    for i, p in enumerate(prepared):
+        features[i, : p.features_SD.shape[0]] = p.features_SD
+        mask[i, : p.features_SD.shape[0]] = 1
+        labels[i, : len(p.target_ids)] = torch.tensor(p.target_ids)
+    batch = Batch(features_BSD=features, source_mask_BS=mask, labels_BT=labels)
+    if prepared[0].prefix_ids is not None:
+        width_p = max(len(p.prefix_ids) for p in prepared)
+        batch.prefix_ids_BP = torch.full((len(prepared), width_p), pad_id, dtype=torch.long)
+        batch.prefix_mask_BP = torch.zeros((len(prepared), width_p), dtype=torch.long)
+        for i, p in enumerate(prepared):
+            batch.prefix_ids_BP[i, : len(p.prefix_ids)] = torch.tensor(p.prefix_ids)
+            batch.prefix_mask_BP[i, : len(p.prefix_ids)] = 1
+    return batch
+
+
 class MaskedSplitCollator:
     def __init__(
         self,
@@ -127,23 +165,20 @@ class MaskedSplitCollator:
 
     def split_points(self, lengths: list[int], step: int) -> list[int]:
         rng = np.random.default_rng([self.seed, step])
-        return [int(rng.integers(1, min(n - 1, self.max_source_rows), endpoint=True)) for n in lengths]
+        return [self.split_point(n, rng) for n in lengths]
+
+    def split_point(self, length: int, rng: np.random.Generator) -> int:
+        return int(rng.integers(1, min(length - 1, self.max_source_rows), endpoint=True))
+
+    def prepare(self, sample: Sample, rng: np.random.Generator) -> Prepared:
+        s = self.split_point(len(sample.token_ids), rng)
+        text = self.vlm_tokenizer.decode(sample.token_ids[s:], skip_special_tokens=True)
+        target = self.t5_tokenizer(text, max_length=self.max_target_tokens, truncation=True)["input_ids"]
+        return Prepared(features_SD=sample.features_LD[:s], target_ids=target)
 
     def __call__(self, samples: list[Sample], step: int) -> Batch:
-        splits = self.split_points([len(s.token_ids) for s in samples], step)
-        width = max(splits)
-        dim = samples[0].features_LD.shape[1]
-        features = torch.zeros(len(samples), width, dim, dtype=samples[0].features_LD.dtype)
-        mask = torch.zeros(len(samples), width, dtype=torch.long)
-        for i, (sample, s) in enumerate(zip(samples, splits, strict=True)):
-            features[i, :s] = sample.features_LD[:s]
-            mask[i, :s] = 1
-        texts = [self.vlm_tokenizer.decode(s.token_ids[k:], skip_special_tokens=True) for s, k in zip(samples, splits, strict=True)]
-        target = self.t5_tokenizer(
-            texts, max_length=self.max_target_tokens, truncation=True, padding="longest", return_tensors="pt"
-        )
-        labels = target["input_ids"].masked_fill(target["attention_mask"] == 0, IGNORE_INDEX)
-        return Batch(features_BSD=features, source_mask_BS=mask, labels_BT=labels)
+        rng = np.random.default_rng([self.seed, step])
+        return pad([self.prepare(s, rng) for s in samples], self.t5_tokenizer.pad_token_id)
 
 
 def lvlm_usable(sample: Sample) -> bool:
@@ -170,21 +205,64 @@ class CaptionSplitCollator:
         k = int(rng.integers(1, len(words) - 1, endpoint=True))
         return " ".join(words[:k]), " ".join(words[k:])
 
+    def prepare(self, sample: Sample, rng: np.random.Generator) -> Prepared:
+        part1, part2 = self.split(sample.text, rng)
+        return Prepared(
+            features_SD=sample.features_LD,  # every image has the same token count
+            target_ids=self.t5_tokenizer(part2, max_length=self.max_target_tokens, truncation=True)["input_ids"],
+            prefix_ids=self.t5_tokenizer(part1, max_length=self.max_prefix_tokens, truncation=True)["input_ids"],
+        )
+
     def __call__(self, samples: list[Sample], step: int) -> Batch:
         rng = np.random.default_rng([self.seed, step])
-        parts = [self.split(s.text, rng) for s in samples]
-        features = torch.stack([s.features_LD for s in samples])  # every image has the same token count
-        prefix = self.t5_tokenizer([p for p, _ in parts], max_length=self.max_prefix_tokens, truncation=True,
-                                   padding="longest", return_tensors="pt")
-        target = self.t5_tokenizer([t for _, t in parts], max_length=self.max_target_tokens, truncation=True,
-                                   padding="longest", return_tensors="pt")
-        return Batch(
-            features_BSD=features,
-            source_mask_BS=torch.ones(features.shape[:2], dtype=torch.long),
-            labels_BT=target["input_ids"].masked_fill(target["attention_mask"] == 0, IGNORE_INDEX),
-            prefix_ids_BP=prefix["input_ids"],
-            prefix_mask_BP=prefix["attention_mask"],
-        )
+        return pad([self.prepare(s, rng) for s in samples], self.t5_tokenizer.pad_token_id)
+
+
+@dataclass
+class BatcherState:
+    epoch: int = 0
+    index: int = 0
+    """Stream position where the current pool starts."""
+    pool: int = 0
+    emitted: int = 0
+    """Batches of the current pool already handed out."""
+
+
+class Batcher:
+    """Length-bucketed global batches, resumable exactly.
+
+    A pool of `window` global batches is drawn from the stream, each sample split (RNG keyed by
+    seed and pool number), sorted by (source, target) length and cut into global batches whose
+    order is shuffled; each process takes its slice. Similar lengths in a batch means little
+    padding; `window=1` keeps the stream order (no bucketing). The state (pool start, pool number,
+    batches emitted) is all a checkpoint needs.
+    """
+
+    def __init__(self, store: FeatureStore, collator, usable: Callable[[Sample], bool], *, seed: int, batch_size: int,
+                 world: int, rank: int, window: int, state: BatcherState):
+        self.store, self.collator, self.usable = store, collator, usable
+        self.seed, self.batch_size, self.world, self.rank, self.window = seed, batch_size, world, rank, window
+        self.state = BatcherState(**state.__dict__)
+
+    def __iter__(self) -> Iterator[Batch]:
+        global_size = self.batch_size * self.world
+        while True:
+            start = self.state
+            stream = SampleStream(self.store, self.seed, StreamPosition(start.epoch, start.index), self.usable)
+            pool = take(iter(stream), self.window * global_size)
+            rng = np.random.default_rng([self.seed, start.pool])
+            prepared = [self.collator.prepare(sample, rng) for sample in pool]
+            order = list(range(len(prepared)))
+            if self.window > 1:
+                order.sort(key=lambda i: prepared[i].cost)
+            groups = [order[k: k + global_size] for k in range(0, len(order), global_size)]
+            if self.window > 1:
+                rng.shuffle(groups)
+            for j in range(start.emitted, len(groups)):
+                self.state = BatcherState(start.epoch, start.index, start.pool, j + 1)
+                mine = groups[j][self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
+                yield pad([prepared[i] for i in mine], self.collator.t5_tokenizer.pad_token_id)
+            self.state = BatcherState(stream.position.epoch, stream.position.index, start.pool + 1, 0)
 
 
 def take(stream: Iterator[Sample], n: int) -> list[Sample]:

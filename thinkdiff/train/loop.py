@@ -3,8 +3,8 @@
     thinkdiff train --config tiny                       # one process (CPU or one GPU)
     accelerate launch -m thinkdiff train --config run.yaml   # N GPUs / nodes
 
-Loop: stream samples -> masked-split collate -> aligner -> T5 decoder loss -> AdamW step -> log ->
-checkpoint every K steps. A rerun of the same config resumes from the newest checkpoint and ends
+Loop: stream samples -> split (masked split, or caption split for CLIP) -> length-bucketed batches ->
+aligner -> T5 decoder loss -> AdamW step -> log -> checkpoint every K steps. A rerun of the same config resumes from the newest checkpoint and ends
 with the same weights as an uninterrupted run (bitwise on CPU; a unit test checks it).
 """
 
@@ -43,13 +43,12 @@ from thinkdiff.train.checkpoint import (
 )
 from thinkdiff.train.data import (
     Batch,
+    Batcher,
+    BatcherState,
     CaptionSplitCollator,
     MaskedSplitCollator,
-    SampleStream,
-    StreamPosition,
     clip_usable,
     lvlm_usable,
-    take,
 )
 from thinkdiff.train.engine import make_accelerator
 
@@ -149,7 +148,7 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(t))
     aligner, optimizer = accelerator.prepare(aligner, optimizer)
 
-    step, position = 0, StreamPosition()
+    step, batcher_state = 0, BatcherState()
     remove_partial_checkpoints(ckpt_root)
     resume_from = latest_checkpoint(ckpt_root)
     if resume_from is not None:
@@ -160,8 +159,9 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
         torch.set_rng_state(state["rng_cpu"])
         if torch.cuda.is_available() and state.get("rng_cuda"):
             torch.cuda.set_rng_state_all(state["rng_cuda"])
-        step, position = state["step"], StreamPosition(**state["position"])
-        log.info("resuming %s from %s (step %d, epoch %d, sample %d)", run_dir, resume_from.name, step, position.epoch, position.index)
+        step, batcher_state = state["step"], BatcherState(**state["batcher"])
+        log.info("resuming %s from %s (step %d, epoch %d, sample %d)", run_dir, resume_from.name, step,
+                 batcher_state.epoch, batcher_state.index)
     _truncate_metrics(run_dir / METRICS_FILE, step, accelerator.is_main_process)
 
     meta = {
@@ -171,9 +171,12 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
         "train_fingerprint": train_fingerprint(cfg),
         "git_revision": git_revision(),
     }
-    sample_stream = SampleStream(store, seed=t.seed, position=position, usable=clip_usable if clip else lvlm_usable)
-    stream = iter(sample_stream)  # sample_stream.position follows what has been consumed
     world, rank = accelerator.num_processes, accelerator.process_index
+    # Every process draws the same global batches and keeps its own slice, so the data order does
+    # not depend on the number of processes.
+    batcher = Batcher(store, collate, clip_usable if clip else lvlm_usable, seed=t.seed, batch_size=t.batch_size,
+                      world=world, rank=rank, window=t.bucket_window, state=batcher_state)
+    batches = iter(batcher)  # batcher.state follows what has been consumed
     target_step = min(t.max_steps, stop_after_steps) if stop_after_steps is not None else t.max_steps
     last_ckpt = resume_from
     window_loss, window_steps, window_samples, window_tokens = 0.0, 0, 0, 0
@@ -184,10 +187,7 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
     progress = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=None if accelerator.is_main_process else True, dynamic_ncols=True)
     log.info("training %s: step %d -> %d, batch %d x %d processes, %d samples in store", run_dir, step, target_step, t.batch_size, world, store.num_samples)
     while step < target_step:
-        # Every process draws the same global batch and keeps its own slice: the order does not
-        # depend on the number of processes' scheduling.
-        samples = take(stream, t.batch_size * world)[rank * t.batch_size: (rank + 1) * t.batch_size]
-        batch = collate(samples, step).to(accelerator.device)
+        batch = next(batches).to(accelerator.device)
         with accelerator.autocast():
             states, mask = encoder_states(aligner, t5.encoder, batch)
             loss = t5.decoder_lm.loss(states, mask, batch.labels_BT)
@@ -199,7 +199,7 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
         progress.update(1)
         window_loss += loss.item()
         window_steps += 1
-        window_samples += len(samples) * world
+        window_samples += batch.labels_BT.shape[0] * world
         window_tokens += batch.num_target_tokens * world
         if step % t.log_every == 0 or step == target_step:
             elapsed = time.perf_counter() - window_start
@@ -230,7 +230,7 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
                     aligner=accelerator.unwrap_model(aligner),
                     trainer_state={
                         "step": step,
-                        "position": {"epoch": sample_stream.position.epoch, "index": sample_stream.position.index},
+                        "batcher": dict(batcher.state.__dict__),
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "rng_cpu": torch.get_rng_state(),
