@@ -120,8 +120,9 @@ class Prepared:
 
     @property
     def cost(self) -> tuple[int, int]:
-        """Padded work grows with these: source rows (+ prefix tokens), target tokens."""
-        return self.features_SD.shape[0] + len(self.prefix_ids or ()), len(self.target_ids)
+        """The bucketing key: target tokens first (the decoder runs over them: most of the compute),
+        then source rows (+ prefix tokens, which only the cheaper cross-attention reads)."""
+        return len(self.target_ids), self.features_SD.shape[0] + len(self.prefix_ids or ())
 
 
 def pad(prepared: list[Prepared], pad_id: int) -> Batch:
