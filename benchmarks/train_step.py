@@ -7,9 +7,9 @@ Workload (STACK.md's anchor): per sample a source length uniform in 1..128 and a
 uniform in 8..128, random weights, random features and labels.
 - naive: the whole T5ForConditionalGeneration resident, source and target padded to 128, full
   (B, 128, vocab) logits and transformers' own loss.
-- project: what `thinkdiff train` runs: the decoder alone (encoder dropped at load), padding only to
-  the longest sample of the batch, `encoder_states` + `T5DecoderLM.loss` (logits only for real
-  target tokens).
+- project: what `thinkdiff train` runs: the decoder alone (encoder dropped at load), the same
+  samples grouped by length (train.bucket_window) and padded only to each batch's longest,
+  `encoder_states` + `T5DecoderLM.loss` (logits only for real target tokens).
 Useful TFLOP/s counts real tokens only: decoder forward + activation backward (4 x params x
 target tokens, plus attention) and the aligner's forward + backward (6 x params x source rows).
 """
@@ -42,6 +42,16 @@ def make_batches(n: int, batch: int, d_in: int, vocab: int, seed: int = 0) -> li
         labels = [torch.randint(2, vocab, (t,), generator=g) for t in tgt]
         out.append((src, tgt, feats, labels))
     return out
+
+
+def bucketed(batches):
+    """The project path's batching: the same samples, grouped by (target, source) length as
+    `train.bucket_window` does over the whole pool, padding only to each batch's longest."""
+    samples = [(s, t, f, lab) for src, tgt, feats, labels in batches for s, t, f, lab in zip(src, tgt, feats, labels, strict=True)]
+    samples.sort(key=lambda x: (x[1], x[0]))
+    size = len(batches[0][0])
+    groups = [samples[k: k + size] for k in range(0, len(samples), size)]
+    return [([x[0] for x in g], [x[1] for x in g], torch.stack([x[2] for x in g]), [x[3] for x in g]) for g in groups]
 
 
 def padded(src, tgt, feats, labels, to: int | None) -> Batch:
@@ -126,7 +136,7 @@ def main() -> None:
     del full.encoder  # the project path never keeps the encoder (load_t5 drops it)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    project = run("project", None, decoder, aligner, batches, device, dtype)
+    project = run("project", None, decoder, aligner, bucketed(batches), device, dtype)
     print("| path | samples/s | useful TFLOP/s | peak GiB |")
     print("|---|---|---|---|")
     for name, r in (("naive", naive), ("project", project)):
