@@ -156,7 +156,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         if not args.parts:
             raise ValueError("give the prompt as --text and --image parts, in order")
-        generator = build_generator(cfg, args.aligner or cfg.eval.aligner or str(pipeline.trained_aligner_dir(cfg)))
+        generator = build_generator(cfg, pipeline.aligner_spec(cfg, args.aligner))
         parts = [Image.open(value).convert("RGB") if kind == "image" else value for kind, value in args.parts]
         image = generator.draw(parts, seed=cfg.eval.seed)
         image.save(args.out)
@@ -165,7 +165,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from thinkdiff.generate import build_composer
         from thinkdiff.plots import save_sample_grid
 
-        composer = build_composer(cfg, args.aligner or cfg.eval.aligner or str(pipeline.trained_aligner_dir(cfg)))
+        composer = build_composer(cfg, pipeline.aligner_spec(cfg, args.aligner))
         inputs = [Image.open(path).convert("RGB") for path in args.images]
         image = composer.compose(inputs, args.text, seed=cfg.eval.seed)
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -82,6 +82,11 @@ def trained_aligner_dir(cfg: RunConfig) -> Path:
     return Path(manifest["checkpoint"]) / loop.ALIGNER_DIR
 
 
+def aligner_spec(cfg: RunConfig, explicit: str | None = None) -> str:
+    """Which aligner to draw with: the one asked for, else `eval.aligner`, else this config's own."""
+    return explicit or cfg.eval.aligner or str(trained_aligner_dir(cfg))
+
+
 def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
     """CoBSAT with `eval.generator` into {paths.root}/eval/{fingerprint}/ (resumable), logged to MLflow.
 
@@ -106,7 +111,7 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
     elif e.generator == "text-bridge":
         generator, identity = generate.build_generator(cfg, None), "text-bridge"
     else:
-        spec = model or e.aligner or str(trained_aligner_dir(cfg))
+        spec = aligner_spec(cfg, model)
         if spec.startswith("models:/"):
             ref = registry.resolve_model(spec, cfg)
             spec = ref.uri

@@ -14,7 +14,6 @@ Aliases: every new version gets `candidate`; `champion` moves only through `prom
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ import yaml
 from thinkdiff.config import RunConfig
 from thinkdiff.errors import ThinkDiffError
 from thinkdiff.models.aligner import WEIGHTS_NAME, Aligner
-from thinkdiff.storage import corpus_fingerprint, read_manifest
+from thinkdiff.storage import corpus_fingerprint, read_manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +133,6 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def log_training_run(cfg: RunConfig, run_dir: Path) -> str:
     """Log a finished training run directory as one MLflow run (once); returns the run id.
 
@@ -216,7 +207,7 @@ def register_checkpoint(cfg: RunConfig, run_dir: Path) -> ModelVersionRef:
     name = cfg.tracking.registered_model
     manifest = read_manifest(run_dir)
     assert manifest is not None  # log_training_run checked it
-    digest = file_sha256(Path(manifest["checkpoint"]) / "aligner" / WEIGHTS_NAME)
+    digest = sha256_file(Path(manifest["checkpoint"]) / "aligner" / WEIGHTS_NAME)
     from mlflow.exceptions import MlflowException
 
     try:
