@@ -158,7 +158,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise ValueError("give the prompt as --text and --image parts, in order")
         generator = build_generator(cfg, pipeline.aligner_spec(cfg, args.aligner))
         parts = [Image.open(value).convert("RGB") if kind == "image" else value for kind, value in args.parts]
-        image = generator.draw(parts, seed=cfg.eval.seed)
+        (image,) = generator.draw([parts], vlm_seed=cfg.eval.seed, flux_seeds=[cfg.eval.seed])
         image.save(args.out)
         print(args.out)
     elif args.command == "compose":

@@ -115,6 +115,12 @@ class FeaturesConfig:
     """Qwen2-VL image processor: largest image area after resizing (448*448 = 200704 for the paper)."""
     batch_size: int
     """Images per generate() call (LVLM) or per vision forward (CLIP)."""
+    kv_cache: str
+    """VLM generation KV cache: `static` (preallocated, needed by `compile`) or `dynamic` (HF's default).
+    Also used by CoBSAT generation."""
+    compile: bool
+    """Compile the VLM decode step (CUDA only, with kv_cache=static; HF generate's CUDA-graph path). Also
+    used by CoBSAT generation."""
     vision_image_size: int
     """ThinkDiff-CLIP only: input side of the vision tower (224 for BLIP-2)."""
     seed: int
@@ -203,7 +209,14 @@ class EvalConfig:
     image_size: int
     """FLUX output side in pixels (multiple of 16)."""
     seed: int
-    """Seed of generation (plus the prompt index)."""
+    """Seed of generation: FLUX noise uses seed + prompt index (the same at any batch size); VLM sampling
+    uses seed + the batch's first prompt index (sampled tokens depend on eval.batch_size)."""
+    batch_size: int
+    """Prompts per VLM generate() call and per FLUX call."""
+    compile: bool
+    """torch.compile FLUX's transformer (one graph per batch size; the first batch pays the compile)."""
+    nightly_limit: int
+    """Prompts per (task, shot) of the nightly evaluation (sized to fit one hour on one GPU)."""
     judge: str
     """`llava` (the official judge), `qwen2-vl`, or `synthetic` (reads the synthetic set's factors back)."""
     judge_model: ModelSource
@@ -276,6 +289,9 @@ class RunConfig:
         need(28 * 28 <= f.min_pixels <= f.max_pixels, "features.min_pixels", f.min_pixels,
              "use 784 (28*28) <= min_pixels <= features.max_pixels")
         need(f.batch_size >= 1, "features.batch_size", f.batch_size, "use at least 1")
+        need(f.kv_cache in ("static", "dynamic"), "features.kv_cache", f.kv_cache, "use static or dynamic")
+        need(not f.compile or f.kv_cache == "static", "features.compile", f.compile,
+             "compiling the decode step needs features.kv_cache=static")
         need(f.vision_image_size >= 28, "features.vision_image_size", f.vision_image_size, "use at least 28 (two patches of 14)")
 
         t = self.train
@@ -307,6 +323,8 @@ class RunConfig:
         need(bool(e.tasks) and all(1 <= k <= 10 for k in e.tasks), "eval.tasks", e.tasks, "give CoBSAT task ids in 1..10")
         need(bool(e.shots) and all(1 <= k <= 8 for k in e.shots), "eval.shots", e.shots, "give demo counts in 1..8 (papers: 2 and 4)")
         need(1 <= e.limit <= 1000, "eval.limit", e.limit, "use 1..1000 prompts per task and shot")
+        need(1 <= e.nightly_limit <= 1000, "eval.nightly_limit", e.nightly_limit, "use 1..1000 prompts per task and shot")
+        need(e.batch_size >= 1, "eval.batch_size", e.batch_size, "use at least 1")
         generators = ("thinkdiff", "text-bridge", "oracle", "copy-last", "random-theta", "random")
         need(e.generator in generators, "eval.generator", e.generator, f"use one of {', '.join(generators)}")
         need(e.judge in ("synthetic", "llava", "qwen2-vl"), "eval.judge", e.judge, "use llava, qwen2-vl or synthetic")

@@ -3,7 +3,8 @@
     thinkdiff generate --config tiny --text "red: " --image a.jpg --text "blue: " --out out.png
     thinkdiff compose --config tiny-clip --image dog.jpg --image style.jpg --text "on a beach" --out out.png
 
-The VLM answers the prompt with exactly `eval.gen_tokens` sampled tokens (EOS ignored); the
+CoBSAT prompts go in batches of `eval.batch_size` (one VLM generate() and one FLUX call each).
+The VLM answers each prompt with exactly `eval.gen_tokens` sampled tokens (EOS ignored); the
 final-norm states that produced them go through the aligner and become FLUX's `prompt_embeds`,
 with the pooled CLIP embedding of "". The text-bridge baseline instead lets the VLM write a prompt
 (stopping at EOS) and FLUX draw that text through its own encoders.
@@ -80,16 +81,21 @@ class ThinkDiffGenerator:
         self.pooled = self.flux.pooled_clip("")
 
     @torch.no_grad()
-    def draw(self, parts: list[PromptPart], seed: int) -> Image.Image:
-        e = self.cfg.eval
-        batch = encode_chat(self.vlm, [parts], self.cfg.features.system_prompt)
-        (sample,) = generate_with_states(self.vlm, batch, max_new_tokens=e.gen_tokens, temperature=e.temperature,
-                                         top_p=e.top_p, seed=seed, ignore_eos=True)
-        embeds_BLD = self.aligner(sample.states_LD.float().unsqueeze(0).to(self.flux.device))
-        return self.flux.draw_embeds(embeds_BLD, self.pooled, steps=e.steps, guidance=e.guidance, size=e.image_size, seed=seed)[0]
+    def draw(self, conversations: list[list[PromptPart]], *, vlm_seed: int, flux_seeds: list[int]) -> list[Image.Image]:
+        """One image per conversation; the VLM samples the whole batch with `vlm_seed`, FLUX draws row i
+        from the noise of `flux_seeds[i]` (so a row's picture does not depend on its batch)."""
+        e, f = self.cfg.eval, self.cfg.features
+        batch = encode_chat(self.vlm, conversations, f.system_prompt)
+        samples = generate_with_states(self.vlm, batch, max_new_tokens=e.gen_tokens, temperature=e.temperature,
+                                       top_p=e.top_p, seed=vlm_seed, ignore_eos=True, kv_cache=f.kv_cache, compile=f.compile)
+        states_BLD = torch.stack([s.states_LD for s in samples]).float().to(self.flux.device)
+        return self.flux.draw_embeds(self.aligner(states_BLD), self.pooled, steps=e.steps, guidance=e.guidance,
+                                     size=e.image_size, seeds=flux_seeds)
 
-    def __call__(self, prompt: Prompt, dataset: CobsatDataset) -> Image.Image:
-        return self.draw(cobsat_parts(prompt, dataset), seed=self.cfg.eval.seed + prompt.index)
+    def __call__(self, prompts: list[Prompt], dataset: CobsatDataset) -> list[Image.Image]:
+        seed = self.cfg.eval.seed
+        return self.draw([cobsat_parts(p, dataset) for p in prompts], vlm_seed=seed + prompts[0].index,
+                         flux_seeds=[seed + p.index for p in prompts])
 
 
 @dataclass
@@ -101,21 +107,21 @@ class TextBridgeGenerator:
     cfg: RunConfig
 
     @torch.no_grad()
-    def __call__(self, prompt: Prompt, dataset: CobsatDataset) -> Image.Image:
-        e = self.cfg.eval
-        seed = e.seed + prompt.index
-        batch = encode_chat(self.vlm, [cobsat_parts(prompt, dataset)], self.cfg.features.system_prompt)
-        (sample,) = generate_with_states(self.vlm, batch, max_new_tokens=e.gen_tokens, temperature=e.temperature,
-                                         top_p=e.top_p, seed=seed)
-        text = self.vlm.tokenizer.decode(sample.token_ids, skip_special_tokens=True)
-        return self.flux.draw_text(text, steps=e.steps, guidance=e.guidance, size=e.image_size, seed=seed)
+    def __call__(self, prompts: list[Prompt], dataset: CobsatDataset) -> list[Image.Image]:
+        e, f = self.cfg.eval, self.cfg.features
+        batch = encode_chat(self.vlm, [cobsat_parts(p, dataset) for p in prompts], f.system_prompt)
+        samples = generate_with_states(self.vlm, batch, max_new_tokens=e.gen_tokens, temperature=e.temperature,
+                                       top_p=e.top_p, seed=e.seed + prompts[0].index, kv_cache=f.kv_cache, compile=f.compile)
+        texts = [self.vlm.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in samples]
+        return self.flux.draw_text(texts, steps=e.steps, guidance=e.guidance, size=e.image_size,
+                                   seeds=[e.seed + p.index for p in prompts])
 
 
 def build_generator(cfg: RunConfig, aligner_spec: str | None):
     """The model-backed generator named by `eval.generator` (thinkdiff or text-bridge)."""
     f = cfg.features
     vlm = load_vlm(cfg.models.vlm, min_pixels=f.min_pixels, max_pixels=f.max_pixels)
-    flux = load_flux(cfg.models.flux)
+    flux = load_flux(cfg.models.flux, compile=cfg.eval.compile)
     if cfg.eval.generator == "text-bridge":
         return TextBridgeGenerator(vlm=vlm, flux=flux, cfg=cfg)
     if not aligner_spec:
@@ -150,7 +156,7 @@ class Composer:
     def compose(self, images: list[Image.Image], text: str | None, seed: int) -> Image.Image:
         e = self.cfg.eval
         embeds, pooled = self.prompt_embeds(images, text)
-        return self.flux.draw_embeds(embeds, pooled, steps=e.steps, guidance=e.guidance, size=e.image_size, seed=seed)[0]
+        return self.flux.draw_embeds(embeds, pooled, steps=e.steps, guidance=e.guidance, size=e.image_size, seeds=[seed])[0]
 
 
 def build_composer(cfg: RunConfig, aligner_spec: str) -> Composer:

@@ -7,6 +7,7 @@ tasks call these; neither holds stage logic of its own.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -116,12 +117,13 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
             ref = registry.resolve_model(spec, cfg)
             spec = ref.uri
         generator, identity = generate.build_generator(cfg, spec), spec
-    settings = {k: v for k, v in e.__dict__.items() if k not in ("aligner", "limit")}
+    settings = {k: v for k, v in e.__dict__.items() if k not in ("aligner", "limit", "nightly_limit")}
     out_dir = Path(cfg.paths.root) / "eval" / fingerprint({
         "eval": settings, "generator": identity, "dataset": str(data.root.resolve()),
         "models": {k: v.__dict__ for k, v in cfg.models.__dict__.items()},
     })
-    summary = harness.evaluate(data, generator, judge.load_judge(cfg), out_dir, tasks=e.tasks, shots=e.shots, limit=e.limit)
+    summary = harness.evaluate(data, generator, judge.load_judge(cfg), out_dir, tasks=e.tasks, shots=e.shots, limit=e.limit,
+                                batch_size=e.batch_size)
     run_id = registry.log_evaluation(cfg, out_dir, summary, ref, identity)
     log.info("CoBSAT (%s):\n%s", identity, summary.table())
     return {"dir": out_dir, "summary": summary, "run_id": run_id, "model": ref}
@@ -129,7 +131,12 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
 
 def nightly_evaluation(cfg: RunConfig) -> dict[str, Any]:
     """Evaluate `@champion`, and `@candidate` when it is a newer version; promote the candidate when
-    its mean accuracy (over the configured shots) is higher, or when there is no champion yet."""
+    its mean accuracy (over the configured shots) is higher, or when there is no champion yet.
+
+    Each model is evaluated on the first `eval.nightly_limit` prompts of every (task, shot); a model
+    already evaluated with the same settings is not drawn again (its results directory is reused).
+    """
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, limit=cfg.eval.nightly_limit))
     champion = registry.current_version(cfg, registry.CHAMPION)
     candidate = registry.current_version(cfg, registry.CANDIDATE)
     report: dict[str, Any] = {"champion": champion and champion.version, "candidate": candidate and candidate.version}

@@ -140,3 +140,18 @@ def test_results_resume_after_a_torn_line(synthetic, tmp_path):
     summary = evaluate(synthetic, BASELINES["oracle"], synthetic_judge, out, tasks=[1], shots=[2], limit=3)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1, 2] and summary.num_prompts == 3
+
+
+def test_prompts_go_in_batches_of_one_task_and_shot(synthetic, tmp_path):
+    seen: list[list[tuple[int, int, int]]] = []
+
+    def recording_oracle(prompts, dataset):
+        seen.append([(p.task.id, p.shot, p.index) for p in prompts])
+        return BASELINES["oracle"](prompts, dataset)
+
+    summary = evaluate(synthetic, recording_oracle, synthetic_judge, tmp_path / "b", tasks=[1, 2], shots=[2, 4], limit=5, batch_size=2)
+    assert [len(b) for b in seen] == [2, 2, 1] * 4
+    assert all(len({(t, s) for t, s, _ in b}) == 1 for b in seen)
+    assert summary.num_prompts == 20 and summary.mean == {2: 1.0, 4: 1.0}
+    rows = [json.loads(line) for line in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["task"], r["shot"], r["index"]) for r in rows) == sorted(k for b in seen for k in b)

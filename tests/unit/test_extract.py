@@ -81,6 +81,30 @@ def test_teacher_forced_states_equal_generation_states(vlm):
     torch.testing.assert_close(short[0], samples[0].states_LD[:3], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_production_path_equals_plain_path_under_greedy_decoding(kv_cache, dtype):
+    """The features stage's path (static or dynamic cache, states from the prompt's KV cache) against
+    the plain one (HF generate with its defaults, then a full teacher-forced pass): same ids, same
+    states within the dtype's tolerance."""
+    vlm = build_tiny_vlm(min_pixels=28 * 28, max_pixels=112 * 112)
+    vlm.model.to(dtype)
+    batch = encode_chat(vlm, two_prompts(), SYSTEM)
+    batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    fast = generate_with_states(vlm, batch, max_new_tokens=16, temperature=0, top_p=1.0, seed=0,
+                                kv_cache=kv_cache, compile=True)
+    plain = GenerationConfig(do_sample=False, max_new_tokens=16, eos_token_id=vlm.eos_token_ids,
+                             pad_token_id=vlm.pad_token_id, suppress_tokens=vlm.vision_token_ids)
+    sequences = vlm.model.generate(**batch, generation_config=plain)
+    generated = sequences[:, batch["input_ids"].shape[1]:]
+    assert [s.token_ids for s in fast] == [row[: len(s.token_ids)] for s, row in zip(fast, generated.tolist(), strict=True)]
+    assert all(len(s.token_ids) == 16 or s.token_ids[-1] in vlm.eos_token_ids for s in fast)
+    expected = final_norm_states(vlm, batch, generated, [len(s.token_ids) for s in fast])
+    tol = {"rtol": 1.6e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
+    for sample, states in zip(fast, expected, strict=True):
+        torch.testing.assert_close(sample.states_LD, states, **tol)
+
+
 def test_generation_is_seeded(vlm):
     batch = encode_chat(vlm, two_prompts(), SYSTEM)
     a = generate_with_states(vlm, batch, max_new_tokens=8, temperature=0.6, top_p=0.9, seed=1)

@@ -66,20 +66,38 @@ def test_aligned_states_drive_flux(parts_env):
     generator = ThinkDiffGenerator(vlm=vlm, aligner=aligner, flux=flux, cfg=cfg)
     assert torch.equal(generator.pooled, flux.pooled_clip(""))
     prompt = build_prompt(get_task(3), 2, 5)
-    a = generator(prompt, data)
+    (a,) = generator([prompt], data)
     assert a.size == (cfg.eval.image_size, cfg.eval.image_size)
-    assert np.array_equal(np.asarray(a), np.asarray(generator(prompt, data)))  # seeded
+    assert np.array_equal(np.asarray(a), np.asarray(generator([prompt], data)[0]))  # seeded
     # Another aligner (other prompt embeddings), same seed: another picture.
     torch.manual_seed(1)
     other = ThinkDiffGenerator(vlm=vlm, aligner=Aligner(AlignerConfig(in_dim=64, out_dim=32)), flux=flux, cfg=cfg)
-    assert not np.array_equal(np.asarray(a), np.asarray(other(prompt, data)))
+    assert not np.array_equal(np.asarray(a), np.asarray(other([prompt], data)[0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flux_batch_draws_each_row_as_alone(dtype):
+    """The batched CoBSAT path: row i of a batch is the picture a batch of one draws from the same
+    embeddings and seed (within the dtype's tolerance); other seeds give other pictures."""
+    cfg = load_config("tiny", [f"models.flux.dtype={'bfloat16' if dtype == torch.bfloat16 else 'float32'}"])
+    flux = load_flux(cfg.models.flux, device=CPU)
+    torch.manual_seed(0)
+    embeds = torch.randn(3, 16, flux.joint_dim)
+    pooled = flux.pooled_clip("")
+    draw = dict(steps=3, guidance=3.5, size=64)
+    batch = [np.asarray(im, dtype=np.int16) for im in flux.draw_embeds(embeds, pooled, seeds=[5, 6, 7], **draw)]
+    alone = [np.asarray(flux.draw_embeds(embeds[i: i + 1], pooled, seeds=[5 + i], **draw)[0], dtype=np.int16) for i in range(3)]
+    for b, a in zip(batch, alone, strict=True):
+        assert np.abs(b - a).max() <= (3 if dtype == torch.bfloat16 else 1)
+    reseeded = np.asarray(flux.draw_embeds(embeds[:1], pooled, seeds=[6], **draw)[0], dtype=np.int16)
+    assert np.abs(reseeded - alone[0]).mean() > 5
 
 
 def test_text_bridge_draws_the_vlm_text(parts_env):
     cfg, data, _, flux, _ = parts_env
     vlm = build_tiny_vlm(min_pixels=cfg.features.min_pixels, max_pixels=cfg.features.max_pixels)
-    image = TextBridgeGenerator(vlm=vlm, flux=flux, cfg=cfg)(build_prompt(get_task(2), 2, 0), data)
-    assert image.size == (cfg.eval.image_size, cfg.eval.image_size)
+    images = TextBridgeGenerator(vlm=vlm, flux=flux, cfg=cfg)([build_prompt(get_task(2), 2, i) for i in range(2)], data)
+    assert [im.size for im in images] == [(cfg.eval.image_size, cfg.eval.image_size)] * 2
 
 
 def test_aligner_for_other_models_is_rejected(parts_env, tmp_path):

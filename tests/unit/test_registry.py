@@ -165,6 +165,7 @@ def test_nightly_promotes_only_a_better_candidate(two_versions, monkeypatch):
     evaluated = []
 
     def fake_evaluate(cfg, model):
+        assert cfg.eval.limit == cfg.eval.nightly_limit != 1000  # the nightly subset, not the full set
         evaluated.append(model)
         return {"summary": _Summary(scores[model])}
 

@@ -3,8 +3,9 @@
     thinkdiff features --config tiny
 
 ThinkDiff-LVLM, for each image: a chat prompt with an instruction drawn by a seeded RNG keyed by
-the image key, sampled generation (temperature, top_p, max_new_tokens from config), then one
-teacher-forced pass for the final-norm states (REFERENCE.md section 4). ThinkDiff-CLIP: the vision
+the image key, sampled generation (temperature, top_p, max_new_tokens from config; a static KV cache and a compiled
+decode step on CUDA), then one pass over the generated ids, reusing the prompt's KV cache, for the
+final-norm states (REFERENCE.md section 4). ThinkDiff-CLIP: the vision
 tower's CLS + downsampled patch tokens, stored with the url list's caption. One corpus shard becomes one feature shard;
 finished shards are skipped, so a killed run resumes at the first missing one.
 """
@@ -77,7 +78,8 @@ def _lvlm_records(cfg: RunConfig, vlm: VLM, items: list[CorpusImage], seed: int)
     # One generation at a time per process: the model is shared, and seeding uses the global RNG.
     with _GENERATE_LOCK:
         batch = encode_chat(vlm, [[item.image, ins] for item, ins in zip(items, instructions, strict=True)], f.system_prompt)
-        samples = generate_with_states(vlm, batch, max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_p=f.top_p, seed=seed)
+        samples = generate_with_states(vlm, batch, max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_p=f.top_p,
+                                       seed=seed, kv_cache=f.kv_cache, compile=f.compile)
     return [
         FeatureRecord(key=item.key, instruction=instruction, text=vlm.tokenizer.decode(sample.token_ids, skip_special_tokens=True),
                       token_ids=sample.token_ids, features_LD=sample.states_LD)

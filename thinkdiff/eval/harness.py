@@ -6,7 +6,8 @@ Per-prompt results are appended to `results.jsonl` as they are judged (a rerun r
 last complete line); the summary gives accuracy per task in the papers' column order and the mean
 per shot, generation and judging cost, a per-task bar chart and a grid of samples as PNG.
 
-Generators are callables `(prompt, dataset) -> image`. The sanity baselines need no model and have
+Generators are callables `(prompts, dataset) -> images` over a batch of prompts of one task and shot;
+a batch's rows are appended together, so a resumed run rebuilds the same batches. The sanity baselines need no model and have
 exact expected accuracies on a labelled set: oracle 1.0, copy-the-last-demo 0.0, random theta
 about 0.1, random about 0.01.
 """
@@ -40,7 +41,7 @@ from thinkdiff.storage import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
-Generator = Callable[[Prompt, CobsatDataset], Image.Image]
+Generator = Callable[[list[Prompt], CobsatDataset], list[Image.Image]]
 Judge = Callable[[Image.Image, Task], tuple[int, int]]
 RESULTS = "results.jsonl"
 
@@ -69,11 +70,15 @@ def random_image(prompt: Prompt, dataset: CobsatDataset) -> Image.Image:
     return dataset.item(prompt.task, rng.choice(ITEMS[prompt.task.attribute]), rng.choice(ITEMS[prompt.task.object]))
 
 
+def _per_prompt(draw: Callable[[Prompt, CobsatDataset], Image.Image]) -> Generator:
+    return lambda prompts, dataset: [draw(p, dataset) for p in prompts]
+
+
 BASELINES: dict[str, Generator] = {
-    "oracle": oracle,
-    "copy-last": copy_last_demo,
-    "random-theta": random_theta,
-    "random": random_image,
+    "oracle": _per_prompt(oracle),
+    "copy-last": _per_prompt(copy_last_demo),
+    "random-theta": _per_prompt(random_theta),
+    "random": _per_prompt(random_image),
 }
 
 
@@ -122,39 +127,52 @@ def evaluate(
     tasks: list[int],
     shots: list[int],
     limit: int | None,
+    batch_size: int = 1,
 ) -> Summary:
-    """Evaluate `generator` on (tasks x shots x prompts[:limit]), resuming from `out_dir/results.jsonl`."""
+    """Evaluate `generator` on (tasks x shots x prompts[:limit]), resuming from `out_dir/results.jsonl`.
+
+    Prompts go to the generator in batches of `batch_size` within one (shot, task).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / RESULTS
     done = {(r["task"], r["shot"], r["index"]) for r in _read_results(results_path)}
-    todo = [p for shot in shots for t in tasks for p in build_prompts(get_task(t), shot, limit)
-            if (p.task.id, shot, p.index) not in done]
-    log.info("cobsat: %d prompts to evaluate (%d already in %s)", len(todo), len(done), results_path)
-    if not todo and (out_dir / "summary.json").is_file():
+    batches: list[list[Prompt]] = []
+    for shot in shots:
+        for t in tasks:
+            todo = [p for p in build_prompts(get_task(t), shot, limit) if (t, shot, p.index) not in done]
+            batches += [todo[i: i + batch_size] for i in range(0, len(todo), batch_size)]
+    total = sum(len(b) for b in batches)
+    log.info("cobsat: %d prompts to evaluate in %d batches (%d already in %s)", total, len(batches), len(done), results_path)
+    if not batches and (out_dir / "summary.json").is_file():
         return Summary(**_int_keys(json.loads((out_dir / "summary.json").read_text())))
-    every = max(1, len(todo) // 20)
+    every = max(1, len(batches) // 20)
     started_all = time.perf_counter()
-    with open(results_path, "a") as fh, tqdm(total=len(todo), desc="cobsat", unit="prompt", disable=None) as progress:
-        for n, prompt in enumerate(todo, start=1):
+    finished = 0
+    with open(results_path, "a") as fh, tqdm(total=total, desc="cobsat", unit="prompt", disable=None) as progress:
+        for n, batch in enumerate(batches, start=1):
             started = time.perf_counter()
-            image = generator(prompt, dataset)
-            generated = time.perf_counter()
-            detail, obj = judge(image, prompt.task)
-            judged = time.perf_counter()
-            rel = f"images/{prompt.task.short}-{prompt.shot}shot/{prompt.save_name}.jpg"
-            (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-            image.save(out_dir / rel, format="JPEG", quality=90)
-            row = {
-                "task": prompt.task.id, "shot": prompt.shot, "index": prompt.index,
-                "detail": detail, "object": obj, "correct": is_correct(prompt.task, prompt, detail, obj),
-                "image": rel, "gen_s": generated - started, "judge_s": judged - generated,
-            }
-            fh.write(json.dumps(row) + "\n")
+            images = generator(batch, dataset)
+            gen_s = (time.perf_counter() - started) / len(batch)
+            rows = []
+            for prompt, image in zip(batch, images, strict=True):
+                judge_started = time.perf_counter()
+                detail, obj = judge(image, prompt.task)
+                judge_s = time.perf_counter() - judge_started
+                rel = f"images/{prompt.task.short}-{prompt.shot}shot/{prompt.save_name}.jpg"
+                (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+                image.save(out_dir / rel, format="JPEG", quality=90)
+                rows.append({
+                    "task": prompt.task.id, "shot": prompt.shot, "index": prompt.index,
+                    "detail": detail, "object": obj, "correct": is_correct(prompt.task, prompt, detail, obj),
+                    "image": rel, "gen_s": gen_s, "judge_s": judge_s,
+                })
+            fh.write("".join(json.dumps(row) + "\n" for row in rows))
             fh.flush()
-            progress.update(1)
-            if n % every == 0 or n == len(todo):
-                rate = n / (time.perf_counter() - started_all)
-                log.info("cobsat: %d/%d prompts, %.2f prompts/s, ETA %.0fs", n, len(todo), rate, (len(todo) - n) / rate)
+            finished += len(batch)
+            progress.update(len(batch))
+            if n % every == 0 or n == len(batches):
+                rate = finished / (time.perf_counter() - started_all)
+                log.info("cobsat: %d/%d prompts, %.2f prompts/s, ETA %.0fs", finished, total, rate, (total - finished) / rate)
     summary = summarize(out_dir)
     save_samples(out_dir, dataset)
     return summary

@@ -53,29 +53,37 @@ class Flux:
 
     @torch.no_grad()
     def draw_embeds(
-        self, prompt_embeds_BLD: torch.Tensor, pooled: torch.Tensor, *, steps: int, guidance: float, size: int, seed: int
+        self, prompt_embeds_BLD: torch.Tensor, pooled: torch.Tensor, *, steps: int, guidance: float, size: int, seeds: list[int]
     ) -> list[Image.Image]:
-        """Images from prompt embeddings (ThinkDiff: the aligner output), one per batch row."""
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+        """Images from prompt embeddings (ThinkDiff: the aligner output), one per batch row; row i starts
+        from the noise of `seeds[i]`, so it is the same picture at any batch size."""
         return self.pipe(
             prompt_embeds=prompt_embeds_BLD.to(self.device, self.dtype),
             pooled_prompt_embeds=pooled.to(self.device, self.dtype).expand(prompt_embeds_BLD.shape[0], -1),
             num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-            generator=generator, output_type="pil",
+            generator=_row_generators(seeds), output_type="pil",
         ).images
 
     @torch.no_grad()
-    def draw_text(self, prompt: str, *, steps: int, guidance: float, size: int, seed: int) -> Image.Image:
-        """The published path: a text prompt through FLUX's own CLIP and T5 (the text-bridge baseline)."""
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+    def draw_text(self, prompts: list[str], *, steps: int, guidance: float, size: int, seeds: list[int]) -> list[Image.Image]:
+        """The published path: text prompts through FLUX's own CLIP and T5 (the text-bridge baseline)."""
         return self.pipe(
-            prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-            generator=generator, output_type="pil",
-        ).images[0]
+            prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+            generator=_row_generators(seeds), output_type="pil",
+        ).images
 
 
-def load_flux(src: ModelSource, *, device: torch.device | None = None) -> Flux:
-    """FluxPipeline by Hugging Face id or local directory (`tiny`: the same classes, random-init)."""
+def _row_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per batch row: diffusers then draws each row's initial noise on its own."""
+    return [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+
+
+def load_flux(src: ModelSource, *, device: torch.device | None = None, compile: bool = False) -> Flux:
+    """FluxPipeline by Hugging Face id or local directory (`tiny`: the same classes, random-init).
+
+    `compile`: torch.compile the transformer's repeated blocks (diffusers' regional compilation: one
+    graph per block type, reused by every block of that type: a far shorter compile than the whole model).
+    """
     device = device or default_device()
     if src.id == TINY_MODEL_ID:
         pipe = build_tiny_flux_pipeline()
@@ -87,6 +95,8 @@ def load_flux(src: ModelSource, *, device: torch.device | None = None) -> Flux:
         pipe = FluxPipeline.from_pretrained(src.id, revision=revision, torch_dtype=torch_dtype(src.dtype))
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    if compile:
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
     return Flux(pipe=pipe, model_id=src.id)
 
 

@@ -3,8 +3,9 @@
 ThinkDiff-LVLM aligns the final-norm hidden states of the tokens the VLM *generates* (REFERENCE.md
 sections 2 and 4): the state stored for generated token j is the one that produced it, i.e. the
 input of `lm_head` at the previous position. `generate_with_states` samples a continuation with
-`generate()` and then recovers those states with one teacher-forced forward pass over
-prompt + generated ids (equal to the states seen during generation; a unit test checks it).
+`generate()` and then recovers those states with one pass of the language model over the
+generated ids, reusing generate()'s KV cache of the prompt (equal to a full teacher-forced pass
+and to the states seen during generation; unit tests check both).
 
 Shape legend: B batch, P padded prompt length, G generated length, L one sample's length, D width.
 """
@@ -217,50 +218,81 @@ def generate_with_states(
     top_p: float,
     seed: int,
     ignore_eos: bool = False,
+    kv_cache: str = "dynamic",
+    compile: bool = False,
 ) -> list[GeneratedSample]:
-    """Sample continuations, then recover each generated token's producing state in one forward pass.
+    """Sample continuations, then recover each generated token's producing state from the KV cache.
 
     Sampling uses exactly the given temperature and top_p (no top-k, no repetition penalty, whatever
-    the checkpoint's generation_config says) and a seeded RNG, so a rerun is identical. With
-    `ignore_eos` every sample has exactly `max_new_tokens` tokens: EOS may be sampled and generation
-    goes on (ThinkDiff inference, REFERENCE.md section 6; vLLM's ignore_eos).
+    the checkpoint's generation_config says) and a seeded RNG, so a rerun is identical; temperature 0
+    decodes greedily. With `ignore_eos` every sample has exactly `max_new_tokens` tokens: EOS may be
+    sampled and generation goes on (ThinkDiff inference, REFERENCE.md section 6; vLLM's ignore_eos).
+    `kv_cache="static"` preallocates the cache; with `compile` HF generate runs the decode step as a
+    compiled CUDA graph (CUDA only; elsewhere it runs eagerly).
     """
     eos_ids = [] if ignore_eos else vlm.eos_token_ids
     gen_config = GenerationConfig(
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=0,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else None,
+        top_p=top_p if temperature > 0 else None,
+        top_k=0 if temperature > 0 else None,
         repetition_penalty=1.0,
         max_new_tokens=max_new_tokens,
         eos_token_id=eos_ids,  # an empty list, not None: None would fall back to the model's EOS
         pad_token_id=vlm.pad_token_id,
-        # A generated <|image_pad|> would be taken for an image placeholder by the teacher-forced
-        # pass (and a caption has no use for vision tokens); a trained Qwen2-VL never emits them.
+        # A generated <|image_pad|> would be taken for an image placeholder by the states pass
+        # (and a caption has no use for vision tokens); a trained Qwen2-VL never emits them.
         suppress_tokens=vlm.vision_token_ids,
+        cache_implementation="static" if kv_cache == "static" else None,
+        disable_compile=not compile,
+        return_dict_in_generate=True,
     )
     devices = [vlm.device] if vlm.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        sequences = vlm.model.generate(**batch, generation_config=gen_config)
+        out = vlm.model.generate(**batch, generation_config=gen_config)
     prompt_len = batch["input_ids"].shape[1]
-    generated_BG = sequences[:, prompt_len:]
+    generated_BG = out.sequences[:, prompt_len:]
     lengths = [_generated_length(row, eos_ids) for row in generated_BG.tolist()]
-    states = final_norm_states(vlm, batch, generated_BG, lengths)
+    states_BGD = states_from_cache(vlm, batch, generated_BG, out.cache)
     return [
-        GeneratedSample(token_ids=generated_BG[i, :n].tolist(), states_LD=states[i])
+        GeneratedSample(token_ids=generated_BG[i, :n].tolist(), states_LD=states_BGD[i, :n].float().cpu())
         for i, n in enumerate(lengths)
     ]
+
+
+@torch.no_grad()
+def states_from_cache(vlm: VLM, batch: dict[str, torch.Tensor], generated_BG: torch.Tensor, cache) -> torch.Tensor:
+    """(B, G, D) producing states of the generated tokens, reusing generate()'s KV cache of the prompt.
+
+    The cache is cut back to the prompt minus its last token; one pass of the language model over
+    [last prompt token, generated tokens but the last] then yields, at each position, the final-norm
+    state that produced the next token. The image and the prompt are not encoded again. Positions
+    continue the prompt's M-RoPE positions (text positions plus generate's stored `rope_deltas`).
+    """
+    prompt_len = batch["input_ids"].shape[1]
+    width = generated_BG.shape[1]
+    cache.crop(-(int(cache.get_seq_length()) - (prompt_len - 1)))  # a negative count: tokens to drop
+    ids_BG = torch.cat([batch["input_ids"][:, -1:], generated_BG[:, :-1]], dim=1)
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(generated_BG)], dim=1)
+    text_positions_BG = (mask.cumsum(-1) - 1).clamp(min=0)[:, prompt_len - 1: prompt_len - 1 + width]
+    positions_3BG = (text_positions_BG + vlm.model.model.rope_deltas).unsqueeze(0).expand(3, -1, -1)
+    text_model = vlm.model.model.language_model
+    return text_model(
+        inputs_embeds=text_model.embed_tokens(ids_BG), position_ids=positions_3BG, attention_mask=mask, cache=cache,
+        use_cache=True,
+    ).last_hidden_state
 
 
 @torch.no_grad()
 def final_norm_states(
     vlm: VLM, batch: dict[str, torch.Tensor], generated_BG: torch.Tensor, lengths: list[int]
 ) -> list[torch.Tensor]:
-    """Teacher-forced pass over prompt + generated ids; returns each sample's (L, D) producing states.
+    """The plain path: a full teacher-forced pass over image, prompt and generated ids (no cache).
 
-    The prompt is left-padded to P, so generated token j of every sample sits at P + j and was
-    produced by the state at P + j - 1. Positions past a sample's length are masked out.
+    Used as the reference `states_from_cache` is tested against and as the benchmark's naive
+    baseline. The prompt is left-padded to P, so generated token j of every sample sits at P + j and
+    was produced by the state at P + j - 1. Positions past a sample's length are masked out.
     """
     prompt_len = batch["input_ids"].shape[1]
     width = generated_BG.shape[1]
