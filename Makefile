@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test
+.PHONY: setup demo test gpu-wheels
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -26,3 +26,9 @@ demo: setup
 test: setup
 	$(BIN)/ruff check thinkdiff tasks flows tests benchmarks
 	$(BIN)/python -m pytest -q
+
+# Wheels the GPU machine lacks (benchmarks/gpu_checks.sh installs them there from .whl/).
+gpu-wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+		transformers==5.24.0 diffusers==0.42.1 importlib_metadata==10.2.0

@@ -9,7 +9,8 @@ uniform in 8..128, random weights, random features and labels.
   (B, 128, vocab) logits and transformers' own loss.
 - project: what `thinkdiff train` runs: the decoder alone (encoder dropped at load), the same
   samples grouped by length (train.bucket_window) and padded only to each batch's longest,
-  `encoder_states` + `T5DecoderLM.loss` (logits only for real target tokens).
+  `encoder_states` + `T5DecoderLM.loss` (logits only for real target tokens), and on a GPU the
+  decoder stack compiled with dynamic shapes (train.compile; the warm-up steps pay the compile).
 Useful TFLOP/s counts real tokens only: decoder forward + activation backward (4 x params x
 target tokens, plus attention) and the aligner's forward + backward (6 x params x source rows).
 """
@@ -112,6 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--batch", type=int, default=None, help="samples per step (default 32; tiny 8)")
+    parser.add_argument("--project-batch", type=int, default=None, help="the project path's batch (default: --batch)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps + 2 warm-up (default 12; tiny 5)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -136,11 +138,13 @@ def main() -> None:
     del full.encoder  # the project path never keeps the encoder (load_t5 drops it)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    project = run("project", None, decoder, aligner, bucketed(batches), device, dtype)
-    print("| path | samples/s | useful TFLOP/s | peak GiB |")
-    print("|---|---|---|---|")
-    for name, r in (("naive", naive), ("project", project)):
-        print(f"| {name} | {r['samples_per_s']:.1f} | {r['useful_tflops']:.3g} | {r['peak_gib']:.1f} |")
+        decoder.compile_decoder()
+    project_batches = batches if not args.project_batch else make_batches(steps, args.project_batch, d_in, decoder.config.vocab_size)
+    project = run("project", None, decoder, aligner, bucketed(project_batches), device, dtype)
+    print("| path | batch | samples/s | useful TFLOP/s | peak GiB |")
+    print("|---|---|---|---|---|")
+    for name, r, b in (("naive", naive, batch), ("project", project, args.project_batch or batch)):
+        print(f"| {name} | {b} | {r['samples_per_s']:.1f} | {r['useful_tflops']:.3g} | {r['peak_gib']:.1f} |")
     print(f"ratio project / naive: {project['samples_per_s'] / naive['samples_per_s']:.2f}x")
 
 

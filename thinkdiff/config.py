@@ -153,6 +153,9 @@ class TrainConfig:
     """ThinkDiff-CLIP only: T5 encoder length of caption part 1 (the paper: 32)."""
     bucket_window: int
     """Global batches drawn together and grouped by length, so a batch pads little (1: no bucketing)."""
+    compile: bool
+    """torch.compile the frozen T5 decoder stack with dynamic shapes: one graph for every (source,
+    target) length of the bucketed batches; the first step pays the compile (about a minute)."""
     mixed_precision: str
     """`bf16` autocast (GPU only; the aligner stays fp32) or `no`."""
     checkpoint_every: int

@@ -25,7 +25,7 @@ CORPUS_SCHEMA_VERSION = 1
 FEATURES_SCHEMA_VERSION = 1
 TRAIN_SCHEMA_VERSION = 1
 # Settings that change how a run is observed or kept, not what it computes.
-_TRAIN_OPERATIONAL = ("checkpoint_every", "keep_last", "log_every", "launch_args")
+_TRAIN_OPERATIONAL = ("checkpoint_every", "keep_last", "log_every", "launch_args", "compile")
 
 
 def corpus_fingerprint(cfg: RunConfig) -> str:

@@ -24,3 +24,25 @@ def test_train_step_benchmark_tiny():
                          capture_output=True, text=True, check=True, timeout=300).stdout
     rows = {line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")}
     assert {"naive", "project"} <= rows and "ratio project / naive:" in out
+
+
+def _table_rows(out: str) -> dict[str, list[str]]:
+    table = [line.split("|") for line in out.splitlines() if line.startswith("| ")]
+    return {cells[1].strip(): [c.strip() for c in cells[2:-1]] for cells in table if cells[1].strip() != "path"}
+
+
+def test_extract_features_benchmark_tiny():
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "extract_features.py"), "--tiny", "--batches", "1"],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    rows = _table_rows(out)
+    assert set(rows) == {"naive", "project"} and "ratio project (whole stage) / naive generate-only:" in out
+    assert float(rows["naive"][1]) > 0 and float(rows["project"][1]) > 0
+
+
+def test_flux_generate_benchmark_tiny():
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "flux_generate.py"), "--tiny", "--batches", "1"],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    rows = _table_rows(out)
+    assert set(rows) == {"naive b1", "naive b4", "project b8"} and "ratio project / naive b4:" in out
+    # Batching alone changes no picture: the project's first image is the naive batch-1 image (CPU, fp32).
+    assert "first image vs naive b1: max |diff| 0," in out

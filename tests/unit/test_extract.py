@@ -15,6 +15,7 @@ from PIL import Image
 from transformers import GenerationConfig
 
 from thinkdiff import pipeline
+from thinkdiff.config import load_config
 from thinkdiff.data import extract
 from thinkdiff.data.corpus import read_corpus_shard
 from thinkdiff.data.features import FeatureStore, decode_features, read_shard_failures
@@ -197,3 +198,24 @@ def test_corrupt_images_are_recorded_and_skipped(demo_corpus, tmp_path):
 def test_missing_corpus_is_a_clear_error(make_cfg):
     with pytest.raises(FileNotFoundError, match="run `thinkdiff corpus --config tiny`"):
         pipeline.extract_features(make_cfg())
+
+
+def test_compiled_extraction_keeps_one_batch_size(demo_corpus, tmp_path, monkeypatch):
+    """features.compile: every generate() call has features.batch_size rows (a shard's short last
+    batch is filled with copies), and only the real images are stored."""
+    _, corpus_dir = demo_corpus
+    cfg = load_config("tiny", [f"paths.root={tmp_path}", "features.compile=true", "features.batch_size=6"])
+    sizes = []
+    real_generate = extract.generate_with_states
+
+    def recording(vlm, batch, **kwargs):
+        sizes.append(batch["input_ids"].shape[0])
+        return real_generate(vlm, batch, **kwargs)
+
+    monkeypatch.setattr(extract, "generate_with_states", recording)
+    out = pipeline.extract_features(cfg, corpus_dir, tmp_path / "features")
+    per_shard = [pq.read_table(p, columns=["key"])["key"].to_pylist() for p in sorted(out.glob("part-*.parquet"))]
+    assert any(len(keys) % 6 for keys in per_shard)  # some shard does end on a short batch
+    assert set(sizes) == {6} and len(sizes) == sum(-(-len(keys) // 6) for keys in per_shard)
+    keys = [k for shard in per_shard for k in shard]
+    assert len(keys) == len(set(keys)) == 40

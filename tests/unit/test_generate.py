@@ -105,3 +105,17 @@ def test_aligner_for_other_models_is_rejected(parts_env, tmp_path):
     Aligner(AlignerConfig(in_dim=3584, out_dim=4096)).save_pretrained(tmp_path / "paper")
     with pytest.raises(ValueError, match=r"maps 3584 -> 4096, but models.vlm has width 64 and models.flux expects 32"):
         build_generator(cfg, str(tmp_path / "paper"))
+
+
+def test_compiled_flux_draws_the_eager_pictures():
+    """eval.compile: FLUX's repeated blocks compiled give the eager path's images."""
+    from thinkdiff.models.flux import build_tiny_flux_pipeline, wrap_flux
+
+    eager = wrap_flux(build_tiny_flux_pipeline(), "tiny", device=CPU, compile=False)
+    compiled = wrap_flux(build_tiny_flux_pipeline(), "tiny", device=CPU, compile=True)
+    torch.manual_seed(0)
+    embeds, pooled = torch.randn(2, 16, eager.joint_dim), torch.randn(1, 32)
+    draw = dict(steps=3, guidance=3.5, size=64, seeds=[1, 2])
+    for a, b in zip(eager.draw_embeds(embeds, pooled, **draw), compiled.draw_embeds(embeds, pooled, **draw), strict=True):
+        assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 1
+    assert compiled.pipe.transformer.transformer_blocks[0]._compiled_call_impl is not None

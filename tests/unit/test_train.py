@@ -210,3 +210,30 @@ def test_length_buckets_cut_padding_and_split_ranks(tiny_store):
     for k in range(6):
         joined = torch.cat([halves[0][k].features_BSD.sum((1, 2)), halves[1][k].features_BSD.sum((1, 2))])
         torch.testing.assert_close(joined, whole[k].features_BSD.sum((1, 2)))
+
+
+def test_compiled_decoder_trains_like_eager_with_one_graph(tiny_store, tmp_path, monkeypatch):
+    """train.compile: the same losses as eager, and one graph for batches of many (source, target) shapes."""
+    from torch._dynamo.utils import counters
+
+    from thinkdiff.models.t5 import T5DecoderLM
+
+    cfg, features_dir = tiny_store
+    shapes = set()
+    eager_loss = T5DecoderLM.loss
+
+    def recording_loss(self, states, mask, labels):
+        shapes.add((states.shape[1], labels.shape[1]))
+        return eager_loss(self, states, mask, labels)
+
+    monkeypatch.setattr(T5DecoderLM, "loss", recording_loss)
+    overrides = [f"paths.root={tmp_path}", "train.max_steps=6", "train.warmup_steps=2", "train.log_every=1", "train.batch_size=4"]
+    losses = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        train_aligner(load_config("tiny", [*overrides, f"train.compile={compiled}"]), features_dir, tmp_path / f"run-{compiled}")
+        losses[compiled] = [json.loads(line)["loss"] for line in (tmp_path / f"run-{compiled}" / "metrics.jsonl").read_text().splitlines()]
+    assert len(shapes) >= 4
+    assert counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=1e-5)

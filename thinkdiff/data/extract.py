@@ -76,10 +76,15 @@ def _lvlm_records(cfg: RunConfig, vlm: VLM, items: list[CorpusImage], seed: int)
     f = cfg.features
     instructions = [pick_instruction(f.instructions, f.seed, item.key) for item in items]
     # One generation at a time per process: the model is shared, and seeding uses the global RNG.
+    conversations = [[item.image, ins] for item, ins in zip(items, instructions, strict=True)]
+    if f.compile:
+        # The compiled decode graph is specialised to the batch size: a shard's short last batch is
+        # filled with copies of its last image (their outputs are dropped) instead of compiling anew.
+        conversations += [conversations[-1]] * (f.batch_size - len(conversations))
     with _GENERATE_LOCK:
-        batch = encode_chat(vlm, [[item.image, ins] for item, ins in zip(items, instructions, strict=True)], f.system_prompt)
+        batch = encode_chat(vlm, conversations, f.system_prompt)
         samples = generate_with_states(vlm, batch, max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_p=f.top_p,
-                                       seed=seed, kv_cache=f.kv_cache, compile=f.compile)
+                                       seed=seed, kv_cache=f.kv_cache, compile=f.compile)[: len(items)]
     return [
         FeatureRecord(key=item.key, instruction=instruction, text=vlm.tokenizer.decode(sample.token_ids, skip_special_tokens=True),
                       token_ids=sample.token_ids, features_LD=sample.states_LD)

@@ -79,12 +79,7 @@ def _row_generators(seeds: list[int]) -> list[torch.Generator]:
 
 
 def load_flux(src: ModelSource, *, device: torch.device | None = None, compile: bool = False) -> Flux:
-    """FluxPipeline by Hugging Face id or local directory (`tiny`: the same classes, random-init).
-
-    `compile`: torch.compile the transformer's repeated blocks (diffusers' regional compilation: one
-    graph per block type, reused by every block of that type: a far shorter compile than the whole model).
-    """
-    device = device or default_device()
+    """FluxPipeline by Hugging Face id or local directory (`tiny`: the same classes, random-init)."""
     if src.id == TINY_MODEL_ID:
         pipe = build_tiny_flux_pipeline()
         if src.dtype != "float32":
@@ -93,11 +88,18 @@ def load_flux(src: ModelSource, *, device: torch.device | None = None, compile: 
         revision = None if Path(src.id).is_dir() else src.revision
         log.info("loading FLUX %s (revision %s, %s)", src.id, revision, src.dtype)
         pipe = FluxPipeline.from_pretrained(src.id, revision=revision, torch_dtype=torch_dtype(src.dtype))
+    return wrap_flux(pipe, src.id, device=device or default_device(), compile=compile)
+
+
+def wrap_flux(pipe: FluxPipeline, model_id: str, *, device: torch.device, compile: bool) -> Flux:
+    """The pipeline on `device`, quiet; `compile`: torch.compile the transformer's repeated blocks
+    (diffusers' regional compilation: one graph per block type, reused by every block of that type,
+    a far shorter compile than the whole model's; one graph per batch shape)."""
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if compile:
         pipe.transformer.compile_repeated_blocks(fullgraph=True)
-    return Flux(pipe=pipe, model_id=src.id)
+    return Flux(pipe=pipe, model_id=model_id)
 
 
 def build_tiny_clip_tokenizer() -> CLIPTokenizer:

@@ -57,6 +57,13 @@ class T5DecoderLM(nn.Module):
         # Frozen: dropout stays off whatever the caller does to parent modules.
         return super().train(False)
 
+    def compile_decoder(self) -> None:
+        """torch.compile the decoder stack with dynamic shapes: one graph serves every (source, target)
+        length of the length-bucketed batches, where static shapes would recompile for each new pair
+        (and fall back to eager past dynamo's recompile limit). The loss's gather of the real target
+        tokens (a data-dependent shape) stays outside the graph."""
+        self.decoder.compile(dynamic=True)
+
     def shift_right(self, labels_BT: torch.Tensor) -> torch.Tensor:
         start = torch.full_like(labels_BT[:, :1], self.config.decoder_start_token_id)
         shifted = torch.cat([start, labels_BT[:, :-1]], dim=1)

@@ -44,6 +44,7 @@ VIDEO_PAD = "<|video_pad|>"
 TINY_REVISION = "tiny-v1"
 
 PromptPart = str | Image.Image
+STATIC_CACHE_ROUNDING = 256
 
 
 @dataclass
@@ -125,24 +126,34 @@ def build_tiny_qwen_tokenizer() -> Qwen2Tokenizer:
     return tok
 
 
+TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+TINY_VISION = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
+
+
 def build_tiny_vlm(*, min_pixels: int, max_pixels: int, seed: int = 0) -> VLM:
     """Qwen2VLForConditionalGeneration with small dims and fixed random weights (same seed, same model)."""
+    return build_random_vlm(TINY_TEXT, TINY_VISION, min_pixels=min_pixels, max_pixels=max_pixels, seed=seed)
+
+
+def build_random_vlm(text: dict, vision: dict, *, min_pixels: int, max_pixels: int, seed: int = 0,
+                     model_id: str = TINY_MODEL_ID, revision: str = TINY_REVISION) -> VLM:
+    """Qwen2-VL with the given text/vision dims, random weights and the offline byte-level tokenizer.
+
+    Built on the current default device and dtype (the benchmarks build paper-size models directly on
+    the GPU in bf16).
+    """
     tok = build_tiny_qwen_tokenizer()
     config = Qwen2VLConfig(
         text_config=dict(
-            vocab_size=len(tok),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            vocab_size=max(len(tok), text.get("vocab_size", 0)),
             max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
             bos_token_id=tok.convert_tokens_to_ids(END_OF_TEXT),
             eos_token_id=tok.convert_tokens_to_ids(IM_END),
             pad_token_id=tok.convert_tokens_to_ids(END_OF_TEXT),
+            **{k: v for k, v in text.items() if k != "vocab_size"},
         ),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
+        vision_config=vision,
         image_token_id=tok.convert_tokens_to_ids(IMAGE_PAD),
         video_token_id=tok.convert_tokens_to_ids(VIDEO_PAD),
         vision_start_token_id=tok.convert_tokens_to_ids(VISION_START),
@@ -153,7 +164,7 @@ def build_tiny_vlm(*, min_pixels: int, max_pixels: int, seed: int = 0) -> VLM:
         model = Qwen2VLForConditionalGeneration(config)
     model.eval().requires_grad_(False)
     processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
-    return VLM(model=model, tokenizer=tok, image_processor=processor, model_id=TINY_MODEL_ID, revision=TINY_REVISION)
+    return VLM(model=model, tokenizer=tok, image_processor=processor, model_id=model_id, revision=revision)
 
 
 def encode_chat(vlm: VLM, conversations: list[list[PromptPart]], system_prompt: str) -> dict[str, torch.Tensor]:
@@ -231,6 +242,7 @@ def generate_with_states(
     compiled CUDA graph (CUDA only; elsewhere it runs eagerly).
     """
     eos_ids = [] if ignore_eos else vlm.eos_token_ids
+    prompt_len = batch["input_ids"].shape[1]
     gen_config = GenerationConfig(
         do_sample=temperature > 0,
         temperature=temperature if temperature > 0 else None,
@@ -244,6 +256,10 @@ def generate_with_states(
         # (and a caption has no use for vision tokens); a trained Qwen2-VL never emits them.
         suppress_tokens=vlm.vision_token_ids,
         cache_implementation="static" if kv_cache == "static" else None,
+        # Static cache lengths rounded up to a multiple of 256: batches whose prompts differ by a few
+        # tokens share one cache shape, hence one compiled decode graph.
+        max_cache_len=-(-(prompt_len + max_new_tokens) // STATIC_CACHE_ROUNDING) * STATIC_CACHE_ROUNDING
+        if kv_cache == "static" else None,
         disable_compile=not compile,
         return_dict_in_generate=True,
     )
@@ -251,7 +267,6 @@ def generate_with_states(
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         out = vlm.model.generate(**batch, generation_config=gen_config)
-    prompt_len = batch["input_ids"].shape[1]
     generated_BG = out.sequences[:, prompt_len:]
     lengths = [_generated_length(row, eos_ids) for row in generated_BG.tolist()]
     states_BGD = states_from_cache(vlm, batch, generated_BG, out.cache)

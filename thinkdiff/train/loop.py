@@ -130,6 +130,8 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
     clip = cfg.variant == "clip"
     store = FeatureStore(features_dir, expect_model_id=(cfg.models.vision if clip else cfg.models.vlm).id)
     t5 = load_t5(cfg.models.t5, device=accelerator.device, keep_encoder=clip)
+    if t.compile:
+        t5.decoder_lm.compile_decoder()
     if clip:
         collate = CaptionSplitCollator(t5.tokenizer, max_prefix_tokens=t.max_prefix_tokens,
                                        max_target_tokens=t.max_target_tokens, seed=t.seed)

@@ -1,0 +1,139 @@
+"""Feature extraction throughput: the naive HF path vs the features stage's path, same run.
+
+    .venv/bin/python benchmarks/extract_features.py            # Qwen2-VL-7B shapes, 448 px, 128 tokens: a GPU
+    .venv/bin/python benchmarks/extract_features.py --tiny     # tiny shapes on a CPU in seconds (a test runs it)
+
+Workload: one 448x448 image (256 visual tokens) and a one-line instruction per sample, random
+weights, 128 sampled tokens per image (temperature 0.6, top_p 0.9, EOS ignored so every batch does
+the same work). The tokenizer is the offline byte-level one, so the text part of the prompt is
+about 3x longer in tokens than with Qwen's BPE (about 110 instead of 35 tokens next to the 256
+visual ones).
+- naive: `model.generate()` with transformers' defaults (dynamic KV cache, eager) at batch 32,
+  then one full teacher-forced forward over image + prompt + generated ids for the states.
+- project: what `thinkdiff features` runs (`generate_with_states`): a static KV cache, the decode
+  step compiled (CUDA), a larger batch, and the states read from one pass over the generated ids
+  that reuses the prompt's KV cache.
+Images/s counts the whole stage (image preprocessing + generation + states); the generation-only
+rate of the naive path is the issue's reference (STACK.md: 9.4 to 11.4 images/s at batch 32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import GenerationConfig
+
+from thinkdiff.models.vlm import (
+    TINY_TEXT,
+    TINY_VISION,
+    VLM,
+    build_random_vlm,
+    encode_chat,
+    final_norm_states,
+    generate_with_states,
+)
+
+QWEN2_VL_7B_TEXT = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                        num_attention_heads=28, num_key_value_heads=4,
+                        rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0})
+QWEN2_VL_7B_VISION = dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4)
+SYSTEM = "You are a helpful assistant."
+INSTRUCTION = "Describe the image concisely."
+SAMPLING = dict(temperature=0.6, top_p=0.9)
+
+
+def images(n: int, side: int, seed: int) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def naive_batch(vlm: VLM, pics: list[Image.Image], tokens: int, seed: int) -> dict[str, float]:
+    device = vlm.device
+    t0 = sync(device)
+    batch = encode_chat(vlm, [[p, INSTRUCTION] for p in pics], SYSTEM)
+    t1 = sync(device)
+    config = GenerationConfig(do_sample=True, top_k=0, max_new_tokens=tokens, eos_token_id=[], pad_token_id=vlm.pad_token_id,
+                              suppress_tokens=vlm.vision_token_ids,
+                              **SAMPLING)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        sequences = vlm.model.generate(**batch, generation_config=config)
+    t2 = sync(device)
+    generated = sequences[:, batch["input_ids"].shape[1]:]
+    final_norm_states(vlm, batch, generated, [generated.shape[1]] * len(pics))
+    t3 = sync(device)
+    return {"prep_s": t1 - t0, "gen_s": t2 - t1, "states_s": t3 - t2}
+
+
+def project_batch(vlm: VLM, pics: list[Image.Image], tokens: int, seed: int, compile: bool) -> dict[str, float]:
+    device = vlm.device
+    t0 = sync(device)
+    batch = encode_chat(vlm, [[p, INSTRUCTION] for p in pics], SYSTEM)
+    t1 = sync(device)
+    samples = generate_with_states(vlm, batch, max_new_tokens=tokens, seed=seed, ignore_eos=True, kv_cache="static",
+                                   compile=compile, **SAMPLING)
+    t2 = sync(device)
+    assert all(len(s.token_ids) == tokens for s in samples)
+    return {"prep_s": t1 - t0, "gen_and_states_s": t2 - t1}
+
+
+def measure(name: str, step, batch: int, n_batches: int, side: int) -> dict:
+    step(images(batch, side, seed=99), seed=99)  # warm-up: allocator, kernels, the compile
+    rows = [step(images(batch, side, seed=k), seed=k) for k in range(n_batches)]
+    total = {k: sum(r[k] for r in rows) for k in rows[0]}
+    n = batch * n_batches
+    result = {"path": name, "batch": batch, "images_per_s": n / sum(total.values())}
+    result.update({k.removesuffix("_s") + "_ms_per_image": 1000 * v / n for k, v in total.items()})
+    if "gen_s" in total:
+        result["gen_only_images_per_s"] = n / total["gen_s"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--naive-batch", type=int, default=None, help="default 32 (tiny 4)")
+    parser.add_argument("--batch", type=int, default=None, help="the project path's batch (default 256; tiny 8)")
+    parser.add_argument("--tokens", type=int, default=None, help="generated tokens per image (default 128; tiny 16)")
+    parser.add_argument("--batches", type=int, default=2, help="timed batches per path, after one warm-up batch")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tiny = args.tiny
+    naive_bs, bs = args.naive_batch or (4 if tiny else 32), args.batch or (8 if tiny else 256)
+    tokens = args.tokens or (16 if tiny else 128)
+    side = 112 if tiny else 448
+    pixels = dict(min_pixels=56 * 56, max_pixels=side * side)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        vlm = (build_random_vlm(TINY_TEXT, TINY_VISION, **pixels) if tiny
+               else build_random_vlm(QWEN2_VL_7B_TEXT, QWEN2_VL_7B_VISION, **pixels, model_id="random-qwen2-vl-7b"))
+    torch.set_default_dtype(torch.float32)
+    compile = device.type == "cuda"
+    params = sum(p.numel() for p in vlm.model.parameters()) / 1e9
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), {dtype}, "
+          f"{params:.2f}B params, {side} px images, {tokens} tokens, compile {compile}")
+    naive = measure("naive", lambda p, seed: naive_batch(vlm, p, tokens, seed), naive_bs, args.batches, side)
+    project = measure("project", lambda p, seed: project_batch(vlm, p, tokens, seed, compile), bs, args.batches, side)
+    ratio = project["images_per_s"] / naive["gen_only_images_per_s"]
+    print("| path | batch | images/s (whole stage) | generate-only images/s | ms/image: prep | generate | states |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| naive | {naive_bs} | {naive['images_per_s']:.2f} | {naive['gen_only_images_per_s']:.2f} | "
+          f"{naive['prep_ms_per_image']:.1f} | {naive['gen_ms_per_image']:.1f} | {naive['states_ms_per_image']:.1f} |")
+    print(f"| project | {bs} | {project['images_per_s']:.2f} | - | {project['prep_ms_per_image']:.1f} | "
+          f"{project['gen_and_states_ms_per_image']:.1f} (with states) | - |")
+    print(f"ratio project (whole stage) / naive generate-only: {ratio:.2f}x (target 5x)")
+
+
+if __name__ == "__main__":
+    main()

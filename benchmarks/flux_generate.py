@@ -1,0 +1,107 @@
+"""CoBSAT generation throughput: FLUX eager at batch 1 and 4 vs the project's path, same run.
+
+    .venv/bin/python benchmarks/flux_generate.py            # FLUX.1-dev shapes, 512 px, 28 steps: a GPU
+    .venv/bin/python benchmarks/flux_generate.py --tiny     # tiny shapes on a CPU in seconds (a test runs it)
+
+Workload: `Flux.draw_embeds`, the call `thinkdiff cobsat eval` makes, with random weights at
+FLUX.1-dev transformer and VAE shapes, 128 prompt-embedding rows of width 4096 (the aligner
+output), a pooled embedding, guidance 3.5, 28 steps, 512x512 (1024 latent tokens), VAE decode
+included.
+- naive: the pipeline as loaded (eager bf16, SDPA) at batch 1 and at batch 4.
+- project: what eval.batch_size / eval.compile set: a larger batch and the transformer's repeated
+  blocks compiled (CUDA).
+The project's first image is compared with the naive batch-1 image of the same embeddings and seed
+(max and mean absolute pixel difference, 0..255).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+from thinkdiff.models.flux import Flux, build_tiny_flux_pipeline, wrap_flux
+
+FLUX_DEV_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                            guidance_embeds=True, axes_dims_rope=[16, 56, 56])
+FLUX_DEV_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                    layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+                    use_quant_conv=False, use_post_quant_conv=False,
+                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+FLUX_DEV_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, shift=3.0,
+                          use_dynamic_shifting=True)
+
+
+def paper_pipeline(device: torch.device) -> FluxPipeline:
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        transformer = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
+        vae = AutoencoderKL(**FLUX_DEV_VAE)
+    torch.set_default_dtype(torch.float32)
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER), vae=vae, transformer=transformer,
+                        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+
+
+def timed(flux: Flux, embeds: torch.Tensor, pooled: torch.Tensor, batch: int, n_batches: int, draw: dict):
+    """Seconds per image over `n_batches` batches after one warm-up batch, and the first image."""
+    flux.draw_embeds(embeds[:batch], pooled, seeds=list(range(batch)), **draw)
+    first, seconds = None, 0.0
+    for k in range(n_batches):
+        rows = slice(k * batch, (k + 1) * batch)
+        sync(flux.device)
+        started = time.perf_counter()
+        out = flux.draw_embeds(embeds[rows], pooled, seeds=list(range(rows.start, rows.stop)), **draw)
+        sync(flux.device)
+        seconds += time.perf_counter() - started
+        first = out[0] if first is None else first
+    return seconds / (batch * n_batches), np.asarray(first, dtype=np.int16)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--batch", type=int, default=8, help="the project path's batch (eval.batch_size)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 28; tiny 4)")
+    parser.add_argument("--batches", type=int, default=2, help="timed batches per path, after one warm-up batch")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    draw = dict(steps=args.steps or (4 if args.tiny else 28), guidance=3.5, size=64 if args.tiny else 512)
+    if args.tiny:
+        make = lambda: build_tiny_flux_pipeline()  # noqa: E731
+    else:
+        pipe = paper_pipeline(device)
+        make = lambda: pipe  # noqa: E731  one set of weights for every path
+    naive = wrap_flux(make(), "random", device=device, compile=False)
+    g = torch.Generator().manual_seed(0)
+    rows = max(args.batch, 4) * args.batches
+    embeds = torch.randn(rows, 128, naive.joint_dim, generator=g).to(device, naive.dtype)
+    pooled = torch.randn(1, naive.pipe.transformer.config.pooled_projection_dim, generator=g).to(device, naive.dtype)
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), {naive.dtype}, "
+          f"{sum(p.numel() for p in naive.pipe.transformer.parameters()) / 1e9:.2f}B transformer params, {draw}")
+    results = {}
+    results["naive b1"], image_b1 = timed(naive, embeds, pooled, 1, args.batches, draw)
+    results["naive b4"], _ = timed(naive, embeds, pooled, 4, args.batches, draw)
+    compile = device.type == "cuda"
+    project = wrap_flux(naive.pipe if not args.tiny else make(), "random", device=device, compile=compile)
+    results[f"project b{args.batch}"], image_project = timed(project, embeds, pooled, args.batch, args.batches, draw)
+    diff = np.abs(image_project - image_b1)
+    ratio = results["naive b4"] / results[f"project b{args.batch}"]
+    print("| path | s/image | images/s |")
+    print("|---|---|---|")
+    for name, s in results.items():
+        print(f"| {name} | {s:.3f} | {1 / s:.2f} |")
+    print(f"ratio project / naive b4: {ratio:.2f}x (target 1.5x); compile {compile}; "
+          f"first image vs naive b1: max |diff| {diff.max()}, mean {diff.mean():.3f} (0..255)")
+
+
+if __name__ == "__main__":
+    main()
