@@ -115,6 +115,8 @@ class FeaturesConfig:
     """Qwen2-VL image processor: largest image area after resizing (448*448 = 200704 for the paper)."""
     batch_size: int
     """Images per generate() call (LVLM) or per vision forward (CLIP)."""
+    preprocess_workers: int
+    """Threads that preprocess the next batch's images while the model works on the current one."""
     kv_cache: str
     """VLM generation KV cache: `static` (preallocated, needed by `compile`) or `dynamic` (HF's default).
     Also used by CoBSAT generation."""
@@ -292,6 +294,7 @@ class RunConfig:
         need(28 * 28 <= f.min_pixels <= f.max_pixels, "features.min_pixels", f.min_pixels,
              "use 784 (28*28) <= min_pixels <= features.max_pixels")
         need(f.batch_size >= 1, "features.batch_size", f.batch_size, "use at least 1")
+        need(f.preprocess_workers >= 1, "features.preprocess_workers", f.preprocess_workers, "use at least 1")
         need(f.kv_cache in ("static", "dynamic"), "features.kv_cache", f.kv_cache, "use static or dynamic")
         need(not f.compile or f.kv_cache == "static", "features.compile", f.compile,
              "compiling the decode step needs features.kv_cache=static")

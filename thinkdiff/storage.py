@@ -24,7 +24,8 @@ MANIFEST = "manifest.json"
 CORPUS_SCHEMA_VERSION = 1
 FEATURES_SCHEMA_VERSION = 1
 TRAIN_SCHEMA_VERSION = 1
-# Settings that change how a run is observed or kept, not what it computes.
+# Settings that change how a stage runs, is observed or kept, not what it computes: outside the fingerprint.
+_FEATURES_OPERATIONAL = ("preprocess_workers",)
 _TRAIN_OPERATIONAL = ("checkpoint_every", "keep_last", "log_every", "launch_args", "compile")
 
 
@@ -63,7 +64,7 @@ def features_fingerprint(cfg: RunConfig) -> str:
         "stage": "features",
         "schema": FEATURES_SCHEMA_VERSION,
         "corpus": corpus_fingerprint(cfg),
-        "features": cfg.features.__dict__,
+        "features": {k: v for k, v in cfg.features.__dict__.items() if k not in _FEATURES_OPERATIONAL},
         "variant": cfg.variant,
         "model": (cfg.models.vision if cfg.variant == "clip" else cfg.models.vlm).__dict__,
     })

@@ -120,6 +120,8 @@ def test_fingerprints_follow_what_a_stage_computes():
     base = load_config("tiny")
     # Observation-only settings keep the training directory; what changes results moves it.
     assert train_fingerprint(load_config("tiny", ["train.log_every=3"])) == train_fingerprint(base)
+    assert train_fingerprint(load_config("tiny", ["train.compile=true"])) == train_fingerprint(base)
+    assert features_fingerprint(load_config("tiny", ["features.preprocess_workers=7"])) == features_fingerprint(base)
     assert train_fingerprint(load_config("tiny", ["train.lr=2e-3"])) != train_fingerprint(base)
     # Training settings do not invalidate cached features; the VLM and sampling settings do.
     assert features_fingerprint(load_config("tiny", ["train.lr=2e-3"])) == features_fingerprint(base)

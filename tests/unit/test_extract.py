@@ -82,6 +82,18 @@ def test_teacher_forced_states_equal_generation_states(vlm):
     torch.testing.assert_close(short[0], samples[0].states_LD[:3], rtol=1e-5, atol=1e-5)
 
 
+def test_threaded_preprocessing_gives_the_same_inputs(vlm):
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = two_prompts() + [[Image.new("RGB", (84, 140), (1, 2, 3)), "Describe."]]
+    with ThreadPoolExecutor(3) as pool:
+        threaded = encode_chat(vlm, prompts, SYSTEM, pool=pool)
+    plain = encode_chat(vlm, prompts, SYSTEM)
+    assert threaded.keys() == plain.keys()
+    for key in plain:
+        assert torch.equal(threaded[key], plain[key]), key
+
+
 @pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_production_path_equals_plain_path_under_greedy_decoding(kv_cache, dtype):
@@ -135,14 +147,15 @@ def test_feature_store_rows_are_the_producing_states(tiny_store):
     assert row["num_rows"] == min(row["num_tokens"], cfg.features.max_feature_rows)
     assert row["text"] == vlm.tokenizer.decode(row["token_ids"], skip_special_tokens=True)
     assert row["instruction"] == extract.pick_instruction(cfg.features.instructions, cfg.features.seed, row["key"])
-    # Recompute the states for this image from its stored ids: they match the stored rows in bf16.
+    # Recompute the states for this image from its stored ids (batch of one, full teacher-forced
+    # pass): the stored rows are them rounded to bf16 (half an ulp, 2**-9 relative, plus fp32 noise).
     corpus_shard = features_dir.parent.parent / "corpus" / stage_dir(cfg, "corpus").name / "00000.parquet"
     image = next(i for i in read_corpus_shard(corpus_shard) if i.key == row["key"]).image
     batch = encode_chat(vlm, [[image, row["instruction"]]], cfg.features.system_prompt)
     ids = torch.tensor([row["token_ids"]])
     expected = final_norm_states(vlm, batch, ids, [row["num_tokens"]])[0][: row["num_rows"]]
     stored = decode_features(row["features"], row["num_rows"], 64, "bfloat16")
-    torch.testing.assert_close(stored.float(), expected.to(torch.bfloat16).float())
+    torch.testing.assert_close(stored.float(), expected, rtol=2**-8, atol=1e-5)
 
 
 def test_features_stage_resumes_missing_shard_identically(demo_corpus, tmp_path):
@@ -219,3 +232,36 @@ def test_compiled_extraction_keeps_one_batch_size(demo_corpus, tmp_path, monkeyp
     assert set(sizes) == {6} and len(sizes) == sum(-(-len(keys) // 6) for keys in per_shard)
     keys = [k for shard in per_shard for k in shard]
     assert len(keys) == len(set(keys)) == 40
+
+
+def test_compiled_decode_step_gives_the_eager_ids_and_states_with_one_graph(monkeypatch):
+    """features.compile: HF generate's compiled decode step (forced onto the CPU here; in production
+    it runs on CUDA only) with the static cache, then the states from that cache: the eager path's
+    ids and states, and one graph for two batches whose prompt lengths differ."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    from thinkdiff.models import vlm as vlm_module
+
+    def on_any_device() -> CompileConfig:
+        config = CompileConfig(mode="default")
+        config._compile_all_devices = True
+        return config
+
+    vlm = build_tiny_vlm(min_pixels=28 * 28, max_pixels=112 * 112)
+    short = [[Image.new("RGB", (56, 56), (9, 9, 9)), "Hi."], two_prompts()[0]]
+    batches = [encode_chat(vlm, short, SYSTEM), encode_chat(vlm, two_prompts(), SYSTEM)]
+    # The second prompt is longer: without rounding the static cache up, it would need a new graph.
+    assert batches[0]["input_ids"].shape[1] < batches[1]["input_ids"].shape[1]
+    greedy = dict(max_new_tokens=12, temperature=0, top_p=1.0, seed=0, kv_cache="static")
+    eager = [generate_with_states(vlm, b, **greedy) for b in batches]
+    monkeypatch.setattr(vlm_module, "decode_compile_config", on_any_device)
+    torch._dynamo.reset()
+    counters.clear()
+    fresh = build_tiny_vlm(min_pixels=28 * 28, max_pixels=112 * 112)  # HF keeps the largest cache size per model
+    compiled = [generate_with_states(fresh, b, **greedy, compile=True) for b in batches]
+    assert counters["stats"]["unique_graphs"] == 1
+    for e_batch, c_batch in zip(eager, compiled, strict=True):
+        for e, c in zip(e_batch, c_batch, strict=True):
+            assert e.token_ids == c.token_ids
+            torch.testing.assert_close(c.states_LD, e.states_LD, rtol=1e-5, atol=1e-5)

@@ -13,6 +13,7 @@ Shape legend: B batch, P padded prompt length, G generated length, L one sample'
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 from transformers import (
     AutoTokenizer,
+    CompileConfig,
     GenerationConfig,
     PreTrainedTokenizerBase,
     Qwen2Tokenizer,
@@ -167,7 +169,19 @@ def build_random_vlm(text: dict, vision: dict, *, min_pixels: int, max_pixels: i
     return VLM(model=model, tokenizer=tok, image_processor=processor, model_id=model_id, revision=revision)
 
 
-def encode_chat(vlm: VLM, conversations: list[list[PromptPart]], system_prompt: str) -> dict[str, torch.Tensor]:
+def preprocess_images(processor: Qwen2VLImageProcessorPil, images: list[Image.Image], pool: Executor | None = None) -> dict[str, torch.Tensor]:
+    """`pixel_values` (all images' patches, in order) and `image_grid_thw`; with a thread pool one
+    image per task (resizing and normalising release the GIL), concatenated in order: the same
+    tensors as one call over the list."""
+    rgb = [im.convert("RGB") for im in images]
+    if pool is None or len(rgb) == 1:
+        return dict(processor(images=rgb, return_tensors="pt"))
+    parts = list(pool.map(lambda im: processor(images=[im], return_tensors="pt"), rgb))
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+
+def encode_chat(vlm: VLM, conversations: list[list[PromptPart]], system_prompt: str,
+                pool: Executor | None = None) -> dict[str, torch.Tensor]:
     """Tokenize a batch of one-turn chats (interleaved text and images) with left padding.
 
     The text matches Qwen2-VL's chat template: each image becomes
@@ -179,7 +193,7 @@ def encode_chat(vlm: VLM, conversations: list[list[PromptPart]], system_prompt: 
     vision: dict[str, torch.Tensor] = {}
     tokens_per_image: list[int] = []
     if images:
-        vision = dict(vlm.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt"))
+        vision = preprocess_images(vlm.image_processor, images, pool)
         merge = vlm.image_processor.merge_size**2
         tokens_per_image = [int(thw.prod()) // merge for thw in vision["image_grid_thw"]]
     texts, image_index = [], 0
@@ -261,6 +275,7 @@ def generate_with_states(
         max_cache_len=-(-(prompt_len + max_new_tokens) // STATIC_CACHE_ROUNDING) * STATIC_CACHE_ROUNDING
         if kv_cache == "static" else None,
         disable_compile=not compile,
+        compile_config=decode_compile_config() if compile else None,
         return_dict_in_generate=True,
     )
     devices = [vlm.device] if vlm.device.type == "cuda" else []
@@ -274,6 +289,12 @@ def generate_with_states(
         GeneratedSample(token_ids=generated_BG[i, :n].tolist(), states_LD=states_BGD[i, :n].float().cpu())
         for i, n in enumerate(lengths)
     ]
+
+
+def decode_compile_config() -> CompileConfig:
+    """How HF generate compiles the decode step: transformers' defaults (CUDA graphs, static shapes).
+    HF compiles on CUDA only; elsewhere generation runs eagerly."""
+    return CompileConfig()
 
 
 @torch.no_grad()
