@@ -155,3 +155,19 @@ def test_prompts_go_in_batches_of_one_task_and_shot(synthetic, tmp_path):
     assert summary.num_prompts == 20 and summary.mean == {2: 1.0, 4: 1.0}
     rows = [json.loads(line) for line in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
     assert sorted((r["task"], r["shot"], r["index"]) for r in rows) == sorted(k for b in seen for k in b)
+
+
+def test_a_smaller_limit_scores_only_its_own_prompts(synthetic, tmp_path):
+    """The nightly subset reuses a directory that may hold a full run: its summary covers only the
+    prompts it asked for, and nothing is drawn again."""
+    calls = []
+
+    def good_then_bad(prompts, dataset):
+        calls.append(len(prompts))
+        return [BASELINES["oracle" if p.index < 2 else "copy-last"]([p], dataset)[0] for p in prompts]
+
+    full = evaluate(synthetic, good_then_bad, synthetic_judge, tmp_path / "run", tasks=[1], shots=[2], limit=5)
+    assert full.num_prompts == 5 and full.mean == {2: 0.4}
+    calls.clear()
+    subset = evaluate(synthetic, good_then_bad, synthetic_judge, tmp_path / "run", tasks=[1], shots=[2], limit=2)
+    assert subset.num_prompts == 2 and subset.mean == {2: 1.0} and calls == []

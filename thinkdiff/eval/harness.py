@@ -137,14 +137,15 @@ def evaluate(
     results_path = out_dir / RESULTS
     done = {(r["task"], r["shot"], r["index"]) for r in _read_results(results_path)}
     batches: list[list[Prompt]] = []
+    wanted: set[tuple[int, int, int]] = set()
     for shot in shots:
         for t in tasks:
-            todo = [p for p in build_prompts(get_task(t), shot, limit) if (t, shot, p.index) not in done]
+            prompts = build_prompts(get_task(t), shot, limit)
+            wanted |= {(t, shot, p.index) for p in prompts}
+            todo = [p for p in prompts if (t, shot, p.index) not in done]
             batches += [todo[i: i + batch_size] for i in range(0, len(todo), batch_size)]
     total = sum(len(b) for b in batches)
     log.info("cobsat: %d prompts to evaluate in %d batches (%d already in %s)", total, len(batches), len(done), results_path)
-    if not batches and (out_dir / "summary.json").is_file():
-        return Summary(**_int_keys(json.loads((out_dir / "summary.json").read_text())))
     every = max(1, len(batches) // 20)
     started_all = time.perf_counter()
     finished = 0
@@ -173,21 +174,17 @@ def evaluate(
             if n % every == 0 or n == len(batches):
                 rate = finished / (time.perf_counter() - started_all)
                 log.info("cobsat: %d/%d prompts, %.2f prompts/s, ETA %.0fs", finished, total, rate, (total - finished) / rate)
-    summary = summarize(out_dir)
-    save_samples(out_dir, dataset)
+    # Only the prompts asked for: a directory may also hold rows of a run with a larger limit.
+    summary = summarize(out_dir, wanted)
+    if batches or not (out_dir / "samples.png").is_file():
+        save_samples(out_dir, dataset)
     return summary
 
 
-def _int_keys(raw: dict) -> dict:
-    """summary.json stores shots and task ids as strings (JSON keys)."""
-    raw["accuracy"] = {int(s): {int(t): a for t, a in per.items()} for s, per in raw["accuracy"].items()}
-    raw["mean"] = {int(s): m for s, m in raw["mean"].items()}
-    return raw
-
-
-def summarize(out_dir: Path) -> Summary:
-    """Accuracy per (shot, task) from results.jsonl; writes summary.json, summary.md and a bar chart."""
-    rows = _read_results(out_dir / RESULTS)
+def summarize(out_dir: Path, keys: set[tuple[int, int, int]]) -> Summary:
+    """Accuracy per (shot, task) over the results.jsonl rows of `keys` (task, shot, index); writes
+    summary.json, summary.md and a bar chart."""
+    rows = [r for r in _read_results(out_dir / RESULTS) if (r["task"], r["shot"], r["index"]) in keys]
     by_key: dict[tuple[int, int], list[bool]] = {}
     for r in rows:
         by_key.setdefault((r["shot"], r["task"]), []).append(bool(r["correct"]))
