@@ -171,3 +171,4 @@ def test_a_smaller_limit_scores_only_its_own_prompts(synthetic, tmp_path):
     calls.clear()
     subset = evaluate(synthetic, good_then_bad, synthetic_judge, tmp_path / "run", tasks=[1], shots=[2], limit=2)
     assert subset.num_prompts == 2 and subset.mean == {2: 1.0} and calls == []
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["num_prompts"] == 2  # what MLflow gets

@@ -201,6 +201,9 @@ def summarize(out_dir: Path, keys: set[tuple[int, int, int]]) -> Summary:
         gen_s_per_prompt=gen_s / max(len(rows), 1),
         judge_s_per_prompt=sum(r["judge_s"] for r in rows) / max(len(rows), 1),
     )
+    previous = out_dir / "summary.json"
+    if previous.is_file() and json.loads(previous.read_text()) == json.loads(json.dumps(summary.__dict__)):
+        return summary  # a rerun with nothing new rewrites nothing
     atomic_write_json(out_dir / "summary.json", summary.__dict__)
     atomic_write_bytes(out_dir / "summary.md", (summary.table() + "\n").encode())
     plot_cobsat_accuracy(summary.accuracy, out_dir / "accuracy.png")
