@@ -3,13 +3,13 @@
     .venv/bin/python benchmarks/extract_features.py            # Qwen2-VL-7B shapes, 448 px, 128 tokens: a GPU
     .venv/bin/python benchmarks/extract_features.py --tiny     # tiny shapes on a CPU in seconds (a test runs it)
 
-Workload: one 448x448 image (256 visual tokens) and a one-line instruction per sample, random
-weights, 128 sampled tokens per image (temperature 0.6, top_p 0.9, EOS ignored so every batch does
-the same work). The tokenizer is the offline byte-level one, so the text part of the prompt is
+Workload: one 448x448 image (256 visual tokens) and one of the preset's 16 instructions per
+sample (the stage's seeded choice, same images for both paths), random weights, 128 sampled
+tokens per image (temperature 0.6, top_p 0.9). The tokenizer is the offline byte-level one, so the text part of the prompt is
 about 3x longer in tokens than with Qwen's BPE (about 110 instead of 35 tokens next to the 256
 visual ones).
-- naive: `model.generate()` with transformers' defaults (dynamic KV cache, eager) at batch 32,
-  then one full teacher-forced forward over image + prompt + generated ids for the states.
+- naive: `model.generate()` with transformers' defaults (dynamic KV cache, eager) at batch 32, EOS
+  ignored, then one full teacher-forced forward over image + prompt + generated ids for the states.
 - project: the features stage's own loop (`extract_records` with the paper preset): a larger
   batch, the next batch's images preprocessed on threads while the GPU works, a static KV cache,
   the decode step compiled (CUDA), and the states read from one pass over the generated ids that
@@ -31,7 +31,7 @@ from transformers import GenerationConfig
 
 from thinkdiff.config import RunConfig, load_config
 from thinkdiff.data.corpus import CorpusImage
-from thinkdiff.data.extract import extract_records
+from thinkdiff.data.extract import extract_records, pick_instruction
 from thinkdiff.models.vlm import (
     TINY_TEXT,
     TINY_VISION,
@@ -45,9 +45,6 @@ QWEN2_VL_7B_TEXT = dict(vocab_size=152064, hidden_size=3584, intermediate_size=1
                         num_attention_heads=28, num_key_value_heads=4,
                         rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0})
 QWEN2_VL_7B_VISION = dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4)
-SYSTEM = "You are a helpful assistant."
-INSTRUCTION = "Describe the image concisely."
-SAMPLING = dict(temperature=0.6, top_p=0.9)
 
 
 def images(n: int, side: int, seed: int) -> list[Image.Image]:
@@ -61,20 +58,22 @@ def sync(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def naive_batch(vlm: VLM, pics: list[Image.Image], tokens: int, seed: int) -> dict[str, float]:
-    device = vlm.device
+def naive_batch(cfg: RunConfig, vlm: VLM, items: list[CorpusImage], tokens: int, seed: int) -> dict[str, float]:
+    """Plain HF generate (dynamic cache, eager, EOS ignored), then a full teacher-forced pass; the
+    same system prompt and per-image instruction as the stage."""
+    f, device = cfg.features, vlm.device
     t0 = sync(device)
-    batch = encode_chat(vlm, [[p, INSTRUCTION] for p in pics], SYSTEM)
+    conversations = [[item.image, pick_instruction(f.instructions, f.seed, item.key)] for item in items]
+    batch = encode_chat(vlm, conversations, f.system_prompt)
     t1 = sync(device)
-    config = GenerationConfig(do_sample=True, top_k=0, max_new_tokens=tokens, eos_token_id=[], pad_token_id=vlm.pad_token_id,
-                              suppress_tokens=vlm.vision_token_ids,
-                              **SAMPLING)
+    config = GenerationConfig(do_sample=True, temperature=f.temperature, top_p=f.top_p, top_k=0, max_new_tokens=tokens,
+                              eos_token_id=[], pad_token_id=vlm.pad_token_id, suppress_tokens=vlm.vision_token_ids)
     torch.manual_seed(seed)
     with torch.no_grad():
         sequences = vlm.model.generate(**batch, generation_config=config)
     t2 = sync(device)
     generated = sequences[:, batch["input_ids"].shape[1]:]
-    final_norm_states(vlm, batch, generated, [generated.shape[1]] * len(pics))
+    final_norm_states(vlm, batch, generated, [generated.shape[1]] * len(items))
     t3 = sync(device)
     return {"prep_s": t1 - t0, "gen_s": t2 - t1, "states_s": t3 - t2}
 
@@ -96,9 +95,9 @@ def corpus_batches(n_batches: int, batch: int, side: int, seed: int) -> list[lis
     return [items[k * batch: (k + 1) * batch] for k in range(n_batches)]
 
 
-def measure_naive(step, batch: int, n_batches: int, side: int) -> dict:
-    step(images(batch, side, seed=99), seed=99)  # warm-up: allocator and kernels
-    rows = [step(images(batch, side, seed=k), seed=k) for k in range(n_batches)]
+def measure_naive(cfg: RunConfig, vlm: VLM, batch: int, n_batches: int, side: int, tokens: int) -> dict:
+    naive_batch(cfg, vlm, corpus_batches(1, batch, side, seed=99)[0], tokens, seed=99)  # warm-up: allocator, kernels
+    rows = [naive_batch(cfg, vlm, items, tokens, seed=k) for k, items in enumerate(corpus_batches(n_batches, batch, side, seed=0))]
     total = {k: sum(r[k] for r in rows) for k in rows[0]}
     n = batch * n_batches
     result = {"images_per_s": n / sum(total.values()), "gen_only_images_per_s": n / total["gen_s"]}
@@ -130,11 +129,12 @@ def main() -> None:
     params = sum(p.numel() for p in vlm.model.parameters()) / 1e9
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), {dtype}, "
           f"{params:.2f}B params, {side} px images, {tokens} tokens, compile {compile}")
-    naive = measure_naive(lambda p, seed: naive_batch(vlm, p, tokens, seed), naive_bs, args.batches, side)
     cfg = load_config("tiny" if tiny else "paper-lvlm", [
         f"features.batch_size={bs}", f"features.max_new_tokens={tokens}", f"features.compile={compile}",
         f"features.min_pixels={pixels['min_pixels']}", f"features.max_pixels={pixels['max_pixels']}",
         f"features.preprocess_workers={2 if tiny else 8}"])
+    naive = measure_naive(cfg, vlm, naive_bs, args.batches, side, tokens)
+    print(f"naive done: {naive['images_per_s']:.2f} images/s (generate only {naive['gen_only_images_per_s']:.2f})", flush=True)
     project_run(cfg, vlm, corpus_batches(1, bs, side, seed=99))  # warm-up: allocator, kernels, the compile
     project = project_run(cfg, vlm, corpus_batches(args.batches, bs, side, seed=0))
     ratio = project["images_per_s"] / naive["gen_only_images_per_s"]

@@ -90,6 +90,7 @@ def main() -> None:
     results = {}
     results["naive b1"], image_b1 = timed(naive, embeds, pooled, 1, args.batches, draw)
     results["naive b4"], _ = timed(naive, embeds, pooled, 4, args.batches, draw)
+    print(f"naive done: {results['naive b1']:.3f} s/image at batch 1, {results['naive b4']:.3f} at batch 4", flush=True)
     compile = device.type == "cuda"
     project = wrap_flux(naive.pipe if not args.tiny else make(), "random", device=device, compile=compile)
     results[f"project b{args.batch}"], image_project = timed(project, embeds, pooled, args.batch, args.batches, draw)

@@ -1,27 +1,36 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issues 6 and 7 in one go, on one H200 or H100 (about 6-8 minutes).
+# Every GPU measurement of issues 6 and 7, on one H200 or H100, in two parts that each fit one
+# device call (a 600 s limit; about 4-6 minutes each):
 #
-#   make gpu-wheels                   # here, once: transformers/diffusers wheels for the GPU image
-#   bash benchmarks/gpu_checks.sh     # there, from the repository root (.whl/ carried along)
+#   make gpu-wheels                          # here, once: transformers/diffusers wheels for the GPU image
+#   bash benchmarks/gpu_checks.sh train      # there, from the repository root (.whl/ carried along): issue 6
+#   bash benchmarks/gpu_checks.sh infer      # issue 7: feature extraction, then FLUX
 #
 # The GPU image has torch + transformers 5.17 but no diffusers; the project needs transformers'
-# 5.24 cache API. Outputs land in $OUT (or benchmarks/out): one .txt per benchmark. Copy the tables
-# into benchmarks/RESULTS.md with the date, the card and this command. `TINY=1` runs the same
-# script at tiny shapes on a CPU in about a minute (a check before spending GPU time).
+# 5.24 cache API. Outputs land in $OUT (or benchmarks/out): one .txt per benchmark, written as it
+# runs (a killed benchmark still leaves its naive numbers). Copy the tables into
+# benchmarks/RESULTS.md with the date, the card and the command. `TINY=1` runs the same script at
+# tiny shapes on a CPU in about a minute (a check before spending GPU time). Prefer an H200 for
+# `train`: the batch-128 training step at target length 128 is tight on an H100's 80 GB.
 set -uo pipefail
+PART=${1:-all}
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 SIZE=${TINY:+--tiny}
 if [ -z "${TINY:-}" ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"; fi
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-# Issue 6: naive padded full T5 at batch 32 vs the training path at 32 and at 128.
-timeout 200 python3 benchmarks/train_step.py $SIZE --batch 32 2>&1 | tee "$OUT/train_step_b32.txt"
-timeout 200 python3 benchmarks/train_step.py $SIZE --batch 32 --project-batch 128 2>&1 | tee "$OUT/train_step_b128.txt"
-# Issue 7: extraction (naive generate at 32 vs the features stage at 256) and FLUX (b1, b4 vs b8 compiled).
-timeout 240 python3 benchmarks/extract_features.py $SIZE 2>&1 | tee "$OUT/extract_features.txt"
-timeout 240 python3 benchmarks/flux_generate.py $SIZE 2>&1 | tee "$OUT/flux_generate.txt"
+if [ "$PART" = train ] || [ "$PART" = all ]; then
+    # Naive padded full T5 at batch 32 vs the training path at 32 (the preset) and at 128.
+    timeout 200 python3 benchmarks/train_step.py $SIZE --batch 32 2>&1 | tee "$OUT/train_step_b32.txt"
+    timeout 250 python3 benchmarks/train_step.py $SIZE --batch 32 --project-batch 128 2>&1 | tee "$OUT/train_step_b128.txt"
+fi
+if [ "$PART" = infer ] || [ "$PART" = all ]; then
+    # Naive generate at 32 vs the features stage at 256; FLUX eager b1/b4 vs b8 with compiled blocks.
+    timeout 250 python3 benchmarks/extract_features.py $SIZE 2>&1 | tee "$OUT/extract_features.txt"
+    timeout 240 python3 benchmarks/flux_generate.py $SIZE 2>&1 | tee "$OUT/flux_generate.txt"
+fi

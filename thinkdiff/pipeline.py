@@ -117,7 +117,8 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
             ref = registry.resolve_model(spec, cfg)
             spec = ref.uri
         generator, identity = generate.build_generator(cfg, spec), spec
-    settings = {k: v for k, v in e.__dict__.items() if k not in ("aligner", "limit", "nightly_limit")}
+    # Which prompts and how fast they are drawn do not change a prompt's result: the same directory.
+    settings = {k: v for k, v in e.__dict__.items() if k not in ("aligner", "limit", "nightly_limit", "compile")}
     out_dir = Path(cfg.paths.root) / "eval" / fingerprint({
         "eval": settings, "generator": identity, "dataset": str(data.root.resolve()),
         "models": {k: v.__dict__ for k, v in cfg.models.__dict__.items()},

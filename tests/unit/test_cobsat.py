@@ -142,19 +142,27 @@ def test_results_resume_after_a_torn_line(synthetic, tmp_path):
     assert [r["index"] for r in rows] == [0, 1, 2] and summary.num_prompts == 3
 
 
-def test_prompts_go_in_batches_of_one_task_and_shot(synthetic, tmp_path):
-    seen: list[list[tuple[int, int, int]]] = []
+def test_prompts_go_in_fixed_batches_of_one_task_and_shot(synthetic, tmp_path):
+    """Batch k holds prompts 2k, 2k+1 of one (task, shot), whatever the limit or what ran before:
+    a run with limit 3 and then one with limit 5 draw the batches a single limit-5 run draws."""
+    def recording(seen):
+        def oracle_batch(prompts, dataset):
+            seen.append([(p.task.id, p.shot, p.index) for p in prompts])
+            return BASELINES["oracle"](prompts, dataset)
+        return oracle_batch
 
-    def recording_oracle(prompts, dataset):
-        seen.append([(p.task.id, p.shot, p.index) for p in prompts])
-        return BASELINES["oracle"](prompts, dataset)
+    fresh: list = []
+    summary = evaluate(synthetic, recording(fresh), synthetic_judge, tmp_path / "fresh", tasks=[1, 2], shots=[2, 4], limit=5, batch_size=2)
+    assert [[i for _, _, i in b] for b in fresh] == [[0, 1], [2, 3], [4, 5]] * 4
+    assert all(len({(t, s) for t, s, _ in b}) == 1 for b in fresh)
+    assert summary.num_prompts == 20 and summary.mean == {2: 1.0, 4: 1.0}  # row 5 (past the limit) left out
+    rows = [json.loads(line) for line in (tmp_path / "fresh" / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["task"], r["shot"], r["index"]) for r in rows) == sorted(k for b in fresh for k in b)
 
-    summary = evaluate(synthetic, recording_oracle, synthetic_judge, tmp_path / "b", tasks=[1, 2], shots=[2, 4], limit=5, batch_size=2)
-    assert [len(b) for b in seen] == [2, 2, 1] * 4
-    assert all(len({(t, s) for t, s, _ in b}) == 1 for b in seen)
-    assert summary.num_prompts == 20 and summary.mean == {2: 1.0, 4: 1.0}
-    rows = [json.loads(line) for line in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
-    assert sorted((r["task"], r["shot"], r["index"]) for r in rows) == sorted(k for b in seen for k in b)
+    staged: list = []
+    evaluate(synthetic, recording(staged), synthetic_judge, tmp_path / "staged", tasks=[1, 2], shots=[2, 4], limit=3, batch_size=2)
+    evaluate(synthetic, recording(staged), synthetic_judge, tmp_path / "staged", tasks=[1, 2], shots=[2, 4], limit=5, batch_size=2)
+    assert sorted(staged) == sorted(fresh)
 
 
 def test_a_smaller_limit_scores_only_its_own_prompts(synthetic, tmp_path):

@@ -63,5 +63,7 @@ def test_evaluation_with_the_llava_judge(tmp_path):
                                "eval.limit=2", "eval.tasks=[1]", "eval.shots=[2]"])
     result = pipeline.evaluate_cobsat(cfg)
     rows = [json.loads(line) for line in (result["dir"] / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(-1 <= r["detail"] <= 10 and -1 <= r["object"] <= 10 for r in rows)
+    # One fixed batch of eval.batch_size prompts ran; the summary scores the first eval.limit of them.
+    assert [r["index"] for r in rows] == list(range(cfg.eval.batch_size)) and result["summary"].num_prompts == 2
+    assert all(-1 <= r["detail"] <= 10 and -1 <= r["object"] <= 10 for r in rows)
     assert result["summary"].judge_s_per_prompt > 0

@@ -49,6 +49,7 @@ from thinkdiff.storage import (
 )
 
 log = logging.getLogger(__name__)
+CPU = torch.device("cpu")
 
 
 def pick_instruction(instructions: list[str], seed: int, key: str) -> str:
@@ -93,7 +94,8 @@ def _prepare_lvlm(cfg: RunConfig, vlm: VLM, items: list[CorpusImage], pool: Exec
         # The compiled decode graph is specialised to the batch size: a shard's short last batch is
         # filled with copies of its last image (their outputs are dropped) instead of compiling anew.
         conversations += [conversations[-1]] * (f.batch_size - len(conversations))
-    return PreparedBatch(items, instructions, encode_chat(vlm, conversations, f.system_prompt, pool=pool))
+    # Kept on the CPU: the prefetch thread does no GPU work; the main thread copies it over.
+    return PreparedBatch(items, instructions, encode_chat(vlm, conversations, f.system_prompt, pool=pool, device=CPU))
 
 
 def _lvlm_records(cfg: RunConfig, vlm: VLM, batch: PreparedBatch, seed: int) -> list[FeatureRecord]:
@@ -101,7 +103,8 @@ def _lvlm_records(cfg: RunConfig, vlm: VLM, batch: PreparedBatch, seed: int) -> 
     f = cfg.features
     # One generation at a time per process: the model is shared, and seeding uses the global RNG.
     with _GENERATE_LOCK:
-        samples = generate_with_states(vlm, batch.inputs, max_new_tokens=f.max_new_tokens, temperature=f.temperature,
+        inputs = {k: v.to(vlm.device) for k, v in batch.inputs.items()}
+        samples = generate_with_states(vlm, inputs, max_new_tokens=f.max_new_tokens, temperature=f.temperature,
                                        top_p=f.top_p, seed=seed, kv_cache=f.kv_cache, compile=f.compile)[: len(batch.items)]
     return [
         FeatureRecord(key=item.key, instruction=instruction, text=vlm.tokenizer.decode(sample.token_ids, skip_special_tokens=True),

@@ -6,8 +6,8 @@ Per-prompt results are appended to `results.jsonl` as they are judged (a rerun r
 last complete line); the summary gives accuracy per task in the papers' column order and the mean
 per shot, generation and judging cost, a per-task bar chart and a grid of samples as PNG.
 
-Generators are callables `(prompts, dataset) -> images` over a batch of prompts of one task and shot;
-a batch's rows are appended together, so a resumed run rebuilds the same batches. The sanity baselines need no model and have
+Generators are callables `(prompts, dataset) -> images` over a fixed batch of prompts of one task
+and shot; a batch's rows are appended together. The sanity baselines need no model and have
 exact expected accuracies on a labelled set: oracle 1.0, copy-the-last-demo 0.0, random theta
 about 0.1, random about 0.01.
 """
@@ -28,10 +28,10 @@ from tqdm import tqdm
 from thinkdiff.eval.cobsat import (
     COLUMN_ORDER,
     ITEMS,
+    NUM_PROMPTS,
     Prompt,
     Task,
     build_prompt,
-    build_prompts,
     get_task,
     is_correct,
 )
@@ -131,7 +131,11 @@ def evaluate(
 ) -> Summary:
     """Evaluate `generator` on (tasks x shots x prompts[:limit]), resuming from `out_dir/results.jsonl`.
 
-    Prompts go to the generator in batches of `batch_size` within one (shot, task).
+    Prompts go to the generator in fixed batches: batch k of a (shot, task) holds prompts
+    k*batch_size .. (k+1)*batch_size - 1 of its full list, whatever the limit or the run's history
+    (a sampling VLM's output depends on its batch). A batch runs when one of its prompts within the
+    limit has no result yet; its rows without a result are appended (a batch crossing the limit
+    adds a few rows past it, which the summary leaves out).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / RESULTS
@@ -140,10 +144,11 @@ def evaluate(
     wanted: set[tuple[int, int, int]] = set()
     for shot in shots:
         for t in tasks:
-            prompts = build_prompts(get_task(t), shot, limit)
-            wanted |= {(t, shot, p.index) for p in prompts}
-            todo = [p for p in prompts if (t, shot, p.index) not in done]
-            batches += [todo[i: i + batch_size] for i in range(0, len(todo), batch_size)]
+            count = min(limit or NUM_PROMPTS, NUM_PROMPTS)
+            wanted |= {(t, shot, i) for i in range(count)}
+            for start in range(0, count, batch_size):
+                if any((t, shot, i) not in done for i in range(start, min(start + batch_size, count))):
+                    batches.append([build_prompt(get_task(t), shot, i) for i in range(start, min(start + batch_size, NUM_PROMPTS))])
     total = sum(len(b) for b in batches)
     log.info("cobsat: %d prompts to evaluate in %d batches (%d already in %s)", total, len(batches), len(done), results_path)
     every = max(1, len(batches) // 20)
@@ -156,6 +161,8 @@ def evaluate(
             gen_s = (time.perf_counter() - started) / len(batch)
             rows = []
             for prompt, image in zip(batch, images, strict=True):
+                if (prompt.task.id, prompt.shot, prompt.index) in done:
+                    continue  # a partly written batch: its earlier rows stay as they are
                 judge_started = time.perf_counter()
                 detail, obj = judge(image, prompt.task)
                 judge_s = time.perf_counter() - judge_started
@@ -202,7 +209,8 @@ def summarize(out_dir: Path, keys: set[tuple[int, int, int]]) -> Summary:
         judge_s_per_prompt=sum(r["judge_s"] for r in rows) / max(len(rows), 1),
     )
     previous = out_dir / "summary.json"
-    if previous.is_file() and json.loads(previous.read_text()) == json.loads(json.dumps(summary.__dict__)):
+    outputs_exist = all((out_dir / name).is_file() for name in ("summary.md", "accuracy.png"))
+    if outputs_exist and previous.is_file() and json.loads(previous.read_text()) == json.loads(json.dumps(summary.__dict__)):
         return summary  # a rerun with nothing new rewrites nothing
     atomic_write_json(out_dir / "summary.json", summary.__dict__)
     atomic_write_bytes(out_dir / "summary.md", (summary.table() + "\n").encode())

@@ -181,13 +181,14 @@ def preprocess_images(processor: Qwen2VLImageProcessorPil, images: list[Image.Im
 
 
 def encode_chat(vlm: VLM, conversations: list[list[PromptPart]], system_prompt: str,
-                pool: Executor | None = None) -> dict[str, torch.Tensor]:
+                pool: Executor | None = None, device: torch.device | None = None) -> dict[str, torch.Tensor]:
     """Tokenize a batch of one-turn chats (interleaved text and images) with left padding.
 
     The text matches Qwen2-VL's chat template: each image becomes
     `<|vision_start|>` + one `<|image_pad|>` per merged patch + `<|vision_end|>`, and the prompt ends
     with the assistant header so generation continues as the assistant. `mm_token_type_ids` is 1 on
-    image-pad tokens: without it Qwen2-VL's M-RoPE positions are wrong.
+    image-pad tokens: without it Qwen2-VL's M-RoPE positions are wrong. `pool` preprocesses the
+    images on threads; the tensors go to `device` (default: the model's).
     """
     images = [part for conv in conversations for part in conv if isinstance(part, Image.Image)]
     vision: dict[str, torch.Tensor] = {}
@@ -222,7 +223,7 @@ def encode_chat(vlm: VLM, conversations: list[list[PromptPart]], system_prompt: 
         "mm_token_type_ids": (input_ids == image_pad_id).long(),
         **vision,
     }
-    return {k: v.to(vlm.device) for k, v in batch.items()}
+    return {k: v.to(device or vlm.device) for k, v in batch.items()}
 
 
 @dataclass
