@@ -237,7 +237,7 @@ def test_compiled_extraction_keeps_one_batch_size(demo_corpus, tmp_path, monkeyp
 def test_compiled_decode_step_gives_the_eager_ids_and_states_with_one_graph(monkeypatch):
     """features.compile: HF generate's compiled decode step (forced onto the CPU here; in production
     it runs on CUDA only) with the static cache, then the states from that cache: the eager path's
-    ids and states, and one graph for two batches whose prompt lengths differ."""
+    ids and states, one graph and one reused cache for two batches whose prompt lengths differ."""
     from torch._dynamo.utils import counters
     from transformers import CompileConfig
 
@@ -259,8 +259,12 @@ def test_compiled_decode_step_gives_the_eager_ids_and_states_with_one_graph(monk
     torch._dynamo.reset()
     counters.clear()
     fresh = build_tiny_vlm(min_pixels=28 * 28, max_pixels=112 * 112)  # HF keeps the largest cache size per model
-    compiled = [generate_with_states(fresh, b, **greedy, compile=True) for b in batches]
+    compiled, caches = [], []
+    for b in batches:
+        compiled.append(generate_with_states(fresh, b, **greedy, compile=True))
+        caches.append(fresh.static_cache[1])
     assert counters["stats"]["unique_graphs"] == 1
+    assert caches[0] is caches[1]  # one cache, reset and reused: the same tensors for the CUDA graphs
     for e_batch, c_batch in zip(eager, compiled, strict=True):
         for e, c in zip(e_batch, c_batch, strict=True):
             assert e.token_ids == c.token_ids

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ from transformers import (
     Qwen2Tokenizer,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    StaticCache,
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -58,6 +59,8 @@ class VLM:
     image_processor: Qwen2VLImageProcessorPil
     model_id: str
     revision: str
+    static_cache: tuple[tuple[int, int], StaticCache] | None = field(default=None, repr=False)
+    """The last static KV cache, with its (batch size, length): generate_with_states reuses it."""
 
     @property
     def hidden_size(self) -> int:
@@ -270,11 +273,6 @@ def generate_with_states(
         # A generated <|image_pad|> would be taken for an image placeholder by the states pass
         # (and a caption has no use for vision tokens); a trained Qwen2-VL never emits them.
         suppress_tokens=vlm.vision_token_ids,
-        cache_implementation="static" if kv_cache == "static" else None,
-        # Static cache lengths rounded up to a multiple of 256: batches whose prompts differ by a few
-        # tokens share one cache shape, hence one compiled decode graph.
-        max_cache_len=-(-(prompt_len + max_new_tokens) // STATIC_CACHE_ROUNDING) * STATIC_CACHE_ROUNDING
-        if kv_cache == "static" else None,
         disable_compile=not compile,
         compile_config=decode_compile_config() if compile else None,
         return_dict_in_generate=True,
@@ -282,7 +280,8 @@ def generate_with_states(
     devices = [vlm.device] if vlm.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        out = vlm.model.generate(**batch, generation_config=gen_config)
+        cache = {"cache": reusable_static_cache(vlm, len(batch["input_ids"]), prompt_len + max_new_tokens)} if kv_cache == "static" else {}
+        out = vlm.model.generate(**batch, generation_config=gen_config, **cache)
     generated_BG = out.sequences[:, prompt_len:]
     lengths = [_generated_length(row, eos_ids) for row in generated_BG.tolist()]
     states_BGD = states_from_cache(vlm, batch, generated_BG, out.cache)
@@ -290,6 +289,23 @@ def generate_with_states(
         GeneratedSample(token_ids=generated_BG[i, :n].tolist(), states_LD=states_BGD[i, :n].float().cpu())
         for i, n in enumerate(lengths)
     ]
+
+
+def reusable_static_cache(vlm: VLM, batch_size: int, length: int) -> StaticCache:
+    """A static KV cache for `batch_size` rows of up to `length` tokens, reset and reused while the
+    batch size holds and the length fits. Its length is rounded up to a multiple of 256, so batches
+    whose prompts differ by a few tokens share one shape (one compiled decode graph), and the
+    compiled step's CUDA graphs see the same cache tensors on every call (a new cache per call, what
+    generate() would make, means new addresses to record)."""
+    if vlm.static_cache is not None:
+        (rows, capacity), cache = vlm.static_cache
+        if rows == batch_size and capacity >= length:
+            cache.reset()
+            return cache
+    capacity = -(-length // STATIC_CACHE_ROUNDING) * STATIC_CACHE_ROUNDING
+    cache = StaticCache(config=vlm.model.config.get_text_config(decoder=True), max_cache_len=capacity)
+    vlm.static_cache = ((batch_size, capacity), cache)
+    return cache
 
 
 def decode_compile_config() -> CompileConfig:
