@@ -142,9 +142,9 @@ def evaluate(
     done = {(r["task"], r["shot"], r["index"]) for r in _read_results(results_path)}
     batches: list[list[Prompt]] = []
     wanted: set[tuple[int, int, int]] = set()
+    count = min(limit or NUM_PROMPTS, NUM_PROMPTS)
     for shot in shots:
         for t in tasks:
-            count = min(limit or NUM_PROMPTS, NUM_PROMPTS)
             wanted |= {(t, shot, i) for i in range(count)}
             for start in range(0, count, batch_size):
                 if any((t, shot, i) not in done for i in range(start, min(start + batch_size, count))):

@@ -284,9 +284,10 @@ def generate_with_states(
         out = vlm.model.generate(**batch, generation_config=gen_config, **cache)
     generated_BG = out.sequences[:, prompt_len:]
     lengths = [_generated_length(row, eos_ids) for row in generated_BG.tolist()]
-    states_BGD = states_from_cache(vlm, batch, generated_BG, out.cache)
+    # One device-to-host copy for the batch; each sample then keeps only its own rows.
+    states_BGD = states_from_cache(vlm, batch, generated_BG, out.cache).float().cpu()
     return [
-        GeneratedSample(token_ids=generated_BG[i, :n].tolist(), states_LD=states_BGD[i, :n].float().cpu())
+        GeneratedSample(token_ids=generated_BG[i, :n].tolist(), states_LD=states_BGD[i, :n].clone())
         for i, n in enumerate(lengths)
     ]
 
