@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 import torch
+from compile_counters import changed_since, snapshot
 from PIL import Image
 from transformers import GenerationConfig
 
@@ -136,7 +137,9 @@ def main() -> None:
     naive = measure_naive(cfg, vlm, naive_bs, args.batches, side, tokens)
     print(f"naive done: {naive['images_per_s']:.2f} images/s (generate only {naive['gen_only_images_per_s']:.2f})", flush=True)
     project_run(cfg, vlm, corpus_batches(1, bs, side, seed=99))  # warm-up: allocator, kernels, the compile
+    warm = snapshot()
     project = project_run(cfg, vlm, corpus_batches(args.batches, bs, side, seed=0))
+    print(f"compile counters changed over the timed batches: {changed_since(warm)}")
     ratio = project["images_per_s"] / naive["gen_only_images_per_s"]
     print("| path | batch | images/s (whole stage) | generate-only images/s | ms/image: prep | generate | states |")
     print("|---|---|---|---|---|---|---|")

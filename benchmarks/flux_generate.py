@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 import torch
+from compile_counters import changed_since, snapshot
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
 from thinkdiff.models.flux import Flux, build_tiny_flux_pipeline, wrap_flux
@@ -49,6 +50,7 @@ def paper_pipeline(device: torch.device) -> FluxPipeline:
 def timed(flux: Flux, embeds: torch.Tensor, pooled: torch.Tensor, batch: int, n_batches: int, draw: dict):
     """Seconds per image over `n_batches` batches after one warm-up batch, and the first image."""
     flux.draw_embeds(embeds[:batch], pooled, seeds=list(range(batch)), **draw)
+    warm = snapshot()
     first, seconds = None, 0.0
     for k in range(n_batches):
         rows = slice(k * batch, (k + 1) * batch)
@@ -58,6 +60,7 @@ def timed(flux: Flux, embeds: torch.Tensor, pooled: torch.Tensor, batch: int, n_
         sync(flux.device)
         seconds += time.perf_counter() - started
         first = out[0] if first is None else first
+    print(f"batch {batch}: compile counters changed over the timed batches: {changed_since(warm)}", flush=True)
     return seconds / (batch * n_batches), np.asarray(first, dtype=np.int16)
 
 

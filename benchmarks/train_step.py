@@ -113,7 +113,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--batch", type=int, default=None, help="samples per step (default 32; tiny 8)")
-    parser.add_argument("--project-batch", type=int, default=None, help="the project path's batch (default: --batch)")
+    parser.add_argument("--project-batch", type=int, nargs="+", default=None,
+                        help="the project path's batch sizes, one compiled decoder for all (default: --batch)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps + 2 warm-up (default 12; tiny 5)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -140,13 +141,16 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         decoder.compile_decoder()
-    project_batches = batches if not args.project_batch else make_batches(steps, args.project_batch, d_in, decoder.config.vocab_size)
-    project = run("project", None, decoder, aligner, bucketed(project_batches), device, dtype)
-    print("| path | batch | samples/s | useful TFLOP/s | peak GiB |")
-    print("|---|---|---|---|---|")
-    for name, r, b in (("naive", naive, batch), ("project", project, args.project_batch or batch)):
-        print(f"| {name} | {b} | {r['samples_per_s']:.1f} | {r['useful_tflops']:.3g} | {r['peak_gib']:.1f} |")
-    print(f"ratio project / naive: {project['samples_per_s'] / naive['samples_per_s']:.2f}x")
+    rows = [("naive", batch, naive)]
+    for size in args.project_batch or [batch]:
+        project_batches = batches if size == batch else make_batches(steps, size, d_in, decoder.config.vocab_size)
+        rows.append(("project", size, run("project", None, decoder, aligner, bucketed(project_batches), device, dtype)))
+        print(f"project batch {size} done: {rows[-1][2]['samples_per_s']:.1f} samples/s", flush=True)
+    print("| path | batch | samples/s | useful TFLOP/s | peak GiB | ratio to naive |")
+    print("|---|---|---|---|---|---|")
+    for name, size, r in rows:
+        print(f"| {name} | {size} | {r['samples_per_s']:.1f} | {r['useful_tflops']:.3g} | {r['peak_gib']:.1f} | "
+              f"{r['samples_per_s'] / naive['samples_per_s']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -20,10 +20,11 @@ def test_feature_store_benchmark_tiny():
 
 
 def test_train_step_benchmark_tiny():
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--tiny", "--steps", "3"],
-                         capture_output=True, text=True, check=True, timeout=300).stdout
-    rows = {line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")}
-    assert {"naive", "project"} <= rows and "ratio project / naive:" in out
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--tiny", "--steps", "3",
+                          "--project-batch", "8", "16"], capture_output=True, text=True, check=True, timeout=300).stdout
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")][1:]
+    assert [(r[0], r[1]) for r in rows] == [("naive", "8"), ("project", "8"), ("project", "16")]
+    assert rows[0][-1] == "1.00x" and all(float(r[2]) > 0 for r in rows)
 
 
 def _table_rows(out: str) -> dict[str, list[str]]:

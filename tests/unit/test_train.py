@@ -213,7 +213,7 @@ def test_length_buckets_cut_padding_and_split_ranks(tiny_store):
 
 
 def test_compiled_decoder_trains_like_eager_with_one_graph(tiny_store, tmp_path, monkeypatch):
-    """train.compile: the same losses as eager, and one graph for batches of many (source, target) shapes."""
+    """train.compile: the same losses as eager, and no new graph for batches of new (source, target) shapes."""
     from torch._dynamo.utils import counters
 
     from thinkdiff.models.t5 import T5DecoderLM
@@ -235,5 +235,7 @@ def test_compiled_decoder_trains_like_eager_with_one_graph(tiny_store, tmp_path,
         train_aligner(load_config("tiny", [*overrides, f"train.compile={compiled}"]), features_dir, tmp_path / f"run-{compiled}")
         losses[compiled] = [json.loads(line)["loss"] for line in (tmp_path / f"run-{compiled}" / "metrics.jsonl").read_text().splitlines()]
     assert len(shapes) >= 4
-    assert counters["stats"]["unique_graphs"] == 1
+    # Per kind of decoder block (first, later) and encoder mask (padded, or all ones and dropped),
+    # not per batch shape (at least 4 shapes, each compiled for both blocks, would make 8).
+    assert counters["stats"]["unique_graphs"] <= 4
     torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=1e-5)
