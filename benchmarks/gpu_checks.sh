@@ -30,6 +30,7 @@ if [ "$PART" = train ] || [ "$PART" = all ]; then
 fi
 if [ "$PART" = infer ] || [ "$PART" = all ]; then
     # Issue 7: naive generate at 32 vs the features stage at 256; FLUX eager b1/b4 vs b8 with compiled blocks.
+    timeout 60 python3 benchmarks/decode_attention.py $SIZE 2>&1 | tee "$OUT/decode_attention.txt"
     timeout 200 python3 benchmarks/extract_features.py $SIZE 2>&1 | tee "$OUT/extract_features.txt"
     timeout 190 python3 benchmarks/flux_generate.py $SIZE 2>&1 | tee "$OUT/flux_generate.txt"
 fi

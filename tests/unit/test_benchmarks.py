@@ -47,3 +47,10 @@ def test_flux_generate_benchmark_tiny():
     assert set(rows) == {"naive b1", "naive b4", "project b8"} and "ratio project / naive b4:" in out
     # Batching alone changes no picture: the project's first image is the naive batch-1 image (CPU, fp32).
     assert "first image vs naive b1: max |diff| 0," in out
+
+
+def test_decode_attention_benchmark_tiny():
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "decode_attention.py"), "--tiny", "--repeats", "2"],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    rows = _table_rows(out)
+    assert set(rows) == {"repeat_kv", "packed"} and all(float(r[0]) > 0 for r in rows.values())

@@ -21,6 +21,7 @@ from thinkdiff.data.corpus import read_corpus_shard
 from thinkdiff.data.features import FeatureStore, decode_features, read_shard_failures
 from thinkdiff.models.vlm import (
     IMAGE_PAD,
+    PACKED_GQA_SDPA,
     build_tiny_vlm,
     encode_chat,
     final_norm_states,
@@ -97,15 +98,17 @@ def test_threaded_preprocessing_gives_the_same_inputs(vlm):
 @pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_production_path_equals_plain_path_under_greedy_decoding(kv_cache, dtype):
-    """The features stage's path (static or dynamic cache, states from the prompt's KV cache) against
-    the plain one (HF generate with its defaults, then a full teacher-forced pass): same ids, same
-    states within the dtype's tolerance."""
+    """The features stage's path (static or dynamic cache, packed-GQA decode attention, states from
+    the prompt's KV cache) against the plain one (HF generate with its defaults and transformers' SDPA,
+    then a full teacher-forced pass): same ids, same states within the dtype's tolerance."""
     vlm = build_tiny_vlm(min_pixels=28 * 28, max_pixels=112 * 112)
     vlm.model.to(dtype)
     batch = encode_chat(vlm, two_prompts(), SYSTEM)
     batch["pixel_values"] = batch["pixel_values"].to(dtype)
     fast = generate_with_states(vlm, batch, max_new_tokens=16, temperature=0, top_p=1.0, seed=0,
                                 kv_cache=kv_cache, compile=True)
+    assert vlm.model.config.text_config._attn_implementation == PACKED_GQA_SDPA
+    vlm.model.set_attn_implementation({"text_config": "sdpa"})
     plain = GenerationConfig(do_sample=False, max_new_tokens=16, eos_token_id=vlm.eos_token_ids,
                              pad_token_id=vlm.pad_token_id, suppress_tokens=vlm.vision_token_ids)
     sequences = vlm.model.generate(**batch, generation_config=plain)

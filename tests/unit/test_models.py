@@ -4,7 +4,9 @@ read a local directory the way they read a Hub id; the decoder loss equals trans
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 from transformers import Qwen2VLForConditionalGeneration, T5ForConditionalGeneration
 
 from thinkdiff.config import ModelSource
@@ -112,3 +114,34 @@ def test_compiled_decoder_blocks_share_one_graph_and_match_eager():
     for (loss_e, grad_e), (loss_c, grad_c) in zip(eager, compiled, strict=True):
         torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(grad_c, grad_e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+def test_packed_gqa_decode_attention_reads_each_kv_head_once(mask_kind, monkeypatch):
+    """A one-token query: the same output as SDPA over K/V repeated to every query head, with K/V
+    handed to SDPA at their own head count (no 7x copy per layer and step at Qwen2-VL-7B's shape)."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from thinkdiff.models import vlm as vlm_module
+
+    g = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, length, dim = 3, 6, 2, 7, 8
+    query = torch.randn(batch, heads, 1, dim, generator=g)
+    key, value = (torch.randn(batch, kv_heads, length, dim, generator=g) for _ in range(2))
+    keep = torch.rand(batch, 1, 1, length, generator=g) > 0.3
+    keep[..., 0] = True
+    mask = {"none": None, "bool": keep, "additive": torch.where(keep, 0.0, float("-inf"))}[mask_kind]
+    module = torch.nn.Module()
+    module.num_key_value_groups = heads // kv_heads
+    expected = F.scaled_dot_product_attention(query, repeat_kv(key, 3), repeat_kv(value, 3), attn_mask=mask, scale=0.3)
+    seen_heads = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, **kwargs):
+        seen_heads.append(k.shape[1])
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(vlm_module.F, "scaled_dot_product_attention", recording_sdpa)
+    out, _ = vlm_module.packed_gqa_sdpa(module, query, key, value, mask, scaling=0.3)
+    assert seen_heads == [kv_heads]
+    torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-5, atol=1e-6)

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers import (
+    AttentionInterface,
     AutoTokenizer,
     CompileConfig,
     GenerationConfig,
@@ -30,6 +32,8 @@ from transformers import (
     StaticCache,
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from thinkdiff.config import TINY_MODEL_ID, ModelSource
@@ -48,6 +52,35 @@ TINY_REVISION = "tiny-v1"
 
 PromptPart = str | Image.Image
 STATIC_CACHE_ROUNDING = 256
+PACKED_GQA_SDPA = "thinkdiff_packed_gqa_sdpa"
+
+
+def packed_gqa_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                    **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, except that a one-token query (a decode step) never copies the
+    key/value heads out to the query heads.
+
+    Qwen2-VL-7B has 28 query heads over 4 key/value heads. With a mask (always there with a static
+    cache) transformers repeats K and V 7 times per layer and step under torch.compile (its own
+    packing is eager-only): at batch 256 and 512 cached positions, about 2 GB written and read per
+    layer and step, far more than the weights. Here the 7 query heads of each key/value head are
+    passed as 7 query positions of that head instead, so SDPA reads each cached K/V once; the mask,
+    shared by all heads, broadcasts over them. Prompts and the states pass (many query tokens) go
+    to transformers' SDPA unchanged."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    if query.shape[2] != 1 or groups == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if attention_mask is not None and attention_mask.shape[1] != 1:
+        raise ValueError(f"{PACKED_GQA_SDPA} expects one mask shared by all heads, got shape {tuple(attention_mask.shape)}")
+    batch, heads, _, head_dim = query.shape
+    packed_BKGD = query.reshape(batch, heads // groups, groups, head_dim)
+    out = F.scaled_dot_product_attention(packed_BKGD, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+    return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PACKED_GQA_SDPA, packed_gqa_sdpa)
+AttentionMaskInterface.register(PACKED_GQA_SDPA, sdpa_mask)  # the masks SDPA gets (else none: padding ignored)
 
 
 @dataclass
@@ -61,6 +94,9 @@ class VLM:
     revision: str
     static_cache: tuple[tuple[int, int], StaticCache] | None = field(default=None, repr=False)
     """The last static KV cache, with its (batch size, length): generate_with_states reuses it."""
+
+    def __post_init__(self) -> None:
+        self.model.set_attn_implementation({"text_config": PACKED_GQA_SDPA})
 
     @property
     def hidden_size(self) -> int:
