@@ -33,6 +33,7 @@ from transformers import GenerationConfig
 from thinkdiff.config import RunConfig, load_config
 from thinkdiff.data.corpus import CorpusImage
 from thinkdiff.data.extract import extract_records, pick_instruction
+from thinkdiff.models import vlm as vlm_module
 from thinkdiff.models.vlm import (
     TINY_TEXT,
     TINY_VISION,
@@ -88,6 +89,38 @@ def project_run(cfg: RunConfig, vlm: VLM, batches: list[list[CorpusImage]]) -> d
     n = sum(len(b) for b in batches)
     return {"images_per_s": n / (t1 - t0), "ms_per_image": 1000 * (t1 - t0) / n,
             "tokens_per_image": sum(len(r.token_ids) for r in records) / n}
+
+
+def project_phases(cfg: RunConfig, vlm: VLM, items: list[CorpusImage]) -> dict[str, float]:
+    """One more batch through the stage's pieces, with a sync between them, in ms per image: prep
+    (preprocessing and tokenizing, not overlapped here), generate (prefill + decode steps), prefill
+    alone (one more forward over the prompts, outside generate), and the states pass."""
+    f, device, n = cfg.features, vlm.device, len(items)
+    spent = {"states": 0.0}
+    states_from_cache = vlm_module.states_from_cache
+
+    def timed_states(*args, **kwargs):
+        started = sync(device)
+        out = states_from_cache(*args, **kwargs)
+        spent["states"] += sync(device) - started
+        return out
+
+    t0 = sync(device)
+    conversations = [[item.image, pick_instruction(f.instructions, f.seed, item.key)] for item in items]
+    batch = {k: v.to(device) for k, v in encode_chat(vlm, conversations, f.system_prompt).items()}
+    t1 = sync(device)
+    with torch.no_grad():
+        vlm.model(**batch, logits_to_keep=1)
+    t2 = sync(device)
+    vlm_module.states_from_cache = timed_states
+    try:
+        vlm_module.generate_with_states(vlm, batch, max_new_tokens=f.max_new_tokens, temperature=f.temperature,
+                                        top_p=f.top_p, seed=0, kv_cache=f.kv_cache, compile=f.compile)
+    finally:
+        vlm_module.states_from_cache = states_from_cache
+    t3 = sync(device)
+    ms = lambda seconds: 1000 * seconds / n  # noqa: E731
+    return {"prep": ms(t1 - t0), "prefill": ms(t2 - t1), "generate": ms(t3 - t2 - spent["states"]), "states": ms(spent["states"])}
 
 
 def corpus_batches(n_batches: int, batch: int, side: int, seed: int) -> list[list[CorpusImage]]:
@@ -148,6 +181,9 @@ def main() -> None:
     print(f"| project | {bs} | {project['images_per_s']:.2f} | - | overlapped | {project['ms_per_image']:.1f} "
           f"(all, {project['tokens_per_image']:.0f} tokens/image) | with generate |")
     print(f"ratio project (whole stage) / naive generate-only: {ratio:.2f}x (target 5x)")
+    phases = project_phases(cfg, vlm, corpus_batches(1, bs, side, seed=0)[0])  # a timed batch again: same shapes
+    print("project phases, ms/image (one more batch, synced): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items())
+          + " (generate = prefill + decode steps)")
 
 
 if __name__ == "__main__":

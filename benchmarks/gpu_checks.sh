@@ -26,11 +26,11 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 if [ "$PART" = train ] || [ "$PART" = all ]; then
     # Issue 6: naive padded full T5 at batch 32 vs the training path at 32 (the preset) and at 128,
     # one model build and one compiled decoder for all three.
-    timeout 170 python3 benchmarks/train_step.py $SIZE --batch 32 --project-batch 32 128 2>&1 | tee "$OUT/train_step.txt"
+    timeout 180 python3 benchmarks/train_step.py $SIZE --batch 32 --project-batch 32 128 2>&1 | tee "$OUT/train_step.txt"
 fi
 if [ "$PART" = infer ] || [ "$PART" = all ]; then
     # Issue 7: naive generate at 32 vs the features stage at 256; FLUX eager b1/b4 vs b8 with compiled blocks.
-    timeout 60 python3 benchmarks/decode_attention.py $SIZE 2>&1 | tee "$OUT/decode_attention.txt"
-    timeout 200 python3 benchmarks/extract_features.py $SIZE 2>&1 | tee "$OUT/extract_features.txt"
-    timeout 190 python3 benchmarks/flux_generate.py $SIZE 2>&1 | tee "$OUT/flux_generate.txt"
+    timeout 45 python3 benchmarks/decode_attention.py $SIZE 2>&1 | tee "$OUT/decode_attention.txt"
+    timeout 180 python3 benchmarks/extract_features.py $SIZE 2>&1 | tee "$OUT/extract_features.txt"
+    timeout 150 python3 benchmarks/flux_generate.py $SIZE 2>&1 | tee "$OUT/flux_generate.txt"
 fi

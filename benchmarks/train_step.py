@@ -10,7 +10,7 @@ uniform in 8..128, random weights, random features and labels.
 - project: what `thinkdiff train` runs: the decoder alone (encoder dropped at load), the same
   samples grouped by length (train.bucket_window) and padded only to each batch's longest,
   `encoder_states` + `T5DecoderLM.loss` (logits only for real target tokens), and on a GPU the
-  decoder stack compiled with dynamic shapes (train.compile; the warm-up steps pay the compile).
+  decoder blocks compiled with dynamic shapes (train.compile; the warm-up steps pay the compile).
 Useful TFLOP/s counts real tokens only: decoder forward + activation backward (4 x params x
 target tokens, plus attention) and the aligner's forward + backward (6 x params x source rows).
 """
