@@ -135,7 +135,8 @@ def main() -> None:
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), dtype {dtype}, "
           f"batch {batch}, {steps - 2} timed steps, d_model {full.config.d_model}, decoder layers {full.config.num_decoder_layers}")
     naive = run("naive", full, None, aligner, batches, device, dtype)
-    print(f"naive done: {naive['samples_per_s']:.1f} samples/s", flush=True)
+    print(f"naive done: {naive['samples_per_s']:.1f} samples/s, {naive['useful_tflops']:.3g} useful TFLOP/s, "
+          f"{naive['peak_gib']:.1f} GiB peak", flush=True)
     decoder = T5DecoderLM(full)
     del full.encoder  # the project path never keeps the encoder (load_t5 drops it)
     if device.type == "cuda":

@@ -156,8 +156,9 @@ class TrainConfig:
     bucket_window: int
     """Global batches drawn together and grouped by length, so a batch pads little (1: no bucketing)."""
     compile: bool
-    """torch.compile the frozen T5 decoder stack with dynamic shapes: one graph for every (source,
-    target) length of the bucketed batches; the first step pays the compile (about a minute)."""
+    """torch.compile each block of the frozen T5 decoder with dynamic shapes: a few graphs (the first
+    block, one shared by the others) for every (source, target) length of the bucketed batches; the
+    first step pays the compile."""
     mixed_precision: str
     """`bf16` autocast (GPU only; the aligner stays fp32) or `no`."""
     checkpoint_every: int

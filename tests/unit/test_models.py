@@ -116,10 +116,11 @@ def test_compiled_decoder_blocks_share_one_graph_and_match_eager():
         torch.testing.assert_close(grad_c, grad_e, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive", "per_head"])
 def test_packed_gqa_decode_attention_reads_each_kv_head_once(mask_kind, monkeypatch):
     """A one-token query: the same output as SDPA over K/V repeated to every query head, with K/V
-    handed to SDPA at their own head count (no 7x copy per layer and step at Qwen2-VL-7B's shape)."""
+    handed to SDPA at their own head count (no 7x copy per layer and step at Qwen2-VL-7B's shape).
+    A mask that differs per head goes to transformers' SDPA, with the same output."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
     from thinkdiff.models import vlm as vlm_module
@@ -130,7 +131,9 @@ def test_packed_gqa_decode_attention_reads_each_kv_head_once(mask_kind, monkeypa
     key, value = (torch.randn(batch, kv_heads, length, dim, generator=g) for _ in range(2))
     keep = torch.rand(batch, 1, 1, length, generator=g) > 0.3
     keep[..., 0] = True
-    mask = {"none": None, "bool": keep, "additive": torch.where(keep, 0.0, float("-inf"))}[mask_kind]
+    per_head = torch.rand(batch, heads, 1, length, generator=g) > 0.3
+    per_head[..., 0] = True
+    mask = {"none": None, "bool": keep, "additive": torch.where(keep, 0.0, float("-inf")), "per_head": per_head}[mask_kind]
     module = torch.nn.Module()
     module.num_key_value_groups = heads // kv_heads
     expected = F.scaled_dot_product_attention(query, repeat_kv(key, 3), repeat_kv(value, 3), attn_mask=mask, scale=0.3)
@@ -143,5 +146,6 @@ def test_packed_gqa_decode_attention_reads_each_kv_head_once(mask_kind, monkeypa
 
     monkeypatch.setattr(vlm_module.F, "scaled_dot_product_attention", recording_sdpa)
     out, _ = vlm_module.packed_gqa_sdpa(module, query, key, value, mask, scaling=0.3)
-    assert seen_heads == [kv_heads]
+    if mask_kind != "per_head":
+        assert seen_heads == [kv_heads]
     torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-5, atol=1e-6)

@@ -66,13 +66,12 @@ def packed_gqa_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     packing is eager-only): at batch 256 and 512 cached positions, about 2 GB written and read per
     layer and step, far more than the weights. Here the 7 query heads of each key/value head are
     passed as 7 query positions of that head instead, so SDPA reads each cached K/V once; the mask,
-    shared by all heads, broadcasts over them. Prompts and the states pass (many query tokens) go
-    to transformers' SDPA unchanged."""
+    shared by all heads, broadcasts over them. Prompts and the states pass (many query tokens),
+    and a mask that differs per head, go to transformers' SDPA unchanged."""
     groups = getattr(module, "num_key_value_groups", 1)
-    if query.shape[2] != 1 or groups == 1:
+    per_head_mask = attention_mask is not None and attention_mask.shape[1] != 1
+    if query.shape[2] != 1 or groups == 1 or per_head_mask:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if attention_mask is not None and attention_mask.shape[1] != 1:
-        raise ValueError(f"{PACKED_GQA_SDPA} expects one mask shared by all heads, got shape {tuple(attention_mask.shape)}")
     batch, heads, _, head_dim = query.shape
     packed_BKGD = query.reshape(batch, heads // groups, groups, head_dim)
     out = F.scaled_dot_product_attention(packed_BKGD, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
