@@ -26,7 +26,7 @@ from thinkdiff.eval.dataset import CobsatDataset
 from thinkdiff.models.aligner import Aligner, import_official_checkpoint
 from thinkdiff.models.flux import Flux, load_flux
 from thinkdiff.models.vision import VisionEncoder, load_vision
-from thinkdiff.models.vlm import VLM, PromptPart, encode_chat, generate_with_states, load_vlm
+from thinkdiff.models.vlm import VLM, GeneratedSample, PromptPart, encode_chat, generate_with_states, load_vlm
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,16 @@ def load_matching_aligner(spec: str, cfg: RunConfig, *, in_dim: int, out_dim: in
     return aligner
 
 
+def vlm_answers(vlm: VLM, cfg: RunConfig, conversations: list[list[PromptPart]], *, seed: int,
+           ignore_eos: bool = False) -> list[GeneratedSample]:
+    """The VLM's sampled answers to a batch of chats, with eval's sampling settings and the features
+    stage's KV cache and compile settings."""
+    e, f = cfg.eval, cfg.features
+    batch = encode_chat(vlm, conversations, f.system_prompt)
+    return generate_with_states(vlm, batch, max_new_tokens=e.gen_tokens, temperature=e.temperature, top_p=e.top_p,
+                                seed=seed, ignore_eos=ignore_eos, kv_cache=f.kv_cache, compile=f.compile)
+
+
 @dataclass
 class ThinkDiffGenerator:
     vlm: VLM
@@ -84,10 +94,8 @@ class ThinkDiffGenerator:
     def draw(self, conversations: list[list[PromptPart]], *, vlm_seed: int, flux_seeds: list[int]) -> list[Image.Image]:
         """One image per conversation; the VLM samples the whole batch with `vlm_seed`, FLUX draws row i
         from the noise of `flux_seeds[i]` (so a row's picture does not depend on its batch)."""
-        e, f = self.cfg.eval, self.cfg.features
-        batch = encode_chat(self.vlm, conversations, f.system_prompt)
-        samples = generate_with_states(self.vlm, batch, max_new_tokens=e.gen_tokens, temperature=e.temperature,
-                                       top_p=e.top_p, seed=vlm_seed, ignore_eos=True, kv_cache=f.kv_cache, compile=f.compile)
+        e = self.cfg.eval
+        samples = vlm_answers(self.vlm, self.cfg, conversations, seed=vlm_seed, ignore_eos=True)
         states_BLD = torch.stack([s.states_LD for s in samples]).float().to(self.flux.device)
         return self.flux.draw_embeds(self.aligner(states_BLD), self.pooled, steps=e.steps, guidance=e.guidance,
                                      size=e.image_size, seeds=flux_seeds)
@@ -108,10 +116,8 @@ class TextBridgeGenerator:
 
     @torch.no_grad()
     def __call__(self, prompts: list[Prompt], dataset: CobsatDataset) -> list[Image.Image]:
-        e, f = self.cfg.eval, self.cfg.features
-        batch = encode_chat(self.vlm, [cobsat_parts(p, dataset) for p in prompts], f.system_prompt)
-        samples = generate_with_states(self.vlm, batch, max_new_tokens=e.gen_tokens, temperature=e.temperature,
-                                       top_p=e.top_p, seed=e.seed + prompts[0].index, kv_cache=f.kv_cache, compile=f.compile)
+        e = self.cfg.eval
+        samples = vlm_answers(self.vlm, self.cfg, [cobsat_parts(p, dataset) for p in prompts], seed=e.seed + prompts[0].index)
         texts = [self.vlm.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in samples]
         return self.flux.draw_text(texts, steps=e.steps, guidance=e.guidance, size=e.image_size,
                                    seeds=[e.seed + p.index for p in prompts])
