@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from PIL import Image
 from transformers import GenerationConfig
 
 from thinkdiff.config import RunConfig, load_config
+from thinkdiff.data import extract
 from thinkdiff.data.corpus import CorpusImage
 from thinkdiff.data.extract import extract_records, pick_instruction
 from thinkdiff.models import vlm as vlm_module
@@ -92,10 +94,11 @@ def project_run(cfg: RunConfig, vlm: VLM, batches: list[list[CorpusImage]]) -> d
 
 
 def project_phases(cfg: RunConfig, vlm: VLM, items: list[CorpusImage]) -> dict[str, float]:
-    """One more batch through the stage's pieces, with a sync between them, in ms per image: prep
-    (preprocessing and tokenizing, not overlapped here), generate (prefill + decode steps), prefill
-    alone (one more forward over the prompts, outside generate), and the states pass."""
-    f, device, n = cfg.features, vlm.device, len(items)
+    """One more batch through the features stage's own pieces, with a sync between them, in ms per
+    image: prep (`_prepare_lvlm` on the preprocessing threads, not overlapped here), prefill alone
+    (one more forward over the prompts, outside generate), generate (`_lvlm_records`: prefill +
+    decode steps) and its states pass."""
+    device, n = vlm.device, len(items)
     spent = {"states": 0.0}
     states_from_cache = vlm_module.states_from_cache
 
@@ -106,16 +109,15 @@ def project_phases(cfg: RunConfig, vlm: VLM, items: list[CorpusImage]) -> dict[s
         return out
 
     t0 = sync(device)
-    conversations = [[item.image, pick_instruction(f.instructions, f.seed, item.key)] for item in items]
-    batch = {k: v.to(device) for k, v in encode_chat(vlm, conversations, f.system_prompt).items()}
+    with ThreadPoolExecutor(cfg.features.preprocess_workers) as pool:
+        prepared = extract._prepare_lvlm(cfg, vlm, items, pool)
     t1 = sync(device)
     with torch.no_grad():
-        vlm.model(**batch, logits_to_keep=1)
+        vlm.model(**{k: v.to(device) for k, v in prepared.inputs.items()}, logits_to_keep=1)
     t2 = sync(device)
     vlm_module.states_from_cache = timed_states
     try:
-        vlm_module.generate_with_states(vlm, batch, max_new_tokens=f.max_new_tokens, temperature=f.temperature,
-                                        top_p=f.top_p, seed=0, kv_cache=f.kv_cache, compile=f.compile)
+        extract._lvlm_records(cfg, vlm, prepared, seed=0)
     finally:
         vlm_module.states_from_cache = states_from_cache
     t3 = sync(device)
