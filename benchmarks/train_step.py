@@ -8,9 +8,12 @@ uniform in 8..128, random weights, random features and labels.
 - naive: the whole T5ForConditionalGeneration resident, source and target padded to 128, full
   (B, 128, vocab) logits and transformers' own loss.
 - project: what `thinkdiff train` runs: the decoder alone (encoder dropped at load), the same
-  samples grouped by length (train.bucket_window) and padded only to each batch's longest,
-  `encoder_states` + `T5DecoderLM.loss` (logits only for real target tokens), and on a GPU the
-  decoder blocks compiled with dynamic shapes (train.compile; the warm-up steps pay the compile).
+  samples grouped by length (train.bucket_window) and padded only to each batch's longest, the
+  loop's own `train_step` (logits only for real target tokens, no host sync), batches handed over
+  pinned as the loop's prefetch thread hands them over, and on a GPU the decoder blocks compiled
+  with dynamic shapes (train.compile; the warm-up steps pay the compile). Making the batches from
+  the feature store (read, decode, split, tokenize, pad) runs on that thread, beside the GPU; its
+  rate per core is `feature_store.py`'s "batches" column.
 Useful TFLOP/s counts real tokens only: decoder forward + activation backward (4 x params x
 target tokens, plus attention) and the aligner's forward + backward (6 x params x source rows).
 """
@@ -23,14 +26,17 @@ import time
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
+from thinkdiff.config import load_config
 from thinkdiff.models.aligner import Aligner, AlignerConfig
-from thinkdiff.models.t5 import IGNORE_INDEX, T5DecoderLM, build_tiny_t5
+from thinkdiff.models.t5 import IGNORE_INDEX, T5DecoderLM, T5Parts, build_tiny_t5
 from thinkdiff.train.data import Batch
-from thinkdiff.train.loop import encoder_states
+from thinkdiff.train.engine import make_accelerator
+from thinkdiff.train.loop import lr_multiplier, param_groups, train_step
 
 XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_decoder_layers=24, num_heads=64,
            feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0, decoder_start_token_id=0,
            pad_token_id=0, eos_token_id=1)
+WARMUP_STEPS = 2
 
 
 def make_batches(n: int, batch: int, d_in: int, vocab: int, seed: int = 0) -> list[tuple[list[int], list[int], torch.Tensor, list[torch.Tensor]]]:
@@ -75,38 +81,71 @@ def useful_flops(cfg: T5Config, aligner_params: int, src: list[int], tgt: list[i
     return total
 
 
-def run(path: str, model: T5ForConditionalGeneration, decoder: T5DecoderLM, aligner: Aligner, batches, device, dtype) -> dict:
+def naive_run(model: T5ForConditionalGeneration, aligner: Aligner, batches, device, dtype) -> dict:
+    """A plain loop: the whole model, padded to 128, full logits, the loss read every step."""
     optimizer = torch.optim.AdamW(aligner.parameters(), lr=1e-4)
     times, flops = [], 0.0
     aligner_params = sum(p.numel() for p in aligner.parameters())
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak(device)
     for k, (src, tgt, feats, labels) in enumerate(batches):
-        batch = padded(src, tgt, feats, labels, 128 if path == "naive" else None).to(device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
+        batch = padded(src, tgt, feats, labels, to=128).to(device)
+        started = sync(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            if path == "naive":
-                aligned = aligner(batch.features_BSD)
-                loss = model(encoder_outputs=(aligned,), attention_mask=batch.source_mask_BS, labels=batch.labels_BT).loss
-            else:
-                states, mask = encoder_states(aligner, None, batch)
-                loss = decoder.loss(states, mask, batch.labels_BT)
+            aligned = aligner(batch.features_BSD)
+            loss = model(encoder_outputs=(aligned,), attention_mask=batch.source_mask_BS, labels=batch.labels_BT).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if k >= 2:  # the first steps warm up allocators and kernels
-            times.append(time.perf_counter() - started)
-            flops += useful_flops(model.config if model is not None else decoder.config, aligner_params, src, tgt)
-    samples = len(times) * len(batches[0][0])
-    return {
-        "samples_per_s": samples / sum(times),
-        "useful_tflops": flops / sum(times) / 1e12,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),
-    }
+        loss.item()
+        if k >= WARMUP_STEPS:  # the first steps warm up allocators and kernels
+            times.append(sync(device) - started)
+            flops += useful_flops(model.config, aligner_params, src, tgt)
+    return {"samples_per_s": len(times) * len(batches[0][0]) / sum(times), "useful_tflops": flops / sum(times) / 1e12,
+            "peak_gib": peak_gib(device)}
+
+
+def project_run(decoder: T5DecoderLM, batches, device) -> dict:
+    """`thinkdiff train`'s step (`train_step`: accelerate autocast, the loss over real target tokens,
+    AdamW, the LR schedule) on bucketed batches, handed over pinned and copied asynchronously as the
+    loop's prefetch thread hands them over. The loop makes the CPU wait for the GPU only when it
+    logs, so the timed steps run back to back with one sync at each end."""
+    train_cfg = load_config("paper-lvlm").train
+    accelerator = make_accelerator(train_cfg)
+    aligner = Aligner(AlignerConfig(in_dim=batches[0][2].shape[-1], out_dim=decoder.d_model)).to(device)
+    optimizer = torch.optim.AdamW(param_groups(aligner, train_cfg.weight_decay), lr=train_cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(train_cfg))
+    model, optimizer = accelerator.prepare(aligner, optimizer)
+    t5 = T5Parts(decoder_lm=decoder, tokenizer=None, encoder_final_norm=None, encoder=None, model_id="random", revision="random")
+    on_gpu = device.type == "cuda"
+    ready = [padded(*b, to=None) for b in batches]
+    ready = [b.pin_memory() for b in ready] if on_gpu else ready
+    step = lambda b: train_step(model, t5, b.to(device, non_blocking=on_gpu), optimizer, scheduler, accelerator)  # noqa: E731
+    for b in ready[:WARMUP_STEPS]:  # the compile, allocators, kernels
+        step(b).item()
+    reset_peak(device)
+    aligner_params = sum(p.numel() for p in aligner.parameters())
+    started = sync(device)
+    losses = [step(b) for b in ready[WARMUP_STEPS:]]
+    torch.stack(losses).sum().item()
+    seconds = sync(device) - started
+    flops = sum(useful_flops(decoder.config, aligner_params, src, tgt) for src, tgt, _, _ in batches[WARMUP_STEPS:])
+    return {"samples_per_s": sum(len(b[0]) for b in batches[WARMUP_STEPS:]) / seconds, "useful_tflops": flops / seconds / 1e12,
+            "peak_gib": peak_gib(device)}
+
+
+def sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
 
 
 def main() -> None:
@@ -134,7 +173,7 @@ def main() -> None:
     batches = make_batches(steps, batch, d_in, full.config.vocab_size)
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), dtype {dtype}, "
           f"batch {batch}, {steps - 2} timed steps, d_model {full.config.d_model}, decoder layers {full.config.num_decoder_layers}")
-    naive = run("naive", full, None, aligner, batches, device, dtype)
+    naive = naive_run(full, aligner, batches, device, dtype)
     print(f"naive done: {naive['samples_per_s']:.1f} samples/s, {naive['useful_tflops']:.3g} useful TFLOP/s, "
           f"{naive['peak_gib']:.1f} GiB peak", flush=True)
     decoder = T5DecoderLM(full)
@@ -145,7 +184,7 @@ def main() -> None:
     rows = [("naive", batch, naive)]
     for size in args.project_batch or [batch]:
         project_batches = batches if size == batch else make_batches(steps, size, d_in, decoder.config.vocab_size)
-        rows.append(("project", size, run("project", None, decoder, aligner, bucketed(project_batches), device, dtype)))
+        rows.append(("project", size, project_run(decoder, bucketed(project_batches), device)))
         print(f"project batch {size} done: {rows[-1][2]['samples_per_s']:.1f} samples/s", flush=True)
     print("| path | batch | samples/s | useful TFLOP/s | peak GiB | ratio to naive |")
     print("|---|---|---|---|---|---|")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -15,6 +16,7 @@ from thinkdiff.data.features import (
     FeatureRecord,
     FeatureStore,
     FeatureStoreInfo,
+    binary_values,
     decode_features,
     write_feature_shard,
 )
@@ -136,3 +138,19 @@ def test_float8_store_is_compact_and_close(tmp_path):
         decoded = decode_features(row["features"], rows, 6, "float8_e4m3")
         original = rec.features_LD[:rows]
         assert ((decoded - original).norm(dim=1) / original.norm(dim=1)).max() < 0.05
+        # The decoder's lookup table gives exactly torch's float8 -> float32 cast times the row scale.
+        raw = torch.frombuffer(bytearray(row["features"]), dtype=torch.uint8)
+        scale = raw[: 4 * rows].view(torch.float32).reshape(rows, 1)
+        assert torch.equal(decoded, raw[4 * rows:].view(torch.float8_e4m3fn).float().reshape(rows, 6) * scale)
+
+
+def test_binary_values_are_the_column_values(tmp_path):
+    """The training stream's zero-copy views of the features column hold the stored bytes, across
+    row groups and chunks (a table read back from two shards has two chunks)."""
+    recs = records()
+    write_feature_shard(tmp_path / "a.parquet", recs, INFO)
+    write_feature_shard(tmp_path / "b.parquet", recs[::-1], INFO)
+    table = pa.concat_tables([pq.read_table(tmp_path / "a.parquet"), pq.read_table(tmp_path / "b.parquet")])
+    column = table.column("features").slice(1)  # a chunk that starts at an offset
+    assert column.num_chunks == 2
+    assert [bytes(v) for v in binary_values(column)] == column.to_pylist()

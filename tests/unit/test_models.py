@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import Qwen2VLForConditionalGeneration, T5ForConditionalGeneration
 
 from thinkdiff.config import ModelSource
-from thinkdiff.models.t5 import build_tiny_t5, load_t5
+from thinkdiff.models.t5 import build_tiny_t5, load_t5, target_positions
 from thinkdiff.models.vlm import build_tiny_vlm, load_vlm
 
 TINY = ModelSource(id="tiny", revision="tiny-v1", dtype="float32")
@@ -44,6 +44,10 @@ def test_decoder_loss_equals_transformers_loss():
     labels = torch.tensor([[5, 6, 7, 1], [8, 1, -100, -100]])
     expected = reference(encoder_outputs=(states,), attention_mask=mask, labels=labels).loss
     torch.testing.assert_close(parts.decoder_lm.loss(states, mask, labels), expected)
+    # With the target positions made beforehand (as the training batches carry them): the same loss.
+    positions = target_positions(labels)
+    assert positions.tolist() == [0, 1, 2, 3, 4, 5]
+    assert torch.equal(parts.decoder_lm.loss(states, mask, labels, positions), parts.decoder_lm.loss(states, mask, labels))
 
 
 def test_decoder_stays_in_eval_mode():

@@ -212,6 +212,46 @@ def test_length_buckets_cut_padding_and_split_ranks(tiny_store):
         torch.testing.assert_close(joined, whole[k].features_BSD.sum((1, 2)))
 
 
+def test_prefetched_batches_are_the_batchers_with_their_states(tiny_store, tmp_path):
+    """The background thread hands over the batcher's own batches in order, each with the state a
+    checkpoint after it must hold; its errors reach the consumer; leaving the context stops it."""
+    import threading
+
+    from thinkdiff.train.data import Batcher, BatcherState, prefetched
+
+    cfg, features_dir = tiny_store
+    store = FeatureStore(features_dir)
+    collate = MaskedSplitCollator(build_tiny_qwen_tokenizer(), ByT5Tokenizer(), max_source_rows=16, max_target_tokens=32, seed=0)
+    make = lambda state: Batcher(store, collate, lvlm_usable, seed=0, batch_size=4, world=1, rank=0, window=3, state=state)  # noqa: E731
+    plain = make(BatcherState())
+    expected = []
+    for batch in plain:
+        expected.append((batch, BatcherState(**plain.state.__dict__)))
+        if len(expected) == 14:  # past an epoch (40 samples) and several pools
+            break
+    with prefetched(make(BatcherState()), depth=4, pin_memory=False) as batches:
+        got = [next(batches) for _ in range(14)]
+    assert [s for _, s in got] == [s for _, s in expected]
+    for (a, _), (b, _) in zip(got, expected, strict=True):
+        assert torch.equal(a.features_BSD, b.features_BSD) and torch.equal(a.labels_BT, b.labels_BT)
+        assert torch.equal(a.target_positions_N, (b.labels_BT.flatten() != IGNORE_INDEX).nonzero().squeeze(1))
+    # A batcher started from a consumed batch's state continues with the next batch.
+    with prefetched(make(got[5][1]), depth=4, pin_memory=False) as batches:
+        assert torch.equal(next(batches)[0].labels_BT, expected[6][0].labels_BT)
+    assert not [t for t in threading.enumerate() if t.name == "batches"]
+
+    class Broken(Batcher):
+        def __iter__(self):
+            yield from ()
+            raise ValueError("features.parquet: no sample can be split")
+
+    with pytest.raises(ValueError, match="no sample can be split"), \
+            prefetched(Broken(store, collate, lvlm_usable, seed=0, batch_size=4, world=1, rank=0, window=3,
+                              state=BatcherState()), depth=2, pin_memory=False) as batches:
+        next(batches)
+    assert not [t for t in threading.enumerate() if t.name == "batches"]
+
+
 def test_compiled_decoder_trains_like_eager_with_one_graph(tiny_store, tmp_path, monkeypatch):
     """train.compile: the same losses as eager, and no new graph for batches of new (source, target) shapes."""
     from torch._dynamo.utils import counters
@@ -222,9 +262,9 @@ def test_compiled_decoder_trains_like_eager_with_one_graph(tiny_store, tmp_path,
     shapes = set()
     eager_loss = T5DecoderLM.loss
 
-    def recording_loss(self, states, mask, labels):
+    def recording_loss(self, states, mask, labels, positions):
         shapes.add((states.shape[1], labels.shape[1]))
-        return eager_loss(self, states, mask, labels)
+        return eager_loss(self, states, mask, labels, positions)
 
     monkeypatch.setattr(T5DecoderLM, "loss", recording_loss)
     overrides = [f"paths.root={tmp_path}", "train.max_steps=6", "train.warmup_steps=2", "train.log_every=1", "train.batch_size=4"]

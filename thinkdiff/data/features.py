@@ -109,15 +109,34 @@ def encode_features(features_LD: torch.Tensor, dtype: str) -> bytes:
     return rows.to(_TORCH[dtype]).view(bits).numpy().tobytes()
 
 
-def decode_features(data: bytes | memoryview, num_rows: int, dim: int, dtype: str) -> torch.Tensor:
+# float8_e4m3fn bit pattern -> float32 value: decoding through this table is about 2.5x faster
+# than torch's float8 -> float32 cast on a CPU, and gives the same values.
+_FLOAT8_VALUES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+
+
+def decode_features(data: bytes | memoryview | np.ndarray, num_rows: int, dim: int, dtype: str) -> torch.Tensor:
     """Bytes of one sample -> (num_rows, dim): the stored dtype, or float32 for `float8_e4m3` (one copy)."""
     if dtype == FLOAT8:
         scale = np.frombuffer(data, dtype=np.float32, count=num_rows).reshape(num_rows, 1)
         values = np.frombuffer(data, dtype=np.uint8, count=num_rows * dim, offset=4 * num_rows).reshape(num_rows, dim)
-        return torch.from_numpy(values.copy()).view(torch.float8_e4m3fn).float() * torch.from_numpy(scale.copy())
+        decoded = np.take(_FLOAT8_VALUES, values)
+        np.multiply(decoded, scale, out=decoded)
+        return torch.from_numpy(decoded)
     bits, np_bits = _BITS[dtype]
     array = np.frombuffer(data, dtype=np_bits, count=num_rows * dim).reshape(num_rows, dim)
     return torch.from_numpy(array.copy()).view(_TORCH[dtype])
+
+
+def binary_values(column: pa.ChunkedArray) -> list[np.ndarray]:
+    """Every value of a large_binary column as a zero-copy uint8 view into the column's buffers:
+    about 1 us per value, where a pyarrow scalar per value costs about 100 us (900 KB values)."""
+    views: list[np.ndarray] = []
+    for chunk in column.chunks:
+        _, offsets_buffer, data_buffer = chunk.buffers()
+        offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[chunk.offset: chunk.offset + len(chunk) + 1]
+        data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.empty(0, np.uint8)
+        views.extend(data[offsets[i]: offsets[i + 1]] for i in range(len(chunk)))
+    return views
 
 
 def write_feature_shard(

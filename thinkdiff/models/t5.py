@@ -76,18 +76,31 @@ class T5DecoderLM(nn.Module):
         return shifted.masked_fill(shifted == IGNORE_INDEX, self.config.pad_token_id)
 
     def loss(
-        self, encoder_states_BSD: torch.Tensor, encoder_mask_BS: torch.Tensor, labels_BT: torch.Tensor
+        self, encoder_states_BSD: torch.Tensor, encoder_mask_BS: torch.Tensor, labels_BT: torch.Tensor,
+        target_positions_N: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Mean token cross-entropy over target positions whose label is not -100."""
+        """Mean token cross-entropy over target positions whose label is not -100.
+
+        `target_positions_N`: those positions in `labels_BT.flatten()` (`target_positions`), made on
+        the CPU with the batch. Given, the loss needs no host sync; else they are found here, and on
+        a GPU the CPU then waits for the step so far (the count sets a shape).
+        """
         hidden_BTD = self.decoder(
             input_ids=self.shift_right(labels_BT),
             encoder_hidden_states=encoder_states_BSD,
             encoder_attention_mask=encoder_mask_BS,
             use_cache=False,
         ).last_hidden_state
-        keep = labels_BT != IGNORE_INDEX
-        logits_NV = self.lm_head(hidden_BTD[keep] * self.output_scale)
-        return F.cross_entropy(logits_NV.float(), labels_BT[keep])
+        if target_positions_N is None:
+            target_positions_N = target_positions(labels_BT)
+        hidden_ND = hidden_BTD.flatten(0, 1).index_select(0, target_positions_N)
+        logits_NV = self.lm_head(hidden_ND * self.output_scale)
+        return F.cross_entropy(logits_NV.float(), labels_BT.flatten().index_select(0, target_positions_N))
+
+
+def target_positions(labels_BT: torch.Tensor) -> torch.Tensor:
+    """(N,) positions of the real target tokens (label not -100) in `labels_BT.flatten()`, in order."""
+    return (labels_BT.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
 
 
 @dataclass

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from tqdm import tqdm
 
 from thinkdiff.config import RunConfig, TrainConfig
 from thinkdiff.data.features import FeatureStore
 from thinkdiff.models.aligner import Aligner, AlignerConfig
-from thinkdiff.models.t5 import load_t5
+from thinkdiff.models.t5 import T5Parts, load_t5
 from thinkdiff.models.vlm import load_vlm_tokenizer
 from thinkdiff.plots import plot_loss_curve
 from thinkdiff.storage import (
@@ -49,6 +50,7 @@ from thinkdiff.train.data import (
     MaskedSplitCollator,
     clip_usable,
     lvlm_usable,
+    prefetched,
 )
 from thinkdiff.train.engine import make_accelerator
 
@@ -102,6 +104,21 @@ def encoder_states(aligner: torch.nn.Module, t5_encoder: torch.nn.Module | None,
     with torch.no_grad():
         prefix = t5_encoder(input_ids=batch.prefix_ids_BP, attention_mask=batch.prefix_mask_BP).last_hidden_state
     return torch.cat([states, prefix.to(states.dtype)], dim=1), torch.cat([mask, batch.prefix_mask_BP], dim=1)
+
+
+def train_step(aligner: torch.nn.Module, t5: T5Parts, batch: Batch, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler, accelerator: Accelerator) -> torch.Tensor:
+    """One optimizer step on `batch` (already on the device); returns the loss, detached, on the
+    device. Nothing here makes the CPU wait for the GPU, so the CPU queues the next step's work
+    while the GPU runs this one."""
+    with accelerator.autocast():
+        states, mask = encoder_states(aligner, t5.encoder, batch)
+        loss = t5.decoder_lm.loss(states, mask, batch.labels_BT, batch.target_positions_N)
+    accelerator.backward(loss)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_after_steps: int | None = None) -> TrainResult:
@@ -178,70 +195,67 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
     # not depend on the number of processes.
     batcher = Batcher(store, collate, clip_usable if clip else lvlm_usable, seed=t.seed, batch_size=t.batch_size,
                       world=world, rank=rank, window=t.bucket_window, state=batcher_state)
-    batches = iter(batcher)  # batcher.state follows what has been consumed
     target_step = min(t.max_steps, stop_after_steps) if stop_after_steps is not None else t.max_steps
     last_ckpt = resume_from
-    window_loss, window_steps, window_samples, window_tokens = 0.0, 0, 0, 0
+    on_gpu = accelerator.device.type == "cuda"
+    window_loss, window_steps, window_samples, window_tokens = torch.zeros((), device=accelerator.device), 0, 0, 0
     window_start = time.perf_counter()
     loss_value = None
     aligner.train()
     # Bars only on a terminal (disable=None); logs and pipes get the periodic log line with rate and ETA.
     progress = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=None if accelerator.is_main_process else True, dynamic_ncols=True)
     log.info("training %s: step %d -> %d, batch %d x %d processes, %d samples in store", run_dir, step, target_step, t.batch_size, world, store.num_samples)
-    while step < target_step:
-        batch = next(batches).to(accelerator.device)
-        with accelerator.autocast():
-            states, mask = encoder_states(aligner, t5.encoder, batch)
-            loss = t5.decoder_lm.loss(states, mask, batch.labels_BT)
-        accelerator.backward(loss)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        progress.update(1)
-        window_loss += loss.item()
-        window_steps += 1
-        window_samples += batch.labels_BT.shape[0] * world
-        window_tokens += batch.num_target_tokens * world
-        if step % t.log_every == 0 or step == target_step:
-            elapsed = time.perf_counter() - window_start
-            loss_value = window_loss / window_steps
-            record = {
-                "step": step,
-                "time": time.time(),
-                "loss": loss_value,
-                "lr": scheduler.get_last_lr()[0],
-                "samples_per_s": window_samples / elapsed,
-                "tokens_per_s": window_tokens / elapsed,
-            }
-            eta = (t.max_steps - step) * elapsed / window_steps
-            log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s %.0f tokens/s ETA %.0fs",
-                     step, t.max_steps, loss_value, record["lr"], record["samples_per_s"], record["tokens_per_s"], eta)
-            progress.set_postfix(loss=f"{loss_value:.3f}")
-            if accelerator.is_main_process:
-                with open(run_dir / METRICS_FILE, "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
-            window_loss, window_steps, window_samples, window_tokens = 0.0, 0, 0, 0
-            window_start = time.perf_counter()
-        if step % t.checkpoint_every == 0 or step == target_step:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                last_ckpt = save_checkpoint(
-                    ckpt_root,
-                    step=step,
-                    aligner=accelerator.unwrap_model(aligner),
-                    trainer_state={
-                        "step": step,
-                        "batcher": dict(batcher.state.__dict__),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "rng_cpu": torch.get_rng_state(),
-                        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                    },
-                    meta={**meta, "loss": loss_value},
-                    keep_last=t.keep_last,
-                )
-            accelerator.wait_for_everyone()
+    # A bucketing pool's worth of batches ahead (the batcher makes a pool at once), plus one.
+    with prefetched(batcher, depth=t.bucket_window + 1, pin_memory=on_gpu) as batches:
+        while step < target_step:
+            cpu_batch, batcher_state = next(batches)
+            loss = train_step(aligner, t5, cpu_batch.to(accelerator.device, non_blocking=on_gpu), optimizer, scheduler, accelerator)
+            step += 1
+            progress.update(1)
+            # Summed on the device: reading the loss every step would make the CPU wait for the GPU.
+            window_loss += loss
+            window_steps += 1
+            window_samples += cpu_batch.labels_BT.shape[0] * world
+            window_tokens += cpu_batch.num_target_tokens * world
+            if step % t.log_every == 0 or step == target_step:
+                loss_value = window_loss.item() / window_steps
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "step": step,
+                    "time": time.time(),
+                    "loss": loss_value,
+                    "lr": scheduler.get_last_lr()[0],
+                    "samples_per_s": window_samples / elapsed,
+                    "tokens_per_s": window_tokens / elapsed,
+                }
+                eta = (t.max_steps - step) * elapsed / window_steps
+                log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s %.0f tokens/s ETA %.0fs",
+                         step, t.max_steps, loss_value, record["lr"], record["samples_per_s"], record["tokens_per_s"], eta)
+                progress.set_postfix(loss=f"{loss_value:.3f}")
+                if accelerator.is_main_process:
+                    with open(run_dir / METRICS_FILE, "a") as fh:
+                        fh.write(json.dumps(record) + "\n")
+                window_loss, window_steps, window_samples, window_tokens = torch.zeros((), device=accelerator.device), 0, 0, 0
+                window_start = time.perf_counter()
+            if step % t.checkpoint_every == 0 or step == target_step:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    last_ckpt = save_checkpoint(
+                        ckpt_root,
+                        step=step,
+                        aligner=accelerator.unwrap_model(aligner),
+                        trainer_state={
+                            "step": step,
+                            "batcher": dict(batcher_state.__dict__),
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            "rng_cpu": torch.get_rng_state(),
+                            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                        },
+                        meta={**meta, "loss": loss_value},
+                        keep_last=t.keep_last,
+                    )
+                accelerator.wait_for_everyone()
     progress.close()
     last_ckpt = latest_checkpoint(ckpt_root) or last_ckpt
     if step >= t.max_steps and accelerator.is_main_process:
