@@ -8,10 +8,13 @@ FLUX.1-dev transformer and VAE shapes, 128 prompt-embedding rows of width 4096 (
 output), a pooled embedding, guidance 3.5, 28 steps, 512x512 (1024 latent tokens), VAE decode
 included.
 - naive: the pipeline as loaded (eager bf16, SDPA) at batch 1 and at batch 4.
-- project: what eval.batch_size / eval.compile set: a larger batch and the transformer's repeated
-  blocks compiled (CUDA).
+- project: what eval.batch_size / eval.compile set: a larger batch, the attention projections
+  fused and the transformer's repeated blocks compiled (CUDA). Its VAE decode is timed on its own
+  too (the part of the time the transformer does not take).
 The project's first image is compared with the naive batch-1 image of the same embeddings and seed
-(max and mean absolute pixel difference, 0..255).
+(max and mean absolute pixel difference, 0..255). Last, SDPA alone at FLUX's attention shape (batch
+8, 24 heads, 1,152 tokens, head dim 128) per backend, against flash attention's output: PyTorch
+tries flash first, cuDNN's kernel last.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from compile_counters import changed_since, snapshot
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from thinkdiff.models.flux import Flux, build_tiny_flux_pipeline, wrap_flux
 
@@ -48,25 +53,59 @@ def paper_pipeline(device: torch.device) -> FluxPipeline:
 
 
 def timed(flux: Flux, embeds: torch.Tensor, pooled: torch.Tensor, batch: int, n_batches: int, draw: dict):
-    """Seconds per image over `n_batches` batches after one warm-up batch, and the first image."""
+    """Seconds per image over `n_batches` batches after one warm-up batch, the first image, and the
+    VAE decode's seconds per image within them."""
     flux.draw_embeds(embeds[:batch], pooled, seeds=list(range(batch)), **draw)
     warm = snapshot()
-    first, seconds = None, 0.0
-    for k in range(n_batches):
-        rows = slice(k * batch, (k + 1) * batch)
-        sync(flux.device)
-        started = time.perf_counter()
-        out = flux.draw_embeds(embeds[rows], pooled, seeds=list(range(rows.start, rows.stop)), **draw)
-        sync(flux.device)
-        seconds += time.perf_counter() - started
-        first = out[0] if first is None else first
+    first, seconds, vae = None, 0.0, {"s": 0.0}
+    vae_decode = flux.pipe.vae.decode
+
+    def timed_decode(*args, **kwargs):
+        started = sync(flux.device)
+        out = vae_decode(*args, **kwargs)
+        vae["s"] += sync(flux.device) - started
+        return out
+
+    flux.pipe.vae.decode = timed_decode
+    try:
+        for k in range(n_batches):
+            rows = slice(k * batch, (k + 1) * batch)
+            started = sync(flux.device)
+            out = flux.draw_embeds(embeds[rows], pooled, seeds=list(range(rows.start, rows.stop)), **draw)
+            seconds += sync(flux.device) - started
+            first = out[0] if first is None else first
+    finally:
+        flux.pipe.vae.decode = vae_decode
     print(f"batch {batch}: compile counters changed over the timed batches: {changed_since(warm)}", flush=True)
-    return seconds / (batch * n_batches), np.asarray(first, dtype=np.int16)
+    return seconds / (batch * n_batches), np.asarray(first, dtype=np.int16), vae["s"] / (batch * n_batches)
 
 
-def sync(device: torch.device) -> None:
+def attention_backends(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int, int]) -> list[str]:
+    """One SDPA call per backend at `shape` (B, H, L, D): ms per call and max |diff| to the first
+    backend that runs (flash where there is one)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=g, device=device, dtype=dtype) for _ in range(3))
+    lines, reference = [], None
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            with sdpa_kernel([backend]):
+                out = F.scaled_dot_product_attention(q, k, v)
+                started = sync(device)
+                for _ in range(10):
+                    F.scaled_dot_product_attention(q, k, v)
+                ms = (sync(device) - started) * 100
+        except RuntimeError as error:
+            lines.append(f"{backend.name}: unavailable ({str(error).splitlines()[0][:80]})")
+            continue
+        reference = out if reference is None else reference
+        lines.append(f"{backend.name}: {ms:.3f} ms, max |diff| {(out.float() - reference.float()).abs().max().item():.2e}")
+    return lines
+
+
+def sync(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def main() -> None:
@@ -91,21 +130,27 @@ def main() -> None:
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), {naive.dtype}, "
           f"{sum(p.numel() for p in naive.pipe.transformer.parameters()) / 1e9:.2f}B transformer params, {draw}")
     results = {}
-    results["naive b1"], image_b1 = timed(naive, embeds, pooled, 1, args.batches, draw)
-    results["naive b4"], _ = timed(naive, embeds, pooled, 4, args.batches, draw)
+    results["naive b1"], image_b1, _ = timed(naive, embeds, pooled, 1, args.batches, draw)
+    results["naive b4"], _, _ = timed(naive, embeds, pooled, 4, args.batches, draw)
     print(f"naive done: {results['naive b1']:.3f} s/image at batch 1, {results['naive b4']:.3f} at batch 4", flush=True)
     compile = device.type == "cuda"
     project = wrap_flux(naive.pipe if not args.tiny else make(), "random", device=device, compile=compile)
-    results[f"project b{args.batch}"], image_project = timed(project, embeds, pooled, args.batch, args.batches, draw)
+    name = f"project b{args.batch}" + (" (fused qkv, compiled blocks)" if compile else "")
+    results[name], image_project, vae_s = timed(project, embeds, pooled, args.batch, args.batches, draw)
     diff = np.abs(image_project - image_b1)
-    ratio = results["naive b4"] / results[f"project b{args.batch}"]
+    ratio = results["naive b4"] / results[name]
     print("| path | s/image | images/s |")
     print("|---|---|---|")
-    for name, s in results.items():
-        print(f"| {name} | {s:.3f} | {1 / s:.2f} |")
+    for path, s in results.items():
+        print(f"| {path} | {s:.3f} | {1 / s:.2f} |")
     print(f"ratio project / naive b4: {ratio:.2f}x (target 1.5x); compile {compile}; "
           f"first image vs naive b1: max |diff| {diff.max()}, mean {diff.mean():.3f} (0..255)")
-
+    print(f"project: VAE decode {vae_s:.3f} s/image of {results[name]:.3f}", flush=True)
+    config = project.pipe.transformer.config
+    shape = (args.batch, config.num_attention_heads, (draw["size"] // 16) ** 2 + 128, config.attention_head_dim)
+    print(f"SDPA alone at {shape} (B, H, L, D), {naive.dtype}:")
+    for line in attention_backends(device, naive.dtype, shape):
+        print("  " + line)
 
 if __name__ == "__main__":
     main()

@@ -220,7 +220,8 @@ class EvalConfig:
     batch_size: int
     """Prompts per VLM generate() call and per FLUX call."""
     compile: bool
-    """torch.compile FLUX's transformer (one graph per batch size; the first batch pays the compile)."""
+    """FLUX's fast path: fused query/key/value projections and torch.compile of the transformer's
+    repeated blocks (one graph per batch size; the first batch pays the compile)."""
     nightly_limit: int
     """Prompts per (task, shot) of the nightly evaluation (sized to fit one hour on one GPU)."""
     judge: str

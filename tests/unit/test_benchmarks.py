@@ -48,6 +48,7 @@ def test_flux_generate_benchmark_tiny():
     assert set(rows) == {"naive b1", "naive b4", "project b8"} and "ratio project / naive b4:" in out
     # Batching alone changes no picture: the project's first image is the naive batch-1 image (CPU, fp32).
     assert "first image vs naive b1: max |diff| 0," in out
+    assert "project: VAE decode" in out and "FLASH_ATTENTION:" in out
 
 
 def test_decode_attention_benchmark_tiny():

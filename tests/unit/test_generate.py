@@ -108,7 +108,8 @@ def test_aligner_for_other_models_is_rejected(parts_env, tmp_path):
 
 
 def test_compiled_flux_draws_the_eager_pictures():
-    """eval.compile: FLUX's repeated blocks compiled give the eager path's images."""
+    """eval.compile: FLUX with fused query/key/value projections and compiled repeated blocks
+    draws the eager, unfused path's images."""
     from thinkdiff.models.flux import build_tiny_flux_pipeline, wrap_flux
 
     eager = wrap_flux(build_tiny_flux_pipeline(), "tiny", device=CPU, compile=False)
@@ -119,3 +120,6 @@ def test_compiled_flux_draws_the_eager_pictures():
     for a, b in zip(eager.draw_embeds(embeds, pooled, **draw), compiled.draw_embeds(embeds, pooled, **draw), strict=True):
         assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 1
     assert compiled.pipe.transformer.transformer_blocks[0]._compiled_call_impl is not None
+    blocks = compiled.pipe.transformer.transformer_blocks[0], compiled.pipe.transformer.single_transformer_blocks[0]
+    assert all(block.attn.fused_projections for block in blocks)
+    assert not eager.pipe.transformer.transformer_blocks[0].attn.fused_projections
