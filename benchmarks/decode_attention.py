@@ -2,7 +2,7 @@
 transformers' SDPA does under torch.compile with a mask) vs the packed query heads that the features
 stage uses (`thinkdiff.models.vlm.packed_gqa_sdpa`).
 
-    .venv/bin/python benchmarks/decode_attention.py            # Qwen2-VL-7B heads (28 over 4), 128 dims, 768 cached positions
+    .venv/bin/python benchmarks/decode_attention.py            # Qwen2-VL-7B heads (28 over 4), 128 dims, 512 cached positions
     .venv/bin/python benchmarks/decode_attention.py --tiny     # small shapes in seconds (a test runs it)
 
 Batch 256 on a GPU in bf16, batch 64 on a CPU in fp32 (default). Both paths are checked equal.
@@ -24,7 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--length", type=int, default=768, help="cached positions (the H200 run's static cache: 768)")
+    parser.add_argument("--length", type=int, default=512, help="cached positions (the features stage's static cache for about 290 prompt + 128 generated tokens, rounded up to 256s)")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

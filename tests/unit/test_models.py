@@ -26,6 +26,23 @@ def test_tiny_vlm_is_the_real_class_and_deterministic():
     assert a.tokenizer.decode(a.tokenizer("a cat, 3 dogs")["input_ids"]) == "a cat, 3 dogs"
 
 
+def test_tiny_qwen_tokenizer_learns_word_level_merges_from_a_corpus():
+    """The benchmarks' prompts come out in about as many tokens as with Qwen's BPE; without a
+    corpus, one token per byte (byte b is id b); special tokens stay whole either way."""
+    from thinkdiff.models.vlm import IM_START, build_tiny_qwen_tokenizer
+
+    corpus = ["You are a helpful assistant.", "Describe the image concisely.", "Summarize the visual content of the image."]
+    plain, merged = build_tiny_qwen_tokenizer(), build_tiny_qwen_tokenizer(corpus)
+    text = "Describe the image concisely."
+    assert plain(text, add_special_tokens=False)["input_ids"] == list(text.encode())
+    ids = merged(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) <= 6 and merged.decode(ids) == text
+    unseen = "zebra on ice, 3 m"  # outside the corpus: falls back to bytes, still round-trips
+    assert merged.decode(merged(unseen, add_special_tokens=False)["input_ids"]) == unseen
+    for tok in (plain, merged):
+        assert tok(f"{IM_START}user", add_special_tokens=False)["input_ids"][0] == tok.convert_tokens_to_ids(IM_START)
+
+
 def test_t5_loader_keeps_decoder_only_and_encoder_norm():
     reference = build_tiny_t5()
     parts = load_t5(TINY, device=CPU)

@@ -12,7 +12,9 @@ Shape legend: B batch, P padded prompt length, G generated length, L one sample'
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     AttentionInterface,
     AutoTokenizer,
@@ -154,16 +157,33 @@ def load_vlm_tokenizer(src: ModelSource) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(src.id, revision=revision, trust_remote_code=False)
 
 
-def build_tiny_qwen_tokenizer() -> Qwen2Tokenizer:
-    """A byte-level Qwen2 tokenizer with no merges and the chat/vision special tokens; needs no files."""
+def build_tiny_qwen_tokenizer(corpus: Sequence[str] = ()) -> Qwen2Tokenizer:
+    """A byte-level Qwen2 tokenizer (byte b is id b) with the chat/vision special tokens; needs no files.
+
+    With `corpus`, byte-pair merges learned from it follow the bytes, so those texts come out in
+    about as many tokens as Qwen's own 151k-token BPE gives them (the benchmarks' prompts); without,
+    no merges: one token per byte.
+    """
     byte_chars = bytes_to_unicode()
     vocab = {byte_chars[b]: i for i, b in enumerate(range(256))}
+    merges = learn_merges(corpus) if corpus else []
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
     specials = [END_OF_TEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
     for token in specials:
         vocab[token] = len(vocab)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token=IM_END, pad_token=END_OF_TEXT)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token=IM_END, pad_token=END_OF_TEXT)
     tok.add_special_tokens({"additional_special_tokens": specials})
     return tok
+
+
+def learn_merges(corpus: Sequence[str], vocab_size: int = 2048) -> list[tuple[str, str]]:
+    """Byte-level BPE merges (in byte_to_unicode characters) learned from `corpus` by `tokenizers`."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(corpus, trainer)
+    return [tuple(pair) for pair in json.loads(bpe.to_str())["model"]["merges"]]
 
 
 TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -177,13 +197,14 @@ def build_tiny_vlm(*, min_pixels: int, max_pixels: int, seed: int = 0) -> VLM:
 
 
 def build_random_vlm(text: dict, vision: dict, *, min_pixels: int, max_pixels: int, seed: int = 0,
-                     model_id: str = TINY_MODEL_ID, revision: str = TINY_REVISION) -> VLM:
-    """Qwen2-VL with the given text/vision dims, random weights and the offline byte-level tokenizer.
+                     model_id: str = TINY_MODEL_ID, revision: str = TINY_REVISION, tokenizer_corpus: Sequence[str] = ()) -> VLM:
+    """Qwen2-VL with the given text/vision dims, random weights and the offline byte-level tokenizer
+    (with merges learned from `tokenizer_corpus`, see `build_tiny_qwen_tokenizer`).
 
     Built on the current default device and dtype (the benchmarks build paper-size models directly on
     the GPU in bf16).
     """
-    tok = build_tiny_qwen_tokenizer()
+    tok = build_tiny_qwen_tokenizer(tokenizer_corpus)
     config = Qwen2VLConfig(
         text_config=dict(
             vocab_size=max(len(tok), text.get("vocab_size", 0)),
