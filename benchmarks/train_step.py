@@ -29,7 +29,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 from thinkdiff.config import load_config
 from thinkdiff.models.aligner import Aligner, AlignerConfig
 from thinkdiff.models.t5 import IGNORE_INDEX, T5DecoderLM, T5Parts, build_tiny_t5
-from thinkdiff.train.data import Batch
+from thinkdiff.train.data import Batch, Prepared, pad
 from thinkdiff.train.engine import make_accelerator
 from thinkdiff.train.loop import lr_multiplier, param_groups, train_step
 
@@ -61,14 +61,14 @@ def bucketed(batches):
     return [([x[0] for x in g], [x[1] for x in g], torch.stack([x[2] for x in g]), [x[3] for x in g]) for g in groups]
 
 
-def padded(src, tgt, feats, labels, to: int | None) -> Batch:
-    s_len, t_len = to or max(src), to or max(tgt)
-    mask = torch.zeros(len(src), s_len, dtype=torch.long)
-    lab = torch.full((len(src), t_len), IGNORE_INDEX)
+def padded_to_128(src, tgt, feats, labels) -> Batch:
+    """The naive path's batch: source and target padded to the longest possible length."""
+    mask = torch.zeros(len(src), 128, dtype=torch.long)
+    lab = torch.full((len(src), 128), IGNORE_INDEX)
     for i, (s, t) in enumerate(zip(src, tgt, strict=True)):
         mask[i, :s] = 1
         lab[i, :t] = labels[i]
-    return Batch(features_BSD=feats[:, :s_len] * mask[..., None], source_mask_BS=mask, labels_BT=lab)
+    return Batch(features_BSD=feats * mask[..., None], source_mask_BS=mask, labels_BT=lab)
 
 
 def useful_flops(cfg: T5Config, aligner_params: int, src: list[int], tgt: list[int]) -> float:
@@ -88,7 +88,7 @@ def naive_run(model: T5ForConditionalGeneration, aligner: Aligner, batches, devi
     aligner_params = sum(p.numel() for p in aligner.parameters())
     reset_peak(device)
     for k, (src, tgt, feats, labels) in enumerate(batches):
-        batch = padded(src, tgt, feats, labels, to=128).to(device)
+        batch = padded_to_128(src, tgt, feats, labels).to(device)
         started = sync(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             aligned = aligner(batch.features_BSD)
@@ -117,8 +117,9 @@ def project_run(decoder: T5DecoderLM, batches, device) -> dict:
     model, optimizer = accelerator.prepare(aligner, optimizer)
     t5 = T5Parts(decoder_lm=decoder, tokenizer=None, encoder_final_norm=None, encoder=None, model_id="random", revision="random")
     on_gpu = device.type == "cuda"
-    ready = [padded(*b, to=None) for b in batches]
-    ready = [b.pin_memory() for b in ready] if on_gpu else ready
+    # The loop's own padding, into page-locked memory on a GPU, as its prefetch thread does it.
+    ready = [pad([Prepared(features_SD=f[:s], target_ids=lab.tolist()) for s, f, lab in zip(src, feats, labels, strict=True)],
+                 decoder.config.pad_token_id, pin_memory=on_gpu) for src, _, feats, labels in batches]
     step = lambda b: train_step(model, t5, b.to(device, non_blocking=on_gpu), optimizer, scheduler, accelerator)  # noqa: E731
     for b in ready[:WARMUP_STEPS]:  # the compile, allocators, kernels
         step(b).item()

@@ -229,14 +229,14 @@ def test_prefetched_batches_are_the_batchers_with_their_states(tiny_store, tmp_p
         expected.append((batch, BatcherState(**plain.state.__dict__)))
         if len(expected) == 14:  # past an epoch (40 samples) and several pools
             break
-    with prefetched(make(BatcherState()), depth=4, pin_memory=False) as batches:
+    with prefetched(make(BatcherState()), depth=4) as batches:
         got = [next(batches) for _ in range(14)]
     assert [s for _, s in got] == [s for _, s in expected]
     for (a, _), (b, _) in zip(got, expected, strict=True):
         assert torch.equal(a.features_BSD, b.features_BSD) and torch.equal(a.labels_BT, b.labels_BT)
         assert torch.equal(a.target_positions_N, (b.labels_BT.flatten() != IGNORE_INDEX).nonzero().squeeze(1))
     # A batcher started from a consumed batch's state continues with the next batch.
-    with prefetched(make(got[5][1]), depth=4, pin_memory=False) as batches:
+    with prefetched(make(got[5][1]), depth=4) as batches:
         assert torch.equal(next(batches)[0].labels_BT, expected[6][0].labels_BT)
     assert not [t for t in threading.enumerate() if t.name == "batches"]
 
@@ -247,7 +247,7 @@ def test_prefetched_batches_are_the_batchers_with_their_states(tiny_store, tmp_p
 
     with pytest.raises(ValueError, match="no sample can be split"), \
             prefetched(Broken(store, collate, lvlm_usable, seed=0, batch_size=4, world=1, rank=0, window=3,
-                              state=BatcherState()), depth=2, pin_memory=False) as batches:
+                              state=BatcherState()), depth=2) as batches:
         next(batches)
     assert not [t for t in threading.enumerate() if t.name == "batches"]
 

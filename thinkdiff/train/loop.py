@@ -193,11 +193,11 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
     world, rank = accelerator.num_processes, accelerator.process_index
     # Every process draws the same global batches and keeps its own slice, so the data order does
     # not depend on the number of processes.
+    on_gpu = accelerator.device.type == "cuda"
     batcher = Batcher(store, collate, clip_usable if clip else lvlm_usable, seed=t.seed, batch_size=t.batch_size,
-                      world=world, rank=rank, window=t.bucket_window, state=batcher_state)
+                      world=world, rank=rank, window=t.bucket_window, state=batcher_state, pin_memory=on_gpu)
     target_step = min(t.max_steps, stop_after_steps) if stop_after_steps is not None else t.max_steps
     last_ckpt = resume_from
-    on_gpu = accelerator.device.type == "cuda"
     window_loss, window_steps, window_samples, window_tokens = torch.zeros((), device=accelerator.device), 0, 0, 0
     window_start = time.perf_counter()
     loss_value = None
@@ -206,7 +206,7 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
     progress = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=None if accelerator.is_main_process else True, dynamic_ncols=True)
     log.info("training %s: step %d -> %d, batch %d x %d processes, %d samples in store", run_dir, step, target_step, t.batch_size, world, store.num_samples)
     # A bucketing pool's worth of batches ahead (the batcher makes a pool at once), plus one.
-    with prefetched(batcher, depth=t.bucket_window + 1, pin_memory=on_gpu) as batches:
+    with prefetched(batcher, depth=t.bucket_window + 1) as batches:
         while step < target_step:
             cpu_batch, batcher_state = next(batches)
             loss = train_step(aligner, t5, cpu_batch.to(accelerator.device, non_blocking=on_gpu), optimizer, scheduler, accelerator)
