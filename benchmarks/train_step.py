@@ -7,7 +7,7 @@ Workload (STACK.md's anchor): per sample a source length uniform in 1..128 and a
 uniform in 8..128, random weights, random features and labels.
 - naive: the whole T5ForConditionalGeneration resident, source and target padded to 128, full
   (B, 128, vocab) logits and transformers' own loss.
-- project: what `thinkdiff train` runs: the decoder alone (encoder dropped at load), the same
+- project: what `thinkdiff train` runs: the decoder alone (load_t5 never reads the encoder), the same
   samples grouped by length (train.bucket_window) and padded only to each batch's longest, the
   loop's own `train_step` (logits only for real target tokens, no host sync), batches handed over
   pinned as the loop's prefetch thread hands them over, and on a GPU the decoder blocks compiled

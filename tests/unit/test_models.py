@@ -7,9 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from transformers import Qwen2VLForConditionalGeneration, T5ForConditionalGeneration
 
 from thinkdiff.config import ModelSource
+from thinkdiff.errors import DataContractError
 from thinkdiff.models.t5 import build_tiny_t5, load_t5, target_positions
 from thinkdiff.models.vlm import build_tiny_vlm, load_vlm
 
@@ -82,6 +84,23 @@ def test_loaders_read_local_directories(tmp_path):
     assert torch.equal(parts.decoder_lm.lm_head.weight, t5.lm_head.weight)
     assert torch.equal(parts.encoder_final_norm, t5.encoder.final_layer_norm.weight)
     assert isinstance(t5, T5ForConditionalGeneration)
+    # The encoder's blocks are never read: a checkpoint without them loads to the same decoder.
+    weights = load_file(tmp_path / "t5" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("encoder.block.")}, tmp_path / "t5" / "model.safetensors",
+              metadata={"format": "pt"})
+    lean = load_t5(ModelSource(id=str(tmp_path / "t5"), revision="main", dtype="float32"), device=CPU)
+    for (name, p), (_, q) in zip(parts.decoder_lm.state_dict().items(), lean.decoder_lm.state_dict().items(), strict=True):
+        assert torch.equal(p, q), name
+    assert torch.equal(lean.encoder_final_norm, t5.encoder.final_layer_norm.weight)
+    assert lean.encoder is None and not any(k.startswith("encoder") for k in lean.decoder_lm.state_dict())
+    # ThinkDiff-CLIP keeps the encoder, read from the (full) checkpoint.
+    t5.save_pretrained(tmp_path / "t5-full")
+    load_t5(TINY, device=CPU).tokenizer.save_pretrained(tmp_path / "t5-full")
+    clip = load_t5(ModelSource(id=str(tmp_path / "t5-full"), revision="main", dtype="float32"), device=CPU, keep_encoder=True)
+    assert torch.equal(clip.encoder.block[0].layer[0].SelfAttention.q.weight, t5.encoder.block[0].layer[0].SelfAttention.q.weight)
+    # A checkpoint missing weights that are needed is an error, not a silently random model.
+    with pytest.raises(DataContractError, match=r"lacks \d+ weights the encoder and decoder need \(encoder\.block\.0"):
+        load_t5(ModelSource(id=str(tmp_path / "t5"), revision="main", dtype="float32"), device=CPU, keep_encoder=True)
 
     vlm = build_tiny_vlm(min_pixels=3136, max_pixels=3136)
     vlm.model.save_pretrained(tmp_path / "vlm")

@@ -1,15 +1,17 @@
 """The frozen T5 decoder that supervises the aligner (REFERENCE.md sections 1 and 5).
 
-Only the decoder stack and `lm_head` are kept; the encoder is dropped right after loading, except
-its `final_layer_norm` weight, which initialises the aligner's output norm. `T5DecoderLM.loss`
-computes teacher-forced token cross-entropy with the aligned features as `encoder_hidden_states`,
-projecting only the non-padded target positions to the vocabulary (no full (B, T, V) logits).
+Only the decoder stack and `lm_head` are loaded (`T5DecoderCheckpoint`), and the encoder's
+`final_layer_norm` weight, which initialises the aligner's output norm; ThinkDiff-CLIP also keeps
+the encoder. `T5DecoderLM.loss` computes teacher-forced token cross-entropy with the aligned
+features as `encoder_hidden_states`, projecting only the non-padded target positions to the
+vocabulary (no full (B, T, V) logits).
 
 Shape legend: B batch, S source rows, T target tokens, D d_model, V vocabulary, N real target tokens.
 """
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 from dataclasses import dataclass
@@ -25,8 +27,10 @@ from transformers import (
     T5Config,
     T5ForConditionalGeneration,
 )
+from transformers.models.t5.modeling_t5 import T5LayerNorm, T5PreTrainedModel, T5Stack
 
 from thinkdiff.config import TINY_MODEL_ID, ModelSource
+from thinkdiff.errors import DataContractError
 from thinkdiff.models.common import default_device, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -103,6 +107,30 @@ def target_positions(labels_BT: torch.Tensor) -> torch.Tensor:
     return (labels_BT.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
 
 
+class T5DecoderCheckpoint(T5PreTrainedModel):
+    """What the aligner's loss needs from a T5 checkpoint, loaded by `from_pretrained`: the shared
+    embedding, the decoder stack, `lm_head` and the encoder's `final_layer_norm` (the aligner norm's
+    init). The encoder's blocks are unexpected keys, never read from the file nor allocated (about
+    half of flan-t5-xxl), the way transformers' own `T5EncoderModel` skips the decoder."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^encoder\.(?!final_layer_norm\.)",
+                                          *T5ForConditionalGeneration._keys_to_ignore_on_load_unexpected]
+    _tied_weights_keys = {"decoder.embed_tokens.weight": "shared.weight", "lm_head.weight": "shared.weight"}
+
+    def __init__(self, config: T5Config):
+        super().__init__(config)
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = nn.Module()
+        self.encoder.final_layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        decoder_config = copy.deepcopy(config)
+        decoder_config.is_decoder = True
+        decoder_config.use_cache = False
+        decoder_config.num_layers = config.num_decoder_layers
+        self.decoder = T5Stack(decoder_config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.post_init()
+
+
 @dataclass
 class T5Parts:
     decoder_lm: T5DecoderLM
@@ -117,22 +145,33 @@ class T5Parts:
 
 def load_t5(src: ModelSource, *, device: torch.device | None = None, keep_encoder: bool = False) -> T5Parts:
     """Load T5 by Hugging Face id or local directory (`tiny`: same class, random-init), keep the decoder
-    (and, for ThinkDiff-CLIP, the encoder)."""
+    (and, for ThinkDiff-CLIP, the encoder). Without `keep_encoder` the encoder's blocks are never
+    read (`T5DecoderCheckpoint`).
+
+    Raises:
+        DataContractError: the checkpoint lacks weights the kept parts need.
+    """
     device = device or default_device()
     if src.id == TINY_MODEL_ID:
         model, tokenizer, revision = build_tiny_t5(), ByT5Tokenizer(), TINY_REVISION
     else:
         revision = None if Path(src.id).is_dir() else src.revision
-        log.info("loading T5 %s (revision %s, %s)", src.id, revision, src.dtype)
-        model = T5ForConditionalGeneration.from_pretrained(
-            src.id, revision=revision, dtype=torch_dtype(src.dtype), trust_remote_code=False
-        )
+        log.info("loading T5 %s (revision %s, %s)%s", src.id, revision, src.dtype, "" if keep_encoder else ", decoder only")
+        model_class = T5ForConditionalGeneration if keep_encoder else T5DecoderCheckpoint
+        model, loading = model_class.from_pretrained(src.id, revision=revision, dtype=torch_dtype(src.dtype),
+                                                     trust_remote_code=False, output_loading_info=True)
+        if loading["missing_keys"]:
+            # transformers would start them from random weights: a frozen random decoder trains nothing.
+            missing = sorted(loading["missing_keys"])
+            raise DataContractError(f"models.t5={src.id}: the checkpoint lacks {len(missing)} weights the "
+                             f"{'encoder and ' if keep_encoder else ''}decoder need ({', '.join(missing[:3])}, ...); "
+                             "point models.t5 at a complete T5 checkpoint (e.g. google/flan-t5-xxl)")
         tokenizer = AutoTokenizer.from_pretrained(src.id, revision=revision, trust_remote_code=False)
         revision = src.revision if revision else "local"
     norm = model.encoder.final_layer_norm.weight.detach().float().cpu().clone()
     decoder_lm = T5DecoderLM(model)
     encoder = model.encoder.eval().requires_grad_(False).to(device=device, dtype=torch_dtype(src.dtype)) if keep_encoder else None
-    # Otherwise the encoder (about half of flan-t5-xxl) is dropped before anything moves to the GPU.
+    # Nothing but the decoder parts moves to the GPU (the tiny model's encoder is dropped here).
     del model
     gc.collect()
     decoder_lm.to(device=device, dtype=torch_dtype(src.dtype))
