@@ -178,7 +178,7 @@ def main() -> None:
     print(f"naive done: {naive['samples_per_s']:.1f} samples/s, {naive['useful_tflops']:.3g} useful TFLOP/s, "
           f"{naive['peak_gib']:.1f} GiB peak", flush=True)
     decoder = T5DecoderLM(full)
-    del full.encoder  # the project path never keeps the encoder (load_t5 drops it)
+    del full.encoder  # the project path never holds the encoder (load_t5 never reads it)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         decoder.compile_decoder()
