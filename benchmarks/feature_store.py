@@ -95,7 +95,6 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="small shapes: runs in seconds")
     parser.add_argument("--samples", type=int, help="samples in the store (default 1024; tiny 64)")
     args = parser.parse_args()
-    torch.set_num_threads(1)  # torch's own intra-op threads stay out of it
     rows, dim = (16, 64) if args.tiny else (128, 3584)
     samples = args.samples or (64 if args.tiny else 1024)
     print(f"feature store: {samples} samples of {rows} x {dim}, torch {torch.__version__}, {os.cpu_count()} cores, "

@@ -69,6 +69,26 @@ def test_decoder_loss_equals_transformers_loss():
     assert torch.equal(parts.decoder_lm.loss(states, mask, labels, positions), parts.decoder_lm.loss(states, mask, labels))
 
 
+def test_decoder_loss_reads_no_tensor_value_on_the_host(monkeypatch):
+    """Given the target positions, the loss never turns a tensor into a Python value (on a GPU, each
+    such read makes the CPU wait for the GPU): transformers' mask check included."""
+    parts = load_t5(TINY, device=CPU)
+    states = torch.randn(2, 5, 32, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    labels = torch.tensor([[5, 6, 7, 1], [8, 1, -100, -100]])
+    positions = target_positions(labels)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor value was read on the host")
+
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__", "__index__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    loss = parts.decoder_lm.loss(states, mask, labels, positions)
+    loss.backward()
+    monkeypatch.undo()
+    torch.testing.assert_close(loss, parts.decoder_lm.loss(states, mask, labels))
+
+
 def test_decoder_stays_in_eval_mode():
     parts = load_t5(TINY, device=CPU)
     parts.decoder_lm.train()
@@ -99,7 +119,7 @@ def test_loaders_read_local_directories(tmp_path):
     clip = load_t5(ModelSource(id=str(tmp_path / "t5-full"), revision="main", dtype="float32"), device=CPU, keep_encoder=True)
     assert torch.equal(clip.encoder.block[0].layer[0].SelfAttention.q.weight, t5.encoder.block[0].layer[0].SelfAttention.q.weight)
     # A checkpoint missing weights that are needed is an error, not a silently random model.
-    with pytest.raises(DataContractError, match=r"lacks \d+ weights the encoder and decoder need \(encoder\.block\.0"):
+    with pytest.raises(DataContractError, match=r"lacks \d+ weight\(s\) needed by the encoder and decoder \(encoder\.block\.0"):
         load_t5(ModelSource(id=str(tmp_path / "t5"), revision="main", dtype="float32"), device=CPU, keep_encoder=True)
 
     vlm = build_tiny_vlm(min_pixels=3136, max_pixels=3136)
@@ -133,8 +153,9 @@ def test_compiled_decoder_blocks_share_one_graph_and_match_eager():
     shapes = [(2, 6, 5), (3, 9, 7), (2, 12, 11)]
     batches = []
     for b, s, t in shapes:
-        # Some padding in every batch: a mask of all ones reaches the blocks as None (one more graph).
-        mask = (torch.arange(s) < torch.randint(1, s, (b, 1), generator=g)).long()
+        # Padding in all but the last batch; a mask of all ones is no other graph (the loss passes
+        # a 4-D mask, never None).
+        mask = (torch.arange(s) < torch.randint(1, s, (b, 1), generator=g)).long() if s != 12 else torch.ones(b, s, dtype=torch.long)
         labels = torch.randint(2, config.vocab_size, (b, t), generator=g)
         labels[0, t // 2:] = -100
         batches.append((torch.randn(b, s, config.d_model, generator=g), mask, labels))

@@ -239,6 +239,18 @@ def test_prefetched_batches_are_the_batchers_with_their_states(tiny_store, tmp_p
     with prefetched(make(got[5][1]), depth=4) as batches:
         assert torch.equal(next(batches)[0].labels_BT, expected[6][0].labels_BT)
     assert not [t for t in threading.enumerate() if t.name == "batches"]
+    # Nothing is read before the first request (a resumed run that is already complete asks none).
+    reads = []
+
+    class Counting(Batcher):
+        def __iter__(self):
+            reads.append(1)
+            yield from super().__iter__()
+
+    with prefetched(Counting(store, collate, lvlm_usable, seed=0, batch_size=4, world=1, rank=0, window=3,
+                             state=BatcherState()), depth=2):
+        pass
+    assert reads == []
 
     class Broken(Batcher):
         def __iter__(self):
@@ -250,6 +262,30 @@ def test_prefetched_batches_are_the_batchers_with_their_states(tiny_store, tmp_p
                               state=BatcherState()), depth=2) as batches:
         next(batches)
     assert not [t for t in threading.enumerate() if t.name == "batches"]
+
+
+def test_decoding_runs_a_bounded_way_ahead_in_order():
+    """The stream's decoding on threads keeps the order and, when its reader stops early, leaves at
+    most `ahead` calls made for nothing."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from thinkdiff.train.data import decoded_in_order
+
+    calls, lock = [], threading.Lock()
+
+    def square(x):
+        with lock:
+            calls.append(x)
+        return x * x
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(decoded_in_order(pool, square, [(x,) for x in range(50)], ahead=8)) == [x * x for x in range(50)]
+        calls.clear()
+        reader = decoded_in_order(pool, square, [(x,) for x in range(1000)], ahead=8)
+        assert [next(reader) for _ in range(10)] == [x * x for x in range(10)]
+        reader.close()
+    assert 10 <= len(calls) <= 10 + 8
 
 
 def test_compiled_decoder_trains_like_eager_with_one_graph(tiny_store, tmp_path, monkeypatch):
@@ -275,7 +311,8 @@ def test_compiled_decoder_trains_like_eager_with_one_graph(tiny_store, tmp_path,
         train_aligner(load_config("tiny", [*overrides, f"train.compile={compiled}"]), features_dir, tmp_path / f"run-{compiled}")
         losses[compiled] = [json.loads(line)["loss"] for line in (tmp_path / f"run-{compiled}" / "metrics.jsonl").read_text().splitlines()]
     assert len(shapes) >= 4
-    # Per kind of decoder block (first, later) and encoder mask (padded, or all ones and dropped),
-    # not per batch shape (at least 4 shapes, each compiled for both blocks, would make 8).
+    # Per kind of decoder block (first, later), plus one where dynamo specialises a size (a batch of
+    # 4 equals the tiny T5's head count), not per batch shape (at least 4 shapes, each compiled for
+    # both blocks, would make 8).
     assert 2 <= counters["stats"]["unique_graphs"] <= 4
     torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=1e-5)

@@ -92,7 +92,9 @@ class T5DecoderLM(nn.Module):
         hidden_BTD = self.decoder(
             input_ids=self.shift_right(labels_BT),
             encoder_hidden_states=encoder_states_BSD,
-            encoder_attention_mask=encoder_mask_BS,
+            # Given as 4-D (what transformers would build from the 2-D mask for SDPA), it is used as
+            # is: from a 2-D mask transformers first asks whether it is all ones, a host sync.
+            encoder_attention_mask=encoder_mask_BS.bool()[:, None, None, :],
             use_cache=False,
         ).last_hidden_state
         if target_positions_N is None:
@@ -110,8 +112,9 @@ def target_positions(labels_BT: torch.Tensor) -> torch.Tensor:
 class T5DecoderCheckpoint(T5PreTrainedModel):
     """What the aligner's loss needs from a T5 checkpoint, loaded by `from_pretrained`: the shared
     embedding, the decoder stack, `lm_head` and the encoder's `final_layer_norm` (the aligner norm's
-    init). The encoder's blocks are unexpected keys, never read from the file nor allocated (about
-    half of flan-t5-xxl), the way transformers' own `T5EncoderModel` skips the decoder."""
+    init). The encoder's blocks are unexpected keys, never allocated and, from safetensors files,
+    never read (about half of flan-t5-xxl), the way transformers' own `T5EncoderModel` skips the
+    decoder."""
 
     _keys_to_ignore_on_load_unexpected = [r"^encoder\.(?!final_layer_norm\.)",
                                           *T5ForConditionalGeneration._keys_to_ignore_on_load_unexpected]
@@ -160,18 +163,19 @@ def load_t5(src: ModelSource, *, device: torch.device | None = None, keep_encode
         model_class = T5ForConditionalGeneration if keep_encoder else T5DecoderCheckpoint
         model, loading = model_class.from_pretrained(src.id, revision=revision, dtype=torch_dtype(src.dtype),
                                                      trust_remote_code=False, output_loading_info=True)
-        if loading["missing_keys"]:
+        missing = sorted(loading["missing_keys"])
+        if missing:
             # transformers would start them from random weights: a frozen random decoder trains nothing.
-            missing = sorted(loading["missing_keys"])
-            raise DataContractError(f"models.t5={src.id}: the checkpoint lacks {len(missing)} weights the "
-                             f"{'encoder and ' if keep_encoder else ''}decoder need ({', '.join(missing[:3])}, ...); "
-                             "point models.t5 at a complete T5 checkpoint (e.g. google/flan-t5-xxl)")
+            shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+            raise DataContractError(f"models.t5={src.id}: the checkpoint lacks {len(missing)} weight(s) needed by the "
+                                    f"{'encoder and ' if keep_encoder else ''}decoder ({shown}); "
+                                    "point models.t5 at a complete T5 checkpoint (e.g. google/flan-t5-xxl)")
         tokenizer = AutoTokenizer.from_pretrained(src.id, revision=revision, trust_remote_code=False)
         revision = src.revision if revision else "local"
     norm = model.encoder.final_layer_norm.weight.detach().float().cpu().clone()
     decoder_lm = T5DecoderLM(model)
     encoder = model.encoder.eval().requires_grad_(False).to(device=device, dtype=torch_dtype(src.dtype)) if keep_encoder else None
-    # Nothing but the decoder parts moves to the GPU (the tiny model's encoder is dropped here).
+    # Only the decoder parts (and, for ThinkDiff-CLIP, the encoder) move to the device.
     del model
     gc.collect()
     decoder_lm.to(device=device, dtype=torch_dtype(src.dtype))

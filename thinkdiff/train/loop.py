@@ -102,7 +102,8 @@ def encoder_states(aligner: torch.nn.Module, t5_encoder: torch.nn.Module | None,
     if batch.prefix_ids_BP is None:
         return states, mask
     with torch.no_grad():
-        prefix = t5_encoder(input_ids=batch.prefix_ids_BP, attention_mask=batch.prefix_mask_BP).last_hidden_state
+        # A 4-D mask is used as given (from a 2-D one transformers first asks if it is all ones: a host sync).
+        prefix = t5_encoder(input_ids=batch.prefix_ids_BP, attention_mask=batch.prefix_mask_BP.bool()[:, None, None, :]).last_hidden_state
     return torch.cat([states, prefix.to(states.dtype)], dim=1), torch.cat([mask, batch.prefix_mask_BP], dim=1)
 
 
