@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU measurement of issues 6 and 7, on one H200 or H100, in one device call: each part is
-# time-boxed (170 + 35 + 170 + 140 + 45 s, plus about 15 s of wheel install: a 600 s call). `train`
+# time-boxed (170 + 40 + 170 + 140 + 40 s, plus about 15 s of wheel install: a 600 s call). `train`
 # or `infer` runs one half.
 #
 #   make gpu-wheels                          # here, once: transformers/diffusers wheels for the GPU image
@@ -29,7 +29,7 @@ if [ "$PART" = train ] || [ "$PART" = all ]; then
     # one model build and one compiled decoder for all three.
     timeout 170 python3 benchmarks/train_step.py $SIZE --batch 32 --project-batch 32 128 2>&1 | tee "$OUT/train_step.txt"
     # Issue 6 item 3: the training input side (store reader, batch making) on this machine's cores.
-    timeout 35 python3 benchmarks/feature_store.py $SIZE --samples 512 2>&1 | tee "$OUT/feature_store.txt"
+    timeout 40 python3 benchmarks/feature_store.py $SIZE --samples 512 2>&1 | tee "$OUT/feature_store.txt"
 fi
 if [ "$PART" = infer ] || [ "$PART" = all ]; then
     # Issue 7: naive generate at 32 vs the features stage at 256 (and its phases); FLUX eager b1/b4 vs
@@ -37,5 +37,5 @@ if [ "$PART" = infer ] || [ "$PART" = all ]; then
     # repeated vs packed (the cheapest to lose).
     timeout 170 python3 benchmarks/extract_features.py $SIZE 2>&1 | tee "$OUT/extract_features.txt"
     timeout 140 python3 benchmarks/flux_generate.py $SIZE 2>&1 | tee "$OUT/flux_generate.txt"
-    timeout 45 python3 benchmarks/decode_attention.py $SIZE 2>&1 | tee "$OUT/decode_attention.txt"
+    timeout 40 python3 benchmarks/decode_attention.py $SIZE 2>&1 | tee "$OUT/decode_attention.txt"
 fi
