@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
@@ -123,6 +124,7 @@ def project_run(decoder: T5DecoderLM, batches, device) -> dict:
     step = lambda b: train_step(model, t5, b.to(device, non_blocking=on_gpu), optimizer, scheduler, accelerator)  # noqa: E731
     for b in ready[:WARMUP_STEPS]:  # the compile, allocators, kernels
         step(b).item()
+    syncs = host_syncs(lambda: step(ready[0])) if on_gpu else "-"
     reset_peak(device)
     aligner_params = sum(p.numel() for p in aligner.parameters())
     started = sync(device)
@@ -131,7 +133,19 @@ def project_run(decoder: T5DecoderLM, batches, device) -> dict:
     seconds = sync(device) - started
     flops = sum(useful_flops(decoder.config, aligner_params, src, tgt) for src, tgt, _, _ in batches[WARMUP_STEPS:])
     return {"samples_per_s": sum(len(b[0]) for b in batches[WARMUP_STEPS:]) / seconds, "useful_tflops": flops / seconds / 1e12,
-            "peak_gib": peak_gib(device)}
+            "peak_gib": peak_gib(device), "host_syncs": syncs}
+
+
+def host_syncs(fn) -> int:
+    """How many times `fn` makes the CPU wait for the GPU (CUDA's sync debug mode, warning per sync)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def sync(device: torch.device) -> float:
@@ -186,7 +200,8 @@ def main() -> None:
     for size in args.project_batch or [batch]:
         project_batches = batches if size == batch else make_batches(steps, size, d_in, decoder.config.vocab_size)
         rows.append(("project", size, project_run(decoder, bucketed(project_batches), device)))
-        print(f"project batch {size} done: {rows[-1][2]['samples_per_s']:.1f} samples/s", flush=True)
+        print(f"project batch {size} done: {rows[-1][2]['samples_per_s']:.1f} samples/s, host syncs in one step: "
+              f"{rows[-1][2]['host_syncs']}", flush=True)
     print("| path | batch | samples/s | useful TFLOP/s | peak GiB | ratio to naive |")
     print("|---|---|---|---|---|---|")
     for name, size, r in rows:

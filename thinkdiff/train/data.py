@@ -167,8 +167,8 @@ class Prepared:
 def pad(prepared: list[Prepared], pad_id: int, pin_memory: bool = False) -> Batch:
     """Pad to the longest sample of this batch only (sources with zeros, targets with -100).
 
-    `pin_memory`: the features (all but a few KB of the batch) go straight into page-locked memory,
-    whose copy to the GPU runs asynchronously; no second, pinning copy. PyTorch caches pinned blocks
+    `pin_memory`: the batch in page-locked memory, whose copy to the GPU runs asynchronously; the
+    features (all but a few KB) are padded straight into it, no second, pinning copy. PyTorch caches pinned blocks
     by power-of-two size, so a run soon stops allocating: it keeps about the prefetch depth's worth
     of blocks per size class it meets (up to 1-2 GB per process at paper shapes).
     """
@@ -192,6 +192,9 @@ def pad(prepared: list[Prepared], pad_id: int, pin_memory: bool = False) -> Batc
         for i, p in enumerate(prepared):
             batch.prefix_ids_BP[i, : len(p.prefix_ids)] = torch.tensor(p.prefix_ids)
             batch.prefix_mask_BP[i, : len(p.prefix_ids)] = 1
+    if pin_memory:  # the few KB of masks, labels and positions too: a copy from pageable memory can wait
+        tensors = (getattr(batch, name) for name in Batch.__dataclass_fields__)
+        batch = Batch(*(t if t is None or t.is_pinned() else t.pin_memory() for t in tensors))
     return batch
 
 
