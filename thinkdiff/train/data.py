@@ -323,7 +323,7 @@ def take(stream: Iterator[Sample], n: int) -> list[Sample]:
 
 
 @contextmanager
-def prefetched(batcher: Batcher, *, depth: int) -> Iterator[Iterator[tuple[Batch, BatcherState]]]:
+def prefetched(batcher: Batcher, *, depth: int, device: torch.device | None = None) -> Iterator[Iterator[tuple[Batch, BatcherState]]]:
     """`batcher`'s batches, made up to `depth` ahead on a background thread, each with the batcher
     state after it (what a checkpoint taken after training on it must store).
 
@@ -331,7 +331,8 @@ def prefetched(batcher: Batcher, *, depth: int) -> Iterator[Iterator[tuple[Batch
     batches instead of stalling it. `depth` should cover a bucketing pool (`window` batches): the
     batcher makes a pool's batches all at once.
     The thread starts at the first request; an error in it is raised by the consumer; leaving the
-    context stops it.
+    context stops it. `device`: the thread's CUDA device, so the pinned memory it makes belongs to
+    this process's GPU (otherwise GPU 0, where every process would also open a CUDA context).
     """
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -347,6 +348,8 @@ def prefetched(batcher: Batcher, *, depth: int) -> Iterator[Iterator[tuple[Batch
 
     def produce() -> None:
         try:
+            if device is not None and device.type == "cuda":
+                torch.cuda.set_device(device)
             for batch in batcher:
                 state = BatcherState(**batcher.state.__dict__)
                 if not offer((batch, state)):
