@@ -92,9 +92,7 @@ class T5DecoderLM(nn.Module):
         hidden_BTD = self.decoder(
             input_ids=self.shift_right(labels_BT),
             encoder_hidden_states=encoder_states_BSD,
-            # Given as 4-D (what transformers would build from the 2-D mask for SDPA), it is used as
-            # is: from a 2-D mask transformers first asks whether it is all ones, a host sync.
-            encoder_attention_mask=encoder_mask_BS.bool()[:, None, None, :],
+            encoder_attention_mask=key_mask_4d(encoder_mask_BS),
             use_cache=False,
         ).last_hidden_state
         if target_positions_N is None:
@@ -102,6 +100,13 @@ class T5DecoderLM(nn.Module):
         hidden_ND = hidden_BTD.flatten(0, 1).index_select(0, target_positions_N)
         logits_NV = self.lm_head(hidden_ND * self.output_scale)
         return F.cross_entropy(logits_NV.float(), labels_BT.flatten().index_select(0, target_positions_N))
+
+
+def key_mask_4d(mask_BS: torch.Tensor) -> torch.Tensor:
+    """A (B, S) 0/1 key mask as the (B, 1, 1, S) boolean mask transformers builds from it for SDPA.
+    Given in 4-D, T5 uses it as is; from a 2-D mask transformers first asks whether it is all ones,
+    which on a GPU makes the CPU wait for the GPU."""
+    return mask_BS.bool()[:, None, None, :]
 
 
 def target_positions(labels_BT: torch.Tensor) -> torch.Tensor:

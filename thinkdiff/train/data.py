@@ -168,9 +168,10 @@ def pad(prepared: list[Prepared], pad_id: int, pin_memory: bool = False) -> Batc
     """Pad to the longest sample of this batch only (sources with zeros, targets with -100).
 
     `pin_memory`: the batch in page-locked memory, whose copy to the GPU runs asynchronously; the
-    features (all but a few KB) are padded straight into it, no second, pinning copy. PyTorch caches pinned blocks
-    by power-of-two size, so a run soon stops allocating: it keeps about the prefetch depth's worth
-    of blocks per size class it meets (up to 1-2 GB per process at paper shapes).
+    features (all but a few KB) are padded straight into it, no second, pinning copy. PyTorch
+    caches pinned blocks by power-of-two size, so a run soon stops allocating: it keeps about the
+    prefetch depth's worth of blocks per size class it meets (up to 1-2 GB per process at paper
+    shapes).
     """
     width_s = max(p.features_SD.shape[0] for p in prepared)
     width_t = max(len(p.target_ids) for p in prepared)
@@ -329,9 +330,8 @@ def prefetched(batcher: Batcher, *, depth: int, device: torch.device | None = No
 
     Reading, decoding, splitting, tokenizing and padding then overlap the GPU's work on earlier
     batches instead of stalling it. `depth` should cover a bucketing pool (`window` batches): the
-    batcher makes a pool's batches all at once.
-    The thread starts at the first request; an error in it is raised by the consumer; leaving the
-    context stops it. `device`: the thread's CUDA device, so the pinned memory it makes belongs to
+    batcher makes a pool's batches all at once. The thread starts at the first request; an error
+    in it is raised by the consumer; leaving the context stops it. `device`: the thread's CUDA device, so the pinned memory it makes belongs to
     this process's GPU (otherwise GPU 0, where every process would also open a CUDA context).
     """
     ready: queue.Queue = queue.Queue(maxsize=depth)

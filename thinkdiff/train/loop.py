@@ -24,7 +24,7 @@ from tqdm import tqdm
 from thinkdiff.config import RunConfig, TrainConfig
 from thinkdiff.data.features import FeatureStore
 from thinkdiff.models.aligner import Aligner, AlignerConfig
-from thinkdiff.models.t5 import T5Parts, load_t5
+from thinkdiff.models.t5 import T5Parts, key_mask_4d, load_t5
 from thinkdiff.models.vlm import load_vlm_tokenizer
 from thinkdiff.plots import plot_loss_curve
 from thinkdiff.storage import (
@@ -102,8 +102,7 @@ def encoder_states(aligner: torch.nn.Module, t5_encoder: torch.nn.Module | None,
     if batch.prefix_ids_BP is None:
         return states, mask
     with torch.no_grad():
-        # A 4-D mask is used as given (from a 2-D one transformers first asks if it is all ones: a host sync).
-        prefix = t5_encoder(input_ids=batch.prefix_ids_BP, attention_mask=batch.prefix_mask_BP.bool()[:, None, None, :]).last_hidden_state
+        prefix = t5_encoder(input_ids=batch.prefix_ids_BP, attention_mask=key_mask_4d(batch.prefix_mask_BP)).last_hidden_state
     return torch.cat([states, prefix.to(states.dtype)], dim=1), torch.cat([mask, batch.prefix_mask_BP], dim=1)
 
 
