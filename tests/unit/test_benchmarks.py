@@ -56,3 +56,12 @@ def test_decode_attention_benchmark_tiny():
                          capture_output=True, text=True, check=True, timeout=300).stdout
     rows = _table_rows(out)
     assert set(rows) == {"repeat_kv", "packed"} and all(float(r[0]) > 0 for r in rows.values())
+
+
+def test_cobsat_judge_benchmark_tiny():
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cobsat_judge.py"), "--tiny", "--batches", "1"],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    rows = _table_rows(out)
+    assert set(rows) == {"naive", "project"} and all(float(r[1]) > 0 for r in rows.values())
+    # fp32 on a CPU: batching the judge changes no reply.
+    assert "replies equal to the image-by-image ones: 16/16" in out

@@ -42,7 +42,8 @@ from thinkdiff.storage import atomic_write_bytes, atomic_write_json
 log = logging.getLogger(__name__)
 
 Generator = Callable[[list[Prompt], CobsatDataset], list[Image.Image]]
-Judge = Callable[[Image.Image, Task], tuple[int, int]]
+Judge = Callable[[list[Image.Image], list[Task]], list[tuple[int, int]]]
+"""(detail, object) options for each image of a batch, given each one's task."""
 RESULTS = "results.jsonl"
 
 
@@ -159,13 +160,13 @@ def evaluate(
             started = time.perf_counter()
             images = generator(batch, dataset)
             gen_s = (time.perf_counter() - started) / len(batch)
+            # A partly written batch: its earlier rows stay as they are.
+            new = [(p, im) for p, im in zip(batch, images, strict=True) if (p.task.id, p.shot, p.index) not in done]
+            judge_started = time.perf_counter()
+            answers = judge([im for _, im in new], [p.task for p, _ in new])
+            judge_s = (time.perf_counter() - judge_started) / max(len(new), 1)
             rows = []
-            for prompt, image in zip(batch, images, strict=True):
-                if (prompt.task.id, prompt.shot, prompt.index) in done:
-                    continue  # a partly written batch: its earlier rows stay as they are
-                judge_started = time.perf_counter()
-                detail, obj = judge(image, prompt.task)
-                judge_s = time.perf_counter() - judge_started
+            for (prompt, image), (detail, obj) in zip(new, answers, strict=True):
                 rel = f"images/{prompt.task.short}-{prompt.shot}shot/{prompt.save_name}.jpg"
                 (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
                 image.save(out_dir / rel, format="JPEG", quality=90)
