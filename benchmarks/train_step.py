@@ -28,6 +28,7 @@ import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
 from thinkdiff.config import load_config
+from thinkdiff.data.features import StoredFeatures
 from thinkdiff.models.aligner import Aligner, AlignerConfig
 from thinkdiff.models.t5 import IGNORE_INDEX, T5DecoderLM, T5Parts, build_tiny_t5
 from thinkdiff.train.data import Batch, Prepared, pad
@@ -118,8 +119,10 @@ def project_run(decoder: T5DecoderLM, batches, device) -> dict:
     model, optimizer = accelerator.prepare(aligner, optimizer)
     t5 = T5Parts(decoder_lm=decoder, tokenizer=None, encoder_final_norm=None, encoder=None, model_id="random", revision="random")
     on_gpu = device.type == "cuda"
-    # The loop's own padding, into page-locked memory on a GPU, as its prefetch thread does it.
-    ready = [pad([Prepared(features_SD=f[:s], target_ids=lab.tolist()) for s, f, lab in zip(src, feats, labels, strict=True)],
+    # The loop's own padding, from the bf16 store bytes of the paper preset into page-locked memory
+    # on a GPU, as its prefetch thread does it.
+    stored = lambda f: StoredFeatures.encode(f, "bfloat16")  # noqa: E731
+    ready = [pad([Prepared(features=stored(f[:s]), source_rows=s, target_ids=lab.tolist()) for s, f, lab in zip(src, feats, labels, strict=True)],
                  decoder.config.pad_token_id, pin_memory=on_gpu) for src, _, feats, labels in batches]
     step = lambda b: train_step(model, t5, b.to(device, non_blocking=on_gpu), optimizer, scheduler, accelerator)  # noqa: E731
     for b in ready[:WARMUP_STEPS]:  # the compile, allocators, kernels

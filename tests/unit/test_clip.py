@@ -13,7 +13,7 @@ from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2QForme
 
 from thinkdiff import pipeline
 from thinkdiff.config import ModelSource, load_config
-from thinkdiff.data.features import FEATURE_KIND_CLIP, FeatureStore
+from thinkdiff.data.features import FEATURE_KIND_CLIP, FeatureStore, StoredFeatures
 from thinkdiff.generate import build_composer
 from thinkdiff.models.aligner import Aligner, AlignerConfig
 from thinkdiff.models.t5 import IGNORE_INDEX, load_t5
@@ -58,7 +58,7 @@ def test_caption_split_at_a_uniform_word():
     # ByT5 counts bytes: 64 keeps the whole caption, so the two parts can be compared to it.
     collate = CaptionSplitCollator(t5, max_prefix_tokens=64, max_target_tokens=64, seed=0)
     caption = "a small red circle on a blue background"
-    samples = [Sample(token_ids=[], features_LD=torch.randn(5, 48), text=caption)]
+    samples = [Sample(token_ids=[], features=StoredFeatures.encode(torch.randn(5, 48)), text=caption)]
     seen = set()
     for step in range(200):
         batch = collate(samples, step)
@@ -78,7 +78,8 @@ def test_caption_split_at_a_uniform_word():
 def test_encoder_states_layout():
     t5 = load_t5(ModelSource(id="tiny", revision="tiny-v1", dtype="float32"), device=CPU, keep_encoder=True)
     collate = CaptionSplitCollator(t5.tokenizer, max_prefix_tokens=32, max_target_tokens=32, seed=0)
-    batch = collate([Sample([], torch.randn(5, 48), "a red car on a beach"), Sample([], torch.randn(5, 48), "two blue hats")], 3)
+    batch = collate([Sample([], StoredFeatures.encode(torch.randn(5, 48)), "a red car on a beach"),
+                     Sample([], StoredFeatures.encode(torch.randn(5, 48)), "two blue hats")], 3)
     aligner = Aligner(AlignerConfig(in_dim=48, out_dim=32))
     states, mask = encoder_states(aligner, t5.encoder, batch)
     width = batch.prefix_ids_BP.shape[1]

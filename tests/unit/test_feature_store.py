@@ -16,8 +16,10 @@ from thinkdiff.data.features import (
     FeatureRecord,
     FeatureStore,
     FeatureStoreInfo,
+    StoredFeatures,
     binary_values,
     decode_features,
+    decoded_dtype,
     write_feature_shard,
 )
 from thinkdiff.errors import DataContractError
@@ -57,6 +59,18 @@ def test_round_trip_per_dtype(tmp_path, dtype):
         decoded = decode_features(row["features"], rows, 6, dtype)
         assert decoded.dtype == getattr(torch, dtype)
         assert torch.equal(decoded, rec.features_LD[:rows].to(getattr(torch, dtype)))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3", "float32"])
+def test_decoding_the_first_rows_into_a_batch(dtype):
+    """What training does: only a sample's first rows, written straight into its block of a batch."""
+    stored = StoredFeatures.encode(torch.randn(7, 6, generator=torch.Generator().manual_seed(0)), dtype)
+    whole = stored.decode()
+    assert whole.shape == (7, 6) and whole.dtype == decoded_dtype(dtype)
+    assert torch.equal(stored.decode(3), whole[:3])
+    batch = torch.full((2, 5, 6), float("nan"), dtype=whole.dtype)
+    assert stored.decode(4, out=batch[1, :4]).data_ptr() == batch[1, :4].data_ptr()
+    assert torch.equal(batch[1, :4], whole[:4]) and batch[1, 4:].isnan().all() and batch[0].isnan().all()
 
 
 def test_write_never_overwrites(tmp_path):

@@ -13,7 +13,7 @@ import torch
 from transformers import ByT5Tokenizer
 
 from thinkdiff.config import load_config
-from thinkdiff.data.features import FeatureStore
+from thinkdiff.data.features import FeatureStore, StoredFeatures
 from thinkdiff.models.aligner import Aligner, AlignerConfig
 from thinkdiff.models.t5 import IGNORE_INDEX
 from thinkdiff.models.vlm import build_tiny_qwen_tokenizer
@@ -45,7 +45,7 @@ def test_masked_split_collate():
     qwen, t5 = build_tiny_qwen_tokenizer(), ByT5Tokenizer()
     text = "a small red circle on a blue background"
     ids = qwen(text)["input_ids"] + [qwen.convert_tokens_to_ids("<|im_end|>")]
-    samples = [Sample(ids, torch.randn(min(len(ids), 16), 8)), Sample(ids[:3], torch.randn(3, 8))]
+    samples = [Sample(ids, StoredFeatures.encode(torch.randn(min(len(ids), 16), 8))), Sample(ids[:3], StoredFeatures.encode(torch.randn(3, 8)))]
     collate = MaskedSplitCollator(qwen, t5, max_source_rows=16, max_target_tokens=12, seed=0)
     for step in range(50):
         s = collate.split_points([len(ids), 3], step)
@@ -53,7 +53,7 @@ def test_masked_split_collate():
         batch = collate(samples, step)
         assert batch.features_BSD.shape == (2, max(s), 8)
         assert batch.source_mask_BS.sum(1).tolist() == s
-        assert torch.equal(batch.features_BSD[0, : s[0]], samples[0].features_LD[: s[0]])
+        assert torch.equal(batch.features_BSD[0, : s[0]], samples[0].features.decode()[: s[0]])
         assert not batch.features_BSD[1, s[1]:].any()
         # Target: the rest of the caption re-tokenized by T5 with </s>, truncated, padded with -100.
         expected = t5(qwen.decode(ids[s[0]:], skip_special_tokens=True), max_length=12, truncation=True)["input_ids"]
@@ -76,7 +76,7 @@ def test_stream_resumes_at_saved_position_across_epochs(tiny_store):
     assert stream.position.epoch >= 2
     resumed = take(iter(SampleStream(store, seed=0, position=saved, usable=lvlm_usable)), 70)
     assert [s.token_ids for s in resumed] == [s.token_ids for s in rest]
-    assert all(torch.equal(a.features_LD, b.features_LD) for a, b in zip(resumed, rest, strict=True))
+    assert all(torch.equal(a.features.decode(), b.features.decode()) for a, b in zip(resumed, rest, strict=True))
     # An epoch is a permutation of the store; the next epoch is another permutation.
     epoch0 = [tuple(s.token_ids) for s in first + rest[:10]]
     epoch1 = [tuple(s.token_ids) for s in rest[10:50]]
@@ -264,28 +264,29 @@ def test_prefetched_batches_are_the_batchers_with_their_states(tiny_store, tmp_p
     assert not [t for t in threading.enumerate() if t.name == "batches"]
 
 
-def test_decoding_runs_a_bounded_way_ahead_in_order():
-    """The stream's decoding on threads keeps the order and, when its reader stops early, leaves at
-    most `ahead` calls made for nothing."""
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
+def test_a_batch_decodes_only_its_own_source_rows(tiny_store, monkeypatch):
+    """Each process decodes the features of its own slice of a global batch, and of each sample
+    only the source rows its split keeps, into the batch; the rest of a pool stays encoded."""
+    from thinkdiff.train.data import Batcher, BatcherState
 
-    from thinkdiff.train.data import decoded_in_order
+    cfg, features_dir = tiny_store
+    store = FeatureStore(features_dir)
+    decoded = []
+    full_decode = StoredFeatures.decode
 
-    calls, lock = [], threading.Lock()
+    def recording(self, rows=None, out=None):
+        decoded.append((rows, self.num_rows))
+        return full_decode(self, rows, out)
 
-    def square(x):
-        with lock:
-            calls.append(x)
-        return x * x
-
-    with ThreadPoolExecutor(4) as pool:
-        assert list(decoded_in_order(pool, square, [(x,) for x in range(50)], ahead=8)) == [x * x for x in range(50)]
-        calls.clear()
-        reader = decoded_in_order(pool, square, [(x,) for x in range(1000)], ahead=8)
-        assert [next(reader) for _ in range(10)] == [x * x for x in range(10)]
-        reader.close()
-    assert 10 <= len(calls) <= 10 + 8
+    monkeypatch.setattr(StoredFeatures, "decode", recording)
+    collate = MaskedSplitCollator(build_tiny_qwen_tokenizer(), ByT5Tokenizer(), max_source_rows=16, max_target_tokens=12, seed=0)
+    batches = iter(Batcher(store, collate, lvlm_usable, seed=0, batch_size=3, world=2, rank=1, window=4, state=BatcherState()))
+    for _ in range(4):
+        decoded.clear()
+        batch = next(batches)
+        assert len(decoded) == 3  # this rank's 3 samples, not the global batch of 6 or the pool of 24
+        assert sorted(rows for rows, _ in decoded) == sorted(batch.source_mask_BS.sum(1).tolist())
+    assert all(rows < num_rows for rows, num_rows in decoded)  # never a sample's last row (a target token)
 
 
 def test_compiled_decoder_trains_like_eager_with_one_graph(tiny_store, tmp_path, monkeypatch):

@@ -114,17 +114,50 @@ def encode_features(features_LD: torch.Tensor, dtype: str) -> bytes:
 _FLOAT8_VALUES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().numpy()
 
 
-def decode_features(data: bytes | memoryview | np.ndarray, num_rows: int, dim: int, dtype: str) -> torch.Tensor:
-    """Bytes of one sample -> (num_rows, dim): the stored dtype, or float32 for `float8_e4m3` (one copy)."""
+def decoded_dtype(dtype: str) -> torch.dtype:
+    """What a storage dtype decodes to: itself, or float32 for `float8_e4m3` (values times a row scale)."""
+    return torch.float32 if dtype == FLOAT8 else _TORCH[dtype]
+
+
+def decode_features(data: bytes | memoryview | np.ndarray, num_rows: int, dim: int, dtype: str, *,
+                    rows: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Bytes of one sample -> its first `rows` rows (default: all), (rows, dim) of `decoded_dtype`.
+
+    `out`: a contiguous (rows, dim) CPU tensor of that dtype (a sample's block of a batch) to decode
+    into, so each value is written once.
+    """
+    rows = num_rows if rows is None else rows
+    out = torch.empty(rows, dim, dtype=decoded_dtype(dtype)) if out is None else out
     if dtype == FLOAT8:
-        scale = np.frombuffer(data, dtype=np.float32, count=num_rows).reshape(num_rows, 1)
-        values = np.frombuffer(data, dtype=np.uint8, count=num_rows * dim, offset=4 * num_rows).reshape(num_rows, dim)
-        decoded = np.take(_FLOAT8_VALUES, values)
-        np.multiply(decoded, scale, out=decoded)
-        return torch.from_numpy(decoded)
-    bits, np_bits = _BITS[dtype]
-    array = np.frombuffer(data, dtype=np_bits, count=num_rows * dim).reshape(num_rows, dim)
-    return torch.from_numpy(array.copy()).view(_TORCH[dtype])
+        scale = np.frombuffer(data, dtype=np.float32, count=rows).reshape(rows, 1)
+        values = np.frombuffer(data, dtype=np.uint8, count=rows * dim, offset=4 * num_rows).reshape(rows, dim)
+        target = out.numpy()
+        np.take(_FLOAT8_VALUES, values, out=target, mode="clip")  # "clip": no buffering (a byte is always in range)
+        np.multiply(target, scale, out=target)
+    else:
+        bits, np_bits = _BITS[dtype]
+        np.copyto(out.view(bits).numpy(), np.frombuffer(data, dtype=np_bits, count=rows * dim).reshape(rows, dim))
+    return out
+
+
+@dataclass(frozen=True)
+class StoredFeatures:
+    """One sample's features as the store holds them (a zero-copy view of its row group's bytes),
+    decoded on demand: training decodes only the source rows a split keeps, and each process only
+    the samples of its own slice of a batch."""
+
+    data: np.ndarray
+    num_rows: int
+    dim: int
+    dtype: str
+
+    @classmethod
+    def encode(cls, features_LD: torch.Tensor, dtype: str = "float32") -> StoredFeatures:
+        """Features as the store would hold them in `dtype`."""
+        return cls(np.frombuffer(encode_features(features_LD, dtype), np.uint8), *features_LD.shape, dtype)
+
+    def decode(self, rows: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        return decode_features(self.data, self.num_rows, self.dim, self.dtype, rows=rows, out=out)
 
 
 def binary_values(column: pa.ChunkedArray) -> list[np.ndarray]:

@@ -2,9 +2,10 @@
 masked-split collate of REFERENCE.md section 5.
 
 Order: per epoch, the store's row groups are shuffled (seed, epoch) and the rows inside each group
-are shuffled too; only one row group is in memory at a time. The position (epoch, samples consumed
-in the epoch) is all a checkpoint needs to resume exactly: groups before it are skipped from the
-Parquet metadata without being read.
+are shuffled too; the stream reads one row group at a time, and samples keep their features
+encoded (views of their row group's Arrow buffers) until a batch decodes them. The position
+(epoch, samples consumed in the epoch) is all a checkpoint needs to resume exactly: groups
+before it are skipped from the Parquet metadata without being read.
 
 Masked split per sample with L generated tokens: s ~ UniformInt[1, min(L-1, max_source_rows)];
 feature rows [:s] are the aligner's input; Qwen ids [s:] decoded to text and re-tokenized with the
@@ -19,23 +20,21 @@ from __future__ import annotations
 import queue
 import random
 import threading
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import islice
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from thinkdiff.data.features import FeatureStore, binary_values, decode_features
+from thinkdiff.data.features import FeatureStore, StoredFeatures, binary_values, decoded_dtype
 from thinkdiff.models.t5 import IGNORE_INDEX, target_positions
 
 COLUMNS = ("token_ids", "text", "num_rows", "features")
 DECODE_THREADS = 4
-"""Threads decoding a row group's features (float8 decoding is about 2 ms of CPU per 128 x 3584 sample)."""
+"""Threads decoding a batch's features into it (float8: about 1 ms of CPU per 128 x 3584 rows)."""
 
 
 @dataclass
@@ -48,7 +47,8 @@ class StreamPosition:
 @dataclass
 class Sample:
     token_ids: list[int]
-    features_LD: torch.Tensor
+    features: StoredFeatures
+    """Still encoded: a batch decodes only the rows it uses, straight into itself."""
     text: str = ""
 
 
@@ -90,13 +90,6 @@ class SampleStream:
             raise ValueError(f"{store.directory}: the feature store holds no samples")
 
     def __iter__(self) -> Iterator[Sample]:
-        decoders = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
-        try:
-            yield from self._samples(decoders)
-        finally:  # a consumer that stops mid row group leaves decodes it will not read
-            decoders.shutdown(cancel_futures=True)
-
-    def _samples(self, decoders: Executor) -> Iterator[Sample]:
         info = self.store.info
         while True:
             usable, full_epoch = 0, self.position.index == 0
@@ -116,13 +109,10 @@ class SampleStream:
                 texts = table.column("text").to_pylist()
                 num_rows = table.column("num_rows").to_pylist()
                 blobs = binary_values(table.column("features"))
-                first = self.position.index - start
-                todo = [(blobs[r], num_rows[r], info.dim, info.dtype) for r in row_order[first:]]
-                decoded = decoded_in_order(decoders, decode_features, todo, ahead=2 * DECODE_THREADS)
-                for offset, features in enumerate(decoded, start=first):
+                for offset in range(self.position.index - start, rows):
                     row = row_order[offset]
                     self.position.index = start + offset + 1
-                    sample = Sample(token_ids[row], features, texts[row])
+                    sample = Sample(token_ids[row], StoredFeatures(blobs[row], num_rows[row], info.dim, info.dtype), texts[row])
                     if not self.usable(sample):
                         continue  # nothing to split (e.g. one generated token, a one-word caption)
                     usable += 1
@@ -133,26 +123,13 @@ class SampleStream:
             self.position = StreamPosition(self.position.epoch + 1, 0)
 
 
-def decoded_in_order(pool: Executor, fn: Callable, calls: list[tuple], *, ahead: int) -> Iterator:
-    """`fn(*args)` for each of `calls`, run on `pool` (numpy's copy and table lookup release the
-    GIL) and yielded in order, at most `ahead` submitted beyond the one being read: a consumer that
-    stops early (each bucketing pool stops its stream mid row group) leaves little decoded for nothing."""
-    pending: deque[Future] = deque()
-    remaining = iter(calls)
-    for args in islice(remaining, ahead):
-        pending.append(pool.submit(fn, *args))
-    while pending:
-        result = pending.popleft().result()
-        for args in islice(remaining, 1):
-            pending.append(pool.submit(fn, *args))
-        yield result
-
-
 @dataclass
 class Prepared:
-    """One sample after its split: what the aligner reads, what the decoder must predict."""
+    """One sample after its split: what the aligner reads (the first `source_rows` rows of its
+    features), what the decoder must predict."""
 
-    features_SD: torch.Tensor
+    features: StoredFeatures
+    source_rows: int
     target_ids: list[int]
     prefix_ids: list[int] | None = None
     """ThinkDiff-CLIP: caption part 1 for the T5 encoder."""
@@ -161,11 +138,14 @@ class Prepared:
     def cost(self) -> tuple[int, int]:
         """The bucketing key: target tokens first (the decoder runs over them: most of the compute),
         then source rows (+ prefix tokens, which only the cheaper cross-attention reads)."""
-        return len(self.target_ids), self.features_SD.shape[0] + len(self.prefix_ids or ())
+        return len(self.target_ids), self.source_rows + len(self.prefix_ids or ())
 
 
-def pad(prepared: list[Prepared], pad_id: int, pin_memory: bool = False) -> Batch:
+def pad(prepared: list[Prepared], pad_id: int, pin_memory: bool = False, decoders: Executor | None = None) -> Batch:
     """Pad to the longest sample of this batch only (sources with zeros, targets with -100).
+
+    Each sample's source rows are decoded from the store's bytes straight into the batch (on the
+    `decoders` threads if given: numpy releases the GIL), and only those rows.
 
     `pin_memory`: the batch in page-locked memory, whose copy to the GPU runs asynchronously; the
     features (all but a few KB) are padded straight into it, no second, pinning copy. PyTorch
@@ -173,17 +153,22 @@ def pad(prepared: list[Prepared], pad_id: int, pin_memory: bool = False) -> Batc
     prefetch depth's worth of blocks per size class it meets (up to 1-2 GB per process at paper
     shapes).
     """
-    width_s = max(p.features_SD.shape[0] for p in prepared)
+    width_s = max(p.source_rows for p in prepared)
     width_t = max(len(p.target_ids) for p in prepared)
-    dim = prepared[0].features_SD.shape[1]
-    features = torch.empty(len(prepared), width_s, dim, dtype=prepared[0].features_SD.dtype, pin_memory=pin_memory)
+    stored = prepared[0].features
+    features = torch.empty(len(prepared), width_s, stored.dim, dtype=decoded_dtype(stored.dtype), pin_memory=pin_memory)
     mask = torch.zeros(len(prepared), width_s, dtype=torch.long)
     labels = torch.full((len(prepared), width_t), IGNORE_INDEX, dtype=torch.long)
-    for i, p in enumerate(prepared):
-        rows = p.features_SD.shape[0]
-        features[i, :rows] = p.features_SD
+
+    def fill(i: int) -> None:
+        rows = prepared[i].source_rows
+        prepared[i].features.decode(rows, out=features[i, :rows])
         features[i, rows:] = 0
-        mask[i, :rows] = 1
+
+    for _ in decoders.map(fill, range(len(prepared))) if decoders else map(fill, range(len(prepared))):
+        pass
+    for i, p in enumerate(prepared):
+        mask[i, : p.source_rows] = 1
         labels[i, : len(p.target_ids)] = torch.tensor(p.target_ids)
     batch = Batch(features_BSD=features, source_mask_BS=mask, labels_BT=labels)
     if prepared[0].prefix_ids is not None:
@@ -226,7 +211,7 @@ class MaskedSplitCollator:
         s = self.split_point(len(sample.token_ids), rng)
         text = self.vlm_tokenizer.decode(sample.token_ids[s:], skip_special_tokens=True)
         target = self.t5_tokenizer(text, max_length=self.max_target_tokens, truncation=True)["input_ids"]
-        return Prepared(features_SD=sample.features_LD[:s], target_ids=target)
+        return Prepared(features=sample.features, source_rows=s, target_ids=target)
 
     def __call__(self, samples: list[Sample], step: int) -> Batch:
         rng = np.random.default_rng([self.seed, step])
@@ -260,7 +245,8 @@ class CaptionSplitCollator:
     def prepare(self, sample: Sample, rng: np.random.Generator) -> Prepared:
         part1, part2 = self.split(sample.text, rng)
         return Prepared(
-            features_SD=sample.features_LD,  # every image has the same token count
+            features=sample.features,
+            source_rows=sample.features.num_rows,  # every image has the same token count
             target_ids=self.t5_tokenizer(part2, max_length=self.max_target_tokens, truncation=True)["input_ids"],
             prefix_ids=self.t5_tokenizer(part1, max_length=self.max_prefix_tokens, truncation=True)["input_ids"],
         )
@@ -287,8 +273,9 @@ class Batcher:
     seed and pool number), sorted by (source, target) length and cut into global batches whose
     order is shuffled; each process takes its slice. Similar lengths in a batch means little
     padding; `window=1` keeps the stream order (no bucketing). The state (pool start, pool number,
-    batches emitted) is all a checkpoint needs. `pin_memory`: features padded into page-locked
-    memory (for a GPU).
+    batches emitted) is all a checkpoint needs. A batch decodes the features of its own samples
+    only, on DECODE_THREADS threads; the rest of the pool stays encoded until its batch comes.
+    `pin_memory`: features padded into page-locked memory (for a GPU).
     """
 
     def __init__(self, store: FeatureStore, collator, usable: Callable[[Sample], bool], *, seed: int, batch_size: int,
@@ -299,6 +286,10 @@ class Batcher:
         self.pin_memory = pin_memory
 
     def __iter__(self) -> Iterator[Batch]:
+        with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode") as decoders:
+            yield from self._batches(decoders)
+
+    def _batches(self, decoders: Executor) -> Iterator[Batch]:
         global_size = self.batch_size * self.world
         while True:
             start = self.state
@@ -315,7 +306,7 @@ class Batcher:
             for j in range(start.emitted, len(groups)):
                 self.state = BatcherState(start.epoch, start.index, start.pool, j + 1)
                 mine = groups[j][self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
-                yield pad([prepared[i] for i in mine], self.collator.t5_tokenizer.pad_token_id, self.pin_memory)
+                yield pad([prepared[i] for i in mine], self.collator.t5_tokenizer.pad_token_id, self.pin_memory, decoders)
             self.state = BatcherState(stream.position.epoch, stream.position.index, start.pool + 1, 0)
 
 
@@ -330,7 +321,7 @@ def prefetched(batcher: Batcher, *, depth: int, device: torch.device | None = No
 
     Reading, decoding, splitting, tokenizing and padding then overlap the GPU's work on earlier
     batches instead of stalling it. `depth` should cover a bucketing pool (`window` batches): the
-    batcher makes a pool's batches all at once. The thread starts at the first request; an error
+    batcher reads and splits a pool's samples all at once. The thread starts at the first request; an error
     in it is raised by the consumer; leaving the context stops it. `device`: the thread's CUDA device, so the pinned memory it makes belongs to
     this process's GPU (otherwise GPU 0, where every process would also open a CUDA context).
     """

@@ -205,7 +205,7 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
     # Bars only on a terminal (disable=None); logs and pipes get the periodic log line with rate and ETA.
     progress = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=None if accelerator.is_main_process else True, dynamic_ncols=True)
     log.info("training %s: step %d -> %d, batch %d x %d processes, %d samples in store", run_dir, step, target_step, t.batch_size, world, store.num_samples)
-    # A bucketing pool's worth of batches ahead (the batcher makes a pool at once), plus one.
+    # A bucketing pool's worth of batches ahead (the batcher reads and splits a pool at once), plus one.
     with prefetched(batcher, depth=t.bucket_window + 1, device=accelerator.device) as batches:
         while step < target_step:
             cpu_batch, batcher_state = next(batches)
