@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU measurement of issues 6 and 7, on one H200 or H100, in one device call: each part is
-# time-boxed (170 + 40 + 170 + 140 + 60 + 40 s, plus about 15 s of wheel install: 635 s at worst;
-# in the first GPU run features + FLUX took about 200 s of their 390, so a 600 s call is expected to
-# suffice, and what a kill cuts is the last, cheapest part). `train` or `infer` runs one half.
+# time-boxed (170 + 40 + 160 + 130 + 60 + 25 s, plus about 15 s of wheel install: a 600 s call; in
+# the first GPU run features + FLUX took about 200 s of the 390 they had). `train` or `infer` runs
+# one half.
 #
 #   make gpu-wheels                          # here, once: transformers/diffusers wheels for the GPU image
 #   bash benchmarks/gpu_checks.sh            # there, from the repository root (.whl/ carried along)
@@ -36,9 +36,9 @@ if [ "$PART" = infer ] || [ "$PART" = all ]; then
     # Issue 7: naive generate at 32 vs the features stage at 256 (and its phases); FLUX eager b1/b4 vs
     # b8 fused and compiled (VAE share, SDPA backends); the judge per image vs per batch; last, one
     # decode step's attention, K/V repeated vs packed (the cheapest to lose).
-    timeout 170 python3 benchmarks/extract_features.py $SIZE 2>&1 | tee "$OUT/extract_features.txt"
-    timeout 140 python3 benchmarks/flux_generate.py $SIZE 2>&1 | tee "$OUT/flux_generate.txt"
+    timeout 160 python3 benchmarks/extract_features.py $SIZE 2>&1 | tee "$OUT/extract_features.txt"
+    timeout 130 python3 benchmarks/flux_generate.py $SIZE 2>&1 | tee "$OUT/flux_generate.txt"
     # The CoBSAT judge (LLaVA-1.5-13B shapes), image by image vs one call per generator batch.
     timeout 60 python3 benchmarks/cobsat_judge.py $SIZE 2>&1 | tee "$OUT/cobsat_judge.txt"
-    timeout 40 python3 benchmarks/decode_attention.py $SIZE 2>&1 | tee "$OUT/decode_attention.txt"
+    timeout 25 python3 benchmarks/decode_attention.py $SIZE 2>&1 | tee "$OUT/decode_attention.txt"
 fi

@@ -9,7 +9,9 @@ uniform in 8..128, random weights, random features and labels.
   (B, 128, vocab) logits and transformers' own loss.
 - project: what `thinkdiff train` runs: the decoder alone (load_t5 never reads the encoder), the same
   samples grouped by length (train.bucket_window) and padded only to each batch's longest, the
-  loop's own `train_step` (logits only for real target tokens, no host sync), batches handed over
+  loop's own `train_step` (logits only for real target tokens, no host sync), batches padded by
+  the loop's own `pad` from bf16 store bytes (the paper preset's storage dtype; the naive path
+  copies float32 features, which its autocast casts to bf16 in the aligner alike) and handed over
   pinned as the loop's prefetch thread hands them over, and on a GPU the decoder blocks compiled
   with dynamic shapes (train.compile; the warm-up steps pay the compile). Making the batches from
   the feature store (read, decode, split, tokenize, pad) runs on that thread, beside the GPU; its

@@ -71,6 +71,10 @@ def test_decoding_the_first_rows_into_a_batch(dtype):
     batch = torch.full((2, 5, 6), float("nan"), dtype=whole.dtype)
     assert stored.decode(4, out=batch[1, :4]).data_ptr() == batch[1, :4].data_ptr()
     assert torch.equal(batch[1, :4], whole[:4]) and batch[1, 4:].isnan().all() and batch[0].isnan().all()
+    with pytest.raises(ValueError, match="asked for 8 feature rows of a sample that stores 7"):
+        stored.decode(8)
+    with pytest.raises(ValueError, match=r"into a tensor of shape \(2, 6\)"):
+        stored.decode(3, out=batch[0, :2])
 
 
 def test_write_never_overwrites(tmp_path):

@@ -14,6 +14,7 @@ from transformers import ByT5Tokenizer
 
 from thinkdiff.config import load_config
 from thinkdiff.data.features import FeatureStore, StoredFeatures
+from thinkdiff.errors import DataContractError
 from thinkdiff.models.aligner import Aligner, AlignerConfig
 from thinkdiff.models.t5 import IGNORE_INDEX
 from thinkdiff.models.vlm import build_tiny_qwen_tokenizer
@@ -279,14 +280,41 @@ def test_a_batch_decodes_only_its_own_source_rows(tiny_store, monkeypatch):
         return full_decode(self, rows, out)
 
     monkeypatch.setattr(StoredFeatures, "decode", recording)
-    collate = MaskedSplitCollator(build_tiny_qwen_tokenizer(), ByT5Tokenizer(), max_source_rows=16, max_target_tokens=12, seed=0)
+    collate = MaskedSplitCollator(build_tiny_qwen_tokenizer(), ByT5Tokenizer(), max_source_rows=8, max_target_tokens=12, seed=0)
     batches = iter(Batcher(store, collate, lvlm_usable, seed=0, batch_size=3, world=2, rank=1, window=4, state=BatcherState()))
-    for _ in range(4):
-        decoded.clear()
+    for _ in range(8):  # two pools
+        start = len(decoded)
         batch = next(batches)
-        assert len(decoded) == 3  # this rank's 3 samples, not the global batch of 6 or the pool of 24
-        assert sorted(rows for rows, _ in decoded) == sorted(batch.source_mask_BS.sum(1).tolist())
-    assert all(rows < num_rows for rows, num_rows in decoded)  # never a sample's last row (a target token)
+        mine = decoded[start:]
+        assert len(mine) == 3  # this rank's 3 samples, not the global batch of 6 or the pool of 24
+        assert sorted(rows for rows, _ in mine) == sorted(batch.source_mask_BS.sum(1).tolist())
+    assert all(rows <= min(8, num_rows - 1) for rows, num_rows in decoded)  # the split's rows, never a whole sample
+
+
+def test_threaded_padding_puts_each_sample_in_its_row():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from thinkdiff.train.data import Prepared, pad
+
+    g = torch.Generator().manual_seed(0)
+    prepared = [Prepared(StoredFeatures.encode(torch.randn(9, 5, generator=g), "bfloat16"), source_rows=s, target_ids=[7] * (s + 1))
+                for s in (3, 9, 1, 6, 6, 2)]
+    with ThreadPoolExecutor(4) as pool:
+        batch = pad(prepared, 0, decoders=pool)
+    assert torch.equal(batch.features_BSD, pad(prepared, 0).features_BSD) and batch.features_BSD.shape == (6, 9, 5)
+    for i, p in enumerate(prepared):
+        assert torch.equal(batch.features_BSD[i, : p.source_rows], p.features.decode()[: p.source_rows])
+        assert not batch.features_BSD[i, p.source_rows:].any()
+        assert batch.source_mask_BS[i].sum() == p.source_rows and (batch.labels_BT[i] != IGNORE_INDEX).sum() == p.source_rows + 1
+
+
+def test_a_store_with_fewer_rows_than_the_split_is_refused(tiny_store, tmp_path):
+    cfg, features_dir = tiny_store
+    stored = FeatureStore(features_dir).info.max_feature_rows
+    more = load_config("tiny", [f"paths.root={tmp_path}", f"features.max_feature_rows={stored + 8}", f"train.max_source_rows={stored + 8}"])
+    with pytest.raises(DataContractError, match=rf"keeps {stored} feature rows .* set train.max_source_rows={stored}"):
+        train_aligner(more, features_dir, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_compiled_decoder_trains_like_eager_with_one_graph(tiny_store, tmp_path, monkeypatch):

@@ -127,6 +127,10 @@ def decode_features(data: bytes | memoryview | np.ndarray, num_rows: int, dim: i
     into, so each value is written once.
     """
     rows = num_rows if rows is None else rows
+    if not 0 <= rows <= num_rows:
+        raise ValueError(f"asked for {rows} feature rows of a sample that stores {num_rows}")
+    if out is not None and tuple(out.shape) != (rows, dim):
+        raise ValueError(f"cannot decode {rows} x {dim} feature rows into a tensor of shape {tuple(out.shape)}")
     out = torch.empty(rows, dim, dtype=decoded_dtype(dtype)) if out is None else out
     if dtype == FLOAT8:
         scale = np.frombuffer(data, dtype=np.float32, count=rows).reshape(rows, 1)
@@ -140,7 +144,7 @@ def decode_features(data: bytes | memoryview | np.ndarray, num_rows: int, dim: i
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: the bytes are an array
 class StoredFeatures:
     """One sample's features as the store holds them (a zero-copy view of its row group's bytes),
     decoded on demand: training decodes only the source rows a split keeps, and each process only

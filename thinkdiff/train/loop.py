@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from thinkdiff.config import RunConfig, TrainConfig
 from thinkdiff.data.features import FeatureStore
+from thinkdiff.errors import DataContractError
 from thinkdiff.models.aligner import Aligner, AlignerConfig
 from thinkdiff.models.t5 import T5Parts, key_mask_4d, load_t5
 from thinkdiff.models.vlm import load_vlm_tokenizer
@@ -132,8 +133,8 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
             would; the next call resumes. Used by tests; None runs to `train.max_steps`.
 
     Raises:
-        FileNotFoundError / DataContractError: the feature store is missing, incomplete or was
-            made by another model than `models.vlm`.
+        FileNotFoundError / DataContractError: the feature store is missing, incomplete, was
+            made by another model than `models.vlm`, or keeps fewer rows than train.max_source_rows.
     """
     t = cfg.train
     ckpt_root = run_dir / "checkpoints"
@@ -146,6 +147,12 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
     run_dir.mkdir(parents=True, exist_ok=True)
     clip = cfg.variant == "clip"
     store = FeatureStore(features_dir, expect_model_id=(cfg.models.vision if clip else cfg.models.vlm).id)
+    stored_rows = store.info.max_feature_rows
+    if not clip and stored_rows < t.max_source_rows:  # a split past the stored rows would have no features
+        raise DataContractError(
+            f"{features_dir}: the store keeps {stored_rows} feature rows per sample, fewer than "
+            f"train.max_source_rows={t.max_source_rows}: set train.max_source_rows={stored_rows}, or extract the "
+            f"features again with features.max_feature_rows={t.max_source_rows}")
     t5 = load_t5(cfg.models.t5, device=accelerator.device, keep_encoder=clip)
     if t.compile:
         t5.decoder_lm.compile_decoder()
