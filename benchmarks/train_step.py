@@ -27,6 +27,7 @@ import time
 import warnings
 
 import torch
+from compile_counters import changed_since, snapshot
 from transformers import T5Config, T5ForConditionalGeneration
 
 from thinkdiff.config import load_config
@@ -132,10 +133,12 @@ def project_run(decoder: T5DecoderLM, batches, device) -> dict:
     syncs = host_syncs(lambda: step(ready[0])) if on_gpu else "-"
     reset_peak(device)
     aligner_params = sum(p.numel() for p in aligner.parameters())
+    warm = snapshot()
     started = sync(device)
     losses = [step(b) for b in ready[WARMUP_STEPS:]]
     torch.stack(losses).sum().item()
     seconds = sync(device) - started
+    print(f"batch {len(batches[0][0])}: compile counters changed over the timed steps: {changed_since(warm)}", flush=True)
     flops = sum(useful_flops(decoder.config, aligner_params, src, tgt) for src, tgt, _, _ in batches[WARMUP_STEPS:])
     return {"samples_per_s": sum(len(b[0]) for b in batches[WARMUP_STEPS:]) / seconds, "useful_tflops": flops / seconds / 1e12,
             "peak_gib": peak_gib(device), "host_syncs": syncs}
