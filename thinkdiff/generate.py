@@ -24,6 +24,7 @@ from thinkdiff.config import RunConfig
 from thinkdiff.eval.cobsat import Prompt, display
 from thinkdiff.eval.dataset import CobsatDataset
 from thinkdiff.models.aligner import Aligner, import_official_checkpoint
+from thinkdiff.models.common import shared
 from thinkdiff.models.flux import Flux, load_flux
 from thinkdiff.models.vision import VisionEncoder, load_vision
 from thinkdiff.models.vlm import VLM, GeneratedSample, PromptPart, encode_chat, generate_with_states, load_vlm
@@ -126,8 +127,8 @@ class TextBridgeGenerator:
 def build_generator(cfg: RunConfig, aligner_spec: str | None):
     """The model-backed generator named by `eval.generator` (thinkdiff or text-bridge)."""
     f = cfg.features
-    vlm = load_vlm(cfg.models.vlm, min_pixels=f.min_pixels, max_pixels=f.max_pixels)
-    flux = load_flux(cfg.models.flux, compile=cfg.eval.compile)
+    vlm = shared(load_vlm, cfg.models.vlm, min_pixels=f.min_pixels, max_pixels=f.max_pixels)  # the features stage's VLM
+    flux = shared(load_flux, cfg.models.flux, compile=cfg.eval.compile)
     if cfg.eval.generator == "text-bridge":
         return TextBridgeGenerator(vlm=vlm, flux=flux, cfg=cfg)
     if not aligner_spec:
@@ -166,7 +167,7 @@ class Composer:
 
 
 def build_composer(cfg: RunConfig, aligner_spec: str) -> Composer:
-    vision = load_vision(cfg.models.vision, image_size=cfg.features.vision_image_size)
-    flux = load_flux(cfg.models.flux)
+    vision = shared(load_vision, cfg.models.vision, image_size=cfg.features.vision_image_size)
+    flux = shared(load_flux, cfg.models.flux, compile=False)
     aligner = load_matching_aligner(aligner_spec, cfg, in_dim=vision.hidden_size, out_dim=flux.joint_dim, source="models.vision")
     return Composer(vision=vision, aligner=aligner, flux=flux, cfg=cfg)

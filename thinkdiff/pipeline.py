@@ -8,7 +8,9 @@ tasks call these; neither holds stage logic of its own.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,12 +90,20 @@ def aligner_spec(cfg: RunConfig, explicit: str | None = None) -> str:
     return explicit or cfg.eval.aligner or str(trained_aligner_dir(cfg))
 
 
+def built_on_first_call(build: Callable[[], Callable]) -> Callable:
+    """A stand-in for the callable `build()` makes, made at its first call."""
+    made = functools.cache(build)
+    return lambda *args: made()(*args)
+
+
 def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
     """CoBSAT with `eval.generator` into {paths.root}/eval/{fingerprint}/ (resumable), logged to MLflow.
 
     For the thinkdiff generator the aligner is `model` (e.g. models:/name@champion), else
     `eval.aligner`, else this config's own trained aligner; a registry alias is pinned to the
-    version it names now, so results are logged against that version.
+    version it names now, so results are logged against that version. The generator and the judge
+    are loaded at their first call: a run whose results are all there loads no model, and the
+    models are shared with the rest of the process (`thinkdiff.models.common.shared`).
     """
     from thinkdiff import generate  # FLUX (diffusers) only when something is drawn
 
@@ -110,20 +120,20 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
     if e.generator in harness.BASELINES:
         generator, identity = harness.BASELINES[e.generator], e.generator
     elif e.generator == "text-bridge":
-        generator, identity = generate.build_generator(cfg, None), "text-bridge"
+        generator, identity = built_on_first_call(lambda: generate.build_generator(cfg, None)), "text-bridge"
     else:
         spec = aligner_spec(cfg, model)
         if spec.startswith("models:/"):
             ref = registry.resolve_model(spec, cfg)
             spec = ref.uri
-        generator, identity = generate.build_generator(cfg, spec), spec
+        generator, identity = built_on_first_call(lambda: generate.build_generator(cfg, spec)), spec
     # Which prompts and how fast they are drawn do not change a prompt's result: the same directory.
     settings = {k: v for k, v in e.__dict__.items() if k not in ("aligner", "limit", "nightly_limit", "compile")}
     out_dir = Path(cfg.paths.root) / "eval" / fingerprint({
         "eval": settings, "generator": identity, "dataset": str(data.root.resolve()),
         "models": {k: v.__dict__ for k, v in cfg.models.__dict__.items()},
     })
-    summary = harness.evaluate(data, generator, judge.load_judge(cfg), out_dir, tasks=e.tasks, shots=e.shots, limit=e.limit,
+    summary = harness.evaluate(data, generator, built_on_first_call(lambda: judge.load_judge(cfg)), out_dir, tasks=e.tasks, shots=e.shots, limit=e.limit,
                                 batch_size=e.batch_size)
     run_id = registry.log_evaluation(cfg, out_dir, summary, ref, identity)
     log.info("CoBSAT (%s):\n%s", identity, summary.table())

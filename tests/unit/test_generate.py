@@ -1,7 +1,7 @@
 """Covers: the ThinkDiff CoBSAT prompt to the VLM (REFERENCE.md section 6, exact strings), exactly
 gen_tokens generated tokens with EOS ignored, the aligner output reaching FLUX as prompt_embeds
 (other embeddings, another image) with the pooled CLIP of "", seeded images, the text-bridge path,
-and a clear error for an aligner trained for other models."""
+a clear error for an aligner trained for other models, and models loaded once per process."""
 
 from __future__ import annotations
 
@@ -105,6 +105,20 @@ def test_aligner_for_other_models_is_rejected(parts_env, tmp_path):
     Aligner(AlignerConfig(in_dim=3584, out_dim=4096)).save_pretrained(tmp_path / "paper")
     with pytest.raises(ValueError, match=r"maps 3584 -> 4096, but models.vlm has width 64 and models.flux expects 32"):
         build_generator(cfg, str(tmp_path / "paper"))
+
+
+def test_models_are_loaded_once_per_process(tmp_path):
+    """The features stage, CoBSAT's generator and a Qwen2-VL judge of the same model share one
+    VLM; a second evaluation in the process (a nightly's second model) loads nothing again."""
+    from thinkdiff.data.extract import shared_extractor
+    from thinkdiff.eval.judge import load_judge
+
+    cfg = load_config("tiny", [f"paths.root={tmp_path}", "eval.generator=text-bridge", "eval.judge=qwen2-vl"])
+    first, second = build_generator(cfg, None), build_generator(cfg, None)
+    assert first.vlm is second.vlm is shared_extractor(cfg) is load_judge(cfg).vlm
+    assert first.flux is second.flux
+    other = load_config("tiny", [f"paths.root={tmp_path}", "features.max_pixels=12544"])  # other preprocessing: its own
+    assert shared_extractor(other) is not first.vlm
 
 
 def test_compiled_flux_draws_the_eager_pictures():

@@ -13,8 +13,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from thinkdiff import pipeline, registry
+from thinkdiff import generate, pipeline, registry
 from thinkdiff.config import load_config
+from thinkdiff.eval import judge
 from thinkdiff.models.aligner import Aligner
 from thinkdiff.storage import stage_dir
 from thinkdiff.train.loop import train_aligner
@@ -119,7 +120,7 @@ def test_unfinished_run_is_not_logged(tmp_path):
         pipeline.register_checkpoint(cfg)
 
 
-def test_cobsat_evaluation_is_logged_against_the_version(trained):
+def test_cobsat_evaluation_is_logged_against_the_version(trained, monkeypatch):
     cfg, _ = trained
     ref = pipeline.register_checkpoint(cfg)
     eval_cfg = load_config("tiny", [f"paths.root={cfg.paths.root}", "train.max_steps=6", "train.warmup_steps=2",
@@ -135,7 +136,12 @@ def test_cobsat_evaluation_is_logged_against_the_version(trained):
     assert len(client.list_artifacts(result["run_id"], "images")) == 2  # one folder per (task, shot)
     version = client.get_model_version(cfg.tracking.registered_model, ref.version)
     assert float(version.tags["cobsat.mean.2shot"]) == result["summary"].mean[2]
-    # Rerun: the results directory is complete and already logged.
+    # Rerun: the results directory is complete and already logged; no model is loaded for it.
+    def fail(*args):
+        raise AssertionError("nothing to draw or judge: no model may be loaded")
+
+    monkeypatch.setattr(generate, "build_generator", fail)
+    monkeypatch.setattr(judge, "load_judge", fail)
     assert pipeline.evaluate_cobsat(eval_cfg, model=ref.uri)["run_id"] == result["run_id"]
 
 

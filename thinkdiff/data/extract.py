@@ -38,6 +38,7 @@ from thinkdiff.data.features import (
     write_feature_shard,
 )
 from thinkdiff.errors import DataContractError
+from thinkdiff.models.common import shared
 from thinkdiff.models.vision import VisionEncoder, load_vision
 from thinkdiff.models.vlm import VLM, encode_chat, generate_with_states, load_vlm
 from thinkdiff.storage import (
@@ -256,21 +257,13 @@ def extract_features(cfg: RunConfig, corpus_dir: Path, out_dir: Path) -> Path:
     return finalize_features(cfg, corpus_dir, out_dir)
 
 
-_EXTRACTORS: dict[tuple, Extractor] = {}
-_LOAD_LOCK = threading.Lock()
 _GENERATE_LOCK = threading.Lock()
 
 
 def shared_extractor(cfg: RunConfig) -> Extractor:
     """The feature model of `cfg` (the VLM, or the vision tower for ThinkDiff-CLIP), loaded once per
-    process: mapped shard tasks share it."""
+    process: mapped shard tasks share it (and CoBSAT's generator the VLM)."""
     f = cfg.features
-    src = cfg.models.vision if cfg.variant == "clip" else cfg.models.vlm
-    key = (cfg.variant, src.id, src.revision, src.dtype, f.min_pixels, f.max_pixels, f.vision_image_size)
-    with _LOAD_LOCK:
-        if key not in _EXTRACTORS:
-            if cfg.variant == "clip":
-                _EXTRACTORS[key] = load_vision(src, image_size=f.vision_image_size)
-            else:
-                _EXTRACTORS[key] = load_vlm(src, min_pixels=f.min_pixels, max_pixels=f.max_pixels)
-        return _EXTRACTORS[key]
+    if cfg.variant == "clip":
+        return shared(load_vision, cfg.models.vision, image_size=f.vision_image_size)
+    return shared(load_vlm, cfg.models.vlm, min_pixels=f.min_pixels, max_pixels=f.max_pixels)

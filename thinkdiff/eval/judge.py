@@ -32,7 +32,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from thinkdiff.config import TINY_MODEL_ID, ModelSource, RunConfig
 from thinkdiff.eval.cobsat import Task, judge_questions, parse_answer
 from thinkdiff.eval.dataset import read_factors
-from thinkdiff.models.common import default_device, torch_dtype
+from thinkdiff.models.common import default_device, shared, torch_dtype
 from thinkdiff.models.vlm import VLM, build_tiny_qwen_tokenizer, encode_chat, load_vlm
 
 log = logging.getLogger(__name__)
@@ -100,8 +100,8 @@ def load_judge(cfg: RunConfig):
         return synthetic_judge
     if e.judge == "qwen2-vl":
         f = cfg.features
-        return Qwen2VLJudge(load_vlm(e.judge_model, min_pixels=f.min_pixels, max_pixels=f.max_pixels), f.system_prompt)
-    return load_llava_judge(e.judge_model)
+        return Qwen2VLJudge(shared(load_vlm, e.judge_model, min_pixels=f.min_pixels, max_pixels=f.max_pixels), f.system_prompt)
+    return shared(load_llava_judge, e.judge_model)
 
 
 def load_llava_judge(src: ModelSource, device: torch.device | None = None) -> LlavaJudge:
