@@ -21,7 +21,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from extract_features import images, sync
+from extract_features import images
+from timing import sync
 
 from thinkdiff.config import load_config
 from thinkdiff.eval.cobsat import TASKS, judge_questions

@@ -22,13 +22,13 @@ rate of the naive path is the issue's reference (STACK.md: 9.4 to 11.4 images/s 
 from __future__ import annotations
 
 import argparse
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from compile_counters import changed_since, snapshot
 from PIL import Image
+from timing import sync
 from transformers import GenerationConfig
 
 from thinkdiff.config import RunConfig, load_config
@@ -54,12 +54,6 @@ QWEN2_VL_7B_VISION = dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=
 def images(n: int, side: int, seed: int) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)) for _ in range(n)]
-
-
-def sync(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def naive_batch(cfg: RunConfig, vlm: VLM, items: list[CorpusImage], tokens: int, seed: int) -> dict[str, float]:

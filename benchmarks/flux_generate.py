@@ -20,13 +20,13 @@ tries flash first, cuDNN's kernel last.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from compile_counters import changed_since, snapshot
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from timing import sync
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from thinkdiff.models.flux import Flux, build_tiny_flux_pipeline, wrap_flux
@@ -100,12 +100,6 @@ def attention_backends(device: torch.device, dtype: torch.dtype, shape: tuple[in
         reference = out if reference is None else reference
         lines.append(f"{backend.name}: {ms:.3f} ms, max |diff| {(out.float() - reference.float()).abs().max().item():.2e}")
     return lines
-
-
-def sync(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def main() -> None:

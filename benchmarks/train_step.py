@@ -23,11 +23,11 @@ target tokens, plus attention) and the aligner's forward + backward (6 x params 
 from __future__ import annotations
 
 import argparse
-import time
 import warnings
 
 import torch
 from compile_counters import changed_since, snapshot
+from timing import sync
 from transformers import T5Config, T5ForConditionalGeneration
 
 from thinkdiff.config import load_config
@@ -154,12 +154,6 @@ def host_syncs(fn) -> int:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught)
-
-
-def sync(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def reset_peak(device: torch.device) -> None:
