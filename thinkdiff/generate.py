@@ -71,7 +71,7 @@ def load_matching_aligner(spec: str, cfg: RunConfig, *, in_dim: int, out_dim: in
 
 
 def vlm_answers(vlm: VLM, cfg: RunConfig, conversations: list[list[PromptPart]], *, seed: int,
-           ignore_eos: bool = False) -> list[GeneratedSample]:
+                ignore_eos: bool = False) -> list[GeneratedSample]:
     """The VLM's sampled answers to a batch of chats, with eval's sampling settings and the features
     stage's KV cache and compile settings."""
     e, f = cfg.eval, cfg.features

@@ -165,8 +165,7 @@ def pad(prepared: list[Prepared], pad_id: int, pin_memory: bool = False, decoder
         prepared[i].features.decode(rows, out=features[i, :rows])
         features[i, rows:] = 0
 
-    for _ in decoders.map(fill, range(len(prepared))) if decoders else map(fill, range(len(prepared))):
-        pass
+    list((decoders.map if decoders else map)(fill, range(len(prepared))))  # list(): run them all
     for i, p in enumerate(prepared):
         mask[i, : p.source_rows] = 1
         labels[i, : len(p.target_ids)] = torch.tensor(p.target_ids)
@@ -321,9 +320,10 @@ def prefetched(batcher: Batcher, *, depth: int, device: torch.device | None = No
 
     Reading, decoding, splitting, tokenizing and padding then overlap the GPU's work on earlier
     batches instead of stalling it. `depth` should cover a bucketing pool (`window` batches): the
-    batcher reads and splits a pool's samples all at once. The thread starts at the first request; an error
-    in it is raised by the consumer; leaving the context stops it. `device`: the thread's CUDA device, so the pinned memory it makes belongs to
-    this process's GPU (otherwise GPU 0, where every process would also open a CUDA context).
+    batcher reads and splits a pool's samples all at once. The thread starts at the first request;
+    an error in it is raised by the consumer; leaving the context stops it. `device`: the thread's
+    CUDA device, so the pinned memory it makes belongs to this process's GPU (otherwise GPU 0,
+    where every process would also open a CUDA context).
     """
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
