@@ -13,7 +13,7 @@ uniform in 8..128, random weights, random features and labels.
   the loop's own `pad` from bf16 store bytes (the paper preset's storage dtype; the naive path
   copies float32 features, which its autocast casts to bf16 in the aligner alike) and handed over
   pinned as the loop's prefetch thread hands them over, and on a GPU the decoder blocks compiled
-  with dynamic shapes (train.compile; the warm-up steps pay the compile). Making the batches from
+  with dynamic shapes (train.compile; an untimed pass over the same batches pays the compile). Making the batches from
   the feature store (read, decode, split, tokenize, pad) runs on that thread, beside the GPU; its
   rate per core is `feature_store.py`'s "batches" column.
 Useful TFLOP/s counts real tokens only: decoder forward + activation backward (4 x params x
@@ -23,6 +23,7 @@ target tokens, plus attention) and the aligner's forward + backward (6 x params 
 from __future__ import annotations
 
 import argparse
+import time
 import warnings
 
 import torch
@@ -128,20 +129,30 @@ def project_run(decoder: T5DecoderLM, batches, device) -> dict:
     ready = [pad([Prepared(features=stored(f[:s]), source_rows=s, target_ids=lab.tolist()) for s, f, lab in zip(src, feats, labels, strict=True)],
                  decoder.config.pad_token_id, pin_memory=on_gpu) for src, _, feats, labels in batches]
     step = lambda b: train_step(model, t5, b.to(device, non_blocking=on_gpu), optimizer, scheduler, accelerator)  # noqa: E731
-    for b in ready[:WARMUP_STEPS]:  # the compile, allocators, kernels
-        step(b).item()
+    # Warm-up: one untimed pass over the very batches timed below. The compiled blocks need a few
+    # graphs, not one per shape (on CUDA the attention kernel's handling of a bias whose length is
+    # not a multiple of 16 is a guard, so lengths on each side of it make two variants): a training
+    # run compiles them once in its first steps, and a warm-up of a few steps may miss one.
+    before_warmup, started = snapshot(), time.perf_counter()
+    torch.stack([step(b) for b in ready]).sum().item()
+    print(f"batch {len(batches[0][0])}: warm-up pass {time.perf_counter() - started:.1f} s, "
+          f"graphs compiled: {graphs_compiled(before_warmup)}", flush=True)
     syncs = host_syncs(lambda: step(ready[0])) if on_gpu else "-"
     reset_peak(device)
     aligner_params = sum(p.numel() for p in aligner.parameters())
     warm = snapshot()
     started = sync(device)
-    losses = [step(b) for b in ready[WARMUP_STEPS:]]
+    losses = [step(b) for b in ready]
     torch.stack(losses).sum().item()
     seconds = sync(device) - started
     print(f"batch {len(batches[0][0])}: compile counters changed over the timed steps: {changed_since(warm)}", flush=True)
-    flops = sum(useful_flops(decoder.config, aligner_params, src, tgt) for src, tgt, _, _ in batches[WARMUP_STEPS:])
-    return {"samples_per_s": sum(len(b[0]) for b in batches[WARMUP_STEPS:]) / seconds, "useful_tflops": flops / seconds / 1e12,
+    flops = sum(useful_flops(decoder.config, aligner_params, src, tgt) for src, tgt, _, _ in batches)
+    return {"samples_per_s": sum(len(b[0]) for b in batches) / seconds, "useful_tflops": flops / seconds / 1e12,
             "peak_gib": peak_gib(device), "host_syncs": syncs}
+
+
+def graphs_compiled(before: dict[str, int]) -> int:
+    return snapshot().get("stats.unique_graphs", 0) - before.get("stats.unique_graphs", 0)
 
 
 def host_syncs(fn) -> int:
@@ -171,7 +182,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="samples per step (default 32; tiny 8)")
     parser.add_argument("--project-batch", type=int, nargs="+", default=None,
                         help="the project path's batch sizes, one compiled decoder for all (default: --batch)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps + 2 warm-up (default 12; tiny 5)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per path (default 12; tiny 5): the naive path times all but its first 2, the project path all of them after an untimed pass")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -189,7 +200,7 @@ def main() -> None:
     aligner = Aligner(AlignerConfig(in_dim=d_in, out_dim=full.config.d_model)).to(device)
     batches = make_batches(steps, batch, d_in, full.config.vocab_size)
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), dtype {dtype}, "
-          f"batch {batch}, {steps - 2} timed steps, d_model {full.config.d_model}, decoder layers {full.config.num_decoder_layers}")
+          f"batch {batch}, {steps} steps, d_model {full.config.d_model}, decoder layers {full.config.num_decoder_layers}")
     naive = naive_run(full, aligner, batches, device, dtype)
     print(f"naive done: {naive['samples_per_s']:.1f} samples/s, {naive['useful_tflops']:.3g} useful TFLOP/s, "
           f"{naive['peak_gib']:.1f} GiB peak", flush=True)
@@ -197,6 +208,7 @@ def main() -> None:
     del full.encoder  # the project path never holds the encoder (load_t5 never reads it)
     if device.type == "cuda":
         torch.cuda.empty_cache()
+        torch._logging.set_logs(recompiles=True)  # why each graph after the first was compiled
         decoder.compile_decoder()
     rows = [("naive", batch, naive)]
     for size in args.project_batch or [batch]:

@@ -269,8 +269,8 @@ class Batcher:
     """Length-bucketed global batches, resumable exactly.
 
     A pool of `window` global batches is drawn from the stream, each sample split (RNG keyed by
-    seed and pool number), sorted by (source, target) length and cut into global batches whose
-    order is shuffled; each process takes its slice. Similar lengths in a batch means little
+    seed and pool number), sorted by (target, source) length (`Prepared.cost`) and cut into global
+    batches whose order is shuffled; each process takes its slice. Similar lengths in a batch means little
     padding; `window=1` keeps the stream order (no bucketing). The state (pool start, pool number,
     batches emitted) is all a checkpoint needs. A batch decodes the features of its own samples
     only, on DECODE_THREADS threads; the rest of the pool stays encoded until its batch comes.
