@@ -89,9 +89,9 @@ def project_run(cfg: RunConfig, vlm: VLM, batches: list[list[CorpusImage]]) -> d
 
 def project_phases(cfg: RunConfig, vlm: VLM, items: list[CorpusImage]) -> dict[str, float]:
     """One more batch through the features stage's own pieces, with a sync between them, in ms per
-    image: prep (`_prepare_lvlm` on the preprocessing threads, not overlapped here), prefill alone
-    (one more forward over the prompts, outside generate), generate (`_lvlm_records`: prefill +
-    decode steps) and its states pass."""
+    image: prep (`_prepare_lvlm` on the preprocessing threads, not overlapped here), the vision
+    tower alone, prefill alone (one more forward over the prompts, outside generate), generate
+    (`_lvlm_records`: prefill + decode steps) and its states pass."""
     device, n = vlm.device, len(items)
     spent = {"states": 0.0}
     states_from_cache = vlm_module.states_from_cache
@@ -105,18 +105,22 @@ def project_phases(cfg: RunConfig, vlm: VLM, items: list[CorpusImage]) -> dict[s
     t0 = sync(device)
     with ThreadPoolExecutor(cfg.features.preprocess_workers) as pool:
         prepared = extract._prepare_lvlm(cfg, vlm, items, pool)
+        inputs = {k: v.to(device) for k, v in prepared.inputs.items()}
     t1 = sync(device)
     with torch.no_grad():
-        vlm.model(**{k: v.to(device) for k, v in prepared.inputs.items()}, logits_to_keep=1)
-    t2 = sync(device)
+        vlm.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        t2 = sync(device)
+        vlm.model(**inputs, logits_to_keep=1)
+    t3 = sync(device)
     vlm_module.states_from_cache = timed_states
     try:
         extract._lvlm_records(cfg, vlm, prepared, seed=0)
     finally:
         vlm_module.states_from_cache = states_from_cache
-    t3 = sync(device)
+    t4 = sync(device)
     ms = lambda seconds: 1000 * seconds / n  # noqa: E731
-    return {"prep": ms(t1 - t0), "prefill": ms(t2 - t1), "generate": ms(t3 - t2 - spent["states"]), "states": ms(spent["states"])}
+    return {"prep": ms(t1 - t0), "vision tower": ms(t2 - t1), "prefill (vision included)": ms(t3 - t2),
+            "generate": ms(t4 - t3 - spent["states"]), "states": ms(spent["states"])}
 
 
 def corpus_batches(n_batches: int, batch: int, side: int, seed: int) -> list[list[CorpusImage]]:

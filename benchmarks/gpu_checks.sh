@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU measurement of issues 6 and 7, on one H200 or H100, in one device call: each part is
-# time-boxed (170 + 40 + 160 + 130 + 60 + 25 s, plus about 15 s of wheel install: a 600 s call; in
-# the first GPU run features + FLUX took about 200 s of the 390 they had). `train` or `infer` runs
-# one half.
+# time-boxed (170 + 40 + 160 + 130 + 60 + 25 s, plus about 15 s of wheel install: a 600 s call; on
+# the H200 in session 6 the whole script took 428 s, plus about 30 s to start the machine). `train`
+# or `infer` runs one half.
 #
 #   make gpu-wheels                          # here, once: transformers/diffusers wheels for the GPU image
 #   bash benchmarks/gpu_checks.sh            # there, from the repository root (.whl/ carried along)
@@ -27,8 +27,8 @@ if [ -z "${TINY:-}" ]; then nvidia-smi --query-gpu=name,memory.total,driver_vers
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 if [ "$PART" = train ] || [ "$PART" = all ]; then
     # Issue 6: naive padded full T5 at batch 32 vs the training path at 32 (the preset) and at 128,
-    # one model build and one compiled decoder for all three.
-    timeout 170 python3 benchmarks/train_step.py $SIZE --batch 32 --project-batch 32 128 2>&1 | tee "$OUT/train_step.txt"
+    # one model build and one compiled decoder for all three; a profile of two batch-128 steps.
+    timeout 170 python3 benchmarks/train_step.py $SIZE --batch 32 --project-batch 32 128 --profile 2>&1 | tee "$OUT/train_step.txt"
     # Issue 6 item 3: the training input side (store reader, batch making) on this machine's cores.
     timeout 40 python3 benchmarks/feature_store.py $SIZE --samples 512 2>&1 | tee "$OUT/feature_store.txt"
 fi

@@ -110,7 +110,7 @@ def naive_run(model: T5ForConditionalGeneration, aligner: Aligner, batches, devi
             "peak_gib": peak_gib(device)}
 
 
-def project_run(decoder: T5DecoderLM, batches, device) -> dict:
+def project_run(decoder: T5DecoderLM, batches, device, profile: bool = False) -> dict:
     """`thinkdiff train`'s step (`train_step`: accelerate autocast, the loss over real target tokens,
     AdamW, the LR schedule) on bucketed batches, handed over pinned and copied asynchronously as the
     loop's prefetch thread hands them over. The loop makes the CPU wait for the GPU only when it
@@ -147,8 +147,21 @@ def project_run(decoder: T5DecoderLM, batches, device) -> dict:
     seconds = sync(device) - started
     print(f"batch {len(batches[0][0])}: compile counters changed over the timed steps: {changed_since(warm)}", flush=True)
     flops = sum(useful_flops(decoder.config, aligner_params, src, tgt) for src, tgt, _, _ in batches)
+    if profile:
+        print_profile(lambda: [step(b) for b in ready[:2]], device)
     return {"samples_per_s": sum(len(b[0]) for b in batches) / seconds, "useful_tflops": flops / seconds / 1e12,
             "peak_gib": peak_gib(device), "host_syncs": syncs}
+
+
+def print_profile(fn, device: torch.device) -> None:
+    """Where the time of `fn` (two timed steps) goes: the kernels (operators on a CPU) taking the most
+    time, self time only, so the rows add up to the steps."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70), flush=True)
 
 
 def graphs_compiled(before: dict[str, int]) -> int:
@@ -182,6 +195,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="samples per step (default 32; tiny 8)")
     parser.add_argument("--project-batch", type=int, nargs="+", default=None,
                         help="the project path's batch sizes, one compiled decoder for all (default: --batch)")
+    parser.add_argument("--profile", action="store_true", help="profile two steps of the last project batch size")
     parser.add_argument("--steps", type=int, default=None, help="steps per path (default 12; tiny 5): the naive path times all but its first 2, the project path all of them after an untimed pass")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -211,10 +225,11 @@ def main() -> None:
         torch._logging.set_logs(recompiles=True)  # why each graph after the first was compiled
         decoder.compile_decoder()
     rows = [("naive", batch, naive)]
-    for size in args.project_batch or [batch]:
+    sizes = args.project_batch or [batch]
+    for size in sizes:
         project_batches = batches if size == batch else make_batches(steps, size, d_in, decoder.config.vocab_size)
         try:
-            rows.append(("project", size, project_run(decoder, bucketed(project_batches), device)))
+            rows.append(("project", size, project_run(decoder, bucketed(project_batches), device, args.profile and size == sizes[-1])))
         except torch.OutOfMemoryError:  # batch 128 at target length 128 is tight on an 80 GB card: keep the other rows
             print(f"project batch {size}: out of GPU memory", flush=True)
             continue

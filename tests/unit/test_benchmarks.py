@@ -22,10 +22,11 @@ def test_feature_store_benchmark_tiny():
 
 def test_train_step_benchmark_tiny():
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--tiny", "--steps", "3",
-                          "--project-batch", "8", "16"], capture_output=True, text=True, check=True, timeout=300).stdout
+                          "--project-batch", "8", "16", "--profile"], capture_output=True, text=True, check=True, timeout=300).stdout
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")][1:]
     assert [(r[0], r[1]) for r in rows] == [("naive", "8"), ("project", "8"), ("project", "16")]
     assert rows[0][-1] == "1.00x" and all(float(r[2]) > 0 for r in rows)
+    assert out.count("Self CPU time total") == 1 and "aten::mm" in out  # the profile of batch 16's steps
 
 
 def _table_rows(out: str) -> dict[str, list[str]]:
@@ -39,6 +40,7 @@ def test_extract_features_benchmark_tiny():
     rows = _table_rows(out)
     assert set(rows) == {"naive", "project"} and "ratio project (whole stage) / naive generate-only:" in out
     assert float(rows["naive"][1]) > 0 and float(rows["project"][1]) > 0
+    assert "vision tower" in out and "prefill (vision included)" in out
 
 
 def test_flux_generate_benchmark_tiny():
