@@ -13,9 +13,9 @@ uniform in 8..128, random weights, random features and labels.
   the loop's own `pad` from bf16 store bytes (the paper preset's storage dtype; the naive path
   copies float32 features, which its autocast casts to bf16 in the aligner alike) and handed over
   pinned as the loop's prefetch thread hands them over, and on a GPU the decoder blocks compiled
-  with dynamic shapes (train.compile; an untimed pass over the same batches pays the compile). Making the batches from
-  the feature store (read, decode, split, tokenize, pad) runs on that thread, beside the GPU; its
-  rate per core is `feature_store.py`'s "batches" column.
+  with dynamic shapes (train.compile; an untimed pass over the same batches pays the compile).
+  Making the batches from the feature store (read, decode, split, tokenize, pad) runs on that
+  thread, beside the GPU; its rate per core is `feature_store.py`'s "batches" column.
 Useful TFLOP/s counts real tokens only: decoder forward + activation backward (4 x params x
 target tokens, plus attention) and the aligner's forward + backward (6 x params x source rows).
 """
@@ -130,9 +130,10 @@ def project_run(decoder: T5DecoderLM, batches, device, profile: bool = False) ->
                  decoder.config.pad_token_id, pin_memory=on_gpu) for src, _, feats, labels in batches]
     step = lambda b: train_step(model, t5, b.to(device, non_blocking=on_gpu), optimizer, scheduler, accelerator)  # noqa: E731
     # Warm-up: one untimed pass over the very batches timed below. The compiled blocks need a few
-    # graphs, not one per shape (on CUDA the attention kernel's handling of a bias whose length is
-    # not a multiple of 16 is a guard, so lengths on each side of it make two variants): a training
-    # run compiles them once in its first steps, and a warm-up of a few steps may miss one.
+    # graphs, not one per shape: on CUDA, inductor guards on whether the target and source lengths
+    # keep SDPA's attention bias 8-aligned (else it copies the bias into an aligned buffer), so
+    # lengths on each side make their own variant. A training run compiles them once in its first
+    # steps; a warm-up of a few steps may miss one (the H200 run of session 6 did).
     before_warmup, started = snapshot(), time.perf_counter()
     torch.stack([step(b) for b in ready]).sum().item()
     print(f"batch {len(batches[0][0])}: warm-up pass {time.perf_counter() - started:.1f} s, "
@@ -154,8 +155,8 @@ def project_run(decoder: T5DecoderLM, batches, device, profile: bool = False) ->
 
 
 def print_profile(fn, device: torch.device) -> None:
-    """Where the time of `fn` (two timed steps) goes: the kernels (operators on a CPU) taking the most
-    time, self time only, so the rows add up to the steps."""
+    """Where the time of `fn` (two training steps) goes: the kernels (operators on a CPU) taking the
+    most time, self time only, so the rows add up to the steps."""
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.profiler.profile(activities=activities) as prof:
         fn()
