@@ -15,3 +15,8 @@ def changed_since(before: dict[str, int]) -> str:
     now = snapshot()
     delta = {key: now[key] - before.get(key, 0) for key in sorted(now) if now[key] != before.get(key, 0)}
     return ", ".join(f"{key} +{value}" for key, value in delta.items()) or "none"
+
+
+def graphs_since(before: dict[str, int]) -> int:
+    """How many graphs dynamo compiled since `before`."""
+    return snapshot().get("stats.unique_graphs", 0) - before.get("stats.unique_graphs", 0)

@@ -27,7 +27,7 @@ import time
 import warnings
 
 import torch
-from compile_counters import changed_since, snapshot
+from compile_counters import changed_since, graphs_since, snapshot
 from timing import sync
 from transformers import T5Config, T5ForConditionalGeneration
 
@@ -137,7 +137,7 @@ def project_run(decoder: T5DecoderLM, batches, device, profile: bool = False) ->
     before_warmup, started = snapshot(), time.perf_counter()
     torch.stack([step(b) for b in ready]).sum().item()
     print(f"batch {len(batches[0][0])}: warm-up pass {time.perf_counter() - started:.1f} s, "
-          f"graphs compiled: {graphs_compiled(before_warmup)}", flush=True)
+          f"graphs compiled: {graphs_since(before_warmup)}", flush=True)
     syncs = host_syncs(lambda: step(ready[0])) if on_gpu else "-"
     reset_peak(device)
     aligner_params = sum(p.numel() for p in aligner.parameters())
@@ -163,10 +163,6 @@ def print_profile(fn, device: torch.device) -> None:
         sync(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70), flush=True)
-
-
-def graphs_compiled(before: dict[str, int]) -> int:
-    return snapshot().get("stats.unique_graphs", 0) - before.get("stats.unique_graphs", 0)
 
 
 def host_syncs(fn) -> int:
