@@ -89,7 +89,8 @@ def project_run(cfg: RunConfig, vlm: VLM, batches: list[list[CorpusImage]]) -> d
 
 def project_phases(cfg: RunConfig, vlm: VLM, items: list[CorpusImage]) -> dict[str, float]:
     """One more batch through the features stage's own pieces, with a sync between them, in ms per
-    image: prep (`_prepare_lvlm` on the preprocessing threads, not overlapped here), the vision
+    image: prep (`_prepare_lvlm` on the preprocessing threads, not overlapped here, and the copy
+    of its inputs to the GPU, which session 6's prefill figure still included), the vision
     tower alone, prefill alone (one more forward over the prompts, outside generate), generate
     (`_lvlm_records`: prefill + decode steps) and its states pass."""
     device, n = vlm.device, len(items)
@@ -105,7 +106,7 @@ def project_phases(cfg: RunConfig, vlm: VLM, items: list[CorpusImage]) -> dict[s
     t0 = sync(device)
     with ThreadPoolExecutor(cfg.features.preprocess_workers) as pool:
         prepared = extract._prepare_lvlm(cfg, vlm, items, pool)
-        inputs = {k: v.to(device) for k, v in prepared.inputs.items()}
+    inputs = {k: v.to(device) for k, v in prepared.inputs.items()}
     t1 = sync(device)
     with torch.no_grad():
         vlm.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
