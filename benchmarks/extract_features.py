@@ -11,10 +11,11 @@ about as many tokens as with Qwen's own BPE (about 290: 256 visual, the rest tex
 - naive: `model.generate()` with transformers' defaults (dynamic KV cache, eager) at batch 32, EOS
   ignored, then one full teacher-forced forward over image + prompt + generated ids for the states.
 - project: the features stage's own loop (`extract_records` with the paper preset): a larger
-  batch, the next batch's images preprocessed on threads while the GPU works, a static KV cache,
-  the decode step compiled (CUDA), and the states read from one pass over the generated ids that
-  reuses the prompt's KV cache. Its batches stop at EOS like the stage's (random weights at
-  Qwen's vocabulary practically never sample it; the table shows tokens per image).
+  batch, the next batch's images preprocessed on threads while the GPU works, and
+  `decode_with_states`: a reused static KV cache, the decode step compiled to a CUDA graph, each
+  step's final-norm state kept as it decodes (no states pass). Its batches stop at EOS like the
+  stage's (random weights at Qwen's vocabulary practically never sample it; the table shows
+  tokens per image).
 Images/s counts the whole stage (image preprocessing + generation + states); the generation-only
 rate of the naive path is the issue's reference (STACK.md: 9.4 to 11.4 images/s at batch 32).
 """
@@ -35,7 +36,6 @@ from thinkdiff.config import RunConfig, load_config
 from thinkdiff.data import extract
 from thinkdiff.data.corpus import CorpusImage
 from thinkdiff.data.extract import extract_records, pick_instruction
-from thinkdiff.models import vlm as vlm_module
 from thinkdiff.models.vlm import (
     TINY_TEXT,
     TINY_VISION,
@@ -43,6 +43,7 @@ from thinkdiff.models.vlm import (
     build_random_vlm,
     encode_chat,
     final_norm_states,
+    token_scores,
 )
 
 QWEN2_VL_7B_TEXT = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
@@ -89,22 +90,14 @@ def project_run(cfg: RunConfig, vlm: VLM, batches: list[list[CorpusImage]]) -> d
 
 def project_phases(cfg: RunConfig, vlm: VLM, items: list[CorpusImage]) -> dict[str, float]:
     """One more batch through the features stage's own pieces, with a sync between them, in ms per
-    image: prep (`_prepare_lvlm` on the preprocessing threads, not overlapped here, and the copy
-    of its inputs to the GPU, which session 6's prefill figure still included), the vision
-    tower alone, prefill alone (one more forward over the prompts, outside generate), generate
-    (`_lvlm_records`: prefill + decode steps) and its states pass."""
-    device, n = vlm.device, len(items)
-    spent = {"states": 0.0}
-    states_from_cache = vlm_module.states_from_cache
-
-    def timed_states(*args, **kwargs):
-        started = sync(device)
-        out = states_from_cache(*args, **kwargs)
-        spent["states"] += sync(device) - started
-        return out
-
+    image: prep (`_prepare_lvlm` on the preprocessing threads, not overlapped here, and the copy of
+    its inputs to the GPU), the vision tower alone, the prefill alone (one more forward over the
+    prompts), generate (`_lvlm_records`: prefill + decode steps, states included), and the share of
+    the decode steps that is sampling (`token_scores` and multinomial on (batch, vocabulary)
+    logits, eager: HF's top-p sorts the whole vocabulary per row), timed apart on random logits."""
+    f, device, n = cfg.features, vlm.device, len(items)
     t0 = sync(device)
-    with ThreadPoolExecutor(cfg.features.preprocess_workers) as pool:
+    with ThreadPoolExecutor(f.preprocess_workers) as pool:
         prepared = extract._prepare_lvlm(cfg, vlm, items, pool)
     inputs = {k: v.to(device) for k, v in prepared.inputs.items()}
     t1 = sync(device)
@@ -113,15 +106,18 @@ def project_phases(cfg: RunConfig, vlm: VLM, items: list[CorpusImage]) -> dict[s
         t2 = sync(device)
         vlm.model(**inputs, logits_to_keep=1)
     t3 = sync(device)
-    vlm_module.states_from_cache = timed_states
-    try:
-        extract._lvlm_records(cfg, vlm, prepared, seed=0)
-    finally:
-        vlm_module.states_from_cache = states_from_cache
+    extract._lvlm_records(cfg, vlm, prepared, seed=0)
     t4 = sync(device)
+    scores = token_scores(vlm, f.temperature, f.top_p)
+    logits_BV = torch.randn(n, vlm.model.config.text_config.vocab_size, device=device)
+    repeats = 8
+    t5 = sync(device)
+    for _ in range(repeats):
+        torch.multinomial(torch.softmax(scores(None, logits_BV), dim=-1), num_samples=1)
+    t6 = sync(device)
     ms = lambda seconds: 1000 * seconds / n  # noqa: E731
     return {"prep": ms(t1 - t0), "vision tower": ms(t2 - t1), "prefill (vision included)": ms(t3 - t2),
-            "generate": ms(t4 - t3 - spent["states"]), "states": ms(spent["states"])}
+            "generate": ms(t4 - t3), f"of which sampling ({f.max_new_tokens} steps)": ms((t6 - t5) / repeats * f.max_new_tokens)}
 
 
 def corpus_batches(n_batches: int, batch: int, side: int, seed: int) -> list[list[CorpusImage]]:
@@ -176,8 +172,10 @@ def main() -> None:
           f"(shortest instruction), {tokens} tokens, compile {compile}")
     naive = measure_naive(cfg, vlm, naive_bs, args.batches, side, tokens)
     print(f"naive done: {naive['images_per_s']:.2f} images/s (generate only {naive['gen_only_images_per_s']:.2f})", flush=True)
+    cold = snapshot()
     project_run(cfg, vlm, corpus_batches(1, bs, side, seed=99))  # warm-up: allocator, kernels, the compile
     warm = snapshot()
+    print(f"compile counters changed over the warm-up batch: {changed_since(cold)}")
     project = project_run(cfg, vlm, corpus_batches(args.batches, bs, side, seed=0))
     print(f"compile counters changed over the timed batches: {changed_since(warm)}")
     ratio = project["images_per_s"] / naive["gen_only_images_per_s"]
@@ -186,7 +184,7 @@ def main() -> None:
     print(f"| naive | {naive_bs} | {naive['images_per_s']:.2f} | {naive['gen_only_images_per_s']:.2f} | "
           f"{naive['prep_ms_per_image']:.1f} | {naive['gen_ms_per_image']:.1f} | {naive['states_ms_per_image']:.1f} |")
     print(f"| project | {bs} | {project['images_per_s']:.2f} | - | overlapped | {project['ms_per_image']:.1f} "
-          f"(all, {project['tokens_per_image']:.0f} tokens/image) | with generate |")
+          f"(all, {project['tokens_per_image']:.0f} tokens/image) | kept while decoding |")
     print(f"ratio project (whole stage) / naive generate-only: {ratio:.2f}x (target 5x)")
     phases = project_phases(cfg, vlm, corpus_batches(1, bs, side, seed=0)[0])  # a timed batch again: same shapes
     print("project phases, ms/image (one more batch, synced): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items())

@@ -118,11 +118,12 @@ class FeaturesConfig:
     preprocess_workers: int
     """Threads that preprocess the next batch's images while the model works on the current one."""
     kv_cache: str
-    """VLM generation KV cache: `static` (preallocated, needed by `compile`) or `dynamic` (HF's default).
-    Also used by CoBSAT generation."""
+    """VLM generation path: `static` (the project's decode loop over a reused preallocated KV cache,
+    each generated token's state kept as it decodes; needed by `compile`) or `dynamic` (HF generate,
+    then a states pass over the generated ids). Both sample the same ids. Also used by CoBSAT generation."""
     compile: bool
-    """Compile the VLM decode step (CUDA only, with kv_cache=static; HF generate's CUDA-graph path). Also
-    used by CoBSAT generation."""
+    """Compile the VLM decode step to a CUDA graph (CUDA only, with kv_cache=static). Also used by
+    CoBSAT generation."""
     vision_image_size: int
     """ThinkDiff-CLIP only: input side of the vision tower (224 for BLIP-2)."""
     seed: int

@@ -59,19 +59,31 @@ def test_encode_chat_left_pads_and_marks_image_tokens(vlm):
     assert mask[0, 0] == 0 and mask[1].all()
 
 
-def test_teacher_forced_states_equal_generation_states(vlm):
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
+def test_sampled_ids_and_states_equal_hf_generate(vlm, kv_cache, monkeypatch):
+    """Both paths (HF generate + states from its cache; the static-cache decode loop) sample the ids
+    HF generate samples from the same seed, with the states generate() itself saw; both stop once
+    every row has ended."""
+    from thinkdiff.models import vlm as vlm_module
+
+    decode_steps = []
+    real_step = vlm_module._decode_step
+    monkeypatch.setattr(vlm_module, "_decode_step", lambda *args: decode_steps.append(1) or real_step(*args))
     batch = encode_chat(vlm, two_prompts(), SYSTEM)
-    samples = generate_with_states(vlm, batch, max_new_tokens=12, temperature=0.6, top_p=0.9, seed=7)
+    samples = generate_with_states(vlm, batch, max_new_tokens=40, temperature=0.6, top_p=0.9, seed=8, kv_cache=kv_cache)
     # The same sampling, with the hidden states generate() itself saw at every step.
     config = GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9, top_k=0, repetition_penalty=1.0,
-                              max_new_tokens=12, eos_token_id=vlm.eos_token_ids, pad_token_id=vlm.pad_token_id,
+                              max_new_tokens=40, eos_token_id=vlm.eos_token_ids, pad_token_id=vlm.pad_token_id,
                               suppress_tokens=vlm.vision_token_ids, output_hidden_states=True, return_dict_in_generate=True)
     with torch.random.fork_rng():
-        torch.manual_seed(7)
+        torch.manual_seed(8)
         out = vlm.model.generate(**batch, generation_config=config)
     prompt_len = batch["input_ids"].shape[1]
     # Step 0 holds the whole prompt (its last position produced token 0); later steps one position each.
     seen = torch.stack([out.hidden_states[0][-1][:, -1]] + [h[-1][:, -1] for h in out.hidden_states[1:]], dim=1)
+    assert [len(s.token_ids) for s in samples] == [23, 25]  # both rows end at EOS, before the limit
+    if kv_cache == "static":  # its end-of-rows check comes every EOS_CHECK_EVERY steps
+        assert 25 <= len(decode_steps) < 25 + vlm_module.EOS_CHECK_EVERY
     for i, sample in enumerate(samples):
         n = len(sample.token_ids)
         assert sample.token_ids == out.sequences[i, prompt_len: prompt_len + n].tolist()
@@ -238,18 +250,12 @@ def test_compiled_extraction_keeps_one_batch_size(demo_corpus, tmp_path, monkeyp
 
 
 def test_compiled_decode_step_gives_the_eager_ids_and_states_with_one_graph(monkeypatch):
-    """features.compile: HF generate's compiled decode step (forced onto the CPU here; in production
-    it runs on CUDA only) with the static cache, then the states from that cache: the eager path's
-    ids and states, one graph and one reused cache for two batches whose prompt lengths differ."""
+    """features.compile: the static-cache decode loop with its step compiled (forced onto the CPU
+    here, without CUDA graphs; in production it compiles on CUDA only): the eager path's ids and
+    states, one graph and one reused cache for two batches whose prompt lengths differ."""
     from torch._dynamo.utils import counters
-    from transformers import CompileConfig
 
     from thinkdiff.models import vlm as vlm_module
-
-    def on_any_device() -> CompileConfig:
-        config = CompileConfig(mode="default")
-        config._compile_all_devices = True
-        return config
 
     vlm = build_tiny_vlm(min_pixels=28 * 28, max_pixels=112 * 112)
     short = [[Image.new("RGB", (56, 56), (9, 9, 9)), "Hi."], two_prompts()[0]]
@@ -258,14 +264,13 @@ def test_compiled_decode_step_gives_the_eager_ids_and_states_with_one_graph(monk
     assert batches[0]["input_ids"].shape[1] < batches[1]["input_ids"].shape[1]
     greedy = dict(max_new_tokens=12, temperature=0, top_p=1.0, seed=0, kv_cache="static")
     eager = [generate_with_states(vlm, b, **greedy) for b in batches]
-    monkeypatch.setattr(vlm_module, "decode_compile_config", on_any_device)
+    monkeypatch.setattr(vlm_module, "decode_compile_options", lambda device: dict(mode="default", dynamic=False))
     torch._dynamo.reset()
     counters.clear()
-    fresh = build_tiny_vlm(min_pixels=28 * 28, max_pixels=112 * 112)  # HF keeps the largest cache size per model
     compiled, caches = [], []
     for b in batches:
-        compiled.append(generate_with_states(fresh, b, **greedy, compile=True))
-        caches.append(fresh.static_cache[1])
+        compiled.append(generate_with_states(vlm, b, **greedy, compile=True))
+        caches.append(vlm.static_cache[1])
     assert counters["stats"]["unique_graphs"] == 1
     assert caches[0] is caches[1]  # one cache, reset and reused: the same tensors for the CUDA graphs
     for e_batch, c_batch in zip(eager, compiled, strict=True):

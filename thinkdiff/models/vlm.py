@@ -2,10 +2,14 @@
 
 ThinkDiff-LVLM aligns the final-norm hidden states of the tokens the VLM *generates* (REFERENCE.md
 sections 2 and 4): the state stored for generated token j is the one that produced it, i.e. the
-input of `lm_head` at the previous position. `generate_with_states` samples a continuation with
-`generate()` and then recovers those states with one pass of the language model over the
-generated ids, reusing generate()'s KV cache of the prompt (equal to a full teacher-forced pass
-and to the states seen during generation; unit tests check both).
+input of `lm_head` at the previous position. `generate_with_states` samples a continuation and
+returns those states, by one of two paths that sample the same ids from the same seed (unit tests
+check both against HF generate and a full teacher-forced pass):
+- plain (`kv_cache="dynamic"`): HF `generate()`, then one pass of the language model over the
+  generated ids, reusing generate()'s KV cache of the prompt (`states_from_cache`);
+- production (`kv_cache="static"`): `decode_with_states`, a decode loop over a reused static cache
+  that keeps each step's state as it goes, with HF generate's own sampling processors; its decode
+  step compiles to a CUDA graph.
 
 Shape legend: B batch, P padded prompt length, G generated length, L one sample's length, D width.
 """
@@ -14,9 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,13 +31,16 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     AttentionInterface,
     AutoTokenizer,
-    CompileConfig,
     GenerationConfig,
+    LogitsProcessorList,
     PreTrainedTokenizerBase,
     Qwen2Tokenizer,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     StaticCache,
+    SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -95,7 +103,9 @@ class VLM:
     model_id: str
     revision: str
     static_cache: tuple[tuple[int, int], StaticCache] | None = field(default=None, repr=False)
-    """The last static KV cache, with its (batch size, length): generate_with_states reuses it."""
+    """The last static KV cache, with its (batch size, length): decode_with_states reuses it."""
+    compiled_decode_step: Callable | None = field(default=None, repr=False)
+    """decode_with_states' compiled step, compiled once per model."""
 
     def __post_init__(self) -> None:
         self.model.set_attn_implementation({"text_config": PACKED_GQA_SDPA})
@@ -306,17 +316,40 @@ def generate_with_states(
     kv_cache: str = "dynamic",
     compile: bool = False,
 ) -> list[GeneratedSample]:
-    """Sample continuations, then recover each generated token's producing state from the KV cache.
+    """Sample continuations with the producing state of every generated token.
 
     Sampling uses exactly the given temperature and top_p (no top-k, no repetition penalty, whatever
     the checkpoint's generation_config says) and a seeded RNG, so a rerun is identical; temperature 0
     decodes greedily. With `ignore_eos` every sample has exactly `max_new_tokens` tokens: EOS may be
     sampled and generation goes on (ThinkDiff inference, REFERENCE.md section 6; vLLM's ignore_eos).
-    `kv_cache="static"` preallocates the cache; with `compile` HF generate runs the decode step as a
-    compiled CUDA graph (CUDA only; elsewhere it runs eagerly).
+
+    `kv_cache="dynamic"`: HF generate, then the states from one pass over the generated ids that
+    reuses the prompt's KV cache (the plain path). `kv_cache="static"`: `decode_with_states`, which
+    keeps each step's state as it decodes (no states pass); with `compile`, its decode step runs as
+    a compiled CUDA graph (CUDA only; elsewhere eagerly). Both sample the same ids from the same seed.
     """
     eos_ids = [] if ignore_eos else vlm.eos_token_ids
-    prompt_len = batch["input_ids"].shape[1]
+    devices = [vlm.device] if vlm.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        if kv_cache == "static":
+            generated_BG, states_BGD = decode_with_states(vlm, batch, max_new_tokens=max_new_tokens, temperature=temperature,
+                                                          top_p=top_p, eos_ids=eos_ids, compile=compile)
+        else:
+            generated_BG, states_BGD = _hf_generate_with_states(vlm, batch, max_new_tokens=max_new_tokens,
+                                                                temperature=temperature, top_p=top_p, eos_ids=eos_ids)
+    lengths = [_generated_length(row, eos_ids) for row in generated_BG.tolist()]
+    # One device-to-host copy for the batch; each sample then keeps only its own rows.
+    states_BGD = states_BGD.float().cpu()
+    return [
+        GeneratedSample(token_ids=generated_BG[i, :n].tolist(), states_LD=states_BGD[i, :n].clone())
+        for i, n in enumerate(lengths)
+    ]
+
+
+def _hf_generate_with_states(vlm: VLM, batch: dict[str, torch.Tensor], *, max_new_tokens: int, temperature: float,
+                             top_p: float, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain path: HF generate (dynamic cache, eager), then `states_from_cache`."""
     gen_config = GenerationConfig(
         do_sample=temperature > 0,
         temperature=temperature if temperature > 0 else None,
@@ -329,46 +362,127 @@ def generate_with_states(
         # A generated <|image_pad|> would be taken for an image placeholder by the states pass
         # (and a caption has no use for vision tokens); a trained Qwen2-VL never emits them.
         suppress_tokens=vlm.vision_token_ids,
-        disable_compile=not compile,
-        compile_config=decode_compile_config() if compile else None,
+        disable_compile=True,
         return_dict_in_generate=True,
     )
-    devices = [vlm.device] if vlm.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        cache = {"cache": reusable_static_cache(vlm, len(batch["input_ids"]), prompt_len + max_new_tokens)} if kv_cache == "static" else {}
-        out = vlm.model.generate(**batch, generation_config=gen_config, **cache)
-    generated_BG = out.sequences[:, prompt_len:]
-    lengths = [_generated_length(row, eos_ids) for row in generated_BG.tolist()]
-    # One device-to-host copy for the batch; each sample then keeps only its own rows.
-    states_BGD = states_from_cache(vlm, batch, generated_BG, out.cache).float().cpu()
-    return [
-        GeneratedSample(token_ids=generated_BG[i, :n].tolist(), states_LD=states_BGD[i, :n].clone())
-        for i, n in enumerate(lengths)
-    ]
+    out = vlm.model.generate(**batch, generation_config=gen_config)
+    generated_BG = out.sequences[:, batch["input_ids"].shape[1]:]
+    return generated_BG, states_from_cache(vlm, batch, generated_BG, out.cache)
 
 
-def reusable_static_cache(vlm: VLM, batch_size: int, length: int) -> StaticCache:
-    """A static KV cache for `batch_size` rows of up to `length` tokens, reset and reused while the
+def token_scores(vlm: VLM, temperature: float, top_p: float) -> LogitsProcessorList:
+    """What HF generate does to the float32 logits before sampling, in its order (the same
+    transformers processors): vision tokens suppressed, then temperature and top-p when sampling."""
+    scores = LogitsProcessorList([SuppressTokensLogitsProcessor(vlm.vision_token_ids, device=vlm.device)])
+    if temperature > 0:
+        scores += [TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)]
+    return scores
+
+
+EOS_CHECK_EVERY = 16
+"""decode_with_states asks the GPU whether every row has ended once per this many steps (one host sync)."""
+
+
+@torch.no_grad()
+def decode_with_states(vlm: VLM, batch: dict[str, torch.Tensor], *, max_new_tokens: int, temperature: float,
+                       top_p: float, eos_ids: list[int], compile: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, G) generated ids and (B, G, D) producing states, decoded with a reusable static KV cache.
+
+    One eager prefill over image and prompt, then one decode step per token, each returning the
+    token's final-norm state (kept: it is the state that produced the next token, so no second pass
+    over the generated ids is needed) and its logits. Sampling is HF generate's: its processors
+    (`token_scores`) and `torch.multinomial` on the softmax, in the same order, so the same seed
+    gives the ids HF generate samples. Rows that have ended take the pad token, as in HF generate;
+    generation stops early only when every row has ended, checked every `EOS_CHECK_EVERY` steps, so
+    the GPU never waits for the host in between. The decode step's inputs keep one shape for the
+    whole batch (the attention mask spans the cache), so the compiled step is one graph.
+    """
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    rows, prompt_len = input_ids.shape
+    cache, capacity = reusable_static_cache(vlm, rows, prompt_len + max_new_tokens)
+    scores = token_scores(vlm, temperature, top_p)
+    step = decode_step(vlm, compile)
+    model = vlm.model
+    prefill_BPD = model.model(**batch, cache=cache, use_cache=True).last_hidden_state
+    state_BD = prefill_BPD[:, -1]
+    logits_BV = model.lm_head(state_BD).float()
+    del prefill_BPD
+    mask_BC = torch.zeros(rows, capacity, dtype=attention_mask.dtype, device=attention_mask.device)
+    mask_BC[:, :prompt_len] = attention_mask
+    # The next token's text position continues the prompt's (left padding excluded); Qwen2-VL adds
+    # the prefill's M-RoPE offset (rope_deltas) on all three axes.
+    next_position_B1 = attention_mask.sum(-1, keepdim=True) + model.model.rope_deltas
+    tokens_BG = torch.full((rows, max_new_tokens), vlm.pad_token_id, dtype=torch.long, device=input_ids.device)
+    states_BGD = torch.empty(rows, max_new_tokens, state_BD.shape[-1], dtype=state_BD.dtype, device=state_BD.device)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=input_ids.device)
+    unfinished_B = torch.ones(rows, dtype=torch.bool, device=input_ids.device)
+    steps = max_new_tokens
+    for j in range(max_new_tokens):
+        states_BGD[:, j] = state_BD
+        token_scores_BV = scores(tokens_BG[:, :j], logits_BV)
+        if temperature > 0:
+            token_B = torch.multinomial(F.softmax(token_scores_BV, dim=-1), num_samples=1).squeeze(1)
+        else:
+            token_B = token_scores_BV.argmax(-1)
+        tokens_BG[:, j] = torch.where(unfinished_B, token_B, vlm.pad_token_id)
+        unfinished_B &= ~torch.isin(token_B, eos)
+        if j + 1 == max_new_tokens:
+            break
+        if eos_ids and (j + 1) % EOS_CHECK_EVERY == 0 and not bool(unfinished_B.any()):
+            steps = j + 1
+            break
+        mask_BC[:, prompt_len + j] = 1
+        state_BD, logits_BV = step(tokens_BG[:, j], (next_position_B1 + j).expand(3, -1, -1), mask_BC, cache)
+    return tokens_BG[:, :steps], states_BGD[:, :steps]
+
+
+def decode_step(vlm: VLM, compile: bool):
+    """The decode step of `decode_with_states`: (B,) input ids, (3, B, 1) M-RoPE positions, the
+    (B, cache length) attention mask and the cache in; the final-norm state (B, D) and float32 logits
+    (B, V) out. With `compile` it is compiled once per model with `decode_compile_options`: CUDA
+    graphs and static shapes on CUDA (the outputs are copied or consumed before the next step, whose
+    replay overwrites them); without options (other devices) it runs eagerly."""
+    options = decode_compile_options(vlm.device) if compile else None
+    if options is None:
+        return partial(_decode_step, vlm.model)
+    if vlm.compiled_decode_step is None:
+        vlm.compiled_decode_step = torch.compile(partial(_decode_step, vlm.model), **options)
+    return partial(_mark_cudagraph_step, vlm.compiled_decode_step) if options.get("mode") == "reduce-overhead" else vlm.compiled_decode_step
+
+
+def _decode_step(model: Qwen2VLForConditionalGeneration, token_B: torch.Tensor, positions_3B1: torch.Tensor,
+                 mask_BC: torch.Tensor, cache: StaticCache) -> tuple[torch.Tensor, torch.Tensor]:
+    state_BD = model.model.language_model(input_ids=token_B[:, None], position_ids=positions_3B1, attention_mask=mask_BC,
+                                          cache=cache, use_cache=True).last_hidden_state[:, 0]
+    return state_BD, model.lm_head(state_BD).float()
+
+
+def _mark_cudagraph_step(step, *args):
+    # Each call is a new CUDA-graph step: the previous step's outputs were consumed already.
+    torch.compiler.cudagraph_mark_step_begin()
+    return step(*args)
+
+
+def decode_compile_options(device: torch.device) -> dict | None:
+    """torch.compile options of the decode step: CUDA graphs and static shapes on CUDA (what HF
+    generate's default CompileConfig uses); None elsewhere, where the step runs eagerly."""
+    return dict(mode="reduce-overhead", dynamic=False, fullgraph=False) if device.type == "cuda" else None
+
+
+def reusable_static_cache(vlm: VLM, batch_size: int, length: int) -> tuple[StaticCache, int]:
+    """A static KV cache, and its length, for `batch_size` rows of up to `length` tokens, reset and reused while the
     batch size holds and the length fits. Its length is rounded up to a multiple of 256, so batches
     whose prompts differ by a few tokens share one shape (one compiled decode graph), and the
-    compiled step's CUDA graphs see the same cache tensors on every call (a new cache per call, what
-    generate() would make, means new addresses to record)."""
+    compiled step's CUDA graphs see the same cache tensors on every call."""
     if vlm.static_cache is not None:
         (rows, capacity), cache = vlm.static_cache
         if rows == batch_size and capacity >= length:
             cache.reset()
-            return cache
+            return cache, capacity
     capacity = -(-length // STATIC_CACHE_ROUNDING) * STATIC_CACHE_ROUNDING
     cache = StaticCache(config=vlm.model.config.get_text_config(decoder=True), max_cache_len=capacity)
     vlm.static_cache = ((batch_size, capacity), cache)
-    return cache
-
-
-def decode_compile_config() -> CompileConfig:
-    """How HF generate compiles the decode step: transformers' defaults (CUDA graphs, static shapes).
-    HF compiles on CUDA only; elsewhere generation runs eagerly."""
-    return CompileConfig()
+    return cache, capacity
 
 
 @torch.no_grad()
