@@ -30,7 +30,7 @@ import torch
 from compile_counters import changed_since, snapshot
 from PIL import Image
 from timing import sync
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessorList, TopPLogitsWarper
 
 from thinkdiff.config import RunConfig, load_config
 from thinkdiff.data import extract
@@ -93,8 +93,9 @@ def project_phases(cfg: RunConfig, vlm: VLM, items: list[CorpusImage]) -> dict[s
     image: prep (`_prepare_lvlm` on the preprocessing threads, not overlapped here, and the copy of
     its inputs to the GPU), the vision tower alone, the prefill alone (one more forward over the
     prompts), generate (`_lvlm_records`: prefill + decode steps, states included), and the share of
-    the decode steps that is sampling (`token_scores` and multinomial on (batch, vocabulary)
-    logits, eager: HF's top-p sorts the whole vocabulary per row), timed apart on random logits."""
+    the decode steps that is sampling, timed apart on random (batch, vocabulary) logits: the
+    stage's processors (compiled, top-p by threshold; on a CPU, eager with transformers' sort) and,
+    for comparison, with transformers' sort-based `TopPLogitsWarper` in its place."""
     f, device, n = cfg.features, vlm.device, len(items)
     t0 = sync(device)
     with ThreadPoolExecutor(f.preprocess_workers) as pool:
@@ -108,16 +109,23 @@ def project_phases(cfg: RunConfig, vlm: VLM, items: list[CorpusImage]) -> dict[s
     t3 = sync(device)
     extract._lvlm_records(cfg, vlm, prepared, seed=0)
     t4 = sync(device)
-    scores = token_scores(vlm, f.temperature, f.top_p)
-    logits_BV = torch.randn(n, vlm.model.config.text_config.vocab_size, device=device)
-    repeats = 8
-    t5 = sync(device)
-    for _ in range(repeats):
-        torch.multinomial(torch.softmax(scores(None, logits_BV), dim=-1), num_samples=1)
-    t6 = sync(device)
     ms = lambda seconds: 1000 * seconds / n  # noqa: E731
+    stage = token_scores(vlm, f.temperature, f.top_p, compile=f.compile and device.type == "cuda")
+    sorted_top_p = LogitsProcessorList([*stage[:-1], TopPLogitsWarper(f.top_p)])
+    logits_BV = torch.randn(n, vlm.model.config.text_config.vocab_size, device=device)
     return {"prep": ms(t1 - t0), "vision tower": ms(t2 - t1), "prefill (vision included)": ms(t3 - t2),
-            "generate": ms(t4 - t3), f"of which sampling ({f.max_new_tokens} steps)": ms((t6 - t5) / repeats * f.max_new_tokens)}
+            "generate": ms(t4 - t3),
+            f"of which sampling ({f.max_new_tokens} steps)": ms(sampling_seconds(stage, logits_BV) * f.max_new_tokens),
+            "sampling with the sort-based top-p instead": ms(sampling_seconds(sorted_top_p, logits_BV) * f.max_new_tokens)}
+
+
+def sampling_seconds(processors: LogitsProcessorList, logits_BV: torch.Tensor, repeats: int = 8) -> float:
+    """Seconds per decode step of the sampling alone: processors, softmax, multinomial."""
+    torch.multinomial(torch.softmax(processors(None, logits_BV), dim=-1), num_samples=1)  # warm-up (a compile)
+    started = sync(logits_BV.device)
+    for _ in range(repeats):
+        torch.multinomial(torch.softmax(processors(None, logits_BV), dim=-1), num_samples=1)
+    return (sync(logits_BV.device) - started) / repeats
 
 
 def corpus_batches(n_batches: int, batch: int, side: int, seed: int) -> list[list[CorpusImage]]:
@@ -140,13 +148,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--naive-batch", type=int, default=None, help="default 32 (tiny 4)")
-    parser.add_argument("--batch", type=int, default=None, help="the project path's batch (default 256; tiny 8)")
+    parser.add_argument("--batch", type=int, nargs="+", default=None,
+                        help="the project path's batches: the first gets the ratio and the phases (default 256; tiny 8); "
+                             "8 is CoBSAT's eval.batch_size")
     parser.add_argument("--tokens", type=int, default=None, help="generated tokens per image (default 128; tiny 16)")
     parser.add_argument("--batches", type=int, default=2, help="timed batches per path, after one warm-up batch")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tiny = args.tiny
-    naive_bs, bs = args.naive_batch or (4 if tiny else 32), args.batch or (8 if tiny else 256)
+    naive_bs, batches = args.naive_batch or (4 if tiny else 32), args.batch or [8 if tiny else 256]
     tokens = args.tokens or (16 if tiny else 128)
     side = 112 if tiny else 448
     pixels = dict(min_pixels=56 * 56, max_pixels=side * side)
@@ -161,10 +171,13 @@ def main() -> None:
     torch.set_default_dtype(torch.float32)
     compile = device.type == "cuda"
     params = sum(p.numel() for p in vlm.model.parameters()) / 1e9
-    cfg = load_config("tiny" if tiny else "paper-lvlm", [
-        f"features.batch_size={bs}", f"features.max_new_tokens={tokens}", f"features.compile={compile}",
-        f"features.min_pixels={pixels['min_pixels']}", f"features.max_pixels={pixels['max_pixels']}",
-        f"features.preprocess_workers={2 if tiny else 8}"])
+    def stage_config(batch: int) -> RunConfig:
+        return load_config("tiny" if tiny else "paper-lvlm", [
+            f"features.batch_size={batch}", f"features.max_new_tokens={tokens}", f"features.compile={compile}",
+            f"features.min_pixels={pixels['min_pixels']}", f"features.max_pixels={pixels['max_pixels']}",
+            f"features.preprocess_workers={2 if tiny else 8}"])
+
+    cfg = stage_config(batches[0])
     prompt = encode_chat(vlm, [[corpus_batches(1, 1, side, seed=0)[0][0].image, cfg.features.instructions[0]]],
                          cfg.features.system_prompt, device=torch.device("cpu"))
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), {dtype}, "
@@ -172,23 +185,27 @@ def main() -> None:
           f"(shortest instruction), {tokens} tokens, compile {compile}")
     naive = measure_naive(cfg, vlm, naive_bs, args.batches, side, tokens)
     print(f"naive done: {naive['images_per_s']:.2f} images/s (generate only {naive['gen_only_images_per_s']:.2f})", flush=True)
-    cold = snapshot()
-    project_run(cfg, vlm, corpus_batches(1, bs, side, seed=99))  # warm-up: allocator, kernels, the compile
-    warm = snapshot()
-    print(f"compile counters changed over the warm-up batch: {changed_since(cold)}")
-    project = project_run(cfg, vlm, corpus_batches(args.batches, bs, side, seed=0))
-    print(f"compile counters changed over the timed batches: {changed_since(warm)}")
-    ratio = project["images_per_s"] / naive["gen_only_images_per_s"]
+    projects, phases = {}, {}
+    for bs in batches:
+        cold = snapshot()
+        project_run(stage_config(bs), vlm, corpus_batches(1, bs, side, seed=99))  # warm-up: allocator, kernels, the compile
+        warm = snapshot()
+        print(f"batch {bs}: compile counters changed over the warm-up batch: {changed_since(cold)}")
+        projects[bs] = project_run(stage_config(bs), vlm, corpus_batches(args.batches, bs, side, seed=0))
+        print(f"batch {bs}: compile counters changed over the timed batches: {changed_since(warm)}", flush=True)
+        if bs == batches[0]:  # a timed batch again: same shapes
+            phases = project_phases(cfg, vlm, corpus_batches(1, bs, side, seed=0)[0])
     print("| path | batch | images/s (whole stage) | generate-only images/s | ms/image: prep | generate | states |")
     print("|---|---|---|---|---|---|---|")
     print(f"| naive | {naive_bs} | {naive['images_per_s']:.2f} | {naive['gen_only_images_per_s']:.2f} | "
           f"{naive['prep_ms_per_image']:.1f} | {naive['gen_ms_per_image']:.1f} | {naive['states_ms_per_image']:.1f} |")
-    print(f"| project | {bs} | {project['images_per_s']:.2f} | - | overlapped | {project['ms_per_image']:.1f} "
-          f"(all, {project['tokens_per_image']:.0f} tokens/image) | kept while decoding |")
-    print(f"ratio project (whole stage) / naive generate-only: {ratio:.2f}x (target 5x)")
-    phases = project_phases(cfg, vlm, corpus_batches(1, bs, side, seed=0)[0])  # a timed batch again: same shapes
-    print("project phases, ms/image (one more batch, synced): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items())
-          + " (generate = prefill + decode steps)")
+    for bs, project in projects.items():
+        print(f"| project | {bs} | {project['images_per_s']:.2f} | - | overlapped | {project['ms_per_image']:.1f} "
+              f"(all, {project['tokens_per_image']:.0f} tokens/image) | kept while decoding |")
+    ratio = projects[batches[0]]["images_per_s"] / naive["gen_only_images_per_s"]
+    print(f"ratio project (whole stage, batch {batches[0]}) / naive generate-only: {ratio:.2f}x (target 5x)")
+    print(f"project phases at batch {batches[0]}, ms/image (one more batch, synced): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()) + " (generate = prefill + decode steps)")
 
 
 if __name__ == "__main__":

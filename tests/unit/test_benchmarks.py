@@ -35,12 +35,12 @@ def _table_rows(out: str) -> dict[str, list[str]]:
 
 
 def test_extract_features_benchmark_tiny():
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "extract_features.py"), "--tiny", "--batches", "1"],
-                         capture_output=True, text=True, check=True, timeout=300).stdout
-    rows = _table_rows(out)
-    assert set(rows) == {"naive", "project"} and "ratio project (whole stage) / naive generate-only:" in out
-    assert float(rows["naive"][1]) > 0 and float(rows["project"][1]) > 0
-    assert "vision tower" in out and "prefill (vision included)" in out
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "extract_features.py"), "--tiny", "--batches", "1",
+                          "--batch", "8", "2"], capture_output=True, text=True, check=True, timeout=300).stdout
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")][1:]
+    assert [(r[0], r[1]) for r in rows] == [("naive", "4"), ("project", "8"), ("project", "2")]
+    assert all(float(r[2]) > 0 for r in rows) and "ratio project (whole stage, batch 8) / naive generate-only:" in out
+    assert "vision tower" in out and "prefill (vision included)" in out and "sort-based top-p instead" in out
 
 
 def test_flux_generate_benchmark_tiny():

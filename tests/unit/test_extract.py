@@ -59,13 +59,19 @@ def test_encode_chat_left_pads_and_marks_image_tokens(vlm):
     assert mask[0, 0] == 0 and mask[1].all()
 
 
-@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
-def test_sampled_ids_and_states_equal_hf_generate(vlm, kv_cache, monkeypatch):
-    """Both paths (HF generate + states from its cache; the static-cache decode loop) sample the ids
-    HF generate samples from the same seed, with the states generate() itself saw; both stop once
-    every row has ended."""
+@pytest.mark.parametrize("path", ["dynamic", "static", "static, top-p by threshold"])
+def test_sampled_ids_and_states_equal_hf_generate(vlm, path, monkeypatch):
+    """Both paths (HF generate + states from its cache; the static-cache decode loop, with top-p
+    by sorting as uncompiled or by threshold as compiled) sample the ids HF generate samples from
+    the same seed, with the states generate() itself saw; both stop once every row has ended."""
+    from thinkdiff.models import sampling
     from thinkdiff.models import vlm as vlm_module
 
+    kv_cache = path.split(",")[0]
+    if path.endswith("threshold"):
+        real_scores = vlm_module.token_scores
+        monkeypatch.setattr(vlm_module, "token_scores", lambda *args, **kwargs: real_scores(*args, compile=True))
+        monkeypatch.setattr(sampling, "compiled_top_p_keep", lambda: sampling.top_p_keep)  # compiled: test_sampling
     decode_steps = []
     real_step = vlm_module._decode_step
     monkeypatch.setattr(vlm_module, "_decode_step", lambda *args: decode_steps.append(1) or real_step(*args))

@@ -49,6 +49,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from thinkdiff.config import TINY_MODEL_ID, ModelSource
 from thinkdiff.models.common import default_device, torch_dtype
+from thinkdiff.models.sampling import TopPByThreshold
 
 log = logging.getLogger(__name__)
 
@@ -370,12 +371,14 @@ def _hf_generate_with_states(vlm: VLM, batch: dict[str, torch.Tensor], *, max_ne
     return generated_BG, states_from_cache(vlm, batch, generated_BG, out.cache)
 
 
-def token_scores(vlm: VLM, temperature: float, top_p: float) -> LogitsProcessorList:
-    """What HF generate does to the float32 logits before sampling, in its order (the same
-    transformers processors): vision tokens suppressed, then temperature and top-p when sampling."""
+def token_scores(vlm: VLM, temperature: float, top_p: float, *, compile: bool = False) -> LogitsProcessorList:
+    """What HF generate does to the float32 logits before sampling, in its order and with its
+    processors: vision tokens suppressed, then temperature and top-p when sampling. With `compile`,
+    top-p is `TopPByThreshold` instead (compiled): the same tokens kept, found without sorting the
+    vocabulary; uncompiled, its 30 passes cost more than the sort."""
     scores = LogitsProcessorList([SuppressTokensLogitsProcessor(vlm.vision_token_ids, device=vlm.device)])
     if temperature > 0:
-        scores += [TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)]
+        scores += [TemperatureLogitsWarper(temperature), TopPByThreshold(top_p) if compile else TopPLogitsWarper(top_p)]
     return scores
 
 
@@ -391,8 +394,8 @@ def decode_with_states(vlm: VLM, batch: dict[str, torch.Tensor], *, max_new_toke
     One eager prefill over image and prompt, then one decode step per token, each returning the
     token's final-norm state (kept: it is the state that produced the next token, so no second pass
     over the generated ids is needed) and its logits. Sampling is HF generate's: its processors
-    (`token_scores`) and `torch.multinomial` on the softmax, in the same order, so the same seed
-    gives the ids HF generate samples. Rows that have ended take the pad token, as in HF generate;
+    (`token_scores`, top-p without a sort) and `torch.multinomial` on the softmax, in the same
+    order, so the same seed gives the ids HF generate samples. Rows that have ended take the pad token, as in HF generate;
     generation stops early only when every row has ended, checked every `EOS_CHECK_EVERY` steps, so
     the GPU never waits for the host in between. The decode step's inputs keep one shape for the
     whole batch (the attention mask spans the cache), so the compiled step is one graph.
@@ -400,8 +403,8 @@ def decode_with_states(vlm: VLM, batch: dict[str, torch.Tensor], *, max_new_toke
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     rows, prompt_len = input_ids.shape
     cache, capacity = reusable_static_cache(vlm, rows, prompt_len + max_new_tokens)
-    scores = token_scores(vlm, temperature, top_p)
     step = decode_step(vlm, compile)
+    scores = token_scores(vlm, temperature, top_p, compile=compile and decode_compile_options(vlm.device) is not None)
     model = vlm.model
     prefill_BPD = model.model(**batch, cache=cache, use_cache=True).last_hidden_state
     state_BD = prefill_BPD[:, -1]
