@@ -16,8 +16,11 @@ uniform in 8..128, random weights, random features and labels.
   with dynamic shapes (train.compile; an untimed pass over the same batches pays the compile).
   Making the batches from the feature store (read, decode, split, tokenize, pad) runs on that
   thread, beside the GPU; its rate per core is `feature_store.py`'s "batches" column.
-Useful TFLOP/s counts real tokens only: decoder forward + activation backward (4 x params x
-target tokens, plus attention) and the aligner's forward + backward (6 x params x source rows).
+Useful TFLOP/s counts real tokens only (`step_flops`): decoder forward + activation backward (4 x
+params x tokens: target tokens, and source rows for the cross-attention keys and values, plus
+attention) and the aligner's forward + backward (6 x params x source rows). "FLOPs on padding":
+the share of the FLOPs that run spent on padded positions (bucketed: each batch's longest source
+and target; naive: 128 and 128, its full logits included).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from thinkdiff.config import load_config
 from thinkdiff.data.features import StoredFeatures
 from thinkdiff.models.aligner import Aligner, AlignerConfig
 from thinkdiff.models.t5 import IGNORE_INDEX, T5DecoderLM, T5Parts, build_tiny_t5
-from thinkdiff.train.data import Batch, Prepared, pad
+from thinkdiff.train.data import Batch, Prepared, length_buckets, pad
 from thinkdiff.train.engine import make_accelerator
 from thinkdiff.train.loop import lr_multiplier, param_groups, train_step
 
@@ -46,25 +49,27 @@ WARMUP_STEPS = 2
 
 
 def make_batches(n: int, batch: int, d_in: int, vocab: int, seed: int = 0) -> list[tuple[list[int], list[int], torch.Tensor, list[torch.Tensor]]]:
+    """`n` batches of random lengths and labels; every batch shares one random feature tensor (the
+    values do not matter for timing, and a pool of 64 batches of 128 would hold 15 GB)."""
     g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(batch, 128, d_in, generator=g)
     out = []
     for _ in range(n):
         src = torch.randint(1, 129, (batch,), generator=g).tolist()
         tgt = torch.randint(8, 129, (batch,), generator=g).tolist()
-        feats = torch.randn(batch, 128, d_in, generator=g)
         labels = [torch.randint(2, vocab, (t,), generator=g) for t in tgt]
         out.append((src, tgt, feats, labels))
     return out
 
 
 def bucketed(batches):
-    """The project path's batching: the same samples, grouped by (target, source) length as
-    `train.bucket_window` does over the whole pool, padding only to each batch's longest."""
+    """The project path's batching: the same samples, all the batches one pool, grouped by length
+    as the training loop's batcher groups a pool of `train.bucket_window` batches (`length_buckets`),
+    padding only to each batch's longest."""
     samples = [(s, t, f, lab) for src, tgt, feats, labels in batches for s, t, f, lab in zip(src, tgt, feats, labels, strict=True)]
-    samples.sort(key=lambda x: (x[1], x[0]))
-    size = len(batches[0][0])
-    groups = [samples[k: k + size] for k in range(0, len(samples), size)]
-    return [([x[0] for x in g], [x[1] for x in g], torch.stack([x[2] for x in g]), [x[3] for x in g]) for g in groups]
+    groups = length_buckets([(x[1], x[0]) for x in samples], len(batches[0][0]))
+    return [([samples[i][0] for i in g], [samples[i][1] for i in g], torch.stack([samples[i][2] for i in g]),
+             [samples[i][3] for i in g]) for g in groups]
 
 
 def padded_to_128(src, tgt, feats, labels) -> Batch:
@@ -77,14 +82,34 @@ def padded_to_128(src, tgt, feats, labels) -> Batch:
     return Batch(features_BSD=feats * mask[..., None], source_mask_BS=mask, labels_BT=lab)
 
 
-def useful_flops(cfg: T5Config, aligner_params: int, src: list[int], tgt: list[int]) -> float:
+def step_flops(cfg: T5Config, aligner_params: int, src: list[int], tgt: list[int], *, pad_to: tuple[int, int] | None = None,
+               head_over_padding: bool = False) -> float:
+    """FLOPs of one training step over a batch: the decoder's forward and activation backward
+    (2 x 2 x params per token: projections and FFN per target token, cross-attention keys and
+    values per source row, plus attention) and the aligner's forward and backward (6 x params per
+    source row). Real lengths by default (the useful FLOPs); with `pad_to` (source, target),
+    every sample at those lengths (what runs), the vocabulary head over padding too only where
+    `head_over_padding` (the naive path's full logits)."""
     d, layers = cfg.d_model, cfg.num_decoder_layers
-    per_token = layers * (4 * d * d + 4 * d * d + 3 * d * cfg.d_ff) + d * cfg.vocab_size  # self + cross attn proj, FFN, head
+    per_target = layers * (4 * d * d + 2 * d * d + 3 * d * cfg.d_ff)  # self-attention q/k/v/o, cross q/o, FFN
+    per_source = layers * 2 * d * d  # cross-attention k/v
+    head = 2 * 2 * d * cfg.vocab_size * (len(tgt) * pad_to[1] if pad_to and head_over_padding else sum(tgt))
     total = 0.0
     for s, t in zip(src, tgt, strict=True):
+        s, t = pad_to or (s, t)
         attention = layers * (4 * t * t * d + 4 * t * s * d)
-        total += 2 * (2 * per_token * t + 2 * attention) + 6 * aligner_params * s
-    return total
+        total += 2 * (2 * (per_target * t + per_source * s) + 2 * attention) + 6 * aligner_params * s
+    return total + head
+
+
+def padding_share(cfg: T5Config, aligner_params: int, batches, *, fixed: tuple[int, int] | None = None,
+                  head_over_padding: bool = False) -> float:
+    """The share of a pass's FLOPs spent on padding: batches padded to their longest source and
+    target (the project's buckets), or to `fixed` lengths."""
+    useful = sum(step_flops(cfg, aligner_params, src, tgt) for src, tgt, _, _ in batches)
+    run = sum(step_flops(cfg, aligner_params, src, tgt, pad_to=fixed or (max(src), max(tgt)), head_over_padding=head_over_padding)
+              for src, tgt, _, _ in batches)
+    return 1 - useful / run
 
 
 def naive_run(model: T5ForConditionalGeneration, aligner: Aligner, batches, device, dtype) -> dict:
@@ -105,9 +130,10 @@ def naive_run(model: T5ForConditionalGeneration, aligner: Aligner, batches, devi
         loss.item()
         if k >= WARMUP_STEPS:  # the first steps warm up allocators and kernels
             times.append(sync(device) - started)
-            flops += useful_flops(model.config, aligner_params, src, tgt)
+            flops += step_flops(model.config, aligner_params, src, tgt)
     return {"samples_per_s": len(times) * len(batches[0][0]) / sum(times), "useful_tflops": flops / sum(times) / 1e12,
-            "peak_gib": peak_gib(device)}
+            "peak_gib": peak_gib(device),
+            "padding": padding_share(model.config, aligner_params, batches, fixed=(128, 128), head_over_padding=True)}
 
 
 def project_run(decoder: T5DecoderLM, batches, device, profile: bool = False) -> dict:
@@ -147,11 +173,11 @@ def project_run(decoder: T5DecoderLM, batches, device, profile: bool = False) ->
     torch.stack(losses).sum().item()
     seconds = sync(device) - started
     print(f"batch {len(batches[0][0])}: compile counters changed over the timed steps: {changed_since(warm)}", flush=True)
-    flops = sum(useful_flops(decoder.config, aligner_params, src, tgt) for src, tgt, _, _ in batches)
+    flops = sum(step_flops(decoder.config, aligner_params, src, tgt) for src, tgt, _, _ in batches)
     if profile:
         print_profile(lambda: [step(b) for b in ready[:2]], device)
     return {"samples_per_s": sum(len(b[0]) for b in batches) / seconds, "useful_tflops": flops / seconds / 1e12,
-            "peak_gib": peak_gib(device), "host_syncs": syncs}
+            "peak_gib": peak_gib(device), "host_syncs": syncs, "padding": padding_share(decoder.config, aligner_params, batches)}
 
 
 def print_profile(fn, device: torch.device) -> None:
@@ -193,11 +219,14 @@ def main() -> None:
     parser.add_argument("--project-batch", type=int, nargs="+", default=None,
                         help="the project path's batch sizes, one compiled decoder for all (default: --batch)")
     parser.add_argument("--profile", action="store_true", help="profile two steps of the last project batch size")
-    parser.add_argument("--steps", type=int, default=None, help="steps per path (default 12; tiny 5): the naive path times all but its first 2, the project path all of them after an untimed pass")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps per path, one bucketing pool (default: the paper preset's train.bucket_window; tiny 5): "
+                             "the naive path times all but its first 2, the project path all of them after an untimed pass")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    batch, steps = args.batch or (8 if args.tiny else 32), args.steps or (5 if args.tiny else 12)
+    batch = args.batch or (8 if args.tiny else 32)
+    steps = args.steps or (5 if args.tiny else load_config("paper-lvlm").train.bucket_window)
     torch.manual_seed(0)
     if args.tiny:
         d_in, full = 64, build_tiny_t5()
@@ -232,11 +261,11 @@ def main() -> None:
             continue
         print(f"project batch {size} done: {rows[-1][2]['samples_per_s']:.1f} samples/s, host syncs in one step: "
               f"{rows[-1][2]['host_syncs']}", flush=True)
-    print("| path | batch | samples/s | useful TFLOP/s | peak GiB | ratio to naive |")
-    print("|---|---|---|---|---|---|")
+    print("| path | batch | samples/s | useful TFLOP/s | FLOPs on padding | peak GiB | ratio to naive |")
+    print("|---|---|---|---|---|---|---|")
     for name, size, r in rows:
-        print(f"| {name} | {size} | {r['samples_per_s']:.1f} | {r['useful_tflops']:.3g} | {r['peak_gib']:.1f} | "
-              f"{r['samples_per_s'] / naive['samples_per_s']:.2f}x |")
+        print(f"| {name} | {size} | {r['samples_per_s']:.1f} | {r['useful_tflops']:.3g} | {100 * r['padding']:.1f}% | "
+              f"{r['peak_gib']:.1f} | {r['samples_per_s'] / naive['samples_per_s']:.2f}x |")
 
 
 if __name__ == "__main__":

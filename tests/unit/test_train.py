@@ -1,5 +1,6 @@
 """Covers: the learning-rate schedule and weight-decay groups of REFERENCE.md section 5; the
-masked-split collate; the streaming sample order and its resume position; checkpoints (atomic,
+masked-split collate; the streaming sample order and its resume position; length buckets (less
+padding than one sort, ranks' slices); checkpoints (atomic,
 keep_last, weights_only); a run stopped after step K and resumed equals an uninterrupted run
 bitwise; the aligner learns on a fixed feature set."""
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from transformers import ByT5Tokenizer
@@ -211,6 +213,25 @@ def test_length_buckets_cut_padding_and_split_ranks(tiny_store):
     for k in range(6):
         joined = torch.cat([halves[0][k].features_BSD.sum((1, 2)), halves[1][k].features_BSD.sum((1, 2))])
         torch.testing.assert_close(joined, whole[k].features_BSD.sum((1, 2)))
+
+
+def test_length_buckets_pad_less_than_one_sort():
+    """Every index once, in groups of the batch size; under the decoder's cost (a target token about
+    7x a source row), less padding than one sort by (target, source) over the same pool."""
+    from thinkdiff.train.data import length_buckets
+
+    rng = np.random.default_rng(0)
+    costs = list(zip(rng.integers(8, 129, 2048).tolist(), rng.integers(1, 129, 2048).tolist(), strict=True))
+
+    def padded(groups):
+        return sum(len(g) * (7 * max(costs[i][0] for i in g) + max(costs[i][1] for i in g)) for g in groups)
+
+    groups = length_buckets(costs, 32)
+    assert sorted(i for g in groups for i in g) == list(range(2048)) and {len(g) for g in groups} == {32}
+    one_sort = sorted(range(2048), key=costs.__getitem__)
+    useful = sum(7 * t + s for t, s in costs)
+    assert padded(groups) - useful < 0.7 * (padded([one_sort[k: k + 32] for k in range(0, 2048, 32)]) - useful)
+    assert [len(g) for g in length_buckets(costs[:70], 32)] == [32, 32, 6]  # a short pool: the last group short
 
 
 def test_prefetched_batches_are_the_batchers_with_their_states(tiny_store, tmp_path):

@@ -269,8 +269,8 @@ class Batcher:
     """Length-bucketed global batches, resumable exactly.
 
     A pool of `window` global batches is drawn from the stream, each sample split (RNG keyed by
-    seed and pool number), sorted by (target, source) length (`Prepared.cost`) and cut into global
-    batches whose order is shuffled; each process takes its slice. Similar lengths in a batch means little
+    seed and pool number), grouped by length (`length_buckets`) into global batches whose order is
+    shuffled; each process takes its slice. Similar lengths in a batch means little
     padding; `window=1` keeps the stream order (no bucketing). The state (pool start, pool number,
     batches emitted) is all a checkpoint needs. A batch decodes the features of its own samples
     only, on DECODE_THREADS threads; the rest of the pool stays encoded until its batch comes.
@@ -296,17 +296,35 @@ class Batcher:
             pool = take(iter(stream), self.window * global_size)
             rng = np.random.default_rng([self.seed, start.pool])
             prepared = [self.collator.prepare(sample, rng) for sample in pool]
-            order = list(range(len(prepared)))
             if self.window > 1:
-                order.sort(key=lambda i: prepared[i].cost)
-            groups = [order[k: k + global_size] for k in range(0, len(order), global_size)]
-            if self.window > 1:
+                groups = length_buckets([p.cost for p in prepared], global_size)
                 rng.shuffle(groups)
+            else:
+                groups = [list(range(k, min(k + global_size, len(prepared)))) for k in range(0, len(prepared), global_size)]
             for j in range(start.emitted, len(groups)):
                 self.state = BatcherState(start.epoch, start.index, start.pool, j + 1)
                 mine = groups[j][self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
                 yield pad([prepared[i] for i in mine], self.collator.t5_tokenizer.pad_token_id, self.pin_memory, decoders)
             self.state = BatcherState(stream.position.epoch, stream.position.index, start.pool + 1, 0)
+
+
+SOURCE_SORTED_RUN = 2
+"""`length_buckets` re-sorts runs of this many groups by source length."""
+
+
+def length_buckets(costs: list[tuple[int, int]], size: int) -> list[list[int]]:
+    """Indices of `costs` ((target, source) lengths, `Prepared.cost`) cut into groups of `size`
+    (the last may be short) that pad little: sorted by target length (a target token costs the
+    decoder about 7x what a source row costs its cross-attention keys and values), then each run
+    of `SOURCE_SORTED_RUN` consecutive groups re-sorted by source length, so a group's sources pad
+    to a nearer maximum while its targets spread over at most the run's range. At flan-t5-xxl
+    shapes, lengths uniform in 1..128 and 8..128 and a pool of 64 groups of 32, this spends 7.5%
+    of a step's FLOPs on padding, against 11.6% for one sort by (target, source) and 14.6% for
+    that sort over 16 groups (`benchmarks/train_step.py`'s padding column, same cost model)."""
+    order = sorted(range(len(costs)), key=costs.__getitem__)
+    run = SOURCE_SORTED_RUN * size
+    order = [i for start in range(0, len(order), run) for i in sorted(order[start: start + run], key=lambda i: costs[i][::-1])]
+    return [order[k: k + size] for k in range(0, len(order), size)]
 
 
 def take(stream: Iterator[Sample], n: int) -> list[Sample]:
