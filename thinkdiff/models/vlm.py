@@ -8,8 +8,8 @@ check both against HF generate and a full teacher-forced pass):
 - plain (`kv_cache="dynamic"`): HF `generate()`, then one pass of the language model over the
   generated ids, reusing generate()'s KV cache of the prompt (`states_from_cache`);
 - production (`kv_cache="static"`): `decode_with_states`, a decode loop over a reused static cache
-  that keeps each step's state as it goes, with HF generate's own sampling processors; its decode
-  step compiles to a CUDA graph.
+  that keeps each step's state as it goes, with HF generate's own sampling processors; with
+  `compile` on CUDA its decode step is a CUDA graph.
 
 Shape legend: B batch, P padded prompt length, G generated length, L one sample's length, D width.
 """
@@ -375,7 +375,8 @@ def token_scores(vlm: VLM, temperature: float, top_p: float, *, compile: bool = 
     """What HF generate does to the float32 logits before sampling, in its order and with its
     processors: vision tokens suppressed, then temperature and top-p when sampling. With `compile`,
     top-p is `TopPByThreshold` instead (compiled): the same tokens kept, found without sorting the
-    vocabulary; uncompiled, its 30 passes cost more than the sort."""
+    vocabulary; uncompiled, each of its 30 passes would be several kernels over the whole
+    vocabulary, so the sort stays."""
     scores = LogitsProcessorList([SuppressTokensLogitsProcessor(vlm.vision_token_ids, device=vlm.device)])
     if temperature > 0:
         scores += [TemperatureLogitsWarper(temperature), TopPByThreshold(top_p) if compile else TopPLogitsWarper(top_p)]
@@ -394,10 +395,10 @@ def decode_with_states(vlm: VLM, batch: dict[str, torch.Tensor], *, max_new_toke
     One eager prefill over image and prompt, then one decode step per token, each returning the
     token's final-norm state (kept: it is the state that produced the next token, so no second pass
     over the generated ids is needed) and its logits. Sampling is HF generate's: its processors
-    (`token_scores`, top-p without a sort) and `torch.multinomial` on the softmax, in the same
-    order, so the same seed gives the ids HF generate samples. Rows that have ended take the pad token, as in HF generate;
-    generation stops early only when every row has ended, checked every `EOS_CHECK_EVERY` steps, so
-    the GPU never waits for the host in between. The decode step's inputs keep one shape for the
+    (`token_scores`; compiled, top-p without a sort) and `torch.multinomial` on the softmax, in
+    the same order, so the same seed gives the ids HF generate samples. Rows that have ended take
+    the pad token, as in HF generate; generation stops early only when every row has ended,
+    checked every `EOS_CHECK_EVERY` steps, so the GPU never waits for the host in between. The decode step's inputs keep one shape for the
     whole batch (the attention mask spans the cache), so the compiled step is one graph.
     """
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
@@ -473,10 +474,10 @@ def decode_compile_options(device: torch.device) -> dict | None:
 
 
 def reusable_static_cache(vlm: VLM, batch_size: int, length: int) -> tuple[StaticCache, int]:
-    """A static KV cache, and its length, for `batch_size` rows of up to `length` tokens, reset and reused while the
-    batch size holds and the length fits. Its length is rounded up to a multiple of 256, so batches
-    whose prompts differ by a few tokens share one shape (one compiled decode graph), and the
-    compiled step's CUDA graphs see the same cache tensors on every call."""
+    """A static KV cache and its length, for `batch_size` rows of up to `length` tokens, reset and
+    reused while the batch size holds and the length fits. Its length is rounded up to a multiple
+    of 256, so batches whose prompts differ by a few tokens share one shape (one compiled decode
+    graph), and the compiled step's CUDA graphs see the same cache tensors on every call."""
     if vlm.static_cache is not None:
         (rows, capacity), cache = vlm.static_cache
         if rows == batch_size and capacity >= length:
