@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from compile_counters import changed_since, snapshot
 from PIL import Image
-from timing import sync
+from timing import host_syncs, sync
 from transformers import GenerationConfig, LogitsProcessorList, TopPLogitsWarper
 
 from thinkdiff.config import RunConfig, load_config
@@ -37,6 +37,7 @@ from thinkdiff.data import extract
 from thinkdiff.data.corpus import CorpusImage
 from thinkdiff.data.extract import extract_records, pick_instruction
 from thinkdiff.models.vlm import (
+    EOS_CHECK_EVERY,
     TINY_TEXT,
     TINY_VISION,
     VLM,
@@ -107,12 +108,15 @@ def project_phases(cfg: RunConfig, vlm: VLM, items: list[CorpusImage]) -> dict[s
         t2 = sync(device)
         vlm.model(**inputs, logits_to_keep=1)
     t3 = sync(device)
-    extract._lvlm_records(cfg, vlm, prepared, seed=0)
+    generate = lambda: extract._lvlm_records(cfg, vlm, prepared, seed=0)  # noqa: E731
+    syncs = host_syncs(generate) if device.type == "cuda" else generate()
     t4 = sync(device)
     ms = lambda seconds: 1000 * seconds / n  # noqa: E731
     stage = token_scores(vlm, f.temperature, f.top_p, compile=f.compile and device.type == "cuda")
     sorted_top_p = LogitsProcessorList([*stage[:-1], TopPLogitsWarper(f.top_p)])
     logits_BV = torch.randn(n, vlm.model.config.text_config.vocab_size, device=device)
+    print(f"host syncs in one batch's generate (CUDA): {syncs if device.type == 'cuda' else '-'} "
+          f"(the decode loop: one per {EOS_CHECK_EVERY} steps while rows may end, and the copies out)")
     return {"prep": ms(t1 - t0), "vision tower": ms(t2 - t1), "prefill (vision included)": ms(t3 - t2),
             "generate": ms(t4 - t3),
             f"of which sampling ({f.max_new_tokens} steps)": ms(sampling_seconds(stage, logits_BV) * f.max_new_tokens),

@@ -27,11 +27,10 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 
 import torch
 from compile_counters import changed_since, graphs_since, snapshot
-from timing import sync
+from timing import host_syncs, sync
 from transformers import T5Config, T5ForConditionalGeneration
 
 from thinkdiff.config import load_config
@@ -189,18 +188,6 @@ def print_profile(fn, device: torch.device) -> None:
         sync(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70), flush=True)
-
-
-def host_syncs(fn) -> int:
-    """How many times `fn` makes the CPU wait for the GPU (CUDA's sync debug mode, warning per sync)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def reset_peak(device: torch.device) -> None:
