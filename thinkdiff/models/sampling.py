@@ -3,9 +3,10 @@
 transformers' `TopPLogitsWarper` sorts every row of the (batch, vocabulary) scores at every decode
 step: for Qwen2-VL's 152k-token vocabulary at batch 256, a segmented radix sort of 39M floats with
 their int64 indices. Sorting dominates top-p sampling on GPUs (vLLM replaced it with a pivot search,
-Qrita, arXiv 2602.01518; FlashInfer with sorting-free kernels). `TopPByThreshold` keeps exactly the
-tokens `TopPLogitsWarper` keeps, found as a probability threshold by bisection: 30 masked sums per
-row, each one pass over the probabilities, instead of a sort.
+Qrita, arXiv 2602.01518; FlashInfer with sorting-free kernels). `TopPByThreshold` keeps the
+tokens a sort-based top-p keeps (computed in float64; `top_p_keep` names the two boundary cases
+where `TopPLogitsWarper` itself differs), found as a probability threshold by bisection: 30
+masked sums per row, each one pass over the probabilities, instead of a sort.
 
 Shape legend: B batch rows, V vocabulary.
 """
