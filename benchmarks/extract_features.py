@@ -196,7 +196,9 @@ def main() -> None:
         warm = snapshot()
         print(f"batch {bs}: compile counters changed over the warm-up batch: {changed_since(cold)}")
         projects[bs] = project_run(stage_config(bs), vlm, corpus_batches(args.batches, bs, side, seed=0))
-        print(f"batch {bs}: compile counters changed over the timed batches: {changed_since(warm)}", flush=True)
+        print(f"batch {bs}: compile counters changed over the timed batches: {changed_since(warm)}")
+        print(f"project batch {bs}: {projects[bs]['images_per_s']:.2f} images/s, "
+              f"{projects[bs]['images_per_s'] / naive['gen_only_images_per_s']:.2f}x naive generate-only", flush=True)
         if bs == batches[0]:  # a timed batch again: same shapes
             phases = project_phases(cfg, vlm, corpus_batches(1, bs, side, seed=0)[0])
     print("| path | batch | images/s (whole stage) | generate-only images/s | ms/image: prep | generate | states |")

@@ -22,6 +22,7 @@ cuDNN's kernel last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import numpy as np
 import torch
@@ -44,7 +45,9 @@ VARIANTS = {
     # Session 6: alone at FLUX's shape cuDNN's kernel took 0.23 ms against flash's 0.41, but through
     # diffusers' `_native_cudnn` backend (which first makes q, k and v contiguous) the whole path was
     # no faster. This keeps diffusers' native backend and only puts cuDNN first in PyTorch's choice.
-    "cudnn": lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True),
+    # The other backends stay as fallbacks: the VAE's attention (head dim 512) has neither kernel.
+    "cudnn": lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                  SDPBackend.MATH], set_priority=True),
     # Inductor tunes the launch parameters of the kernels it generates (norms, modulation, GELU);
     # costs compile time only.
     "coordinate-descent": lambda: torch._inductor.config.patch(coordinate_descent_tuning=True),
@@ -113,14 +116,22 @@ def attention_backends(device: torch.device, dtype: torch.dtype, shape: tuple[in
     return lines
 
 
+def variant_names(spec: str) -> list[str]:
+    names = spec.split("+")
+    if unknown := [n for n in names if n not in VARIANTS]:
+        raise argparse.ArgumentTypeError(f"unknown variant {unknown}: choose from {sorted(VARIANTS)}, joined by '+'")
+    return names
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--batch", type=int, default=8, help="the project path's batch (eval.batch_size)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 28; tiny 4)")
     parser.add_argument("--batches", type=int, default=2, help="timed batches per path, after one warm-up batch")
-    parser.add_argument("--variants", nargs="*", choices=sorted(VARIANTS), default=[],
-                        help="time the project path again with each of these changes (blocks recompiled)")
+    parser.add_argument("--variants", nargs="*", type=variant_names, default=[],
+                        help=f"time the project path again with each of these changes (blocks recompiled); "
+                             f"one of {sorted(VARIANTS)}, or several joined by '+' to apply together")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     draw = dict(steps=args.steps or (4 if args.tiny else 28), guidance=3.5, size=64 if args.tiny else 512)
@@ -145,11 +156,16 @@ def main() -> None:
     name = f"project b{args.batch}" + (" (fused qkv, compiled blocks)" if compile else "")
     results[name], image_project, vae_s = timed(project, embeds, pooled, args.batch, args.batches, draw)
     diffs = {name: np.abs(image_project - image_b1)}
+    print(f"{name}: {results[name]:.3f} s/image", flush=True)
     for variant in args.variants:
         torch._dynamo.reset()  # the backend choice and kernel tuning are fixed when a graph compiles
-        with VARIANTS[variant]():
-            results[f"{name}, {variant}"], image, _ = timed(project, embeds, pooled, args.batch, args.batches, draw)
-        diffs[f"{name}, {variant}"] = np.abs(image - image_b1)
+        with contextlib.ExitStack() as changes:
+            for change in variant:
+                changes.enter_context(VARIANTS[change]())
+            path = f"{name}, {'+'.join(variant)}"
+            results[path], image, _ = timed(project, embeds, pooled, args.batch, args.batches, draw)
+        diffs[path] = np.abs(image - image_b1)
+        print(f"{path}: {results[path]:.3f} s/image", flush=True)
     diff = diffs[name]
     ratio = results["naive b4"] / results[name]
     print("| path | s/image | images/s |")

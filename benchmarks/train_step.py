@@ -174,20 +174,28 @@ def project_run(decoder: T5DecoderLM, batches, device, profile: bool = False) ->
     print(f"batch {len(batches[0][0])}: compile counters changed over the timed steps: {changed_since(warm)}", flush=True)
     flops = sum(step_flops(decoder.config, aligner_params, src, tgt) for src, tgt, _, _ in batches)
     if profile:
-        print_profile(lambda: [step(b) for b in ready[:2]], device)
+        print_profile(lambda: [step(b) for b in ready], device)
     return {"samples_per_s": sum(len(b[0]) for b in batches) / seconds, "useful_tflops": flops / seconds / 1e12,
             "peak_gib": peak_gib(device), "host_syncs": syncs, "padding": padding_share(decoder.config, aligner_params, batches)}
 
 
 def print_profile(fn, device: torch.device) -> None:
-    """Where the time of `fn` (two training steps) goes: the kernels (operators on a CPU) taking the
-    most time, self time only, so the rows add up to the steps."""
+    """Where the time of `fn` (one pass over the timed batches, every length bucket) goes: the
+    kernels (operators on a CPU) taking the most time, self time only, so the rows add up to the
+    steps; on a GPU also the share of the wall time some kernel ran (the rest is the GPU waiting)."""
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    started = sync(device)
     with torch.profiler.profile(activities=activities) as prof:
         fn()
         sync(device)
+    wall = sync(device) - started
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70), flush=True)
+    averages = prof.key_averages()
+    print(averages.table(sort_by=key, row_limit=25, max_name_column_width=70), flush=True)
+    if device.type == "cuda":
+        kernels = sum(e.self_device_time_total for e in averages) / 1e6
+        print(f"profiled pass: kernels {kernels:.2f} s in {wall:.2f} s of wall time (GPU busy {kernels / wall:.0%}, "
+              f"profiler overhead included)", flush=True)
 
 
 def reset_peak(device: torch.device) -> None:
@@ -205,7 +213,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="samples per step (default 32; tiny 8)")
     parser.add_argument("--project-batch", type=int, nargs="+", default=None,
                         help="the project path's batch sizes, one compiled decoder for all (default: --batch)")
-    parser.add_argument("--profile", action="store_true", help="profile two steps of the last project batch size")
+    parser.add_argument("--profile", action="store_true", help="profile one pass over the last project batch size's batches")
     parser.add_argument("--steps", type=int, default=None,
                         help="steps per path, one bucketing pool (default: the paper preset's train.bucket_window; tiny 5): "
                              "the naive path times all but its first 2, the project path all of them after an untimed pass")

@@ -210,3 +210,41 @@ def test_packed_gqa_decode_attention_reads_each_kv_head_once(mask_kind, monkeypa
     if mask_kind != "per_head":
         assert seen_heads == [kv_heads]
     torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sizes", [[(56, 56)] * 3, [(56, 56), (112, 56), (56, 56)]], ids=["one size", "mixed sizes"])
+def test_vision_tower_attends_per_image_in_one_sdpa_call(sizes, monkeypatch):
+    """The vision tower's features equal transformers' SDPA path (one SDPA call per image); images
+    of one size (the features stage's) take one SDPA call per layer over the batch of images, and
+    the packed sequence never lets one image attend to another."""
+    import numpy as np
+    from PIL import Image
+
+    from thinkdiff.models import vlm as vlm_module
+    from thinkdiff.models.vlm import PER_IMAGE_SDPA, preprocess_images
+
+    vlm = build_tiny_vlm(min_pixels=56 * 56, max_pixels=112 * 112)
+    assert vlm.model.config.vision_config._attn_implementation == PER_IMAGE_SDPA
+    rng = np.random.default_rng(0)
+    pics = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+    inputs = preprocess_images(vlm.image_processor, pics)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(q, *args, **kwargs):
+        calls.append(q.shape[0])
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(vlm_module.F, "scaled_dot_product_attention", recording_sdpa)
+    with torch.no_grad():
+        ours = torch.cat(vlm.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
+    depth = vlm.model.config.vision_config.depth
+    assert calls == ([len(sizes)] * depth if len(set(sizes)) == 1 else [1] * len(sizes) * depth)
+    vlm.model.set_attn_implementation({"vision_config": "sdpa"})
+    with torch.no_grad():
+        reference = torch.cat(vlm.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
+        # Each image alone: nothing of another image leaks into its features.
+        first = int(inputs["image_grid_thw"][0].prod())
+        alone = torch.cat(vlm.model.get_image_features(inputs["pixel_values"][:first], inputs["image_grid_thw"][:1]).pooler_output)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[: alone.shape[0]], alone, rtol=1e-5, atol=1e-5)

@@ -94,6 +94,40 @@ AttentionInterface.register(PACKED_GQA_SDPA, packed_gqa_sdpa)
 AttentionMaskInterface.register(PACKED_GQA_SDPA, sdpa_mask)  # the masks SDPA gets (else none: padding ignored)
 
 
+def per_image_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None, *,
+                   cu_seq_lens_q: torch.Tensor, max_length_q: int, **kwargs) -> tuple[torch.Tensor, None]:
+    """The vision tower's attention (each image attends within itself) as one SDPA call over a batch
+    of images, where transformers' SDPA path makes one call per image.
+
+    Qwen2-VL's vision tower packs all images' patches into one sequence and gives attention the
+    image boundaries (`cu_seq_lens_q`) only when the implementation's name says flash; any other
+    implementation gets a per-image loop, 8,192 small SDPA calls per layer stack at batch 256 with
+    a host sync per layer. When every image has the longest image's length (one image size, as in
+    the features stage), the packed sequence is a (images, patches) batch; other mixes keep the
+    per-image loop. Query/key/value: (1, heads, patches, head dim); returns (1, patches, heads, head
+    dim), the layout flash implementations return."""
+    _, heads, total, _ = query.shape
+    images = cu_seq_lens_q.shape[0] - 1
+    if images * max_length_q == total:  # every image at most the longest and the sum is the total: all equal
+
+        def per_image(x: torch.Tensor) -> torch.Tensor:
+            return x[0].reshape(heads, images, max_length_q, x.shape[-1]).transpose(0, 1)
+
+        out = F.scaled_dot_product_attention(per_image(query), per_image(key), per_image(value), dropout_p=dropout,
+                                             scale=scaling)
+        return out.transpose(1, 2).reshape(1, total, heads, -1), None
+    lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
+    outs = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling)
+            for q, k, v in zip(*(x.split(lengths, dim=2) for x in (query, key, value)), strict=True)]
+    return torch.cat(outs, dim=2).transpose(1, 2), None
+
+
+# "flash" in the name is what makes Qwen2-VL's vision attention pass the image boundaries.
+PER_IMAGE_SDPA = "thinkdiff_per_image_sdpa_flash_interface"
+AttentionInterface.register(PER_IMAGE_SDPA, per_image_sdpa)
+
+
 @dataclass
 class VLM:
     """A frozen Qwen2-VL with its tokenizer and image processor, and where it came from."""
@@ -109,7 +143,7 @@ class VLM:
     """decode_with_states' compiled step, compiled once per model."""
 
     def __post_init__(self) -> None:
-        self.model.set_attn_implementation({"text_config": PACKED_GQA_SDPA})
+        self.model.set_attn_implementation({"text_config": PACKED_GQA_SDPA, "vision_config": PER_IMAGE_SDPA})
 
     @property
     def hidden_size(self) -> int:
@@ -407,7 +441,13 @@ def decode_with_states(vlm: VLM, batch: dict[str, torch.Tensor], *, max_new_toke
     step = decode_step(vlm, compile)
     scores = token_scores(vlm, temperature, top_p, compile=compile and decode_compile_options(vlm.device) is not None)
     model = vlm.model
-    prefill_BPD = model.model(**batch, cache=cache, use_cache=True).last_hidden_state
+    # Qwen2-VL's M-RoPE positions come from a walk over the rows with several host reads per row:
+    # on GPU tensors each is a sync that idles the GPU (about 2,600 at batch 256); on host copies
+    # none is.
+    on_host = {k: batch[k].cpu() for k in ("input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask") if k in batch}
+    positions_3BP, rope_deltas_B1 = model.model.get_rope_index(**on_host)
+    prefill_BPD = model.model(**batch, position_ids=positions_3BP.to(input_ids.device), cache=cache,
+                              use_cache=True).last_hidden_state
     state_BD = prefill_BPD[:, -1]
     logits_BV = model.lm_head(state_BD).float()
     del prefill_BPD
@@ -415,7 +455,7 @@ def decode_with_states(vlm: VLM, batch: dict[str, torch.Tensor], *, max_new_toke
     mask_BC[:, :prompt_len] = attention_mask
     # The next token's text position continues the prompt's (left padding excluded); Qwen2-VL adds
     # the prefill's M-RoPE offset (rope_deltas) on all three axes.
-    next_position_B1 = attention_mask.sum(-1, keepdim=True) + model.model.rope_deltas
+    next_position_B1 = attention_mask.sum(-1, keepdim=True) + rope_deltas_B1.to(input_ids.device)
     tokens_BG = torch.full((rows, max_new_tokens), vlm.pad_token_id, dtype=torch.long, device=input_ids.device)
     states_BGD = torch.empty(rows, max_new_tokens, state_BD.shape[-1], dtype=state_BD.dtype, device=state_BD.device)
     eos = torch.tensor(eos_ids, dtype=torch.long, device=input_ids.device)
