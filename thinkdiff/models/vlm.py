@@ -102,8 +102,8 @@ def per_image_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
 
     Qwen2-VL's vision tower packs all images' patches into one sequence and gives attention the
     image boundaries (`cu_seq_lens_q`) only when the implementation's name says flash; any other
-    implementation gets a per-image loop, 8,192 small SDPA calls per layer stack at batch 256 with
-    a host sync per layer. When every image has the longest image's length (one image size, as in
+    implementation gets a per-image loop: at batch 256, 8,192 small SDPA calls over the 32 layers,
+    and a host sync per layer. When every image has the longest image's length (one image size, as in
     the features stage), the packed sequence is a (images, patches) batch; other mixes keep the
     per-image loop. Query/key/value: (1, heads, patches, head dim); returns (1, patches, heads, head
     dim), the layout flash implementations return."""
