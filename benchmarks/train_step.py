@@ -187,8 +187,7 @@ def print_profile(fn, device: torch.device) -> None:
     started = sync(device)
     with torch.profiler.profile(activities=activities) as prof:
         fn()
-        sync(device)
-    wall = sync(device) - started
+        wall = sync(device) - started
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     averages = prof.key_averages()
     print(averages.table(sort_by=key, row_limit=25, max_name_column_width=70), flush=True)
