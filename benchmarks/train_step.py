@@ -8,8 +8,9 @@ uniform in 8..128, random weights, random features and labels.
 - naive: the whole T5ForConditionalGeneration resident, source and target padded to 128, full
   (B, 128, vocab) logits and transformers' own loss.
 - project: what `thinkdiff train` runs: the decoder alone (load_t5 never reads the encoder), the same
-  samples grouped by length (train.bucket_window) and padded only to each batch's longest, the
-  loop's own `train_step` (logits only for real target tokens, no host sync), batches padded by
+  samples grouped by target length (train.bucket_window), source rows packed (the aligner and the
+  cross-attention keys and values see no padding) and targets padded to each batch's longest, the
+  loop's own `train_step` (logits only for real target tokens, no host sync), batches made by
   the loop's own `pad` from bf16 store bytes (the paper preset's storage dtype; the naive path
   copies float32 features, which its autocast casts to bf16 in the aligner alike) and handed over
   pinned as the loop's prefetch thread hands them over, and on a GPU the decoder blocks compiled
@@ -19,8 +20,11 @@ uniform in 8..128, random weights, random features and labels.
 Useful TFLOP/s counts real tokens only (`step_flops`): decoder forward + activation backward (4 x
 params x tokens: target tokens, and source rows for the cross-attention keys and values, plus
 attention) and the aligner's forward + backward (6 x params x source rows). "FLOPs on padding":
-the share of the FLOPs that run spent on padded positions (bucketed: each batch's longest source
-and target; naive: 128 and 128, its full logits included).
+the share of the FLOPs that run spent on padded positions (project: targets at each batch's
+longest, attention over each batch's longest source; naive: 128 and 128, its full logits included).
+"First loss vs naive": the relative difference between the project path's first loss and the
+naive path's on the same batch from the same aligner (bf16 noise is about 1e-3; a wrong kernel or
+mask shows as 1e-2 or more), and whether any loss of the timed pass was not finite.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from thinkdiff.config import load_config
 from thinkdiff.data.features import StoredFeatures
 from thinkdiff.models.aligner import Aligner, AlignerConfig
 from thinkdiff.models.t5 import IGNORE_INDEX, T5DecoderLM, T5Parts, build_tiny_t5
-from thinkdiff.train.data import Batch, Prepared, length_buckets, pad
+from thinkdiff.train.data import Prepared, length_buckets, pad
 from thinkdiff.train.engine import make_accelerator
 from thinkdiff.train.loop import lr_multiplier, param_groups, train_step
 
@@ -71,44 +75,51 @@ def bucketed(batches):
              [samples[i][3] for i in g]) for g in groups]
 
 
-def padded_to_128(src, tgt, feats, labels) -> Batch:
-    """The naive path's batch: source and target padded to the longest possible length."""
+def padded_to_128(src, tgt, feats, labels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The naive path's batch: features, source mask and labels padded to the longest possible length."""
     mask = torch.zeros(len(src), 128, dtype=torch.long)
     lab = torch.full((len(src), 128), IGNORE_INDEX)
     for i, (s, t) in enumerate(zip(src, tgt, strict=True)):
         mask[i, :s] = 1
         lab[i, :t] = labels[i]
-    return Batch(features_BSD=feats * mask[..., None], source_mask_BS=mask, labels_BT=lab)
+    return feats * mask[..., None], mask, lab
 
 
-def step_flops(cfg: T5Config, aligner_params: int, src: list[int], tgt: list[int], *, pad_to: tuple[int, int] | None = None,
-               head_over_padding: bool = False) -> float:
+def step_flops(cfg: T5Config, aligner_params: int, src: list[int], tgt: list[int], *, rows: int | None = None,
+               keys: int | None = None, targets: int | None = None, head_over_padding: bool = False) -> float:
     """FLOPs of one training step over a batch: the decoder's forward and activation backward
     (2 x 2 x params per token: projections and FFN per target token, cross-attention keys and
     values per source row, plus attention) and the aligner's forward and backward (6 x params per
-    source row). Real lengths by default (the useful FLOPs); with `pad_to` (source, target),
-    every sample at those lengths (what runs), the vocabulary head over padding too only where
-    `head_over_padding` (the naive path's full logits)."""
+    source row). Real lengths by default (the useful FLOPs); what runs, every sample at: `rows`
+    source rows, `keys` cross-attention keys, `targets` target tokens, the vocabulary head over
+    padding too only where `head_over_padding` (the naive path's full logits)."""
     d, layers = cfg.d_model, cfg.num_decoder_layers
     per_target = layers * (4 * d * d + 2 * d * d + 3 * d * cfg.d_ff)  # self-attention q/k/v/o, cross q/o, FFN
     per_source = layers * 2 * d * d  # cross-attention k/v
-    head = 2 * 2 * d * cfg.vocab_size * (len(tgt) * pad_to[1] if pad_to and head_over_padding else sum(tgt))
+    head = 2 * 2 * d * cfg.vocab_size * (len(tgt) * targets if head_over_padding else sum(tgt))
     total = 0.0
     for s, t in zip(src, tgt, strict=True):
-        s, t = pad_to or (s, t)
-        attention = layers * (4 * t * t * d + 4 * t * s * d)
+        k, s, t = keys or s, rows or s, targets or t
+        attention = layers * (4 * t * t * d + 4 * t * k * d)
         total += 2 * (2 * (per_target * t + per_source * s) + 2 * attention) + 6 * aligner_params * s
     return total + head
 
 
-def padding_share(cfg: T5Config, aligner_params: int, batches, *, fixed: tuple[int, int] | None = None,
-                  head_over_padding: bool = False) -> float:
-    """The share of a pass's FLOPs spent on padding: batches padded to their longest source and
-    target (the project's buckets), or to `fixed` lengths."""
+def padding_share(cfg: T5Config, aligner_params: int, batches, *, naive: bool = False) -> float:
+    """The share of a pass's FLOPs spent on padding: the project's batches (source rows packed,
+    attention over each batch's longest source, targets padded to their longest), or the naive
+    path's (everything at 128, full logits)."""
     useful = sum(step_flops(cfg, aligner_params, src, tgt) for src, tgt, _, _ in batches)
-    run = sum(step_flops(cfg, aligner_params, src, tgt, pad_to=fixed or (max(src), max(tgt)), head_over_padding=head_over_padding)
-              for src, tgt, _, _ in batches)
+    run = sum(step_flops(cfg, aligner_params, src, tgt, rows=128, keys=128, targets=128, head_over_padding=True) if naive
+              else step_flops(cfg, aligner_params, src, tgt, keys=max(src), targets=max(tgt)) for src, tgt, _, _ in batches)
     return 1 - useful / run
+
+
+def naive_loss(model: T5ForConditionalGeneration, aligner: Aligner, batch, device, dtype) -> torch.Tensor:
+    """The naive path's loss: transformers' whole model on the batch padded to 128, full logits."""
+    features, mask, labels_BT = (t.to(device) for t in padded_to_128(*batch))
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        return model(encoder_outputs=(aligner(features),), attention_mask=mask, labels=labels_BT).loss
 
 
 def naive_run(model: T5ForConditionalGeneration, aligner: Aligner, batches, device, dtype) -> dict:
@@ -118,11 +129,8 @@ def naive_run(model: T5ForConditionalGeneration, aligner: Aligner, batches, devi
     aligner_params = sum(p.numel() for p in aligner.parameters())
     reset_peak(device)
     for k, (src, tgt, feats, labels) in enumerate(batches):
-        batch = padded_to_128(src, tgt, feats, labels).to(device)
         started = sync(device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            aligned = aligner(batch.features_BSD)
-            loss = model(encoder_outputs=(aligned,), attention_mask=batch.source_mask_BS, labels=batch.labels_BT).loss
+        loss = naive_loss(model, aligner, (src, tgt, feats, labels), device, dtype)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -132,17 +140,20 @@ def naive_run(model: T5ForConditionalGeneration, aligner: Aligner, batches, devi
             flops += step_flops(model.config, aligner_params, src, tgt)
     return {"samples_per_s": len(times) * len(batches[0][0]) / sum(times), "useful_tflops": flops / sum(times) / 1e12,
             "peak_gib": peak_gib(device),
-            "padding": padding_share(model.config, aligner_params, batches, fixed=(128, 128), head_over_padding=True)}
+            "padding": padding_share(model.config, aligner_params, batches, naive=True)}
 
 
-def project_run(decoder: T5DecoderLM, batches, device, profile: bool = False) -> dict:
+def project_run(decoder: T5DecoderLM, batches, device, aligner_state: dict, reference_loss: float, profile: bool = False) -> dict:
     """`thinkdiff train`'s step (`train_step`: accelerate autocast, the loss over real target tokens,
     AdamW, the LR schedule) on bucketed batches, handed over pinned and copied asynchronously as the
     loop's prefetch thread hands them over. The loop makes the CPU wait for the GPU only when it
-    logs, so the timed steps run back to back with one sync at each end."""
+    logs, so the timed steps run back to back with one sync at each end. The aligner starts from
+    `aligner_state`, so the first step's loss can be compared with `reference_loss`, the naive
+    path's on the same first batch (the kernels of a GPU are not the CPU's that the tests check)."""
     train_cfg = load_config("paper-lvlm").train
     accelerator = make_accelerator(train_cfg)
     aligner = Aligner(AlignerConfig(in_dim=batches[0][2].shape[-1], out_dim=decoder.d_model)).to(device)
+    aligner.load_state_dict(aligner_state)
     optimizer = torch.optim.AdamW(param_groups(aligner, train_cfg.weight_decay), lr=train_cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(train_cfg))
     model, optimizer = accelerator.prepare(aligner, optimizer)
@@ -160,23 +171,26 @@ def project_run(decoder: T5DecoderLM, batches, device, profile: bool = False) ->
     # lengths on each side make their own variant. A training run compiles them once in its first
     # steps; a warm-up of a few steps may miss one (the H200 run of session 6 did).
     before_warmup, started = snapshot(), time.perf_counter()
-    torch.stack([step(b) for b in ready]).sum().item()
+    first_loss = torch.stack([step(b) for b in ready])[0].item()
+    loss_difference = abs(first_loss - reference_loss) / reference_loss
     print(f"batch {len(batches[0][0])}: warm-up pass {time.perf_counter() - started:.1f} s, "
-          f"graphs compiled: {graphs_since(before_warmup)}", flush=True)
+          f"graphs compiled: {graphs_since(before_warmup)}; first step's loss {first_loss:.5f}, the naive path's "
+          f"{reference_loss:.5f} (relative difference {loss_difference:.1e})", flush=True)
     syncs = host_syncs(lambda: step(ready[0])) if on_gpu else "-"
     reset_peak(device)
     aligner_params = sum(p.numel() for p in aligner.parameters())
     warm = snapshot()
     started = sync(device)
-    losses = [step(b) for b in ready]
-    torch.stack(losses).sum().item()
+    losses = torch.stack([step(b) for b in ready])
+    finite = bool(losses.isfinite().all())  # also the wait for the last step
     seconds = sync(device) - started
     print(f"batch {len(batches[0][0])}: compile counters changed over the timed steps: {changed_since(warm)}", flush=True)
     flops = sum(step_flops(decoder.config, aligner_params, src, tgt) for src, tgt, _, _ in batches)
     if profile:
         print_profile(lambda: [step(b) for b in ready], device)
     return {"samples_per_s": sum(len(b[0]) for b in batches) / seconds, "useful_tflops": flops / seconds / 1e12,
-            "peak_gib": peak_gib(device), "host_syncs": syncs, "padding": padding_share(decoder.config, aligner_params, batches)}
+            "peak_gib": peak_gib(device), "host_syncs": syncs, "padding": padding_share(decoder.config, aligner_params, batches),
+            "loss_difference": loss_difference, "finite": finite}
 
 
 def print_profile(fn, device: torch.device) -> None:
@@ -232,12 +246,20 @@ def main() -> None:
         torch.set_default_dtype(torch.float32)
     full.to(device).eval().requires_grad_(False)
     aligner = Aligner(AlignerConfig(in_dim=d_in, out_dim=full.config.d_model)).to(device)
+    initial = {k: v.clone() for k, v in aligner.state_dict().items()}
     batches = make_batches(steps, batch, d_in, full.config.vocab_size)
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), dtype {dtype}, "
           f"batch {batch}, {steps} steps, d_model {full.config.d_model}, decoder layers {full.config.num_decoder_layers}")
     naive = naive_run(full, aligner, batches, device, dtype)
     print(f"naive done: {naive['samples_per_s']:.1f} samples/s, {naive['useful_tflops']:.3g} useful TFLOP/s, "
           f"{naive['peak_gib']:.1f} GiB peak", flush=True)
+    sizes = args.project_batch or [batch]
+    pools = {size: bucketed(batches if size == batch else make_batches(steps, size, d_in, full.config.vocab_size)) for size in sizes}
+    # Each pool's first batch through transformers' own path from the initial aligner, before
+    # T5DecoderLM sets the decoder's attention to its own.
+    aligner.load_state_dict(initial)
+    with torch.no_grad():
+        references = {size: naive_loss(full, aligner, pool[0], device, dtype).item() for size, pool in pools.items()}
     decoder = T5DecoderLM(full)
     del full.encoder  # the project path never holds the encoder (load_t5 never reads it)
     if device.type == "cuda":
@@ -245,21 +267,21 @@ def main() -> None:
         torch._logging.set_logs(recompiles=True)  # why each graph after the first was compiled
         decoder.compile_decoder()
     rows = [("naive", batch, naive)]
-    sizes = args.project_batch or [batch]
     for size in sizes:
-        project_batches = batches if size == batch else make_batches(steps, size, d_in, decoder.config.vocab_size)
         try:
-            rows.append(("project", size, project_run(decoder, bucketed(project_batches), device, args.profile and size == sizes[-1])))
+            rows.append(("project", size, project_run(decoder, pools[size], device, initial, references[size],
+                                                      args.profile and size == sizes[-1])))
         except torch.OutOfMemoryError:  # batch 128 at target length 128 is tight on an 80 GB card: keep the other rows
             print(f"project batch {size}: out of GPU memory", flush=True)
             continue
         print(f"project batch {size} done: {rows[-1][2]['samples_per_s']:.1f} samples/s, host syncs in one step: "
               f"{rows[-1][2]['host_syncs']}", flush=True)
-    print("| path | batch | samples/s | useful TFLOP/s | FLOPs on padding | peak GiB | ratio to naive |")
-    print("|---|---|---|---|---|---|---|")
+    print("| path | batch | samples/s | useful TFLOP/s | FLOPs on padding | peak GiB | ratio to naive | first loss vs naive |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, size, r in rows:
+        agreement = "-" if "loss_difference" not in r else f"{r['loss_difference']:.1e}" + ("" if r["finite"] else ", then a non-finite loss")
         print(f"| {name} | {size} | {r['samples_per_s']:.1f} | {r['useful_tflops']:.3g} | {100 * r['padding']:.1f}% | "
-              f"{r['peak_gib']:.1f} | {r['samples_per_s'] / naive['samples_per_s']:.2f}x |")
+              f"{r['peak_gib']:.1f} | {r['samples_per_s'] / naive['samples_per_s']:.2f}x | {agreement} |")
 
 
 if __name__ == "__main__":

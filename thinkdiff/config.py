@@ -155,7 +155,7 @@ class TrainConfig:
     max_prefix_tokens: int
     """ThinkDiff-CLIP only: T5 encoder length of caption part 1 (the paper: 32)."""
     bucket_window: int
-    """Global batches drawn together and grouped by length, so a batch pads little (1: no bucketing)."""
+    """Global batches drawn together and grouped by target length, so a batch pads little (1: no bucketing)."""
     compile: bool
     """torch.compile each block of the frozen T5 decoder with dynamic shapes: a few graphs (the first
     block, one shared by the others) for every (source, target) length of the bucketed batches; the

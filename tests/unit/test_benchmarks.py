@@ -25,7 +25,8 @@ def test_train_step_benchmark_tiny():
                           "--project-batch", "8", "16", "--profile"], capture_output=True, text=True, check=True, timeout=300).stdout
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")][1:]
     assert [(r[0], r[1]) for r in rows] == [("naive", "8"), ("project", "8"), ("project", "16")]
-    assert rows[0][-1] == "1.00x" and all(float(r[2]) > 0 for r in rows)
+    assert rows[0][-2] == "1.00x" and all(float(r[2]) > 0 for r in rows)
+    assert rows[0][-1] == "-" and all(float(r[-1]) < 1e-4 for r in rows[1:])  # the project's first loss is the naive path's
     assert out.count("Self CPU time total") == 1 and "aten::mm" in out  # the profile of batch 16's steps
 
 

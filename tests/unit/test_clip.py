@@ -16,7 +16,7 @@ from thinkdiff.config import ModelSource, load_config
 from thinkdiff.data.features import FEATURE_KIND_CLIP, FeatureStore, StoredFeatures
 from thinkdiff.generate import build_composer
 from thinkdiff.models.aligner import Aligner, AlignerConfig
-from thinkdiff.models.t5 import IGNORE_INDEX, load_t5
+from thinkdiff.models.t5 import IGNORE_INDEX, gather_slots, load_t5
 from thinkdiff.models.vision import build_tiny_vision, load_vision
 from thinkdiff.train.data import CaptionSplitCollator, Sample
 from thinkdiff.train.loop import encoder_states
@@ -76,18 +76,21 @@ def test_caption_split_at_a_uniform_word():
 
 
 def test_encoder_states_layout():
+    """ThinkDiff-CLIP: each sample's slots hold its aligned image rows, then its caption prefix
+    through the T5 encoder (padding: -1)."""
     t5 = load_t5(ModelSource(id="tiny", revision="tiny-v1", dtype="float32"), device=CPU, keep_encoder=True)
     collate = CaptionSplitCollator(t5.tokenizer, max_prefix_tokens=32, max_target_tokens=32, seed=0)
     batch = collate([Sample([], StoredFeatures.encode(torch.randn(5, 48)), "a red car on a beach"),
                      Sample([], StoredFeatures.encode(torch.randn(5, 48)), "two blue hats")], 3)
     aligner = Aligner(AlignerConfig(in_dim=48, out_dim=32))
-    states, mask = encoder_states(aligner, t5.encoder, batch)
+    rows, slots = encoder_states(aligner, t5.encoder, batch)
     width = batch.prefix_ids_BP.shape[1]
-    assert states.shape == (2, 5 + width, 32) and mask.shape == (2, 5 + width)
-    torch.testing.assert_close(states[:, :5], aligner(batch.features_BSD))
+    assert slots.shape == (2, 5 + width) and torch.equal(slots[:, 5:] >= 0, batch.prefix_mask_BP.bool()) and (slots[:, :5] >= 0).all()
+    states = gather_slots(rows, slots)
+    torch.testing.assert_close(states[:, :5], aligner(batch.features_RD).view(2, 5, 32))
     expected = t5.encoder(input_ids=batch.prefix_ids_BP, attention_mask=batch.prefix_mask_BP).last_hidden_state
-    torch.testing.assert_close(states[:, 5:], expected)
-    assert torch.equal(mask[:, 5:], batch.prefix_mask_BP) and mask[:, :5].all()
+    real = batch.prefix_mask_BP.bool()
+    torch.testing.assert_close(states[:, 5:][real], expected[real])
 
 
 def test_clip_variant_trains_and_composes(demo_corpus, tmp_path):

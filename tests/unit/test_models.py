@@ -12,7 +12,7 @@ from transformers import Qwen2VLForConditionalGeneration, T5ForConditionalGenera
 
 from thinkdiff.config import ModelSource
 from thinkdiff.errors import DataContractError
-from thinkdiff.models.t5 import build_tiny_t5, load_t5, target_positions
+from thinkdiff.models.t5 import build_tiny_t5, load_t5, padded_slots, target_positions
 from thinkdiff.models.vlm import build_tiny_vlm, load_vlm
 
 TINY = ModelSource(id="tiny", revision="tiny-v1", dtype="float32")
@@ -55,26 +55,50 @@ def test_t5_loader_keeps_decoder_only_and_encoder_norm():
     assert not any(p.requires_grad for p in parts.decoder_lm.parameters())
 
 
-def test_decoder_loss_equals_transformers_loss():
+def packed(states_BSD: torch.Tensor, mask_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded states as the training batches hold them: the real rows packed, and their slots."""
+    rows = (mask_BS.flatten().cumsum(0) - 1).view(mask_BS.shape)
+    return states_BSD[mask_BS.bool()], torch.where(mask_BS.bool(), rows, -1)
+
+
+def test_decoder_loss_equals_transformers_loss(monkeypatch):
+    """Packed source rows (as training batches hold them) or padded ones: the loss of transformers'
+    own model, whose padded source rows are masked; cross-attention gets a (B, 1, 1, S) key mask;
+    no attention may run on cuDNN."""
     reference = build_tiny_t5()
     parts = load_t5(TINY, device=CPU)
     states = torch.randn(2, 5, 32)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
     labels = torch.tensor([[5, 6, 7, 1], [8, 1, -100, -100]])
     expected = reference(encoder_outputs=(states,), attention_mask=mask, labels=labels).loss
-    torch.testing.assert_close(parts.decoder_lm.loss(states, mask, labels), expected)
+    sdpa, masks = F.scaled_dot_product_attention, []
+
+    def recording_sdpa(query, key, value, attn_mask=None, **kwargs):
+        masks.append(None if attn_mask is None else (tuple(attn_mask.shape), attn_mask.dtype))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()  # DECODER_SDPA_BACKENDS
+        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    rows, slots = packed(states, mask)
+    assert rows.shape == (7, 32) and slots.tolist() == [[0, 1, 2, 3, 4], [5, 6, -1, -1, -1]]
+    torch.testing.assert_close(parts.decoder_lm.loss(rows, slots, labels), expected)
+    assert masks[1::2] == [((2, 1, 1, 5), torch.bool)] * 2  # the two layers' cross-attention
+    torch.testing.assert_close(parts.decoder_lm.loss(states.flatten(0, 1), padded_slots(mask), labels), expected)
+    # Padded source rows are never read: other values there give the same loss.
+    torch.testing.assert_close(parts.decoder_lm.loss((states + 9 * (1 - mask)[..., None]).flatten(0, 1), padded_slots(mask), labels),
+                               expected)
     # With the target positions made beforehand (as the training batches carry them): the same loss.
     positions = target_positions(labels)
     assert positions.tolist() == [0, 1, 2, 3, 4, 5]
-    assert torch.equal(parts.decoder_lm.loss(states, mask, labels, positions), parts.decoder_lm.loss(states, mask, labels))
+    assert torch.equal(parts.decoder_lm.loss(rows, slots, labels, positions), parts.decoder_lm.loss(rows, slots, labels))
 
 
 def test_decoder_loss_reads_no_tensor_value_on_the_host(monkeypatch):
     """Given the target positions, the loss never turns a tensor into a Python value (on a GPU, each
-    such read makes the CPU wait for the GPU): transformers' mask check included."""
+    such read makes the CPU wait for the GPU): transformers' mask checks included."""
     parts = load_t5(TINY, device=CPU)
-    states = torch.randn(2, 5, 32, requires_grad=True)
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    rows, slots = packed(torch.randn(2, 5, 32), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]))
+    rows.requires_grad_(True)
     labels = torch.tensor([[5, 6, 7, 1], [8, 1, -100, -100]])
     positions = target_positions(labels)
 
@@ -83,10 +107,10 @@ def test_decoder_loss_reads_no_tensor_value_on_the_host(monkeypatch):
 
     for name in ("__bool__", "item", "tolist", "__int__", "__float__", "__index__", "nonzero"):
         monkeypatch.setattr(torch.Tensor, name, host_read)
-    loss = parts.decoder_lm.loss(states, mask, labels, positions)
+    loss = parts.decoder_lm.loss(rows, slots, labels, positions)
     loss.backward()
     monkeypatch.undo()
-    torch.testing.assert_close(loss, parts.decoder_lm.loss(states, mask, labels))
+    torch.testing.assert_close(loss, parts.decoder_lm.loss(rows, slots, labels))
 
 
 def test_decoder_stays_in_eval_mode():
@@ -148,23 +172,22 @@ def test_compiled_decoder_blocks_share_one_graph_and_match_eager():
         torch.manual_seed(0)
         decoder = T5DecoderLM(T5ForConditionalGeneration(config))
     g = torch.Generator().manual_seed(0)
-    # (batch, source rows, target tokens); none equals a model dim (4 heads, 8 per head), where
+    # (batch, source slots, target tokens); none equals a model dim (4 heads, 8 per head), where
     # dynamo would specialise the size and compile once more.
     shapes = [(2, 6, 5), (3, 9, 7), (2, 12, 11)]
     batches = []
     for b, s, t in shapes:
-        # Padding in all but the last batch; a mask of all ones is no other graph (the loss passes
-        # a 4-D mask, never None).
+        # Padding in all but the last batch: no other graph.
         mask = (torch.arange(s) < torch.randint(1, s, (b, 1), generator=g)).long() if s != 12 else torch.ones(b, s, dtype=torch.long)
         labels = torch.randint(2, config.vocab_size, (b, t), generator=g)
         labels[0, t // 2:] = -100
-        batches.append((torch.randn(b, s, config.d_model, generator=g), mask, labels))
+        batches.append((*packed(torch.randn(b, s, config.d_model, generator=g), mask), labels))
 
-    def loss_and_grad(states, mask, labels):
-        states = states.clone().requires_grad_(True)
-        loss = decoder.loss(states, mask, labels)
+    def loss_and_grad(rows, slots, labels):
+        rows = rows.clone().requires_grad_(True)
+        loss = decoder.loss(rows, slots, labels)
         loss.backward()
-        return loss.detach(), states.grad
+        return loss.detach(), rows.grad
 
     eager = [loss_and_grad(*batch) for batch in batches]
     torch._dynamo.reset()

@@ -18,7 +18,7 @@ from thinkdiff.config import load_config
 from thinkdiff.data.features import FeatureStore, StoredFeatures
 from thinkdiff.errors import DataContractError
 from thinkdiff.models.aligner import Aligner, AlignerConfig
-from thinkdiff.models.t5 import IGNORE_INDEX
+from thinkdiff.models.t5 import IGNORE_INDEX, gather_slots
 from thinkdiff.models.vlm import build_tiny_qwen_tokenizer
 from thinkdiff.train.checkpoint import list_checkpoints, load_trainer_state, read_meta
 from thinkdiff.train.data import MaskedSplitCollator, Sample, SampleStream, StreamPosition, lvlm_usable, take
@@ -54,10 +54,10 @@ def test_masked_split_collate():
         s = collate.split_points([len(ids), 3], step)
         assert 1 <= s[0] <= min(len(ids) - 1, 16) and 1 <= s[1] <= 2
         batch = collate(samples, step)
-        assert batch.features_BSD.shape == (2, max(s), 8)
+        assert batch.features_RD.shape == (sum(s), 8) and batch.source_slots_BS.shape == (2, max(s))
         assert batch.source_mask_BS.sum(1).tolist() == s
-        assert torch.equal(batch.features_BSD[0, : s[0]], samples[0].features.decode()[: s[0]])
-        assert not batch.features_BSD[1, s[1]:].any()
+        for i in (0, 1):
+            assert torch.equal(batch.features_RD[batch.source_slots_BS[i, : s[i]]], samples[i].features.decode()[: s[i]])
         # Target: the rest of the caption re-tokenized by T5 with </s>, truncated, padded with -100.
         expected = t5(qwen.decode(ids[s[0]:], skip_special_tokens=True), max_length=12, truncation=True)["input_ids"]
         labels = batch.labels_BT[0]
@@ -150,10 +150,11 @@ def test_float8_store_trains_within_one_percent_of_bf16(demo_corpus, tiny_store,
 
 
 def test_training_path_equals_the_naive_padded_path():
-    """The project's step (decoder only, batch-max padding, logits for real tokens only) gives the
-    loss and aligner gradients of transformers' full model padded to 128 on the same batch."""
+    """The project's step (decoder only, source rows packed, targets padded to the batch's longest,
+    logits for real tokens only) gives the loss and aligner gradients of transformers' full model
+    padded to 128 on the same samples."""
     from thinkdiff.models.t5 import T5DecoderLM, build_tiny_t5
-    from thinkdiff.train.data import Batch
+    from thinkdiff.train.data import Prepared, pad
     from thinkdiff.train.loop import encoder_states
 
     full = build_tiny_t5().requires_grad_(False)
@@ -162,32 +163,27 @@ def test_training_path_equals_the_naive_padded_path():
     src, tgt = [5, 17, 9], [8, 3, 12]
     feats = torch.randn(3, 128, 64, generator=g)
     labels = [torch.randint(2, 300, (t,), generator=g) for t in tgt]
-
-    def batch(width_s, width_t):
-        mask = torch.zeros(3, width_s, dtype=torch.long)
-        lab = torch.full((3, width_t), IGNORE_INDEX)
-        for i, (s, t) in enumerate(zip(src, tgt, strict=True)):
-            mask[i, :s], lab[i, :t] = 1, labels[i]
-        return Batch(features_BSD=feats[:, :width_s] * mask[..., None], source_mask_BS=mask, labels_BT=lab)
-
     aligner = Aligner(AlignerConfig(in_dim=64, out_dim=32))
-    naive_batch = batch(128, 128)
-    naive = full(encoder_outputs=(aligner(naive_batch.features_BSD),), attention_mask=naive_batch.source_mask_BS,
-                 labels=naive_batch.labels_BT).loss
+
+    mask = (torch.arange(128) < torch.tensor(src)[:, None]).long()
+    padded_labels = torch.full((3, 128), IGNORE_INDEX)
+    for i, t in enumerate(tgt):
+        padded_labels[i, :t] = labels[i]
+    naive = full(encoder_outputs=(aligner(feats * mask[..., None]),), attention_mask=mask, labels=padded_labels).loss
     naive_grads = torch.autograd.grad(naive, list(aligner.parameters()))
-    project_batch = batch(max(src), max(tgt))
-    states, mask = encoder_states(aligner, None, project_batch)
-    project = decoder.loss(states, mask, project_batch.labels_BT)
+    batch = pad([Prepared(StoredFeatures.encode(feats[i, :s]), source_rows=s, target_ids=labels[i].tolist())
+                 for i, s in enumerate(src)], pad_id=0)
+    assert batch.features_RD.shape == (sum(src), 64) and batch.labels_BT.shape == (3, max(tgt))
+    rows, slots = encoder_states(aligner, None, batch)
+    project = decoder.loss(rows, slots, batch.labels_BT)
     project_grads = torch.autograd.grad(project, list(aligner.parameters()))
     torch.testing.assert_close(project, naive, rtol=1e-5, atol=1e-5)
     for a, b in zip(project_grads, naive_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def _padding(batch):
-    source = 1 - batch.source_mask_BS.float().mean().item()
-    target = (batch.labels_BT == IGNORE_INDEX).float().mean().item()
-    return source, target
+def _target_padding(batch):
+    return (batch.labels_BT == IGNORE_INDEX).float().mean().item()
 
 
 def test_length_buckets_cut_padding_and_split_ranks(tiny_store):
@@ -202,35 +198,32 @@ def test_length_buckets_cut_padding_and_split_ranks(tiny_store):
                           state=BatcherState()))
         return [next(it) for _ in range(n)]
 
-    plain = [_padding(b) for b in batches(window=1)]
-    bucketed = [_padding(b) for b in batches(window=10)]
-    mean = lambda xs, k: sum(x[k] for x in xs) / len(xs)  # noqa: E731
-    assert mean(bucketed, 1) < 0.5 * mean(plain, 1)  # target padding: the decoder's work
-    assert mean(bucketed, 0) < mean(plain, 0)  # source padding
+    plain = [_target_padding(b) for b in batches(window=1)]
+    bucketed = [_target_padding(b) for b in batches(window=10)]
+    assert sum(bucketed) < 0.5 * sum(plain)  # target padding: the decoder's work (source rows are packed)
     # Two processes: each takes its half of every global batch; together they are the global batch.
     whole = batches(window=5, batch_size=8, n=6)
     halves = [batches(window=5, batch_size=4, world=2, rank=r, n=6) for r in (0, 1)]
     for k in range(6):
-        joined = torch.cat([halves[0][k].features_BSD.sum((1, 2)), halves[1][k].features_BSD.sum((1, 2))])
-        torch.testing.assert_close(joined, whole[k].features_BSD.sum((1, 2)))
+        joined = torch.cat([halves[0][k].features_RD, halves[1][k].features_RD])
+        assert torch.equal(joined, whole[k].features_RD)
 
 
-def test_length_buckets_pad_less_than_one_sort():
-    """Every index once, in groups of the batch size; under the decoder's cost (a target token about
-    7x a source row), less padding than one sort by (target, source) over the same pool."""
+def test_length_buckets_group_by_target_length():
+    """Every index once, in groups of the batch size, each group's targets a run of the sorted
+    targets: under the decoder's cost (target tokens padded, source rows packed), no grouping of the
+    pool pads less."""
     from thinkdiff.train.data import length_buckets
 
     rng = np.random.default_rng(0)
     costs = list(zip(rng.integers(8, 129, 2048).tolist(), rng.integers(1, 129, 2048).tolist(), strict=True))
-
-    def padded(groups):
-        return sum(len(g) * (7 * max(costs[i][0] for i in g) + max(costs[i][1] for i in g)) for g in groups)
-
     groups = length_buckets(costs, 32)
     assert sorted(i for g in groups for i in g) == list(range(2048)) and {len(g) for g in groups} == {32}
-    one_sort = sorted(range(2048), key=costs.__getitem__)
-    useful = sum(7 * t + s for t, s in costs)
-    assert padded(groups) - useful < 0.7 * (padded([one_sort[k: k + 32] for k in range(0, 2048, 32)]) - useful)
+    for first, second in zip(groups[:-1], groups[1:], strict=True):
+        assert max(costs[i][0] for i in first) <= min(costs[i][0] for i in second)
+    padded = sum(32 * max(costs[i][0] for i in g) for g in groups) - sum(t for t, _ in costs)
+    unsorted = sum(32 * max(t for t, _ in costs[k: k + 32]) for k in range(0, 2048, 32)) - sum(t for t, _ in costs)
+    assert padded < 0.05 * unsorted
     assert [len(g) for g in length_buckets(costs[:70], 32)] == [32, 32, 6]  # a short pool: the last group short
 
 
@@ -255,7 +248,7 @@ def test_prefetched_batches_are_the_batchers_with_their_states(tiny_store, tmp_p
         got = [next(batches) for _ in range(14)]
     assert [s for _, s in got] == [s for _, s in expected]
     for (a, _), (b, _) in zip(got, expected, strict=True):
-        assert torch.equal(a.features_BSD, b.features_BSD) and torch.equal(a.labels_BT, b.labels_BT)
+        assert torch.equal(a.features_RD, b.features_RD) and torch.equal(a.labels_BT, b.labels_BT)
         assert torch.equal(a.target_positions_N, (b.labels_BT.flatten() != IGNORE_INDEX).nonzero().squeeze(1))
     # A batcher started from a consumed batch's state continues with the next batch.
     with prefetched(make(got[5][1]), depth=4) as batches:
@@ -312,7 +305,7 @@ def test_a_batch_decodes_only_its_own_source_rows(tiny_store, monkeypatch):
     assert all(rows <= min(8, num_rows - 1) for rows, num_rows in decoded)  # the split's rows, never a whole sample
 
 
-def test_threaded_padding_puts_each_sample_in_its_row():
+def test_threaded_batching_puts_each_sample_in_its_rows():
     from concurrent.futures import ThreadPoolExecutor
 
     from thinkdiff.train.data import Prepared, pad
@@ -322,10 +315,12 @@ def test_threaded_padding_puts_each_sample_in_its_row():
                 for s in (3, 9, 1, 6, 6, 2)]
     with ThreadPoolExecutor(4) as pool:
         batch = pad(prepared, 0, decoders=pool)
-    assert torch.equal(batch.features_BSD, pad(prepared, 0).features_BSD) and batch.features_BSD.shape == (6, 9, 5)
+    assert torch.equal(batch.features_RD, pad(prepared, 0).features_RD) and batch.features_RD.shape == (27, 5)
+    assert batch.source_slots_BS.shape == (6, 9)
+    laid_out = gather_slots(batch.features_RD, batch.source_slots_BS)
     for i, p in enumerate(prepared):
-        assert torch.equal(batch.features_BSD[i, : p.source_rows], p.features.decode()[: p.source_rows])
-        assert not batch.features_BSD[i, p.source_rows:].any()
+        assert torch.equal(laid_out[i, : p.source_rows], p.features.decode()[: p.source_rows])
+        assert (batch.source_slots_BS[i, p.source_rows:] == -1).all()
         assert batch.source_mask_BS[i].sum() == p.source_rows and (batch.labels_BT[i] != IGNORE_INDEX).sum() == p.source_rows + 1
 
 
@@ -339,7 +334,7 @@ def test_a_store_with_fewer_rows_than_the_split_is_refused(tiny_store, tmp_path)
 
 
 def test_compiled_decoder_trains_like_eager_with_one_graph(tiny_store, tmp_path, monkeypatch):
-    """train.compile: the same losses as eager, and no new graph for batches of new (source, target) shapes."""
+    """train.compile: the same losses as eager, and no new graph for batches of new (rows, source, target) shapes."""
     from torch._dynamo.utils import counters
 
     from thinkdiff.models.t5 import T5DecoderLM
@@ -348,9 +343,9 @@ def test_compiled_decoder_trains_like_eager_with_one_graph(tiny_store, tmp_path,
     shapes = set()
     eager_loss = T5DecoderLM.loss
 
-    def recording_loss(self, states, mask, labels, positions):
-        shapes.add((states.shape[1], labels.shape[1]))
-        return eager_loss(self, states, mask, labels, positions)
+    def recording_loss(self, rows, slots, labels, positions):
+        shapes.add((rows.shape[0], slots.shape[1], labels.shape[1]))
+        return eager_loss(self, rows, slots, labels, positions)
 
     monkeypatch.setattr(T5DecoderLM, "loss", recording_loss)
     overrides = [f"paths.root={tmp_path}", "train.max_steps=6", "train.warmup_steps=2", "train.log_every=1", "train.batch_size=4"]

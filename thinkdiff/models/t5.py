@@ -3,10 +3,17 @@
 Only the decoder stack and `lm_head` are loaded (`T5DecoderCheckpoint`), and the encoder's
 `final_layer_norm` weight, which initialises the aligner's output norm; ThinkDiff-CLIP also keeps
 the encoder. `T5DecoderLM.loss` computes teacher-forced token cross-entropy with the aligned
-features as `encoder_hidden_states`, projecting only the non-padded target positions to the
+features as the encoder-side states, projecting only the non-padded target positions to the
 vocabulary (no full (B, T, V) logits).
 
-Shape legend: B batch, S source rows, T target tokens, D d_model, V vocabulary, N real target tokens.
+The encoder-side states come packed: one row per real source row of the batch (R rows), with
+`source_slots_BS` saying which row sits in each (sample, position) slot (-1: padding). The
+cross-attention keys and values are projected from those rows only, then gathered into the padded
+layout attention needs (`packed_source_sdpa`); padding costs no projection FLOPs and no (B, heads,
+T, S) bias is built per layer.
+
+Shape legend: B batch, S source slots, R source rows (packed), T target tokens, D d_model,
+V vocabulary, N real target tokens, H heads, K head dim.
 """
 
 from __future__ import annotations
@@ -20,13 +27,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import (
+    AttentionInterface,
     AutoTokenizer,
     ByT5Tokenizer,
     PreTrainedTokenizerBase,
     T5Config,
     T5ForConditionalGeneration,
 )
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.t5.modeling_t5 import T5LayerNorm, T5PreTrainedModel, T5Stack
 
 from thinkdiff.config import TINY_MODEL_ID, ModelSource
@@ -37,10 +48,60 @@ log = logging.getLogger(__name__)
 
 TINY_REVISION = "tiny-v1"
 IGNORE_INDEX = -100
+PACKED_SOURCE_SDPA = "thinkdiff_packed_source_sdpa"
+DECODER_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+"""No cuDNN: its SDPA backward returns NaN query gradients under a mask when the key length is 64
+mod 128 and all of a row's logits are below about -88 (pytorch/pytorch#196678, seen from torch
+2.11 to 2.13 on H100/H200, where cuDNN is the default); T5 does not scale its logits, which get
+large. The other backends are exact there."""
+
+
+def packed_source_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None, *,
+                       source_slots_BS: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """The T5 decoder's attention: transformers' SDPA path for self-attention; for cross-attention
+    (modules marked `reads_packed_rows`), keys and values projected from the packed source rows,
+    (1, H, R, K), gathered into the (B, H, S, K) slots and masked by the slots' padding.
+
+    Packed, the projections skip the padded rows (about 6% of a step's FLOPs at paper shapes with
+    length-bucketed batches); and the key mask reaches SDPA as one (B, 1, 1, S) boolean that
+    broadcasts, where transformers' T5 path writes a (B, H, T, S) float bias for every layer (it
+    merges T5's all-zero cross-attention position bias into the mask). Padded slots hold a copy of
+    row 0: masked, they get no attention weight and pass back no gradient. Both attentions run on
+    `DECODER_SDPA_BACKENDS`."""
+    if not getattr(module, "reads_packed_rows", False):
+        with sdpa_kernel(DECODER_SDPA_BACKENDS):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if source_slots_BS is None:
+        raise TypeError("the T5 decoder's cross-attention reads packed source rows: pass source_slots_BS")
+    rows_RHK = lambda x: x[0].transpose(0, 1)  # noqa: E731  (1, H, R, K) -> (R, H, K), the projection's own layout
+    key_BHSK, value_BHSK = (gather_slots(rows_RHK(x), source_slots_BS).transpose(1, 2) for x in (key, value))
+    with sdpa_kernel(DECODER_SDPA_BACKENDS):
+        out = F.scaled_dot_product_attention(query, key_BHSK, value_BHSK, attn_mask=(source_slots_BS >= 0)[:, None, None, :],
+                                             dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PACKED_SOURCE_SDPA, packed_source_sdpa)
+AttentionMaskInterface.register(PACKED_SOURCE_SDPA, sdpa_mask)  # the causal mask as transformers' SDPA path gets it
+
+
+def gather_slots(rows_R: torch.Tensor, slots_BS: torch.Tensor) -> torch.Tensor:
+    """Packed rows (R, ...) laid out in their (B, S, ...) slots; padding slots (-1) get row 0."""
+    return rows_R.index_select(0, slots_BS.clamp(min=0).flatten()).view(*slots_BS.shape, *rows_R.shape[1:])
+
+
+def padded_slots(mask_BS: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+    """The slots of rows that stay padded, `states_BSD.flatten(0, 1)` (numbered from `first_row`):
+    each real position its own row, -1 where `mask_BS` is 0. For callers holding padded states."""
+    rows = first_row + torch.arange(mask_BS.numel(), device=mask_BS.device).view(mask_BS.shape)
+    return torch.where(mask_BS.bool(), rows, -1)
 
 
 class T5DecoderLM(nn.Module):
-    """T5 decoder stack + lm_head, frozen, scoring targets given encoder-side states."""
+    """T5 decoder stack + lm_head, frozen, scoring targets given encoder-side states. Takes over
+    `model`'s decoder: its attention becomes `packed_source_sdpa`, so its cross-attention then
+    needs packed rows and their slots (`loss`)."""
 
     def __init__(self, model: T5ForConditionalGeneration):
         super().__init__()
@@ -51,6 +112,9 @@ class T5DecoderLM(nn.Module):
         # not. transformers 5 records which in `scale_decoder_outputs` (older: tie_word_embeddings).
         scaled = getattr(self.config, "scale_decoder_outputs", self.config.tie_word_embeddings)
         self.output_scale = self.config.d_model**-0.5 if scaled else 1.0
+        self.decoder.set_attn_implementation(PACKED_SOURCE_SDPA)
+        for block in self.decoder.block:
+            block.layer[1].EncDecAttention.reads_packed_rows = True
         self.eval().requires_grad_(False)
 
     @property
@@ -80,19 +144,21 @@ class T5DecoderLM(nn.Module):
         return shifted.masked_fill(shifted == IGNORE_INDEX, self.config.pad_token_id)
 
     def loss(
-        self, encoder_states_BSD: torch.Tensor, encoder_mask_BS: torch.Tensor, labels_BT: torch.Tensor,
+        self, source_rows_RD: torch.Tensor, source_slots_BS: torch.Tensor, labels_BT: torch.Tensor,
         target_positions_N: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean token cross-entropy over target positions whose label is not -100.
 
-        `target_positions_N`: those positions in `labels_BT.flatten()` (`target_positions`), made on
-        the CPU with the batch. Given, the loss needs no host sync; else they are found here, and on
-        a GPU the CPU then waits for the step so far (the count sets a shape).
+        `source_rows_RD`: the encoder-side states, packed; `source_slots_BS`: each sample's rows, by
+        row number, -1 for padding (`padded_slots` for states held padded). `target_positions_N`:
+        the real target positions in `labels_BT.flatten()` (`target_positions`), made on the CPU
+        with the batch. Given, the loss needs no host sync; else they are found here, and on a GPU
+        the CPU then waits for the step so far (the count sets a shape).
         """
         hidden_BTD = self.decoder(
             input_ids=self.shift_right(labels_BT),
-            encoder_hidden_states=encoder_states_BSD,
-            encoder_attention_mask=key_mask_4d(encoder_mask_BS),
+            encoder_hidden_states=source_rows_RD[None],
+            source_slots_BS=source_slots_BS,
             use_cache=False,
         ).last_hidden_state
         if target_positions_N is None:

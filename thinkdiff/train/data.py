@@ -12,7 +12,8 @@ feature rows [:s] are the aligner's input; Qwen ids [s:] decoded to text and re-
 T5 tokenizer (with </s>, at most max_target_tokens) are the target, padded with -100. The split
 RNG is keyed by (seed, step), so a resumed run draws the same splits.
 
-Shape legend: B batch, S source rows, D feature width, T target tokens.
+Shape legend: B batch, S source slots (each sample's rows, padded to the longest), R source rows of
+the batch (packed, no padding), D feature width, T target tokens.
 """
 
 from __future__ import annotations
@@ -54,8 +55,10 @@ class Sample:
 
 @dataclass
 class Batch:
-    features_BSD: torch.Tensor
-    source_mask_BS: torch.Tensor
+    features_RD: torch.Tensor
+    """The samples' source rows, packed: no padding is read, copied to the GPU or aligned."""
+    source_slots_BS: torch.Tensor
+    """Sample b's rows in `features_RD`, by row number, then -1 (padding; `T5DecoderLM.loss`)."""
     labels_BT: torch.Tensor
     prefix_ids_BP: torch.Tensor | None = None
     """ThinkDiff-CLIP: caption part 1 for the frozen T5 encoder (P tokens), appended after the aligned rows."""
@@ -67,6 +70,10 @@ class Batch:
     def __post_init__(self):
         if self.target_positions_N is None:
             self.target_positions_N = target_positions(self.labels_BT)
+
+    @property
+    def source_mask_BS(self) -> torch.Tensor:
+        return (self.source_slots_BS >= 0).long()
 
     @property
     def num_target_tokens(self) -> int:
@@ -136,40 +143,39 @@ class Prepared:
 
     @property
     def cost(self) -> tuple[int, int]:
-        """The bucketing key: target tokens first (the decoder runs over them: most of the compute),
-        then source rows (+ prefix tokens, which only the cheaper cross-attention reads)."""
+        """The bucketing key: target tokens (the decoder runs over them, padding included), then
+        source rows (+ prefix tokens), which only break ties: they are packed."""
         return len(self.target_ids), self.source_rows + len(self.prefix_ids or ())
 
 
 def pad(prepared: list[Prepared], pad_id: int, pin_memory: bool = False, decoders: Executor | None = None) -> Batch:
-    """Pad to the longest sample of this batch only (sources with zeros, targets with -100).
+    """The batch of `prepared`: source rows packed (no padding), targets padded to the longest
+    with -100.
 
     Each sample's source rows are decoded from the store's bytes straight into the batch (on the
     `decoders` threads if given: numpy releases the GIL), and only those rows.
 
     `pin_memory`: the batch in page-locked memory, whose copy to the GPU runs asynchronously; the
-    features (all but a few KB) are padded straight into it, no second, pinning copy. PyTorch
+    features (all but a few KB) are decoded straight into it, no second, pinning copy. PyTorch
     caches pinned blocks by power-of-two size, so a run soon stops allocating: it keeps about the
     prefetch depth's worth of blocks per size class it meets (up to 1-2 GB per process at paper
     shapes).
     """
-    width_s = max(p.source_rows for p in prepared)
-    width_t = max(len(p.target_ids) for p in prepared)
+    rows = [p.source_rows for p in prepared]
+    first = np.cumsum([0, *rows[:-1]]).tolist()
     stored = prepared[0].features
-    features = torch.empty(len(prepared), width_s, stored.dim, dtype=decoded_dtype(stored.dtype), pin_memory=pin_memory)
-    mask = torch.zeros(len(prepared), width_s, dtype=torch.long)
-    labels = torch.full((len(prepared), width_t), IGNORE_INDEX, dtype=torch.long)
+    features = torch.empty(sum(rows), stored.dim, dtype=decoded_dtype(stored.dtype), pin_memory=pin_memory)
+    slots = torch.full((len(prepared), max(rows)), -1, dtype=torch.long)
+    labels = torch.full((len(prepared), max(len(p.target_ids) for p in prepared)), IGNORE_INDEX, dtype=torch.long)
 
     def fill(i: int) -> None:
-        rows = prepared[i].source_rows
-        prepared[i].features.decode(rows, out=features[i, :rows])
-        features[i, rows:] = 0
+        prepared[i].features.decode(rows[i], out=features[first[i]: first[i] + rows[i]])
 
     list((decoders.map if decoders else map)(fill, range(len(prepared))))  # list(): run them all
     for i, p in enumerate(prepared):
-        mask[i, : p.source_rows] = 1
+        slots[i, : rows[i]] = torch.arange(first[i], first[i] + rows[i])
         labels[i, : len(p.target_ids)] = torch.tensor(p.target_ids)
-    batch = Batch(features_BSD=features, source_mask_BS=mask, labels_BT=labels)
+    batch = Batch(features_RD=features, source_slots_BS=slots, labels_BT=labels)
     if prepared[0].prefix_ids is not None:
         width_p = max(len(p.prefix_ids) for p in prepared)
         batch.prefix_ids_BP = torch.full((len(prepared), width_p), pad_id, dtype=torch.long)
@@ -308,21 +314,14 @@ class Batcher:
             self.state = BatcherState(stream.position.epoch, stream.position.index, start.pool + 1, 0)
 
 
-SOURCE_SORTED_RUN = 2
-"""`length_buckets` re-sorts runs of this many groups by source length."""
-
-
 def length_buckets(costs: list[tuple[int, int]], size: int) -> list[list[int]]:
     """Indices of `costs` ((target, source) lengths, `Prepared.cost`) cut into groups of `size`
-    (the last may be short) that pad little: sorted by target length (a target token costs the
-    decoder about 7x what a source row costs its cross-attention keys and values), then each run
-    of `SOURCE_SORTED_RUN` consecutive groups re-sorted by source length, so a group's sources pad
-    to a nearer maximum while its targets spread over at most the run's range. At flan-t5-xxl
-    shapes, lengths uniform in 1..128 and 8..128 and a pool of 64 groups of 32, this spends 7.5%
-    of a step's FLOPs on padding, against 11.6% for one sort by (target, source) and 14.6% for
-    that sort over 16 groups (`benchmarks/train_step.py`'s padding column, same cost model)."""
-    runs = cut(sorted(range(len(costs)), key=costs.__getitem__), SOURCE_SORTED_RUN * size)
-    return cut([i for run in runs for i in sorted(run, key=lambda i: costs[i][::-1])], size)
+    (the last may be short) that pad little: sorted by target length, the only padding a step still
+    computes on (source rows are packed; padded source slots only widen attention, under 1% of a
+    step's FLOPs). At flan-t5-xxl shapes, lengths uniform in 1..128 and 8..128 and a pool of 64
+    groups of 32, this spends about 1.5% of a step's FLOPs on padding (`benchmarks/train_step.py`'s
+    padding column)."""
+    return cut(sorted(range(len(costs)), key=costs.__getitem__), size)
 
 
 def cut(order: list[int], size: int) -> list[list[int]]:

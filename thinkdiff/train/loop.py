@@ -25,7 +25,7 @@ from thinkdiff.config import RunConfig, TrainConfig
 from thinkdiff.data.features import FeatureStore
 from thinkdiff.errors import DataContractError
 from thinkdiff.models.aligner import Aligner, AlignerConfig
-from thinkdiff.models.t5 import T5Parts, key_mask_4d, load_t5
+from thinkdiff.models.t5 import T5Parts, key_mask_4d, load_t5, padded_slots
 from thinkdiff.models.vlm import load_vlm_tokenizer
 from thinkdiff.plots import plot_loss_curve
 from thinkdiff.storage import (
@@ -97,14 +97,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def encoder_states(aligner: torch.nn.Module, t5_encoder: torch.nn.Module | None, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the frozen T5 decoder attends to: the aligned rows (LVLM), or for ThinkDiff-CLIP
-    `[aligner(image tokens) ; T5enc(caption part 1)]` with the masks concatenated the same way."""
-    states, mask = aligner(batch.features_BSD.float()), batch.source_mask_BS
+    """What the frozen T5 decoder attends to, packed, with its slots (`T5DecoderLM.loss`): the
+    aligned rows (LVLM), or for ThinkDiff-CLIP each sample's `[aligner(image tokens) ;
+    T5enc(caption part 1)]`, the prefix rows after the aligned ones (still padded: few and short)."""
+    rows, slots = aligner(batch.features_RD.float()), batch.source_slots_BS
     if batch.prefix_ids_BP is None:
-        return states, mask
+        return rows, slots
     with torch.no_grad():
         prefix = t5_encoder(input_ids=batch.prefix_ids_BP, attention_mask=key_mask_4d(batch.prefix_mask_BP)).last_hidden_state
-    return torch.cat([states, prefix.to(states.dtype)], dim=1), torch.cat([mask, batch.prefix_mask_BP], dim=1)
+    return (torch.cat([rows, prefix.flatten(0, 1).to(rows.dtype)]),
+            torch.cat([slots, padded_slots(batch.prefix_mask_BP, first_row=rows.shape[0])], dim=1))
 
 
 def train_step(aligner: torch.nn.Module, t5: T5Parts, batch: Batch, optimizer: torch.optim.Optimizer,
@@ -113,8 +115,8 @@ def train_step(aligner: torch.nn.Module, t5: T5Parts, batch: Batch, optimizer: t
     device. Nothing here makes the CPU wait for the GPU, so the CPU queues the next step's work
     while the GPU runs this one."""
     with accelerator.autocast():
-        states, mask = encoder_states(aligner, t5.encoder, batch)
-        loss = t5.decoder_lm.loss(states, mask, batch.labels_BT, batch.target_positions_N)
+        rows, slots = encoder_states(aligner, t5.encoder, batch)
+        loss = t5.decoder_lm.loss(rows, slots, batch.labels_BT, batch.target_positions_N)
     accelerator.backward(loss)
     optimizer.step()
     scheduler.step()
