@@ -62,6 +62,15 @@ def test_decode_attention_benchmark_tiny():
     assert set(rows) == {"repeat_kv", "packed"} and all(float(r[0]) > 0 for r in rows.values())
 
 
+def test_decoder_attention_benchmark_tiny():
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "decoder_attention.py"), "--tiny", "--repeats", "2"],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    rows = _table_rows(out)
+    assert set(rows) == {"training path"}  # cuDNN and efficient attention are CUDA-only
+    self_ms, cross_ms, difference, stress = rows["training path"]
+    assert float(self_ms) > 0 and float(cross_ms) > 0 and float(difference) < 1e-4 and stress == "0, 0"
+
+
 def test_cobsat_judge_benchmark_tiny():
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cobsat_judge.py"), "--tiny", "--batches", "1"],
                          capture_output=True, text=True, check=True, timeout=300).stdout
