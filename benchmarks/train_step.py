@@ -30,11 +30,13 @@ mask shows as 1e-2 or more), and whether any loss of the timed pass was not fini
 from __future__ import annotations
 
 import argparse
+import re
 import time
 
 import torch
 from compile_counters import changed_since, graphs_since, snapshot
 from timing import host_syncs, sync
+from torch.autograd import DeviceType
 from transformers import T5Config, T5ForConditionalGeneration
 
 from thinkdiff.config import load_config
@@ -49,6 +51,8 @@ XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, n
            feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0, decoder_start_token_id=0,
            pad_token_id=0, eos_token_id=1)
 WARMUP_STEPS = 2
+ATTENTION_KERNEL = re.compile("attention|fmha|sdpa", re.IGNORECASE)
+"""SDPA's kernels: efficient (fmha_cutlass*), flash, cuDNN (*_sdpa_*), and their CPU operators."""
 
 
 def make_batches(n: int, batch: int, d_in: int, vocab: int, seed: int = 0) -> list[tuple[list[int], list[int], torch.Tensor, list[torch.Tensor]]]:
@@ -196,18 +200,29 @@ def project_run(decoder: T5DecoderLM, batches, device, aligner_state: dict, refe
 def print_profile(fn, device: torch.device) -> None:
     """Where the time of `fn` (one pass over the timed batches, every length bucket) goes: the
     kernels (operators on a CPU) taking the most time, self time only, so the rows add up to the
-    steps; on a GPU also the share of the wall time some kernel ran (the rest is the GPU waiting)."""
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    steps; the attention's share of that time; on a GPU also the share of the wall time some
+    kernel ran (the rest is the GPU waiting)."""
+    on_gpu = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
     started = sync(device)
     with torch.profiler.profile(activities=activities) as prof:
         fn()
         wall = sync(device) - started
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     averages = prof.key_averages()
-    print(averages.table(sort_by=key, row_limit=25, max_name_column_width=70), flush=True)
-    if device.type == "cuda":
-        kernels = sum(e.self_device_time_total for e in averages) / 1e6
-        print(f"profiled pass: kernels {kernels:.2f} s in {wall:.2f} s of wall time (GPU busy {kernels / wall:.0%}, "
+    print(averages.table(sort_by="self_device_time_total" if on_gpu else "self_cpu_time_total", row_limit=25,
+                         max_name_column_width=70), flush=True)
+    # The kernels themselves (on a GPU the operators that launch them carry their time too).
+    kernels = [(e.key, e.self_device_time_total if on_gpu else e.self_cpu_time_total) for e in averages
+               if e.device_type == (DeviceType.CUDA if on_gpu else DeviceType.CPU)]
+    total = sum(t for _, t in kernels)
+    if total == 0:  # a profiler that attributes no time to kernels: the table above is all there is
+        print("no kernel time recorded", flush=True)
+        return
+    attention = sum(t for name, t in kernels if ATTENTION_KERNEL.search(name))
+    print(f"attention (forward and backward): {attention / total:.0%} of the {'kernel' if on_gpu else 'operator'} time",
+          flush=True)
+    if on_gpu:
+        print(f"profiled pass: kernels {total / 1e6:.2f} s in {wall:.2f} s of wall time (GPU busy {total / 1e6 / wall:.0%}, "
               f"profiler overhead included)", flush=True)
 
 

@@ -28,6 +28,8 @@ def test_train_step_benchmark_tiny():
     assert rows[0][-2] == "1.00x" and all(float(r[2]) > 0 for r in rows)
     assert rows[0][-1] == "-" and all(float(r[-1]) < 1e-4 for r in rows[1:])  # the project's first loss is the naive path's
     assert out.count("Self CPU time total") == 1 and "aten::mm" in out  # the profile of batch 16's steps
+    share = int(out.split("attention (forward and backward): ")[1].split("%")[0])
+    assert 0 < share < 100
 
 
 def _table_rows(out: str) -> dict[str, list[str]]:
