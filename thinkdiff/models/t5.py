@@ -69,14 +69,13 @@ def packed_source_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     merges T5's all-zero cross-attention position bias into the mask). Padded slots hold a copy of
     row 0: masked, they get no attention weight and pass back no gradient. Both attentions run on
     `DECODER_SDPA_BACKENDS`."""
-    if not getattr(module, "reads_packed_rows", False):
-        with sdpa_kernel(DECODER_SDPA_BACKENDS):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if source_slots_BS is None:
-        raise TypeError("the T5 decoder's cross-attention reads packed source rows: pass source_slots_BS")
-    rows_RHK = lambda x: x[0].transpose(0, 1)  # noqa: E731  (1, H, R, K) -> (R, H, K), the projection's own layout
-    key_BHSK, value_BHSK = (gather_slots(rows_RHK(x), source_slots_BS).transpose(1, 2) for x in (key, value))
     with sdpa_kernel(DECODER_SDPA_BACKENDS):
+        if not getattr(module, "reads_packed_rows", False):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        if source_slots_BS is None:
+            raise TypeError("the T5 decoder's cross-attention reads packed source rows: pass source_slots_BS")
+        rows_RHK = lambda x: x[0].transpose(0, 1)  # noqa: E731  (1, H, R, K) -> (R, H, K), the projection's own layout
+        key_BHSK, value_BHSK = (gather_slots(rows_RHK(x), source_slots_BS).transpose(1, 2) for x in (key, value))
         out = F.scaled_dot_product_attention(query, key_BHSK, value_BHSK, attn_mask=(source_slots_BS >= 0)[:, None, None, :],
                                              dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
