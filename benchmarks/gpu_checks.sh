@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement of issues 6 and 7, on one H200 or H100, in device calls of under 600 s each:
 # `train` (280 + 40 + 40 s, plus about 15 s of wheel install; 256 s wall in session 8, before the
-# profile covered a whole pass, about 35 s more), `infer` (260 + 230 s, plus the install;
+# profile covered a quarter pass, about 10 s more), `infer` (260 + 230 s, plus the install;
 # session 8's call ran 282 s before the FLUX variants, about 150 s more) and `extra` (60 + 25 s:
 # the judge and the decode attention, measured in session 6 and unchanged since); `all` (the
 # default) runs the three in one go where a call may take longer. Each start of a machine costs
@@ -33,7 +33,8 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 if [ "$PART" = train ] || [ "$PART" = all ]; then
     # Issue 6: naive padded full T5 at batch 32 vs the training path at 32 (the preset) and at 128,
     # one model build and one compiled decoder for all three, over one bucketing pool of the
-    # preset's 64 batches each (the padding share printed); a profile of one batch-128 pass (GPU busy share).
+    # preset's 64 batches each (the padding share printed); a profile of every 4th batch-128 batch
+    # (attention share, GPU busy share), after the numbers are printed.
     timeout 280 python3 benchmarks/train_step.py $SIZE --batch 32 --project-batch 32 128 --profile 2>&1 | tee "$OUT/train_step.txt"
     # The decoder's attention per SDPA backend (the training path's against cuDNN), and cuDNN's
     # reported NaN backward (pytorch/pytorch#196678) at these shapes.
