@@ -18,11 +18,16 @@ about as many tokens as with Qwen's own BPE (about 290: 256 visual, the rest tex
   tokens per image).
 Images/s counts the whole stage (image preprocessing + generation + states); the generation-only
 rate of the naive path is the issue's reference (STACK.md: 9.4 to 11.4 images/s at batch 32).
+`--cobsat-shots` then times the VLM's part of a CoBSAT evaluation (issue 7 item 3, the nightly
+sizing): `vlm_answers`, the call `thinkdiff cobsat eval` makes, on CoBSAT's own prompts (task 1,
+2 or 4 demo images rendered at the same size) in batches of eval.batch_size, preprocessing
+included, eval.gen_tokens tokens each, EOS ignored.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -36,6 +41,9 @@ from thinkdiff.config import RunConfig, load_config
 from thinkdiff.data import extract
 from thinkdiff.data.corpus import CorpusImage
 from thinkdiff.data.extract import extract_records, pick_instruction
+from thinkdiff.eval.cobsat import build_prompts, get_task
+from thinkdiff.eval.dataset import CobsatDataset, make_synthetic_dataset
+from thinkdiff.generate import cobsat_parts, vlm_answers
 from thinkdiff.models.vlm import (
     EOS_CHECK_EVERY,
     TINY_TEXT,
@@ -123,6 +131,20 @@ def project_phases(cfg: RunConfig, vlm: VLM, items: list[CorpusImage]) -> dict[s
             "sampling with the sort-based top-p instead": ms(sampling_seconds(sorted_top_p, logits_BV) * f.max_new_tokens)}
 
 
+def cobsat_run(cfg: RunConfig, vlm: VLM, dataset: CobsatDataset, shot: int, n_batches: int) -> dict[str, float]:
+    """Seconds per prompt of the VLM's part of a CoBSAT evaluation at `shot` demo images: one
+    warm-up batch (on a GPU, the compile for this prompt length), then `n_batches` timed."""
+    b = cfg.eval.batch_size
+    conversations = [cobsat_parts(p, dataset) for p in build_prompts(get_task(1), shot, limit=(n_batches + 1) * b)]
+    vlm_answers(vlm, cfg, conversations[:b], seed=0, ignore_eos=True)
+    started = sync(vlm.device)
+    for k in range(1, n_batches + 1):
+        vlm_answers(vlm, cfg, conversations[k * b:(k + 1) * b], seed=k, ignore_eos=True)
+    seconds = sync(vlm.device) - started
+    first = encode_chat(vlm, conversations[:1], cfg.features.system_prompt, device=torch.device("cpu"))
+    return {"s_per_prompt": seconds / (n_batches * b), "prompt_tokens": first["input_ids"].shape[1]}
+
+
 def sampling_seconds(processors: LogitsProcessorList, logits_BV: torch.Tensor, repeats: int = 8) -> float:
     """Seconds per decode step of the sampling alone: processors, softmax, multinomial."""
     torch.multinomial(torch.softmax(processors(None, logits_BV), dim=-1), num_samples=1)  # warm-up (a compile)
@@ -157,6 +179,8 @@ def main() -> None:
                              "8 is CoBSAT's eval.batch_size")
     parser.add_argument("--tokens", type=int, default=None, help="generated tokens per image (default 128; tiny 16)")
     parser.add_argument("--batches", type=int, default=2, help="timed batches per path, after one warm-up batch")
+    parser.add_argument("--cobsat-shots", type=int, nargs="*", default=[], choices=(2, 4),
+                        help="also time the VLM's part of a CoBSAT evaluation at these shots (eval.batch_size prompts a batch)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tiny = args.tiny
@@ -179,7 +203,7 @@ def main() -> None:
         return load_config("tiny" if tiny else "paper-lvlm", [
             f"features.batch_size={batch}", f"features.max_new_tokens={tokens}", f"features.compile={compile}",
             f"features.min_pixels={pixels['min_pixels']}", f"features.max_pixels={pixels['max_pixels']}",
-            f"features.preprocess_workers={2 if tiny else 8}"])
+            f"features.preprocess_workers={2 if tiny else 8}", f"eval.gen_tokens={tokens}"])
 
     cfg = stage_config(batches[0])
     prompt = encode_chat(vlm, [[corpus_batches(1, 1, side, seed=0)[0][0].image, cfg.features.instructions[0]]],
@@ -211,7 +235,14 @@ def main() -> None:
               f"(all, {project['tokens_per_image']:.0f} tokens/image) | kept while decoding |")
     print(f"ratio project (whole stage, batch {batches[0]}) / naive generate-only: {projects[batches[0]]['ratio']:.2f}x (target 5x)")
     print(f"project phases at batch {batches[0]}, ms/image (one more batch, synced): "
-          + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()) + " (generate = prefill + decode steps)")
+          + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()) + " (generate = prefill + decode steps)", flush=True)
+    if args.cobsat_shots:
+        with tempfile.TemporaryDirectory() as root:
+            dataset = make_synthetic_dataset(root, size=side)
+            for shot in args.cobsat_shots:
+                run = cobsat_run(cfg, vlm, dataset, shot, args.batches)
+                print(f"CoBSAT's VLM part (vlm_answers) at eval.batch_size {cfg.eval.batch_size}, {shot} shots "
+                      f"({run['prompt_tokens']}-token prompts): {run['s_per_prompt']:.3f} s/prompt", flush=True)
 
 
 if __name__ == "__main__":

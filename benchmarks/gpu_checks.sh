@@ -43,13 +43,14 @@ if [ "$PART" = train ] || [ "$PART" = all ]; then
     timeout 40 python3 benchmarks/feature_store.py $SIZE --samples 512 2>&1 | tee "$OUT/feature_store.txt"
 fi
 if [ "$PART" = infer ] || [ "$PART" = all ]; then
-    # Issue 7: naive generate at 32 vs the features stage at 256 (and its phases, sampling apart)
-    # and at CoBSAT's batch of 8 (item 3: the VLM's share of an evaluation); FLUX eager b1/b4 vs b8
+    # Issue 7: naive generate at 32 vs the features stage at 256 (and its phases, sampling apart),
+    # then eval's VLM call on CoBSAT's own 2- and 4-image prompts at eval.batch_size 8 (item 3: the
+    # VLM's share of an evaluation, for the nightly sizing); FLUX eager b1/b4 vs b8
     # fused and compiled, then with cuDNN attention first, then with that and inductor's
     # coordinate-descent tuning too: the combination `wrap_flux` would adopt if both pay (VAE share,
     # SDPA backends). One timed batch per path, each path's line printed as it is measured.
-    FEATURE_BATCHES="256 8"; if [ -n "${TINY:-}" ]; then FEATURE_BATCHES="8 2"; fi
-    timeout 260 python3 benchmarks/extract_features.py $SIZE --batch $FEATURE_BATCHES 2>&1 | tee "$OUT/extract_features.txt"
+    FEATURE_BATCH=256; if [ -n "${TINY:-}" ]; then FEATURE_BATCH=8; fi
+    timeout 260 python3 benchmarks/extract_features.py $SIZE --batch $FEATURE_BATCH --cobsat-shots 2 4 2>&1 | tee "$OUT/extract_features.txt"
     timeout 230 python3 benchmarks/flux_generate.py $SIZE --batches 1 --variants cudnn cudnn+coordinate-descent 2>&1 | tee "$OUT/flux_generate.txt"
 fi
 if [ "$PART" = extra ] || [ "$PART" = all ]; then

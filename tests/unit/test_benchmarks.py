@@ -39,11 +39,17 @@ def _table_rows(out: str) -> dict[str, list[str]]:
 
 def test_extract_features_benchmark_tiny():
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "extract_features.py"), "--tiny", "--batches", "1",
-                          "--batch", "8", "2"], capture_output=True, text=True, check=True, timeout=300).stdout
+                          "--batch", "8", "2", "--cobsat-shots", "2", "4"], capture_output=True, text=True, check=True,
+                         timeout=300).stdout
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")][1:]
     assert [(r[0], r[1]) for r in rows] == [("naive", "4"), ("project", "8"), ("project", "2")]
     assert all(float(r[2]) > 0 for r in rows) and "ratio project (whole stage, batch 8) / naive generate-only:" in out
     assert "vision tower" in out and "prefill (vision included)" in out and "sort-based top-p instead" in out
+    # CoBSAT's own prompts through eval's VLM call: 4 demo images make a longer prompt than 2.
+    cobsat = {int(line.split(" shots")[0].split()[-1]): line for line in out.splitlines() if line.startswith("CoBSAT's VLM")}
+    tokens = {shot: int(line.split("(")[-1].split("-token")[0]) for shot, line in cobsat.items()}
+    assert set(cobsat) == {2, 4} and tokens[4] > tokens[2]
+    assert all(float(line.split(": ")[-1].split(" s/prompt")[0]) > 0 for line in cobsat.values())
 
 
 def test_flux_generate_benchmark_tiny():
