@@ -175,8 +175,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--naive-batch", type=int, default=None, help="default 32 (tiny 4)")
     parser.add_argument("--batch", type=int, nargs="+", default=None,
-                        help="the project path's batches: the first gets the ratio and the phases (default 256; tiny 8); "
-                             "8 is CoBSAT's eval.batch_size")
+                        help="the project path's batches: the first gets the ratio and the phases (default 256; tiny 8)")
     parser.add_argument("--tokens", type=int, default=None, help="generated tokens per image (default 128; tiny 16)")
     parser.add_argument("--batches", type=int, default=2, help="timed batches per path, after one warm-up batch")
     parser.add_argument("--cobsat-shots", type=int, nargs="*", default=[], choices=(2, 4),
