@@ -21,6 +21,20 @@ from thinkdiff.config import RunConfig, fingerprint
 from thinkdiff.errors import DataContractError
 
 MANIFEST = "manifest.json"
+
+
+def _process_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# tempfile makes its files 0600 and its directories 0700; what is renamed into place gets the mode
+# a plain open() or mkdir() would give under the umask, so a paths.root shared by a team's workers
+# stays readable to all of them. Read once, at import, before any writer thread exists.
+_UMASK = _process_umask()
+FILE_MODE = 0o666 & ~_UMASK
+DIR_MODE = 0o777 & ~_UMASK
 CORPUS_SCHEMA_VERSION = 1
 FEATURES_SCHEMA_VERSION = 1
 TRAIN_SCHEMA_VERSION = 1
@@ -96,6 +110,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -114,8 +129,17 @@ def temp_path_for(path: Path) -> Path:
     """A unique temporary sibling of `path`, for writers that need a file name (e.g. Parquet)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, FILE_MODE)
     os.close(fd)
     return Path(tmp)
+
+
+def temp_dir_for(path: Path) -> Path:
+    """A new temporary sibling directory of `path`, to fill and then rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(DIR_MODE)
+    return tmp
 
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:

@@ -1,8 +1,12 @@
 """Covers: the aligner architecture of REFERENCE.md section 3 (per-token MLP with exact GELU and
-RMSNorm eps 1e-6, 31.5M parameters at paper shapes), save/load as safetensors, and the converter of
-the official .pth checkpoint including its rejection of other layouts."""
+RMSNorm eps 1e-6, 31.5M parameters at paper shapes), save/load as safetensors, the modes of what
+the atomic writers leave (readable by a team sharing paths.root), and the converter of the
+official .pth checkpoint including its rejection of other layouts."""
 
 from __future__ import annotations
+
+import os
+import stat
 
 import pytest
 import torch
@@ -11,6 +15,7 @@ from safetensors.torch import load_file
 from thinkdiff.cli import main
 from thinkdiff.errors import DataContractError
 from thinkdiff.models.aligner import Aligner, AlignerConfig, import_official_checkpoint
+from thinkdiff.storage import atomic_write_bytes, temp_path_for
 
 
 def make_aligner(in_dim=12, out_dim=8, seed=0):
@@ -66,6 +71,20 @@ def test_save_and_load_round_trip(tmp_path):
     for key, value in aligner.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
     assert set(load_file(out / "model.safetensors")) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "norm.weight"}
+
+
+def test_written_files_and_directories_get_the_umask_modes(tmp_path):
+    # tempfile's private 0600 / 0700 must not survive the rename: workers of a team share paths.root.
+    umask = os.umask(0o022)
+    try:
+        out = make_aligner().save_pretrained(tmp_path / "a")
+        atomic_write_bytes(tmp_path / "m.json", b"{}")
+        parquet_like = temp_path_for(tmp_path / "s.parquet")
+    finally:
+        os.umask(umask)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(out) == 0o777 & ~umask
+    assert {mode(p) for p in [*out.iterdir(), tmp_path / "m.json", parquet_like]} == {0o666 & ~umask}
 
 
 def test_save_refuses_to_overwrite(tmp_path):

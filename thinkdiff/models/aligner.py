@@ -14,15 +14,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from thinkdiff.errors import DataContractError
+from thinkdiff.storage import temp_dir_for
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +67,16 @@ class Aligner(nn.Module):
         directory = Path(directory)
         if directory.exists():
             raise FileExistsError(f"{directory} exists; refusing to overwrite an aligner (remove it or pick another path)")
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        (tmp / CONFIG_NAME).write_text(json.dumps({"architecture": "thinkdiff-aligner", **asdict(self.config)}, indent=2))
-        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        os.replace(tmp, directory)
+        tmp = temp_dir_for(directory)
+        try:
+            (tmp / CONFIG_NAME).write_text(json.dumps({"architecture": "thinkdiff-aligner", **asdict(self.config)}, indent=2))
+            state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
+            # Bytes, then a plain write: safetensors' own save_file leaves its file 0600.
+            (tmp / WEIGHTS_NAME).write_bytes(save(state, metadata={"format": "pt"}))
+            os.replace(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return directory
 
     @classmethod

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import torch
 
 from thinkdiff.errors import DataContractError
 from thinkdiff.models.aligner import Aligner
-from thinkdiff.storage import atomic_write_json
+from thinkdiff.storage import atomic_write_json, temp_dir_for
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +60,7 @@ def save_checkpoint(
     final = root / checkpoint_name(step)
     if final.exists():
         raise FileExistsError(f"{final} exists; a checkpoint is never overwritten")
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+    tmp = temp_dir_for(final)
     try:
         aligner.save_pretrained(tmp / ALIGNER_DIR)
         torch.save(trainer_state, tmp / STATE_FILE)
