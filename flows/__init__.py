@@ -10,6 +10,9 @@ import json
 import os
 from collections.abc import Callable
 
+from thinkdiff.config import load_config
+from thinkdiff.errors import ConfigError
+
 # A flow run without a server starts a temporary one; on a fresh PREFECT_HOME its database
 # migrations can take longer than Prefect's 30 s default on a 2-core machine.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -21,6 +24,10 @@ def run_from_command_line(flow_fn: Callable[..., object], prog: str) -> None:
     parser.add_argument("--config", "-c", default="tiny", help="preset name in conf/ or a YAML path (default: tiny)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=2e-4")
     args = parser.parse_args()
+    try:  # a mistyped preset or override: one line, before any Prefect server starts
+        load_config(args.config, args.overrides)
+    except ConfigError as err:
+        parser.exit(2, f"{prog}: error: {err}\n")
     result = flow_fn(config=args.config, overrides=args.overrides)
     if isinstance(result, dict):
         print("\n".join(f"{name:>10}: {value}" for name, value in result.items()))

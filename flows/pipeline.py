@@ -19,17 +19,20 @@ def thinkdiff_pipeline_flow(config: str = "tiny", overrides: list[str] | None = 
     features_dir = cache_features_flow(config, overrides, corpus_dir)
     trained = train_aligner_flow(config, overrides, features_dir)
     evaluation = evaluate_cobsat_flow(config, overrides, model=trained["model"])
-    print(evaluation["table"])  # the CoBSAT table, also in the run logs and MLflow
-    return {
+    print(evaluation["table"])  # the CoBSAT table (or why there is none), also in the run logs and MLflow
+    outputs = {
         "corpus": corpus_dir,
         "features": features_dir,
         "checkpoint": trained["checkpoint"],
         "aligner": str(Path(trained["checkpoint"]) / "aligner"),
         "loss curve": str(Path(trained["checkpoint"]).parents[1] / "loss_curve.png"),
         "model": trained["model"],
-        "cobsat": evaluation["results"],
-        "cobsat run": evaluation["mlflow_run"],
     }
+    if evaluation["results"]:  # none for ThinkDiff-CLIP, which CoBSAT does not score
+        results = Path(evaluation["results"])
+        outputs |= {"cobsat": str(results), "accuracy": str(results / "accuracy.png"),
+                    "samples": str(results / "samples.png"), "cobsat run": evaluation["mlflow_run"]}
+    return outputs
 
 
 if __name__ == "__main__":

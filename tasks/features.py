@@ -14,7 +14,9 @@ def plan_feature_shards_task(config: str, overrides: list[str], corpus_dir: str 
     return [str(p) for p in pipeline.pending_feature_shards(cfg, Path(corpus_dir) if corpus_dir else None)]
 
 
-@task(name="extract-feature-shard", tags=["gpu"], timeout_seconds=6 * 3600)
+# No timeout: mapped, this task runs in a worker thread, where Prefect cannot enforce one (it would
+# only log a warning for every shard).
+@task(name="extract-feature-shard", tags=["gpu"])
 def extract_feature_shard_task(config: str, overrides: list[str], corpus_shard: str) -> str:
     return str(pipeline.extract_feature_shard(load_config(config, overrides), Path(corpus_shard)))
 

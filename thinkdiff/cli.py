@@ -113,9 +113,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _open_image(path: str | Path) -> Image.Image:
+    """An --image argument as RGB, or an error that names it (read before any model loads)."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--image {path}: no such file") from None
+    except (Image.UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"--image {path}: not an image Pillow can read ({err}); give a JPEG, PNG or WebP file") from None
+
+
 def _dispatch(args: argparse.Namespace) -> int:
-    # Heavy imports (torch, transformers) only after the arguments parsed, so --help is instant.
-    from thinkdiff import pipeline
+    # Heavy imports (torch, transformers) only once the arguments and the config are checked, so
+    # --help, `config` and a mistyped override answer at once.
     from thinkdiff.config import load_config
 
     if args.command == "cobsat" and args.cobsat_command == "prompts":
@@ -137,7 +148,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.command == "config":
         print(cfg.to_yaml(), end="")
-    elif args.command == "corpus":
+        return 0
+    if args.command == "generate" and not args.parts:
+        raise ValueError("give the prompt as --text and --image parts, in order")
+    # Input images are read before any model loads: a wrong path fails at once.
+    parts = [_open_image(value) if kind == "image" else value for kind, value in args.parts] if args.command == "generate" else []
+    inputs = [_open_image(path) for path in args.images] if args.command == "compose" else []
+    from thinkdiff import pipeline
+
+    if args.command == "corpus":
         print(pipeline.build_corpus(cfg))
     elif args.command == "features":
         print(pipeline.extract_features(cfg, corpus_dir=args.corpus, out_dir=args.out))
@@ -154,10 +173,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "generate":
         from thinkdiff.generate import build_generator
 
-        if not args.parts:
-            raise ValueError("give the prompt as --text and --image parts, in order")
         generator = build_generator(cfg, pipeline.aligner_spec(cfg, args.aligner))
-        parts = [Image.open(value).convert("RGB") if kind == "image" else value for kind, value in args.parts]
         (image,) = generator.draw([parts], vlm_seed=cfg.eval.seed, flux_seeds=[cfg.eval.seed])
         image.save(args.out)
         print(args.out)
@@ -166,7 +182,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         from thinkdiff.plots import save_sample_grid
 
         composer = build_composer(cfg, pipeline.aligner_spec(cfg, args.aligner))
-        inputs = [Image.open(path).convert("RGB") for path in args.images]
         image = composer.compose(inputs, args.text, seed=cfg.eval.seed)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         image.save(args.out)

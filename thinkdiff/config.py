@@ -398,20 +398,44 @@ def fingerprint(obj: Any) -> str:
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set one `a.b=value` in the raw preset, its key and value checked here, so an error names the
+    override rather than the preset file."""
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.lr=2e-4)")
-    node = raw
     parts = key.strip().split(".")
+    source = f"override {item!r}"
+    field_type: Any = RunConfig
+    for depth, part in enumerate(parts):
+        prefix = ".".join(parts[:depth])
+        if not dataclasses.is_dataclass(field_type):
+            raise ConfigError(f"{source}: `{prefix}` is a value, not a section")
+        _check_known(field_type, [part], f"{prefix}." if prefix else "", source)
+        field_type = typing.get_type_hints(field_type)[part]
+    # YAML parsing gives lists and booleans; the value must then fit the field (a whole section is
+    # checked with the rest of the preset).
+    parsed = yaml.safe_load(value) if value.strip() else value
+    if not dataclasses.is_dataclass(field_type):
+        _coerce(field_type, parsed, ".".join(parts), source)
+    elif not isinstance(parsed, dict):
+        first = dataclasses.fields(field_type)[0].name
+        raise ConfigError(f"{source}: `{key.strip()}` is a section; override its keys, e.g. {key.strip()}.{first}=...")
+    node = raw
     for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
-        node = child
-    # YAML parsing gives lists and booleans; scalars are coerced to the field type in _build.
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else value
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: `{part}` holds a value in the preset, not a section")
+    node[parts[-1]] = parsed
+
+
+def _check_known(cls: type, keys: typing.Iterable[str], prefix: str, source: str) -> None:
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in keys if k not in names]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f"did you mean `{prefix}{close[0]}`?" if close else f"valid keys here: {', '.join(names)}"
+        raise ConfigError(f"{source}: unknown key `{prefix}{key}`; {hint}")
 
 
 def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
@@ -419,12 +443,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
         raise ConfigError(f"{source}: `{prefix.rstrip('.') or '<top>'}` must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in raw if k not in names]
-    if unknown:
-        key = unknown[0]
-        close = difflib.get_close_matches(key, names, n=1)
-        hint = f"did you mean `{prefix}{close[0]}`?" if close else f"valid keys here: {', '.join(names)}"
-        raise ConfigError(f"{source}: unknown key `{prefix}{key}`; {hint}")
+    _check_known(cls, raw, prefix, source)
     missing = [n for n in names if n not in raw]
     if missing:
         raise ConfigError(
@@ -435,6 +454,10 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     return cls(**values)
 
 
+_WRITE_AS = {bool: "write true or false", int: "write a whole number, e.g. 100", float: "write a number, e.g. 2e-4",
+             str: "write a plain text value, not a list, a mapping or nothing"}
+
+
 def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, prefix=f"{key}.", source=source)
@@ -442,7 +465,7 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ConfigError(f"{source}: `{key}` must be a list, got {value!r}")
+            raise ConfigError(f"{source}: `{key}` must be a list, e.g. [1, 2], got {value!r}")
         return [_coerce(item_tp, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if origin in (types.UnionType, typing.Union):
         raise TypeError(f"config field {key} uses a union type; config fields must be concrete")
@@ -464,7 +487,7 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
                 raise ValueError
             return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{source}: `{key}`={value!r} is not a valid {tp.__name__}") from None
+        raise ConfigError(f"{source}: `{key}`={value!r} is not a valid {tp.__name__}; {_WRITE_AS[tp]}") from None
     raise TypeError(f"unsupported config type {tp!r} for {key}")
 
 

@@ -86,8 +86,14 @@ def trained_aligner_dir(cfg: RunConfig) -> Path:
 
 
 def aligner_spec(cfg: RunConfig, explicit: str | None = None) -> str:
-    """Which aligner to draw with: the one asked for, else `eval.aligner`, else this config's own."""
-    return explicit or cfg.eval.aligner or str(trained_aligner_dir(cfg))
+    """Which aligner to draw with: the one asked for, else `eval.aligner`, else this config's own.
+    A local path is checked here, before any model loads or any result file is made."""
+    spec = explicit or cfg.eval.aligner or str(trained_aligner_dir(cfg))
+    if not spec.startswith("models:/") and not Path(spec).exists():
+        named_by = "--model / --aligner" if explicit else "eval.aligner"
+        raise FileNotFoundError(f"aligner {spec} ({named_by}): no such file or directory; give models:/NAME@ALIAS, "
+                                "models:/NAME/N, an aligner directory or the official .pth")
+    return spec
 
 
 def built_on_first_call(build: Callable[[], Callable]) -> Callable:
@@ -112,10 +118,6 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
         note = "CoBSAT scores ThinkDiff-LVLM; skipped for variant clip (use `thinkdiff compose`)"
         log.info(note)
         return {"dir": None, "summary": None, "run_id": None, "model": None, "skipped": note}
-    if e.dataset == "synthetic":
-        data = dataset.make_synthetic_dataset(Path(cfg.paths.root) / "cobsat-synthetic", e.synthetic_image_size)
-    else:
-        data = dataset.open_dataset(e.dataset)
     ref = None
     if e.generator in harness.BASELINES:
         generator, identity = harness.BASELINES[e.generator], e.generator
@@ -127,6 +129,10 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
             ref = registry.resolve_model(spec, cfg)
             spec = ref.uri
         generator, identity = built_on_first_call(lambda: generate.build_generator(cfg, spec)), spec
+    if e.dataset == "synthetic":
+        data = dataset.make_synthetic_dataset(Path(cfg.paths.root) / "cobsat-synthetic", e.synthetic_image_size)
+    else:
+        data = dataset.open_dataset(e.dataset)
     # Which prompts and how fast they are drawn do not change a prompt's result: the same directory.
     settings = {k: v for k, v in e.__dict__.items() if k not in ("aligner", "limit", "nightly_limit", "compile")}
     out_dir = Path(cfg.paths.root) / "eval" / fingerprint({
@@ -136,7 +142,9 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
     summary = harness.evaluate(data, generator, built_on_first_call(lambda: judge.load_judge(cfg)), out_dir, tasks=e.tasks, shots=e.shots, limit=e.limit,
                                 batch_size=e.batch_size)
     run_id = registry.log_evaluation(cfg, out_dir, summary, ref, identity)
-    log.info("CoBSAT (%s):\n%s", identity, summary.table())
+    log.info("CoBSAT (%s): mean accuracy %s over %d prompts; per task in %s", identity,
+             ", ".join(f"{shot}-shot {m:.3f}" for shot, m in sorted(summary.mean.items())), summary.num_prompts,
+             out_dir / "summary.md")
     return {"dir": out_dir, "summary": summary, "run_id": run_id, "model": ref}
 
 

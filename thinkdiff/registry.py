@@ -243,6 +243,9 @@ def promote(cfg: RunConfig, version: str, reason: str = "manual promotion") -> M
         previous = client.get_model_version_by_alias(name, CHAMPION).version
     except Exception:  # noqa: BLE001 - no champion yet
         previous = None
+    if str(previous) == str(target.version):  # idempotent: the first promotion's time and reason stay
+        log.info("%s: version %s is already the champion; nothing changed", name, target.version)
+        return ModelVersionRef(name=name, version=str(target.version), run_id=target.run_id)
     client.set_registered_model_alias(name, CHAMPION, target.version)
     client.set_model_version_tag(name, target.version, "thinkdiff.promoted_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     client.set_model_version_tag(name, target.version, "thinkdiff.promotion_reason", reason)
@@ -259,7 +262,20 @@ def _resolve_version(client, name: str, version: str):
             return client.get_model_version(name, str(version))
         return client.get_model_version_by_alias(name, str(version))
     except MlflowException as err:
-        raise RegistryError(f"{name}: no version or alias {version!r} ({err.message})") from err
+        raise RegistryError(f"{name}: no version or alias {version!r}; {_what_exists(client, name)}") from err
+
+
+def _what_exists(client, name: str) -> str:
+    """The versions and aliases a registered model has, for an error message."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        aliases = client.get_registered_model(name).aliases
+    except MlflowException:
+        return "no model of that name is registered yet (train, then `thinkdiff registry register`)"
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    shown = ", ".join(f"@{alias} (version {v})" for alias, v in sorted(aliases.items())) or "none"
+    return f"it has versions {', '.join(map(str, versions)) or 'none'} and aliases {shown}"
 
 
 def load_aligner(uri: str, cfg: RunConfig) -> Aligner:

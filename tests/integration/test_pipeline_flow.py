@@ -66,6 +66,7 @@ def test_pipeline_flow_end_to_end_then_skipped(prefect_harness, tmp_path):
     # Registered in the local MLflow store as the candidate, then evaluated on the synthetic CoBSAT set.
     assert out["model"] == "models:/thinkdiff-aligner-tiny/1"
     summary = json.loads((Path(out["cobsat"]) / "summary.json").read_text())
+    assert Path(out["accuracy"]).is_file() and Path(out["samples"]).is_file()  # the charts the summary points to
     assert summary["num_prompts"] == 4 and set(summary["mean"]) == {"2", "4"}
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
     eval_run = client.get_run(out["cobsat run"])

@@ -1,8 +1,10 @@
 """Covers: `thinkdiff --help` lists the commands; `config` prints the resolved config; bad input
-exits with code 2 and a message naming the key, not a traceback."""
+exits with code 2 and a message naming the key, not a traceback, from `thinkdiff` and from the
+flows' `python -m flows.X` alike."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -32,3 +34,39 @@ def test_bad_override_is_exit_2_with_named_key(capsys):
 def test_train_without_features_names_the_fix(capsys, tmp_path):
     assert main(["train", "--config", "tiny", f"paths.root={tmp_path}"]) == 2
     assert "run `thinkdiff features`" in capsys.readouterr().err
+
+
+def test_flow_command_line_refuses_a_bad_override_before_starting_prefect(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "flows.pipeline", "--config", "tiny", f"paths.root={tmp_path}",
+                          "train.max_stpes=5"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")})
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "python -m flows.pipeline: error: override 'train.max_stpes=5': unknown key `train.max_stpes`; "
+        "did you mean `train.max_steps`?"]
+    # No Prefect server started (its database would be in PREFECT_HOME), no stage begun.
+    assert not list((tmp_path / "prefect").rglob("*.db")) and [p.name for p in tmp_path.iterdir()] in ([], ["prefect"])
+
+
+def test_unreadable_input_images_are_named_before_any_model_loads(capsys, tmp_path):
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("not an image")
+    assert main(["generate", "--config", "tiny", "--text", "red: ", "--image", str(not_an_image), "--out", str(tmp_path / "o.png")]) == 2
+    assert f"--image {not_an_image}: not an image Pillow can read" in capsys.readouterr().err
+    assert main(["compose", "--config", "tiny-clip", "--image", str(tmp_path / "missing.jpg"), "--out", str(tmp_path / "o.png")]) == 2
+    assert f"--image {tmp_path / 'missing.jpg'}: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_config_and_its_errors_answer_without_loading_torch():
+    code = ("import sys\nfrom thinkdiff.cli import main\n"
+            "assert main(['config', '--config', 'tiny']) == 0 and main(['config', '--config', 'tiny', 'train.lrr=1']) == 2\n"
+            "assert 'torch' not in sys.modules, 'config imported torch'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=60)
+
+
+def test_a_missing_aligner_is_named_before_an_evaluation_starts(capsys, tmp_path):
+    missing = tmp_path / "no-such-aligner"
+    assert main(["cobsat", "eval", "--config", "tiny", f"paths.root={tmp_path / 'root'}", "--model", str(missing)]) == 2
+    assert f"aligner {missing} (--model / --aligner): no such file or directory" in capsys.readouterr().err
+    assert not (tmp_path / "root").exists()  # no results file, no synthetic set, nothing begun

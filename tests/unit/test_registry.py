@@ -110,8 +110,14 @@ def test_champion_moves_only_by_promotion(trained):
     assert promoted.version == ref.version == str(client.get_model_version_by_alias(cfg.tracking.registered_model, "champion").version)
     version = client.get_model_version_by_alias(cfg.tracking.registered_model, "champion")
     assert version.tags["thinkdiff.promotion_reason"] == "test" and version.tags["thinkdiff.promoted_at"]
-    with pytest.raises(registry.RegistryError, match="no version or alias '42'"):
+    with pytest.raises(registry.RegistryError, match=rf"no version or alias '42'; it has versions {ref.version} and "
+                                                     rf"aliases @candidate \(version {ref.version}\), @champion"):
         pipeline.promote(cfg, "42")
+    # Promoting the champion again changes nothing: its promotion's reason and time stay.
+    assert pipeline.promote(cfg, ref.version, reason="again").version == ref.version
+    again = client.get_model_version_by_alias(cfg.tracking.registered_model, "champion")
+    assert again.tags["thinkdiff.promotion_reason"] == "test"
+    assert again.tags["thinkdiff.promoted_at"] == version.tags["thinkdiff.promoted_at"]
 
 
 def test_unfinished_run_is_not_logged(tmp_path):

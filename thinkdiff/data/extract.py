@@ -190,6 +190,7 @@ def extract_records(cfg: RunConfig, model: Extractor, batches: Iterator[list[Cor
 def pending_feature_shards(corpus_dir: Path, out_dir: Path) -> list[Path]:
     """Corpus shards whose feature shard does not exist yet ([] when the stage is complete)."""
     if read_manifest(out_dir) is not None:
+        log.info("features %s are complete; skipping", out_dir)
         return []
     return [s for s in corpus_shards(corpus_dir) if not feature_shard_path(out_dir, s).exists()]
 
