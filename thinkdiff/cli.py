@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import sys
@@ -24,6 +25,7 @@ from pathlib import Path
 from PIL import Image
 
 from thinkdiff.errors import ThinkDiffError
+from thinkdiff.storage import atomic_write_bytes
 
 log = logging.getLogger("thinkdiff")
 
@@ -82,14 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", dest="parts", action="append", type=lambda v: ("text", v), help="a text part (repeatable)")
     p.add_argument("--image", dest="parts", action="append", type=lambda v: ("image", v), help="an image part (repeatable)")
     p.add_argument("--aligner", help="models:/name@alias, a directory or an official .pth (default: eval.aligner, then this config's own)")
-    p.add_argument("--out", type=Path, required=True, help="where to write the PNG")
+    p.add_argument("--out", type=Path, required=True, help="the image to write (.png or .jpg; never overwritten)")
 
     p = sub.add_parser("compose", help="ThinkDiff-CLIP: any number of images and an optional text -> one FLUX image")
     _add_config_args(p)
     p.add_argument("--image", dest="images", action="append", type=Path, required=True, help="an input image (repeatable)")
     p.add_argument("--text", help="optional text, embedded by FLUX's own T5 after the image tokens")
     p.add_argument("--aligner", help="models:/name@alias or a directory (default: eval.aligner, then this config's own)")
-    p.add_argument("--out", type=Path, required=True, help="output PNG; a side-by-side sheet goes next to it (.sheet.png)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the image to write (.png or .jpg; never overwritten); a side-by-side sheet goes next to it (.sheet.png)")
 
     p = sub.add_parser("aligner", help="aligner checkpoint tools")
     aligner_sub = p.add_subparsers(dest="aligner_command", required=True, metavar="ACTION")
@@ -124,6 +127,22 @@ def _open_image(path: str | Path) -> Image.Image:
         raise ValueError(f"--image {path}: not an image Pillow can read ({err}); give a JPEG, PNG or WebP file") from None
 
 
+def _check_new_outputs(out: Path, *more: Path) -> None:
+    """An image output is never overwritten, and its type must be known: both checked before any
+    model loads."""
+    for path in (out, *more):
+        if path.exists():
+            raise FileExistsError(f"{path} exists; an output is never overwritten: choose another --out or delete it")
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--out {out}: unknown image type {out.suffix!r}; end the name in .png or .jpg")
+
+
+def _write_image(image: Image.Image, path: Path) -> None:
+    buf = io.BytesIO()
+    image.save(buf, format=Image.registered_extensions()[path.suffix.lower()])
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     # Heavy imports (torch, transformers) only once the arguments and the config are checked, so
     # --help, `config` and a mistyped override answer at once.
@@ -154,6 +173,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     # Input images are read before any model loads: a wrong path fails at once.
     parts = [_open_image(value) if kind == "image" else value for kind, value in args.parts] if args.command == "generate" else []
     inputs = [_open_image(path) for path in args.images] if args.command == "compose" else []
+    if args.command in ("generate", "compose"):
+        _check_new_outputs(args.out, *([args.out.with_suffix(".sheet.png")] if args.command == "compose" else []))
     from thinkdiff import pipeline
 
     if args.command == "corpus":
@@ -175,7 +196,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         generator = build_generator(cfg, pipeline.aligner_spec(cfg, args.aligner))
         (image,) = generator.draw([parts], vlm_seed=cfg.eval.seed, flux_seeds=[cfg.eval.seed])
-        image.save(args.out)
+        _write_image(image, args.out)
         print(args.out)
     elif args.command == "compose":
         from thinkdiff.generate import build_composer
@@ -183,8 +204,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         composer = build_composer(cfg, pipeline.aligner_spec(cfg, args.aligner))
         image = composer.compose(inputs, args.text, seed=cfg.eval.seed)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        image.save(args.out)
+        _write_image(image, args.out)
         sheet = save_sample_grid([(inputs + [image], f"{' + '.join(p.name for p in args.images)} + {args.text or ''!r}")],
                                  args.out.with_suffix(".sheet.png"))
         print(f"{args.out}\n{sheet}")

@@ -137,3 +137,24 @@ def test_compiled_flux_draws_the_eager_pictures():
     blocks = compiled.pipe.transformer.transformer_blocks[0], compiled.pipe.transformer.single_transformer_blocks[0]
     assert all(block.attn.fused_projections for block in blocks)
     assert not eager.pipe.transformer.transformer_blocks[0].attn.fused_projections
+
+
+def test_generate_command_writes_its_image_once(parts_env, tmp_path, capsys):
+    from thinkdiff.cli import main
+
+    cfg, data, vlm, flux, aligner = parts_env
+    aligner.save_pretrained(tmp_path / "aligner")
+    red = data.item(get_task(1), "red", "leaf")
+    red.save(tmp_path / "red.png")
+    argv = ["generate", "--config", "tiny", f"paths.root={cfg.paths.root}", "--aligner", str(tmp_path / "aligner"),
+            "--text", "red: ", "--image", str(tmp_path / "red.png"), "--text", "blue: ", "--out", str(tmp_path / "out.png")]
+    assert main(argv) == 0
+    written = (tmp_path / "out.png").read_bytes()
+    assert Image.open(tmp_path / "out.png").size == (cfg.eval.image_size, cfg.eval.image_size)
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    # Again: refused before any model runs, the first image untouched.
+    assert main(argv) == 2
+    assert "out.png exists; an output is never overwritten" in capsys.readouterr().err
+    assert (tmp_path / "out.png").read_bytes() == written
+    assert main([*argv[:-1], str(tmp_path / "out.tiff2")]) == 2
+    assert "unknown image type '.tiff2'" in capsys.readouterr().err
