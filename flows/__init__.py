@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 
 from thinkdiff.config import load_config
-from thinkdiff.errors import ConfigError
+from thinkdiff.errors import ConfigError, ThinkDiffError
 
 # A flow run without a server starts a temporary one; on a fresh PREFECT_HOME its database
 # migrations can take longer than Prefect's 30 s default on a 2-core machine.
@@ -28,7 +28,12 @@ def run_from_command_line(flow_fn: Callable[..., object], prog: str) -> None:
         load_config(args.config, args.overrides)
     except ConfigError as err:
         parser.exit(2, f"{prog}: error: {err}\n")
-    result = flow_fn(config=args.config, overrides=args.overrides)
+    try:
+        result = flow_fn(config=args.config, overrides=args.overrides)
+    except (ThinkDiffError, FileNotFoundError, FileExistsError, ValueError) as err:
+        # A bad input found while running (a missing url list, a corrupt shard): Prefect has logged
+        # it with its traceback; end on the message alone, as `thinkdiff` does.
+        parser.exit(1, f"{prog}: error: {err}\n")
     if isinstance(result, dict):
         print("\n".join(f"{name:>10}: {value}" for name, value in result.items()))
     else:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from thinkdiff.cli import main
@@ -70,3 +71,17 @@ def test_a_missing_aligner_is_named_before_an_evaluation_starts(capsys, tmp_path
     assert main(["cobsat", "eval", "--config", "tiny", f"paths.root={tmp_path / 'root'}", "--model", str(missing)]) == 2
     assert f"aligner {missing} (--model / --aligner): no such file or directory" in capsys.readouterr().err
     assert not (tmp_path / "root").exists()  # no results file, no synthetic set, nothing begun
+
+
+def test_flow_command_line_ends_a_failed_run_on_its_message(monkeypatch, capsys):
+    from flows import run_from_command_line
+
+    def failing_flow(config: str, overrides: list[str]) -> None:
+        raise FileNotFoundError(f"corpus.url_list={overrides[0].split('=')[1]!r}: no such file (give a url list, or `demo`)")
+
+    monkeypatch.setattr(sys, "argv", ["prog", "--config", "tiny", "corpus.url_list=/no/such.tsv"])
+    with pytest.raises(SystemExit) as exited:
+        run_from_command_line(failing_flow, "python -m flows.pipeline")
+    assert exited.value.code == 1
+    assert capsys.readouterr().err == ("python -m flows.pipeline: error: corpus.url_list='/no/such.tsv': no such file "
+                                       "(give a url list, or `demo`)\n")
