@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 
 from thinkdiff.config import load_config
-from thinkdiff.errors import ConfigError, ThinkDiffError
+from thinkdiff.errors import BAD_INPUT_ERRORS, ConfigError
 
 # A flow run without a server starts a temporary one; on a fresh PREFECT_HOME its database
 # migrations can take longer than Prefect's 30 s default on a 2-core machine.
@@ -30,7 +30,7 @@ def run_from_command_line(flow_fn: Callable[..., object], prog: str) -> None:
         parser.exit(2, f"{prog}: error: {err}\n")
     try:
         result = flow_fn(config=args.config, overrides=args.overrides)
-    except (ThinkDiffError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except BAD_INPUT_ERRORS as err:
         # A bad input found while running (a missing url list, a corrupt shard): Prefect has logged
         # it with its traceback; end on the message alone, as `thinkdiff` does.
         parser.exit(1, f"{prog}: error: {err}\n")

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import sys
@@ -24,8 +23,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from thinkdiff.errors import ThinkDiffError
-from thinkdiff.storage import atomic_write_bytes
+from thinkdiff.errors import BAD_INPUT_ERRORS
+from thinkdiff.storage import atomic_write_image
 
 log = logging.getLogger("thinkdiff")
 
@@ -111,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return _dispatch(args)
-    except (ThinkDiffError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except BAD_INPUT_ERRORS as err:
         print(f"thinkdiff {args.command}: error: {err}", file=sys.stderr)
         return 2
 
@@ -135,12 +134,6 @@ def _check_new_outputs(out: Path, *more: Path) -> None:
             raise FileExistsError(f"{path} exists; an output is never overwritten: choose another --out or delete it")
     if out.suffix.lower() not in Image.registered_extensions():
         raise ValueError(f"--out {out}: unknown image type {out.suffix!r}; end the name in .png or .jpg")
-
-
-def _write_image(image: Image.Image, path: Path) -> None:
-    buf = io.BytesIO()
-    image.save(buf, format=Image.registered_extensions()[path.suffix.lower()])
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -196,7 +189,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         generator = build_generator(cfg, pipeline.aligner_spec(cfg, args.aligner))
         (image,) = generator.draw([parts], vlm_seed=cfg.eval.seed, flux_seeds=[cfg.eval.seed])
-        _write_image(image, args.out)
+        atomic_write_image(args.out, image)
         print(args.out)
     elif args.command == "compose":
         from thinkdiff.generate import build_composer
@@ -204,7 +197,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         composer = build_composer(cfg, pipeline.aligner_spec(cfg, args.aligner))
         image = composer.compose(inputs, args.text, seed=cfg.eval.seed)
-        _write_image(image, args.out)
+        atomic_write_image(args.out, image)
         sheet = save_sample_grid([(inputs + [image], f"{' + '.join(p.name for p in args.images)} + {args.text or ''!r}")],
                                  args.out.with_suffix(".sheet.png"))
         print(f"{args.out}\n{sheet}")

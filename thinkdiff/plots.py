@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from thinkdiff.storage import atomic_write_bytes  # noqa: E402
+from thinkdiff.storage import atomic_write_bytes, atomic_write_image  # noqa: E402
 
 
 def plot_loss_curve(metrics_jsonl: Path, out_png: Path) -> Path:
@@ -65,9 +65,7 @@ def save_sample_grid(rows: list[tuple[list[Image.Image], str]], out_png: Path, c
         draw.text((2, top + 2), caption[:120], fill=(0, 0, 0))
         for c, image in enumerate(images):
             sheet.paste(image.convert("RGB").resize((cell, cell)), (c * cell, top + 16))
-    buf = io.BytesIO()
-    sheet.save(buf, format="PNG")
-    atomic_write_bytes(out_png, buf.getvalue())
+    atomic_write_image(out_png, sheet)
     return out_png
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -16,6 +17,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from thinkdiff.config import RunConfig, fingerprint
 from thinkdiff.errors import DataContractError
@@ -119,6 +122,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_image(path: Path, image: Image.Image, **options: Any) -> None:
+    """An image encoded in the format its suffix names (`options` go to Pillow's save), written
+    atomically."""
+    buf = io.BytesIO()
+    image.save(buf, format=Image.registered_extensions()[path.suffix.lower()], **options)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def atomic_write_json(path: Path, payload: Any) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from thinkdiff.eval.cobsat import ITEMS, TASKS, Task, display
-from thinkdiff.storage import atomic_write_bytes
+from thinkdiff.storage import atomic_write_bytes, atomic_write_image
 
 # Ten colours far apart in RGB, so JPEG and resizing never move a band to another code. They are
 # the CoBSAT colours in option order, so a colour item's band shows that colour.
@@ -92,9 +92,7 @@ def make_synthetic_dataset(root: str | Path, size: int = 96) -> CobsatDataset:
             for attribute in ITEMS[attr]:
                 rel = f"datasets/{attr}_{obj}/{attribute}_{obj}.jpg"
                 if not (root / rel).is_file():
-                    buf = io.BytesIO()
-                    render_item(attr, attribute, obj_space, obj, size).save(buf, format="JPEG", quality=90)
-                    atomic_write_bytes(root / rel, buf.getvalue())
+                    atomic_write_image(root / rel, render_item(attr, attribute, obj_space, obj, size), quality=90)
                 rows.append({"image": rel, "caption": f"{display(attribute)} {display(obj)}"})
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=["image", "caption"])
