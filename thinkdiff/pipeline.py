@@ -90,7 +90,7 @@ def aligner_spec(cfg: RunConfig, explicit: str | None = None) -> str:
     A local path is checked here, before any model loads or any result file is made."""
     spec = explicit or cfg.eval.aligner or str(trained_aligner_dir(cfg))
     if not spec.startswith("models:/") and not Path(spec).exists():
-        named_by = "--model / --aligner" if explicit else "eval.aligner"
+        named_by = "--model / --aligner" if explicit else "eval.aligner" if cfg.eval.aligner else "this config's training run"
         raise FileNotFoundError(f"aligner {spec} ({named_by}): no such file or directory; give models:/NAME@ALIAS, "
                                 "models:/NAME/N, an aligner directory or the official .pth")
     return spec

@@ -85,3 +85,16 @@ def test_flow_command_line_ends_a_failed_run_on_its_message(monkeypatch, capsys)
     assert exited.value.code == 1
     assert capsys.readouterr().err == ("python -m flows.pipeline: error: corpus.url_list='/no/such.tsv': no such file "
                                        "(give a url list, or `demo`)\n")
+
+
+def test_a_missing_aligner_names_where_it_was_asked_for(tmp_path):
+    from thinkdiff import pipeline
+    from thinkdiff.config import load_config
+    from thinkdiff.storage import stage_dir, write_manifest
+
+    cfg = load_config("tiny", [f"paths.root={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match=r"\(eval.aligner\): no such file"):
+        pipeline.aligner_spec(load_config("tiny", [f"paths.root={tmp_path}", f"eval.aligner={tmp_path / 'gone'}"]))
+    write_manifest(stage_dir(cfg, "train"), {"checkpoint": str(tmp_path / "deleted-checkpoint")})
+    with pytest.raises(FileNotFoundError, match=r"deleted-checkpoint/aligner \(this config's training run\)"):
+        pipeline.aligner_spec(cfg)
