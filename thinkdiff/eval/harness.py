@@ -37,7 +37,7 @@ from thinkdiff.eval.cobsat import (
 )
 from thinkdiff.eval.dataset import CobsatDataset
 from thinkdiff.plots import plot_cobsat_accuracy, save_sample_grid
-from thinkdiff.storage import atomic_write_bytes, atomic_write_json
+from thinkdiff.storage import atomic_write_bytes, atomic_write_image, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +168,7 @@ def evaluate(
             rows = []
             for (prompt, image), (detail, obj) in zip(new, answers, strict=True):
                 rel = f"images/{prompt.task.short}-{prompt.shot}shot/{prompt.save_name}.jpg"
-                (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-                image.save(out_dir / rel, format="JPEG", quality=90)
+                atomic_write_image(out_dir / rel, image, quality=90)
                 rows.append({
                     "task": prompt.task.id, "shot": prompt.shot, "index": prompt.index,
                     "detail": detail, "object": obj, "correct": is_correct(prompt.task, prompt, detail, obj),
