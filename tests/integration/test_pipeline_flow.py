@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from mlflow import MlflowClient
 
+from thinkdiff import registry
+from thinkdiff.config import load_config
 from thinkdiff.data.features import ARROW_SCHEMA, FeatureStore
 from thinkdiff.models.aligner import Aligner
 from thinkdiff.train.checkpoint import read_meta
@@ -59,12 +61,15 @@ def test_pipeline_flow_end_to_end_then_skipped(prefect_harness, tmp_path):
     # Training through accelerate launch: the final checkpoint loads, its meta ties it to the features.
     checkpoint = Path(out["checkpoint"])
     assert checkpoint.name == "step_000030"
-    Aligner.from_pretrained(out["aligner"])
+    assert Path(out["aligner"]) == checkpoint / "aligner"
     meta = read_meta(checkpoint)
     assert meta["features_dir"] == out["features"] and meta["config"]["train"]["max_steps"] == 30
     assert (checkpoint.parents[1] / "config.yaml").is_file() and Path(out["loss curve"]).is_file()
     # Registered in the local MLflow store as the candidate, then evaluated on the synthetic CoBSAT set.
     assert out["model"] == "models:/thinkdiff-aligner-tiny/1"
+    registered = registry.load_aligner(out["model"], load_config("tiny", overrides)).state_dict()
+    trained = Aligner.from_pretrained(out["aligner"]).state_dict()
+    assert registered.keys() == trained.keys() and all(torch.equal(registered[k], v) for k, v in trained.items())
     summary = json.loads((Path(out["cobsat"]) / "summary.json").read_text())
     assert Path(out["accuracy"]).is_file() and Path(out["samples"]).is_file()  # the charts the summary points to
     assert summary["num_prompts"] == 4 and set(summary["mean"]) == {"2", "4"}
@@ -93,4 +98,3 @@ def test_pipeline_flow_end_to_end_then_skipped(prefect_harness, tmp_path):
     after = snapshot(tmp_path)
     assert {k: v for k, v in after.items() if k in before} == before
     assert set(after) == set(before)
-    assert os.listdir(Path(out["features"])) == os.listdir(Path(out["features"]))

@@ -130,6 +130,8 @@ def test_random_baselines_are_near_chance(synthetic, tmp_path):
     tasks = [t.id for t in TASKS]
     theta = evaluate(synthetic, BASELINES["random-theta"], synthetic_judge, tmp_path / "theta", tasks=tasks, shots=[2], limit=40)
     assert 0.03 <= theta.mean[2] <= 0.2  # about 1/10
+    uniform = evaluate(synthetic, BASELINES["random"], synthetic_judge, tmp_path / "random", tasks=tasks, shots=[2], limit=40)
+    assert uniform.mean[2] <= 0.04 < theta.mean[2]  # about 1/100: both factors drawn at random
 
 
 def test_results_resume_after_a_torn_line(synthetic, tmp_path):

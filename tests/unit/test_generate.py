@@ -19,6 +19,7 @@ from thinkdiff.generate import (
     ThinkDiffGenerator,
     build_generator,
     cobsat_parts,
+    vlm_answers,
 )
 from thinkdiff.models.aligner import Aligner, AlignerConfig
 from thinkdiff.models.flux import load_flux
@@ -93,11 +94,25 @@ def test_flux_batch_draws_each_row_as_alone(dtype):
     assert np.abs(reseeded - alone[0]).mean() > 5
 
 
-def test_text_bridge_draws_the_vlm_text(parts_env):
+def test_text_bridge_draws_the_vlm_text(parts_env, monkeypatch):
     cfg, data, _, flux, _ = parts_env
     vlm = build_tiny_vlm(min_pixels=cfg.features.min_pixels, max_pixels=cfg.features.max_pixels)
-    images = TextBridgeGenerator(vlm=vlm, flux=flux, cfg=cfg)([build_prompt(get_task(2), 2, i) for i in range(2)], data)
+    prompts = [build_prompt(get_task(2), 2, i) for i in range(2)]
+    drawn = {}
+    draw_text = flux.draw_text
+
+    def recording(texts, **kwargs):
+        drawn.update(texts=texts, seeds=kwargs["seeds"])
+        return draw_text(texts, **kwargs)
+
+    monkeypatch.setattr(flux, "draw_text", recording)
+    images = TextBridgeGenerator(vlm=vlm, flux=flux, cfg=cfg)(prompts, data)
     assert [im.size for im in images] == [(cfg.eval.image_size, cfg.eval.image_size)] * 2
+    # FLUX draws what the VLM wrote for each prompt (the same sampling seed gives the same text).
+    answers = vlm_answers(vlm, cfg, [cobsat_parts(p, data) for p in prompts], seed=cfg.eval.seed + prompts[0].index)
+    assert drawn["texts"] == [vlm.tokenizer.decode(a.token_ids, skip_special_tokens=True) for a in answers]
+    assert len(set(drawn["texts"])) == 2 and all(drawn["texts"])
+    assert drawn["seeds"] == [cfg.eval.seed, cfg.eval.seed + 1]
 
 
 def test_aligner_for_other_models_is_rejected(parts_env, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -93,6 +94,12 @@ def test_resumed_run_equals_uninterrupted_run_bitwise(tiny_store, tmp_path):
     full = train_aligner(cfg, features_dir, tmp_path / "full")
     first = train_aligner(cfg, features_dir, tmp_path / "resumed", stop_after_steps=6)
     assert first.step == 6 and not (tmp_path / "resumed" / "manifest.json").exists()
+    # Make it a crash between checkpoints: step 6's checkpoint never completed (a writer's temporary
+    # directory is left), while metrics.jsonl already holds step 6's line.
+    checkpoints = tmp_path / "resumed" / "checkpoints"
+    shutil.rmtree(checkpoints / "step_000006")
+    (checkpoints / ".step_000006.x1y2.tmp" / "aligner").mkdir(parents=True)
+    assert json.loads((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 6
     second = train_aligner(cfg, features_dir, tmp_path / "resumed")
     assert second.step == 12 == full.step
     a, b = Aligner.from_pretrained(full.aligner_dir), Aligner.from_pretrained(second.aligner_dir)
@@ -101,6 +108,7 @@ def test_resumed_run_equals_uninterrupted_run_bitwise(tiny_store, tmp_path):
     # The resumed run's metrics are one clean history, the same as the uninterrupted one.
     read = lambda p: [json.loads(line) for line in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert [(r["step"], r["loss"]) for r in read(tmp_path / "resumed")] == [(r["step"], r["loss"]) for r in read(tmp_path / "full")]
+    assert not list(checkpoints.glob(".step_*.tmp"))
 
 
 def test_checkpoints_are_complete_pruned_and_weights_only(tiny_store, tmp_path):
