@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import pkgutil
 import subprocess
@@ -38,3 +39,23 @@ def test_stdlib_dataclasses_is_not_shadowed():
     assert Path(spec.origin).parent == Path(sysconfig.get_paths()["stdlib"]), (
         f"dataclasses resolves to {spec.origin}: remove the backport with `pip uninstall -y dataclasses`"
     )
+
+
+def test_mlflow_img2dataset_and_accelerate_each_enter_through_one_module():
+    """DESIGN.md: each heavy dependency has one door, so upgrading it touches one file."""
+    root = Path(thinkdiff.__file__).parent
+    importers: dict[str, set[str]] = {"mlflow": set(), "img2dataset": set(), "accelerate": set()}
+    for path in root.rglob("*.py"):
+        source = path.read_text()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            for top in {name.split(".")[0] for name in names} & importers.keys():
+                importers[top].add(path.relative_to(root).as_posix())
+        if "from img2dataset" in source:  # run in a subprocess, named in a code string
+            importers["img2dataset"].add(path.relative_to(root).as_posix())
+    assert importers == {"mlflow": {"registry.py"}, "img2dataset": {"data/corpus.py"}, "accelerate": {"train/engine.py"}}

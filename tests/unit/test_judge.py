@@ -43,8 +43,6 @@ def test_llava_judge_asks_both_exact_questions():
     for text, question in zip(texts, judge_questions(task), strict=True):
         assert f"USER: {LLAVA_IMAGE * 4}\n{question} ASSISTANT:" in text
     assert batch["pixel_values"].shape[0] == 2
-    [(detail, obj)] = judge([IMAGE], [task])  # the random tiny model answers something; parsed to -1..10
-    assert -1 <= detail <= 10 and -1 <= obj <= 10
 
 
 def test_llava_judge_batch_replies_as_image_by_image():
@@ -88,5 +86,4 @@ def test_evaluation_with_the_llava_judge(tmp_path):
     rows = [json.loads(line) for line in (result["dir"] / "results.jsonl").read_text().splitlines()]
     # One fixed batch of eval.batch_size prompts ran; the summary scores the first eval.limit of them.
     assert [r["index"] for r in rows] == list(range(cfg.eval.batch_size)) and result["summary"].num_prompts == 2
-    assert all(-1 <= r["detail"] <= 10 and -1 <= r["object"] <= 10 for r in rows)
     assert result["summary"].judge_s_per_prompt > 0

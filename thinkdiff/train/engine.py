@@ -7,6 +7,8 @@ import logging
 import torch
 from accelerate import Accelerator
 
+__all__ = ["Accelerator", "make_accelerator"]  # accelerate is imported here only
+
 from thinkdiff.config import TrainConfig
 
 log = logging.getLogger(__name__)

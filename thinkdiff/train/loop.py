@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from tqdm import tqdm
 
 from thinkdiff.config import RunConfig, TrainConfig
@@ -53,7 +52,7 @@ from thinkdiff.train.data import (
     lvlm_usable,
     prefetched,
 )
-from thinkdiff.train.engine import make_accelerator
+from thinkdiff.train.engine import Accelerator, make_accelerator
 
 log = logging.getLogger(__name__)
 
