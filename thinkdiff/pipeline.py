@@ -135,8 +135,10 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
         data = dataset.open_dataset(e.dataset)
     # Which prompts and how fast they are drawn do not change a prompt's result: the same directory.
     settings = {k: v for k, v in e.__dict__.items() if k not in ("aligner", "limit", "nightly_limit", "compile")}
+    # The VLM (generator and qwen2-vl judge) sees images and the system prompt as the features stage does.
+    vlm_inputs = {k: getattr(cfg.features, k) for k in ("system_prompt", "min_pixels", "max_pixels")}
     out_dir = Path(cfg.paths.root) / "eval" / fingerprint({
-        "eval": settings, "generator": identity, "dataset": str(data.root.resolve()),
+        "eval": settings, "generator": identity, "dataset": str(data.root.resolve()), "features": vlm_inputs,
         "models": {k: v.__dict__ for k, v in cfg.models.__dict__.items()},
     })
     summary = harness.evaluate(data, generator, built_on_first_call(lambda: judge.load_judge(cfg)), out_dir, tasks=e.tasks, shots=e.shots, limit=e.limit,

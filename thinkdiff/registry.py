@@ -303,11 +303,14 @@ def resolve_model(uri: str, cfg: RunConfig) -> ModelVersionRef:
 
 
 def log_evaluation(cfg: RunConfig, out_dir: Path, summary: Any, model: ModelVersionRef | None, generator: str) -> str:
-    """Log a finished CoBSAT evaluation as an MLflow run (once per results directory).
+    """Log a finished CoBSAT evaluation as an MLflow run, once per results directory and prompt
+    count (a nightly subset and a full run share the directory, not the run).
 
     Metrics: accuracy per task and shot (`cobsat.2shot.C-I`), the mean per shot, images/s and
     seconds per prompt; artifacts: the table, results.jsonl, the bar chart, the sample grid and the
-    generated images. An evaluated model version also gets `cobsat.mean.{shot}shot` tags.
+    generated images. The run of an evaluated model version is a child of the version's training
+    run (nested under it in the MLflow UI), and the version gets `cobsat.mean.{shot}shot` tags from
+    its evaluation over the most prompts (`cobsat.prompts`).
     """
     from mlflow.entities import Metric, Param
 
@@ -316,14 +319,17 @@ def log_evaluation(cfg: RunConfig, out_dir: Path, summary: Any, model: ModelVers
     client, uri = _client(cfg)
     experiment_id = _experiment_id(client, cfg, uri)
     found = client.search_runs(
-        [experiment_id], filter_string=f"tags.`thinkdiff.eval_dir` = '{out_dir.name}' and attributes.status = 'FINISHED'", max_results=1
+        [experiment_id], max_results=1,
+        filter_string=(f"tags.`thinkdiff.eval_dir` = '{out_dir.name}' and tags.`thinkdiff.eval_prompts` = '{summary.num_prompts}' "
+                       "and attributes.status = 'FINISHED'"),
     )
     if found:
         return found[0].info.run_id
-    tags = {"mlflow.runName": f"cobsat-{generator.split('/')[-1]}-{out_dir.name[:8]}", "thinkdiff.kind": "cobsat-eval",
-            "thinkdiff.eval_dir": out_dir.name, "thinkdiff.generator": generator, "thinkdiff.preset": cfg.preset}
+    tags = {"mlflow.runName": f"cobsat-{generator.split('/')[-1]}-{out_dir.name[:8]}-{summary.num_prompts}", "thinkdiff.kind": "cobsat-eval",
+            "thinkdiff.eval_dir": out_dir.name, "thinkdiff.eval_prompts": str(summary.num_prompts),
+            "thinkdiff.generator": generator, "thinkdiff.preset": cfg.preset}
     if model is not None:
-        tags.update({"thinkdiff.model": model.name, "thinkdiff.model_version": model.version})
+        tags.update({"thinkdiff.model": model.name, "thinkdiff.model_version": model.version, "mlflow.parentRunId": model.run_id})
     run_id = client.create_run(experiment_id, tags=tags).info.run_id
     try:
         now = int(time.time() * 1000)
@@ -342,9 +348,12 @@ def log_evaluation(cfg: RunConfig, out_dir: Path, summary: Any, model: ModelVers
         raise
     client.set_terminated(run_id, status="FINISHED")
     if model is not None:
-        for shot, mean in summary.mean.items():
-            client.set_model_version_tag(model.name, model.version, f"cobsat.mean.{shot}shot", f"{mean:.4f}")
-        client.set_model_version_tag(model.name, model.version, "cobsat.eval_run", run_id)
+        tagged = client.get_model_version(model.name, model.version).tags
+        if summary.num_prompts >= int(tagged.get("cobsat.prompts", 0)):  # a nightly subset does not hide a full run
+            for shot, mean in summary.mean.items():
+                client.set_model_version_tag(model.name, model.version, f"cobsat.mean.{shot}shot", f"{mean:.4f}")
+            client.set_model_version_tag(model.name, model.version, "cobsat.prompts", str(summary.num_prompts))
+            client.set_model_version_tag(model.name, model.version, "cobsat.eval_run", run_id)
     log.info("logged CoBSAT evaluation %s as MLflow run %s", out_dir, run_id)
     return run_id
 

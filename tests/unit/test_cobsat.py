@@ -10,7 +10,9 @@ import json
 
 import pytest
 
+from thinkdiff import pipeline
 from thinkdiff.cli import main
+from thinkdiff.config import load_config
 from thinkdiff.eval.cobsat import (
     ITEMS,
     TASKS,
@@ -182,3 +184,16 @@ def test_a_smaller_limit_scores_only_its_own_prompts(synthetic, tmp_path):
     subset = evaluate(synthetic, good_then_bad, synthetic_judge, tmp_path / "run", tasks=[1], shots=[2], limit=2)
     assert subset.num_prompts == 2 and subset.mean == {2: 1.0} and calls == []
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["num_prompts"] == 2  # what MLflow gets
+
+
+def test_results_directory_follows_what_changes_a_result(tmp_path):
+    """The VLM's image size and system prompt change the pictures: a new results directory. The
+    prompt limit does not: the same directory, so a larger run reuses the drawn prompts."""
+    def run(*overrides):
+        cfg = load_config("tiny", [f"paths.root={tmp_path}", "eval.generator=oracle", "eval.tasks=[1]", "eval.shots=[2]", *overrides])
+        return pipeline.evaluate_cobsat(cfg)
+
+    base = run("eval.limit=1")
+    assert run("eval.limit=2")["dir"] == base["dir"]
+    assert run("eval.limit=1", "features.max_pixels=6272")["dir"] != base["dir"]
+    assert run("eval.limit=1", "features.system_prompt=You are terse.")["dir"] != base["dir"]

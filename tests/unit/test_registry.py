@@ -199,3 +199,29 @@ def test_nightly_promotes_only_a_better_candidate(two_versions, monkeypatch):
     version = client.get_model_version_by_alias(name, "champion")
     assert str(version.version) == second.version
     assert "candidate mean 0.3000 > champion mean 0.2000" in version.tags["thinkdiff.promotion_reason"]
+
+
+def test_each_version_and_prompt_count_gets_its_own_evaluation_run(two_versions):
+    """Two versions never share results or a run; a larger run in the same directory is logged as
+    a run of its own, and a nightly subset afterwards does not replace the version's full-run tags."""
+    cfg, (first, second) = two_versions
+    client = client_for(cfg)
+
+    def evaluate(ref, limit):
+        eval_cfg = load_config("tiny", [f"paths.root={cfg.paths.root}", "train.max_steps=4", "train.warmup_steps=1",
+                                        "train.log_every=2", "train.batch_size=4", f"eval.limit={limit}",
+                                        "eval.tasks=[1]", "eval.shots=[2]", "eval.batch_size=2"])
+        return pipeline.evaluate_cobsat(eval_cfg, model=ref.uri)
+
+    one, two = evaluate(first, 1), evaluate(second, 1)
+    assert one["dir"] != two["dir"] and one["run_id"] != two["run_id"]
+    for ref, result in ((first, one), (second, two)):
+        tags = client.get_run(result["run_id"]).data.tags
+        assert tags["thinkdiff.model_version"] == ref.version and tags["mlflow.parentRunId"] == ref.run_id
+
+    larger = evaluate(first, 2)
+    assert larger["dir"] == one["dir"] and larger["run_id"] != one["run_id"] and larger["summary"].num_prompts == 2
+    assert evaluate(first, 1)["run_id"] == one["run_id"]  # already logged: no third run
+    tags = client.get_model_version(cfg.tracking.registered_model, first.version).tags
+    assert tags["cobsat.prompts"] == "2" and tags["cobsat.eval_run"] == larger["run_id"]
+    assert tags["cobsat.mean.2shot"] == f"{larger['summary'].mean[2]:.4f}"
