@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow
 
 from flows import run_from_command_line
@@ -17,7 +19,7 @@ def train_aligner_flow(config: str = "tiny", overrides: list[str] | None = None,
     overrides = overrides or []
     features_dir = features_dir or cache_features_flow(config, overrides)
     checkpoint = train_aligner_task(config, overrides, features_dir)
-    model = register_checkpoint_task(config, overrides, wait_for=[checkpoint])
+    model = register_checkpoint_task(config, overrides, str(Path(checkpoint).parents[1]))  # the run the checkpoint is in
     return {"checkpoint": checkpoint, "model": model}
 
 

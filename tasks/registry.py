@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import task
 
 from tasks import retry_on
@@ -10,8 +12,8 @@ from thinkdiff.registry import TrackingUnavailableError
 
 # A tracking server that is down may come back; anything else fails the same way again.
 @task(name="register-aligner", retries=1, retry_delay_seconds=15, retry_condition_fn=retry_on(TrackingUnavailableError))
-def register_checkpoint_task(config: str, overrides: list[str]) -> str:
-    return pipeline.register_checkpoint(load_config(config, overrides)).uri
+def register_checkpoint_task(config: str, overrides: list[str], run_dir: str | None = None) -> str:
+    return pipeline.register_checkpoint(load_config(config, overrides), Path(run_dir) if run_dir else None).uri
 
 
 @task(name="promote-aligner")

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     registry_sub = p.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
     q = registry_sub.add_parser("register", help="log the config's finished training run and register its aligner (idempotent)")
     _add_config_args(q)
+    q.add_argument("--run", type=Path, help="training run dir, the first line `thinkdiff train` prints (default: the "
+                                            "config's own; a run trained with --features or --out has another)")
     q = registry_sub.add_parser("promote", help="point the `champion` alias at a version")
     _add_config_args(q)
     q.add_argument("--version", required=True, help="a version number or an alias (e.g. candidate)")
@@ -175,7 +177,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "features":
         print(pipeline.extract_features(cfg, corpus_dir=args.corpus, out_dir=args.out))
     elif args.command == "registry" and args.registry_command == "register":
-        print(pipeline.register_checkpoint(cfg).uri)
+        print(pipeline.register_checkpoint(cfg, args.run).uri)
     elif args.command == "registry" and args.registry_command == "promote":
         print(pipeline.promote(cfg, args.version, args.reason).uri)
     elif args.command == "cobsat" and args.nightly:
@@ -203,7 +205,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"{args.out}\n{sheet}")
     elif args.command == "train":
         result = pipeline.train_aligner(cfg, features_dir=args.features, run_dir=args.out)
-        print(result.aligner_dir)
+        print(f"{result.run_dir}\n{result.aligner_dir}")
     return 0
 
 

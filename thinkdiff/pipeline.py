@@ -40,35 +40,36 @@ def _corpus_dir(cfg: RunConfig, corpus_dir: Path | None) -> Path:
 
 def extract_features(cfg: RunConfig, corpus_dir: Path | None = None, out_dir: Path | None = None) -> Path:
     """The whole features stage in this process."""
-    return extract.extract_features(cfg, _corpus_dir(cfg, corpus_dir), out_dir or stage_dir(cfg, "features"))
+    return extract.extract_features(cfg, _corpus_dir(cfg, corpus_dir), out_dir or stage_dir(cfg, "features", corpus_dir))
 
 
 def pending_feature_shards(cfg: RunConfig, corpus_dir: Path | None = None) -> list[Path]:
     """Corpus shards still to extract: the units a distributed features stage maps over."""
-    return extract.pending_feature_shards(_corpus_dir(cfg, corpus_dir), stage_dir(cfg, "features"))
+    return extract.pending_feature_shards(_corpus_dir(cfg, corpus_dir), stage_dir(cfg, "features", corpus_dir))
 
 
 def extract_feature_shard(cfg: RunConfig, corpus_shard: Path) -> Path:
-    return extract.extract_feature_shard(cfg, corpus_shard, stage_dir(cfg, "features"))
+    return extract.extract_feature_shard(cfg, corpus_shard, stage_dir(cfg, "features", corpus_shard.parent))
 
 
 def finalize_features(cfg: RunConfig, corpus_dir: Path | None = None) -> Path:
-    return extract.finalize_features(cfg, _corpus_dir(cfg, corpus_dir), stage_dir(cfg, "features"))
+    return extract.finalize_features(cfg, _corpus_dir(cfg, corpus_dir), stage_dir(cfg, "features", corpus_dir))
 
 
 def train_aligner(cfg: RunConfig, features_dir: Path | None = None, run_dir: Path | None = None) -> loop.TrainResult:
     """Train in this process (what each `accelerate launch` process runs)."""
-    return loop.train_aligner(cfg, features_dir or stage_dir(cfg, "features"), run_dir or stage_dir(cfg, "train"))
+    return loop.train_aligner(cfg, features_dir or stage_dir(cfg, "features"), run_dir or stage_dir(cfg, "train", features_dir))
 
 
 def launch_training(cfg: RunConfig, features_dir: Path | None = None) -> Path:
     """Train through `accelerate launch` subprocesses; returns the final checkpoint directory."""
-    return launch.launch_training(cfg, features_dir or stage_dir(cfg, "features"), stage_dir(cfg, "train"))
+    return launch.launch_training(cfg, features_dir or stage_dir(cfg, "features"), stage_dir(cfg, "train", features_dir))
 
 
-def register_checkpoint(cfg: RunConfig) -> registry.ModelVersionRef:
-    """Log the finished training run of `cfg` to MLflow and register its aligner (idempotent)."""
-    return registry.register_checkpoint(cfg, stage_dir(cfg, "train"))
+def register_checkpoint(cfg: RunConfig, run_dir: Path | None = None) -> registry.ModelVersionRef:
+    """Log a finished training run (by default this config's) to MLflow and register its aligner
+    (idempotent)."""
+    return registry.register_checkpoint(cfg, run_dir or stage_dir(cfg, "train"))
 
 
 def promote(cfg: RunConfig, version: str, reason: str = "manual promotion") -> registry.ModelVersionRef:

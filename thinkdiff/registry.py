@@ -162,7 +162,8 @@ def log_training_run(cfg: RunConfig, run_dir: Path) -> str:
         "mlflow.source.git.commit": manifest["git_revision"],
         TAG_TRAIN_FP: fingerprint,
         TAG_FEATURES_FP: manifest["features_fingerprint"],
-        TAG_CORPUS_FP: corpus_fingerprint(cfg),
+        # Feature stores made before their manifest recorded it: the config's corpus.
+        TAG_CORPUS_FP: manifest.get("corpus_fingerprint") or corpus_fingerprint(cfg),
         "thinkdiff.run_dir": str(run_dir.resolve()),
         "thinkdiff.checkpoint": manifest["checkpoint"],
         "thinkdiff.preset": cfg.preset,

@@ -76,36 +76,53 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def features_fingerprint(cfg: RunConfig) -> str:
+def upstream_fingerprint(cfg: RunConfig, stage: str, directory: Path | None = None) -> str:
+    """The fingerprint of the `stage` output a later stage reads from `directory`: this config's own
+    (no directory, or the config's own stage directory), else the one the directory's manifest
+    records, else (an img2dataset output made elsewhere) a hash of its resolved path. A stage fed
+    another input than its config's therefore writes to a directory of its own."""
+    own = {"corpus": corpus_fingerprint, "features": features_fingerprint}[stage]
+    if directory is None:
+        return own(cfg)
+    try:
+        if directory.resolve() == (Path(cfg.paths.root) / stage / own(cfg)).resolve():
+            return own(cfg)
+    except FileNotFoundError:  # the config's url list is absent: the directory cannot be its corpus
+        pass
+    recorded = (read_manifest(directory) or {}).get("fingerprint")
+    return recorded or fingerprint({"stage": stage, "directory": str(directory.resolve())})
+
+
+def features_fingerprint(cfg: RunConfig, corpus_dir: Path | None = None) -> str:
     return fingerprint({
         "stage": "features",
         "schema": FEATURES_SCHEMA_VERSION,
-        "corpus": corpus_fingerprint(cfg),
+        "corpus": upstream_fingerprint(cfg, "corpus", corpus_dir),
         "features": {k: v for k, v in cfg.features.__dict__.items() if k not in _FEATURES_OPERATIONAL},
         "variant": cfg.variant,
         "model": (cfg.models.vision if cfg.variant == "clip" else cfg.models.vlm).__dict__,
     })
 
 
-def train_fingerprint(cfg: RunConfig) -> str:
+def train_fingerprint(cfg: RunConfig, features_dir: Path | None = None) -> str:
     train = {k: v for k, v in cfg.train.__dict__.items() if k not in _TRAIN_OPERATIONAL}
     return fingerprint({
         "stage": "train",
         "schema": TRAIN_SCHEMA_VERSION,
-        "features": features_fingerprint(cfg),
+        "features": upstream_fingerprint(cfg, "features", features_dir),
         "train": train,
         "variant": cfg.variant,
         "t5": cfg.models.t5.__dict__,
     })
 
 
-def stage_dir(cfg: RunConfig, stage: str) -> Path:
-    fingerprints: dict[str, Callable[[RunConfig], str]] = {
-        "corpus": corpus_fingerprint,
-        "features": features_fingerprint,
-        "train": train_fingerprint,
-    }
-    return Path(cfg.paths.root) / stage / fingerprints[stage](cfg)
+def stage_dir(cfg: RunConfig, stage: str, upstream: Path | None = None) -> Path:
+    """`{paths.root}/{stage}/{fingerprint}`; `upstream` is the directory the stage reads when it is
+    given one (a corpus for features, a feature store for train), else the config's own."""
+    if stage == "corpus":
+        return Path(cfg.paths.root) / stage / corpus_fingerprint(cfg)
+    fingerprints: dict[str, Callable[[RunConfig, Path | None], str]] = {"features": features_fingerprint, "train": train_fingerprint}
+    return Path(cfg.paths.root) / stage / fingerprints[stage](cfg, upstream)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

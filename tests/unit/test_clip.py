@@ -101,7 +101,7 @@ def test_clip_variant_trains_and_composes(demo_corpus, tmp_path):
     assert store.info.feature_kind == FEATURE_KIND_CLIP and store.info.dim == 48
     rows = list(store.iter_records(("text", "num_rows", "token_ids")))
     assert all(r["num_rows"] == 5 and r["token_ids"] == [] and r["text"].endswith("background") for r in rows)
-    result = pipeline.train_aligner(cfg)
+    result = pipeline.train_aligner(cfg, features)  # made from the demo corpus, not this config's own
     assert result.step == 30
     composer = build_composer(cfg, str(result.aligner_dir))
     embeds, pooled = composer.prompt_embeds([RED, BLUE], "on a beach")

@@ -4,11 +4,13 @@ numbers of REFERENCE.md section 5; fingerprints follow what a stage computes."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from thinkdiff.config import available_presets, load_config
 from thinkdiff.errors import ConfigError
-from thinkdiff.storage import features_fingerprint, train_fingerprint
+from thinkdiff.storage import features_fingerprint, stage_dir, train_fingerprint, write_manifest
 
 PAPER_INSTRUCTIONS = [
     "Describe the image concisely.",
@@ -137,3 +139,30 @@ def test_fingerprints_follow_what_a_stage_computes():
     assert features_fingerprint(load_config("tiny", ["features.temperature=0.7"])) != features_fingerprint(base)
     # Upstream changes propagate downstream.
     assert train_fingerprint(load_config("tiny", ["corpus.seed=1"])) != train_fingerprint(base)
+
+
+def test_a_url_list_is_fingerprinted_by_its_content(tmp_path):
+    urls = tmp_path / "urls.tsv"
+    urls.write_text("url\tcaption\nhttp://127.0.0.1/a.jpg\ta red circle\n")
+    cfg = load_config("tiny", [f"corpus.url_list={urls}", "corpus.input_format=tsv"])
+    corpus_dir, trained_from = stage_dir(cfg, "corpus"), train_fingerprint(cfg)
+    urls.write_text("url\tcaption\nhttp://127.0.0.1/b.jpg\ta blue square, edited\n")  # same path, new rows
+    assert stage_dir(cfg, "corpus") != corpus_dir and train_fingerprint(cfg) != trained_from
+
+
+def test_another_input_than_the_configs_gets_directories_of_its_own(tmp_path):
+    cfg = load_config("tiny", [f"paths.root={tmp_path}"])
+    own_corpus, own_features = stage_dir(cfg, "corpus"), stage_dir(cfg, "features")
+    # The config's own directories, named or not, change nothing.
+    assert stage_dir(cfg, "features", own_corpus) == own_features
+    assert stage_dir(cfg, "train", own_features) == stage_dir(cfg, "train")
+    # An img2dataset output made elsewhere: its path decides.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    assert stage_dir(cfg, "features", elsewhere) not in (own_features, stage_dir(cfg, "features", tmp_path))
+    # A feature store of this project: the fingerprint its manifest records.
+    write_manifest(elsewhere, {"stage": "features", "fingerprint": "f" * 16})
+    other_run = stage_dir(cfg, "train", elsewhere)
+    assert other_run != stage_dir(cfg, "train")
+    shutil.copytree(elsewhere, tmp_path / "a-copy")  # the same store elsewhere: the same training
+    assert other_run.name == train_fingerprint(cfg, tmp_path / "a-copy")

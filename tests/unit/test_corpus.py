@@ -6,6 +6,7 @@ success rate naming shards and error kinds, and a rerun finishes from the shards
 from __future__ import annotations
 
 import json
+import logging
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -65,7 +66,7 @@ def test_demo_corpus_counts_broken_urls_per_shard(demo_corpus):
     assert images[0].image.size == (cfg.corpus.image_size, cfg.corpus.image_size)
 
 
-def test_user_url_list_with_failures_then_resume(make_cfg, tmp_path):
+def test_user_url_list_with_failures_then_resume(make_cfg, tmp_path, caplog):
     site = tmp_path / "site"
     site.mkdir()
     for i in range(6):
@@ -79,8 +80,11 @@ def test_user_url_list_with_failures_then_resume(make_cfg, tmp_path):
         url_list = tmp_path / "laion.parquet"
         pq.write_table(pa.table({"URL": urls, "TEXT": [f"caption {i}" for i in range(len(urls))]}), url_list)
         cfg.url_list = str(url_list)
-        with pytest.raises(CorpusError) as err:
+        with pytest.raises(CorpusError) as err, caplog.at_level(logging.INFO, logger="thinkdiff.data.corpus"):
             build_corpus(cfg, out)
+        # Progress from the shards' stats files as img2dataset writes them: the last line says all 3.
+        progress = [r.getMessage() for r in caplog.records if "shards downloaded" in r.getMessage()]
+        assert progress and progress[-1].startswith("corpus: 3/3 shards downloaded") and "ETA 0s" in progress[-1]
         message = str(err.value)
         assert "6/9 images downloaded (66.7% < corpus.min_success_rate=90%)" in message
         assert "00002.parquet 0/3" in message and "404" in message and "Image decoding error" in message

@@ -5,6 +5,8 @@ determinism, resume of a missing shard, corrupt images recorded and skipped, rer
 
 from __future__ import annotations
 
+import logging
+import re
 import shutil
 
 import pyarrow as pa
@@ -205,6 +207,26 @@ def test_complete_stage_is_skipped_without_loading_models(tiny_store, monkeypatc
 
     monkeypatch.setattr(extract, "load_vlm", fail)
     assert pipeline.extract_features(cfg) == features_dir
+
+
+def test_another_corpus_gets_a_features_directory_of_its_own(tiny_store, tmp_path, caplog):
+    """`features --corpus DIR` (or the flow's corpus_dir) while the config's own store is complete:
+    the other corpus is planned whole and extracted into its own directory, never answered by the
+    config's store."""
+    cfg, features_dir = tiny_store
+    own = stage_dir(cfg, "corpus")
+    # An img2dataset output made elsewhere: shards and stats, no manifest of this project.
+    other = shutil.copytree(own, tmp_path / "other-corpus", ignore=shutil.ignore_patterns("manifest.json"))
+    assert pipeline.pending_feature_shards(cfg, own) == []
+    pending = pipeline.pending_feature_shards(cfg, other)
+    assert [p.name for p in pending] == ["00000.parquet", "00001.parquet", "00002.parquet"]
+    with caplog.at_level(logging.INFO, logger="thinkdiff.data.extract"):
+        written = pipeline.extract_feature_shard(cfg, pending[0])  # what the flow's mapped task runs
+    rows = pq.ParquetFile(written).metadata.num_rows
+    assert any(re.fullmatch(rf"features: wrote part-00000.parquet \({rows} images\) in \S+s, \S+ img/s; 2 shards left, ETA \d+s",
+                            r.getMessage()) for r in caplog.records)
+    assert written.parent == stage_dir(cfg, "features", other) != features_dir
+    assert [p.name for p in pipeline.pending_feature_shards(cfg, other)] == ["00001.parquet", "00002.parquet"]
 
 
 def test_corrupt_images_are_recorded_and_skipped(demo_corpus, tmp_path):

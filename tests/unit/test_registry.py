@@ -17,7 +17,7 @@ from thinkdiff import generate, pipeline, registry
 from thinkdiff.config import load_config
 from thinkdiff.eval import judge
 from thinkdiff.models.aligner import Aligner
-from thinkdiff.storage import stage_dir
+from thinkdiff.storage import read_manifest, stage_dir, train_fingerprint
 from thinkdiff.train.loop import train_aligner
 
 
@@ -59,15 +59,19 @@ def test_unreachable_server_fails_fast_and_registration_retries_later(trained):
     assert (result.aligner_dir / "model.safetensors").stat().st_mtime_ns == stamp
 
 
-def test_run_is_logged_with_params_metrics_artifacts_and_tags(trained):
+def test_run_is_logged_with_params_metrics_artifacts_and_tags(trained, tiny_store):
     cfg, result = trained
+    _, features_dir = tiny_store
     ref = pipeline.register_checkpoint(cfg)
     client = client_for(cfg)
     run = client.get_run(ref.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.lr"] == str(cfg.train.lr) and run.data.params["models.vlm.id"] == "tiny"
-    assert run.data.tags[registry.TAG_TRAIN_FP] == result.run_dir.name
-    assert run.data.tags[registry.TAG_FEATURES_FP] and run.data.tags[registry.TAG_CORPUS_FP]
+    # Trained on the session's demo store, not this config's own features: the fingerprints name that store.
+    store = read_manifest(features_dir)
+    assert run.data.tags[registry.TAG_TRAIN_FP] == train_fingerprint(cfg, features_dir)
+    assert run.data.tags[registry.TAG_FEATURES_FP] == store["fingerprint"]
+    assert run.data.tags[registry.TAG_CORPUS_FP] == store["corpus_fingerprint"]
     assert run.data.tags["mlflow.source.git.commit"]
     history = client.get_metric_history(ref.run_id, "loss")
     assert [m.step for m in history] == [2, 4, 6]

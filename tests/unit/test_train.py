@@ -13,14 +13,17 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from mlflow import MlflowClient
 from transformers import ByT5Tokenizer
 
+from thinkdiff import pipeline, registry
 from thinkdiff.config import load_config
 from thinkdiff.data.features import FeatureStore, StoredFeatures
 from thinkdiff.errors import DataContractError
 from thinkdiff.models.aligner import Aligner, AlignerConfig
 from thinkdiff.models.t5 import IGNORE_INDEX, gather_slots
 from thinkdiff.models.vlm import build_tiny_qwen_tokenizer
+from thinkdiff.storage import read_manifest, stage_dir, write_manifest
 from thinkdiff.train.checkpoint import list_checkpoints, load_trainer_state, read_meta
 from thinkdiff.train.data import MaskedSplitCollator, Sample, SampleStream, StreamPosition, lvlm_usable, take
 from thinkdiff.train.loop import lr_multiplier, param_groups, train_aligner
@@ -122,12 +125,30 @@ def test_checkpoints_are_complete_pruned_and_weights_only(tiny_store, tmp_path):
     assert state["step"] == 10 and set(state) >= {"optimizer", "scheduler", "rng_cpu", "batcher"}
     meta = read_meta(result.checkpoint)
     assert meta["step"] == 10 and meta["config"]["train"]["max_steps"] == 10
-    assert meta["features_fingerprint"] and meta["git_revision"]
+    assert meta["features_fingerprint"] == read_manifest(features_dir)["fingerprint"] and meta["git_revision"]
+    assert meta["corpus_fingerprint"] == read_manifest(features_dir)["corpus_fingerprint"]
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["checkpoint"] == str(result.checkpoint)
     assert (tmp_path / "run" / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     # Complete: a rerun is skipped and returns the same checkpoint.
     assert train_aligner(cfg, features_dir, tmp_path / "run").checkpoint == result.checkpoint
+
+
+def test_a_store_of_another_corpus_trains_into_a_run_of_its_own(tiny_store, tmp_path):
+    """`train --features DIR` with a store made from another corpus: another run directory, and the
+    checkpoint, the run and the registered version name that store, not the config's."""
+    _, features_dir = tiny_store
+    cfg = load_config("tiny", [f"paths.root={tmp_path}", "train.max_steps=2", "train.warmup_steps=1", "train.batch_size=4"])
+    other = shutil.copytree(features_dir, tmp_path / "other-features")
+    manifest = read_manifest(other)
+    write_manifest(other, {**manifest, "fingerprint": "f" * 16, "corpus_fingerprint": "c" * 16})
+    result = pipeline.train_aligner(cfg, features_dir=other)
+    assert result.run_dir == stage_dir(cfg, "train", other) != stage_dir(cfg, "train")
+    meta = read_meta(result.checkpoint)
+    assert (meta["features_fingerprint"], meta["corpus_fingerprint"]) == ("f" * 16, "c" * 16)
+    ref = pipeline.register_checkpoint(cfg, result.run_dir)
+    tags = MlflowClient(tracking_uri=registry.tracking_uri(cfg)).get_run(ref.run_id).data.tags
+    assert (tags[registry.TAG_FEATURES_FP], tags[registry.TAG_CORPUS_FP]) == ("f" * 16, "c" * 16)
 
 
 def test_aligner_learns_on_a_fixed_feature_set(tiny_store, tmp_path):

@@ -27,6 +27,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from thinkdiff.storage import CORPUS_SCHEMA_VERSION, atomic_write_bytes, read_ma
 log = logging.getLogger(__name__)
 
 DEMO = "demo"
+PROGRESS_POLL_S = 2.0  # how often a running download's finished shards are counted
 URL_LIST_FORMATS = ("csv", "csv.gz", "tsv", "tsv.gz", "parquet")
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
@@ -185,11 +187,11 @@ def build_corpus(cfg: CorpusConfig, out_dir: Path) -> Path:
             lines = ["url\tcaption"] + [f"{base_url}/{name}\t{caption}" for name, caption in rows]
             atomic_write_bytes(url_list, ("\n".join(lines) + "\n").encode())
             expected = check_url_list(url_list, "tsv", "url", "caption")
-            run_img2dataset(cfg, url_list, "tsv", "url", "caption", out_dir)
+            run_img2dataset(cfg, url_list, "tsv", "url", "caption", out_dir, expected)
     else:
         url_list = Path(cfg.url_list)
         expected = check_url_list(url_list, cfg.input_format, cfg.url_col, cfg.caption_col)
-        run_img2dataset(cfg, url_list, cfg.input_format, cfg.url_col, cfg.caption_col, out_dir)
+        run_img2dataset(cfg, url_list, cfg.input_format, cfg.url_col, cfg.caption_col, out_dir, expected)
     report = check_shard_stats(out_dir, expected, cfg)
     write_manifest(out_dir, {
         "stage": "corpus",
@@ -229,16 +231,42 @@ def img2dataset_args(cfg: CorpusConfig, url_list: Path, input_format: str, url_c
     return [f"--{k}={v}" for k, v in args.items()]
 
 
-def run_img2dataset(cfg: CorpusConfig, url_list: Path, input_format: str, url_col: str, caption_col: str, out_dir: Path) -> None:
+def run_img2dataset(cfg: CorpusConfig, url_list: Path, input_format: str, url_col: str, caption_col: str, out_dir: Path,
+                    expected_rows: int) -> None:
     """img2dataset as a subprocess: it installs signal handlers and spawns workers, neither of which
-    is safe inside a Prefect worker thread (STACK.md); its output tail goes to the log."""
+    is safe inside a Prefect worker thread (STACK.md). Progress (shards done, rate, ETA) is logged
+    from the stats file it writes per finished shard; its output goes to a temporary file (a long
+    download would otherwise pile it up in memory) and its tail to the log."""
     entry = "import sys; from img2dataset.main import main; sys.exit(main())"
     command = [sys.executable, "-c", entry, *img2dataset_args(cfg, url_list, input_format, url_col, caption_col, out_dir)]
-    log.info("corpus: img2dataset %s -> %s (%d processes x %d threads)", url_list, out_dir, cfg.processes, cfg.threads)
+    total = math.ceil(expected_rows / cfg.shard_size)
+    already = reported = len(list(out_dir.glob("*_stats.json")))  # an interrupted run's shards are not fetched again
+    log.info("corpus: img2dataset %s -> %s (%d processes x %d threads), %d/%d shards already done", url_list, out_dir,
+             cfg.processes, cfg.threads, already, total)
     started = time.perf_counter()
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
-    proc = subprocess.run(command, capture_output=True, text=True, env=env)
-    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+    with tempfile.TemporaryFile("w+") as output:
+        proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True, env=env)
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=PROGRESS_POLL_S)
+                except subprocess.TimeoutExpired:
+                    pass
+                done = len(list(out_dir.glob("*_stats.json")))
+                if done != reported:
+                    reported = done
+                    per_s = (done - already) / (time.perf_counter() - started)
+                    log.info("corpus: %d/%d shards downloaded, %.2f shards/min, ETA %.0fs", done, total, 60 * per_s,
+                             max(total - done, 0) / max(per_s, 1e-9))
+                if proc.returncode is not None:
+                    break
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        output.seek(0)
+        tail = "\n".join(line.rstrip() for line in collections.deque(output, maxlen=15) if line.strip())
     log.info("corpus: img2dataset finished in %.1fs (exit %d); output tail:\n%s", time.perf_counter() - started, proc.returncode, tail)
     if proc.returncode != 0:
         raise IncompleteDownloadError(f"img2dataset exited with {proc.returncode} for {url_list}; last output:\n{tail}")

@@ -46,6 +46,7 @@ from thinkdiff.storage import (
     features_fingerprint,
     read_manifest,
     remove_stale_temp_files,
+    upstream_fingerprint,
     write_manifest,
 )
 
@@ -204,7 +205,12 @@ def extract_feature_shard(cfg: RunConfig, corpus_shard: Path, out_dir: Path, pro
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     path = extract_shard(cfg, shared_extractor(cfg), corpus_shard, out_path, progress)
-    log.info("features: wrote %s in %.1fs", path.name, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    rows = pq.ParquetFile(path).metadata.num_rows
+    # The model serialises shards in a process, so the ETA is the shards left times this one's time.
+    left = sum(not feature_shard_path(out_dir, s).exists() for s in corpus_shards(corpus_shard.parent))
+    log.info("features: wrote %s (%d images) in %.1fs, %.1f img/s; %d shards left, ETA %.0fs", path.name, rows, seconds,
+             rows / max(seconds, 1e-9), left, left * seconds)
     return path
 
 
@@ -226,8 +232,9 @@ def finalize_features(cfg: RunConfig, corpus_dir: Path, out_dir: Path) -> Path:
     entries = [{"name": p.name, "num_samples": pq.ParquetFile(p).metadata.num_rows, "num_failed": len(read_shard_failures(p))} for p in shards]
     write_manifest(out_dir, {
         "stage": "features",
-        "fingerprint": features_fingerprint(cfg),
+        "fingerprint": features_fingerprint(cfg, corpus_dir),
         "corpus_dir": str(corpus_dir),
+        "corpus_fingerprint": upstream_fingerprint(cfg, "corpus", corpus_dir),
         "info": infos.pop().__dict__,
         "config": {"features": cfg.features.__dict__, "vlm": cfg.models.vlm.__dict__},
         "shards": entries,
@@ -252,9 +259,7 @@ def extract_features(cfg: RunConfig, corpus_dir: Path, out_dir: Path) -> Path:
     total = sum(pq.ParquetFile(s).metadata.num_rows for s in todo)
     with tqdm(total=total, desc="features", unit="img", dynamic_ncols=True, disable=None) as progress:
         for shard in todo:
-            extract_feature_shard(cfg, shard, out_dir, progress)
-            rate = progress.n / max(progress.format_dict["elapsed"], 1e-9)
-            log.info("features: %d/%d images, %.1f img/s, ETA %.0fs", progress.n, total, rate, (total - progress.n) / max(rate, 1e-9))
+            extract_feature_shard(cfg, shard, out_dir, progress)  # logs each shard with the shards left and an ETA
     return finalize_features(cfg, corpus_dir, out_dir)
 
 

@@ -236,7 +236,8 @@ class FeatureStore:
         if manifest is None:
             raise FileNotFoundError(
                 f"{self.directory}/manifest.json not found: the feature store is missing or incomplete; "
-                "run `thinkdiff features` (it resumes where it stopped)"
+                "run `thinkdiff features` (it resumes where it stopped); features made with --corpus DIR are in the "
+                "directory that command printed: pass it with --features"
             )
         self.manifest = manifest
         self.info = FeatureStoreInfo(**manifest["info"])

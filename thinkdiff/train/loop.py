@@ -29,10 +29,10 @@ from thinkdiff.models.vlm import load_vlm_tokenizer
 from thinkdiff.plots import plot_loss_curve
 from thinkdiff.storage import (
     atomic_write_bytes,
-    features_fingerprint,
     git_revision,
     read_manifest,
     train_fingerprint,
+    upstream_fingerprint,
     write_manifest,
 )
 from thinkdiff.train.checkpoint import (
@@ -194,8 +194,9 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
     meta = {
         "config": cfg.to_dict(),
         "features_dir": str(features_dir),
-        "features_fingerprint": features_fingerprint(cfg),
-        "train_fingerprint": train_fingerprint(cfg),
+        "features_fingerprint": upstream_fingerprint(cfg, "features", features_dir),
+        "corpus_fingerprint": (read_manifest(features_dir) or {}).get("corpus_fingerprint"),
+        "train_fingerprint": train_fingerprint(cfg, features_dir),
         "git_revision": git_revision(),
     }
     world, rank = accelerator.num_processes, accelerator.process_index
