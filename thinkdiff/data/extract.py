@@ -189,10 +189,13 @@ def extract_records(cfg: RunConfig, model: Extractor, batches: Iterator[list[Cor
 
 
 def pending_feature_shards(corpus_dir: Path, out_dir: Path) -> list[Path]:
-    """Corpus shards whose feature shard does not exist yet ([] when the stage is complete)."""
+    """Corpus shards whose feature shard does not exist yet ([] when the stage is complete); the
+    leftovers of shard writers killed mid-write are removed (planning precedes every run)."""
     if read_manifest(out_dir) is not None:
         log.info("features %s are complete; skipping", out_dir)
         return []
+    if out_dir.is_dir():
+        remove_stale_temp_files(out_dir)
     return [s for s in corpus_shards(corpus_dir) if not feature_shard_path(out_dir, s).exists()]
 
 
@@ -252,8 +255,6 @@ def extract_features(cfg: RunConfig, corpus_dir: Path, out_dir: Path) -> Path:
     if read_manifest(out_dir) is not None:
         log.info("features %s are complete; skipping", out_dir)
         return out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(out_dir)
     todo = pending_feature_shards(corpus_dir, out_dir)
     log.info("features: %d corpus shards to extract -> %s", len(todo), out_dir)
     total = sum(pq.ParquetFile(s).metadata.num_rows for s in todo)
