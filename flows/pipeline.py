@@ -32,6 +32,8 @@ def thinkdiff_pipeline_flow(config: str = "tiny", overrides: list[str] | None = 
         results = Path(evaluation["results"])
         outputs |= {"cobsat": str(results), "accuracy": str(results / "accuracy.png"),
                     "samples": str(results / "samples.png"), "cobsat run": evaluation["mlflow_run"]}
+        if evaluation["comparison"]:
+            outputs["comparison"] = evaluation["comparison"]  # beside eval.baselines, e.g. the text bridge
     return outputs
 
 

@@ -10,8 +10,9 @@ from thinkdiff.config import load_config
 def evaluate_cobsat_task(config: str, overrides: list[str], model: str | None) -> dict[str, str]:
     result = pipeline.evaluate_cobsat(load_config(config, overrides), model=model)
     if result.get("skipped"):
-        return {"results": "", "mlflow_run": "", "table": result["skipped"]}
-    return {"results": str(result["dir"]), "mlflow_run": result["run_id"], "table": result["summary"].table()}
+        return {"results": "", "mlflow_run": "", "table": result["table"], "comparison": ""}
+    comparison = str(result["dir"] / "comparison.png") if result["baselines"] else ""
+    return {"results": str(result["dir"]), "mlflow_run": result["run_id"], "table": result["table"], "comparison": comparison}
 
 
 @task(name="nightly-cobsat", tags=["gpu"], timeout_seconds=12 * 3600)

@@ -184,8 +184,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(json.dumps(pipeline.nightly_evaluation(cfg)))
     elif args.command == "cobsat":
         result = pipeline.evaluate_cobsat(cfg, model=args.model)
-        print(result["summary"].table())
-        print(f"results: {result['dir']} (accuracy.png, samples.png, summary.json); MLflow run {result['run_id']}")
+        print(result["table"])
+        charts = "comparison.png, accuracy.png" if result["baselines"] else "accuracy.png"
+        print(f"results: {result['dir']} ({charts}, samples.png, summary.json); MLflow run {result['run_id']}")
     elif args.command == "generate":
         from thinkdiff.generate import build_generator
 

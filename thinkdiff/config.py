@@ -200,6 +200,10 @@ class EvalConfig:
     generator: str
     """thinkdiff (VLM -> aligner -> FLUX), text-bridge (VLM writes a prompt, FLUX draws it), or a sanity
     baseline: oracle, copy-last, random-theta, random."""
+    baselines: list[str]
+    """Generators evaluated beside the thinkdiff generator with the same settings and shown with it
+    in one table and chart (comparison.md / .png): text-bridge or sanity baselines. Each is drawn once
+    per settings, whatever the aligner; the nightly promotion run leaves them out."""
     aligner: str
     """thinkdiff generator: a directory, an official .pth or models:/name@alias; empty: this config's own
     trained aligner."""
@@ -336,6 +340,8 @@ class RunConfig:
         need(e.batch_size >= 1, "eval.batch_size", e.batch_size, "use at least 1")
         generators = ("thinkdiff", "text-bridge", "oracle", "copy-last", "random-theta", "random")
         need(e.generator in generators, "eval.generator", e.generator, f"use one of {', '.join(generators)}")
+        need(all(b in generators[1:] for b in e.baselines) and len(set(e.baselines)) == len(e.baselines), "eval.baselines",
+             e.baselines, f"list distinct generators beside thinkdiff: {', '.join(generators[1:])}, or []")
         need(e.judge in ("synthetic", "llava", "qwen2-vl"), "eval.judge", e.judge, "use llava, qwen2-vl or synthetic")
         need(e.judge_model.dtype in DTYPES, "eval.judge_model.dtype", e.judge_model.dtype, f"use one of {', '.join(DTYPES)}")
         need(e.judge != "synthetic" or e.dataset == "synthetic", "eval.judge", e.judge,

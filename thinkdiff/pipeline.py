@@ -108,9 +108,12 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
 
     For the thinkdiff generator the aligner is `model` (e.g. models:/name@champion), else
     `eval.aligner`, else this config's own trained aligner; a registry alias is pinned to the
-    version it names now, so results are logged against that version. The generator and the judge
-    are loaded at their first call: a run whose results are all there loads no model, and the
-    models are shared with the rest of the process (`thinkdiff.models.common.shared`).
+    version it names now, so results are logged against that version. Beside it, each of
+    `eval.baselines` is evaluated with the same settings (in its own directory, so drawn once
+    whatever the aligner) and `comparison.md` / `comparison.png` show them side by side. The
+    generators and the judge are loaded at their first call: a run whose results are all there
+    loads no model, and the models are shared with the rest of the process
+    (`thinkdiff.models.common.shared`).
     """
     from thinkdiff import generate  # FLUX (diffusers) only when something is drawn
 
@@ -118,7 +121,7 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
     if cfg.variant == "clip":
         note = "CoBSAT scores ThinkDiff-LVLM; skipped for variant clip (use `thinkdiff compose`)"
         log.info(note)
-        return {"dir": None, "summary": None, "run_id": None, "model": None, "skipped": note}
+        return {"dir": None, "summary": None, "run_id": None, "model": None, "baselines": {}, "table": note, "skipped": note}
     ref = None
     if e.generator in harness.BASELINES:
         generator, identity = harness.BASELINES[e.generator], e.generator
@@ -134,8 +137,9 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
         data = dataset.make_synthetic_dataset(Path(cfg.paths.root) / "cobsat-synthetic", e.synthetic_image_size)
     else:
         data = dataset.open_dataset(e.dataset)
-    # Which prompts and how fast they are drawn do not change a prompt's result: the same directory.
-    settings = {k: v for k, v in e.__dict__.items() if k not in ("aligner", "limit", "nightly_limit", "compile")}
+    # Which prompts, how fast they are drawn and what is drawn beside them do not change a prompt's
+    # result: the same directory.
+    settings = {k: v for k, v in e.__dict__.items() if k not in ("aligner", "limit", "nightly_limit", "compile", "baselines")}
     # The VLM (generator and qwen2-vl judge) sees images and the system prompt as the features stage does.
     vlm_inputs = {k: getattr(cfg.features, k) for k in ("system_prompt", "min_pixels", "max_pixels")}
     out_dir = Path(cfg.paths.root) / "eval" / fingerprint({
@@ -144,11 +148,17 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
     })
     summary = harness.evaluate(data, generator, built_on_first_call(lambda: judge.load_judge(cfg)), out_dir, tasks=e.tasks, shots=e.shots, limit=e.limit,
                                 batch_size=e.batch_size)
+    baselines, table = {}, summary.table()
+    if e.generator == "thinkdiff" and e.baselines:
+        for name in e.baselines:
+            alone = dataclasses.replace(cfg, eval=dataclasses.replace(e, generator=name, baselines=[]))
+            baselines[name] = evaluate_cobsat(alone)["summary"]
+        table = harness.compare(out_dir, {"thinkdiff": summary, **baselines}).read_text().rstrip("\n")
     run_id = registry.log_evaluation(cfg, out_dir, summary, ref, identity)
     log.info("CoBSAT (%s): mean accuracy %s over %d prompts; per task in %s", identity,
              ", ".join(f"{shot}-shot {m:.3f}" for shot, m in sorted(summary.mean.items())), summary.num_prompts,
-             out_dir / "summary.md")
-    return {"dir": out_dir, "summary": summary, "run_id": run_id, "model": ref}
+             out_dir / ("comparison.md" if baselines else "summary.md"))
+    return {"dir": out_dir, "summary": summary, "run_id": run_id, "model": ref, "baselines": baselines, "table": table}
 
 
 def nightly_evaluation(cfg: RunConfig) -> dict[str, Any]:
@@ -158,7 +168,8 @@ def nightly_evaluation(cfg: RunConfig) -> dict[str, Any]:
     Each model is evaluated on the first `eval.nightly_limit` prompts of every (task, shot); a model
     already evaluated with the same settings is not drawn again (its results directory is reused).
     """
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, limit=cfg.eval.nightly_limit))
+    # Promotion compares the two versions; baselines would cost the night's budget to say nothing new.
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, limit=cfg.eval.nightly_limit, baselines=[]))
     champion = registry.current_version(cfg, registry.CHAMPION)
     candidate = registry.current_version(cfg, registry.CANDIDATE)
     report: dict[str, Any] = {"champion": champion and champion.version, "candidate": candidate and candidate.version}

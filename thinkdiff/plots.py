@@ -32,24 +32,24 @@ def plot_loss_curve(metrics_jsonl: Path, out_png: Path) -> Path:
     return _save(fig, out_png)
 
 
-def plot_cobsat_accuracy(accuracy: dict[int, dict[int, float]], out_png: Path) -> Path:
-    """Grouped bars: accuracy per CoBSAT task (papers' column order), one group member per shot."""
+def plot_cobsat_accuracy(series: dict[str, dict[int, float]], out_png: Path, title: str = "CoBSAT accuracy per task") -> Path:
+    """Grouped bars: accuracy per CoBSAT task (papers' column order), one group member per series
+    (a shot, or a generator and a shot), labelled with its mean."""
     from thinkdiff.eval.cobsat import COLUMN_ORDER, get_task
 
-    fig, ax = plt.subplots(figsize=(9, 4), dpi=110)
-    shots = sorted(accuracy)
-    width = 0.8 / max(len(shots), 1)
-    for k, shot in enumerate(shots):
-        values = [accuracy[shot].get(t, 0.0) for t in COLUMN_ORDER]
+    fig, ax = plt.subplots(figsize=(9 + len(series) // 3, 4), dpi=110)
+    width = 0.8 / max(len(series), 1)
+    for k, (label, per_task) in enumerate(series.items()):
+        values = [per_task.get(t, 0.0) for t in COLUMN_ORDER]
         xs = [i + k * width for i in range(len(COLUMN_ORDER))]
-        mean = sum(accuracy[shot].values()) / len(accuracy[shot])
-        ax.bar(xs, values, width=width, label=f"{shot}-shot (mean {mean:.3f})")
-    ax.set_xticks([i + width * (len(shots) - 1) / 2 for i in range(len(COLUMN_ORDER))])
+        mean = sum(per_task.values()) / len(per_task)
+        ax.bar(xs, values, width=width, label=f"{label} (mean {mean:.3f})")
+    ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(COLUMN_ORDER))])
     ax.set_xticklabels([get_task(t).short for t in COLUMN_ORDER])
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
-    ax.set_title("CoBSAT accuracy per task")
-    ax.legend()
+    ax.set_title(title)
+    ax.legend(fontsize="small")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _save(fig, out_png)

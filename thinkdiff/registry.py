@@ -340,7 +340,7 @@ def log_evaluation(cfg: RunConfig, out_dir: Path, summary: Any, model: ModelVers
         metrics += [Metric(name, getattr(summary, name), now, 0) for name in ("gen_images_per_s", "gen_s_per_prompt", "judge_s_per_prompt")]
         client.log_batch(run_id, metrics=metrics)
         client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in flatten({"eval": cfg.eval.__dict__}).items()])
-        for name in ("summary.md", "summary.json", "results.jsonl", "accuracy.png", "samples.png"):
+        for name in ("summary.md", "summary.json", "results.jsonl", "accuracy.png", "samples.png", "comparison.md", "comparison.png"):
             if (out_dir / name).is_file():
                 client.log_artifact(run_id, str(out_dir / name))
         client.log_artifacts(run_id, str(out_dir / "images"), "images")

@@ -24,7 +24,7 @@ from thinkdiff.eval.cobsat import (
     prompt_lists,
 )
 from thinkdiff.eval.dataset import all_item_paths, make_synthetic_dataset, open_dataset, read_factors
-from thinkdiff.eval.harness import BASELINES, evaluate
+from thinkdiff.eval.harness import BASELINES, compare, evaluate
 from thinkdiff.eval.judge import synthetic_judge
 
 
@@ -197,3 +197,18 @@ def test_results_directory_follows_what_changes_a_result(tmp_path):
     assert run("eval.limit=2")["dir"] == base["dir"]
     assert run("eval.limit=1", "features.max_pixels=6272")["dir"] != base["dir"]
     assert run("eval.limit=1", "features.system_prompt=You are terse.")["dir"] != base["dir"]
+
+
+def test_comparison_shows_generators_side_by_side_and_is_not_rewritten(synthetic, tmp_path):
+    run = lambda name: evaluate(synthetic, BASELINES[name], synthetic_judge, tmp_path / name, tasks=[1, 2], shots=[2, 4], limit=2)  # noqa: E731
+    table = compare(tmp_path / "oracle", {"oracle": run("oracle"), "copy-last": run("copy-last")})
+    lines = table.read_text().splitlines()
+    assert lines[0].startswith("| generator | shot | C-I | B-I |")
+    assert [line.split(" | ")[:2] for line in lines[2:]] == [["| oracle", "2"], ["| oracle", "4"], ["| copy-last", "2"], ["| copy-last", "4"]]
+    scored = [[c for c in line.strip("| ").split(" | ")[2:] if c != "-"] for line in lines[2:]]  # tasks 1 and 2, then the mean
+    assert scored == [["1.000"] * 3] * 2 + [["0.000"] * 3] * 2
+    chart = tmp_path / "oracle" / "comparison.png"
+    assert chart.read_bytes()[:4] == b"\x89PNG"
+    stamps = (table.stat().st_mtime_ns, chart.stat().st_mtime_ns)
+    compare(tmp_path / "oracle", {"oracle": run("oracle"), "copy-last": run("copy-last")})
+    assert (table.stat().st_mtime_ns, chart.stat().st_mtime_ns) == stamps

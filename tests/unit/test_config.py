@@ -101,6 +101,14 @@ def test_override_of_a_section_or_inside_a_value_is_refused():
         load_config("tiny", ["train.lr.x=1"])
 
 
+def test_baselines_are_other_generators_than_thinkdiff():
+    assert load_config("tiny", ["eval.baselines=[]"]).eval.baselines == []
+    with pytest.raises(ConfigError, match=r"eval.baselines=\['thinkdiff'\]: list distinct generators beside thinkdiff: text-bridge"):
+        load_config("tiny", ["eval.baselines=[thinkdiff]"])
+    with pytest.raises(ConfigError, match=r"eval.baselines=\['oracle', 'oracle'\]"):
+        load_config("tiny", ["eval.baselines=[oracle, oracle]"])
+
+
 def test_malformed_override():
     with pytest.raises(ConfigError, match="not of the form section.key=value"):
         load_config("tiny", ["train.lr"])

@@ -223,7 +223,7 @@ def test_another_corpus_gets_a_features_directory_of_its_own(tiny_store, tmp_pat
     with caplog.at_level(logging.INFO, logger="thinkdiff.data.extract"):
         written = pipeline.extract_feature_shard(cfg, pending[0])  # what the flow's mapped task runs
     rows = pq.ParquetFile(written).metadata.num_rows
-    assert any(re.fullmatch(rf"features: wrote part-00000.parquet \({rows} images\) in \S+s, \S+ img/s; 2 shards left, ETA \d+s",
+    assert any(re.fullmatch(rf"features: wrote part-00000.parquet \({rows} images in \S+s\); 2 shards left, \S+ img/s, ETA \d+s",
                             r.getMessage()) for r in caplog.records)
     assert written.parent == stage_dir(cfg, "features", other) != features_dir
     assert [p.name for p in pipeline.pending_feature_shards(cfg, other)] == ["00001.parquet", "00002.parquet"]

@@ -142,7 +142,12 @@ def test_cobsat_evaluation_is_logged_against_the_version(trained, monkeypatch):
     assert run.data.tags["thinkdiff.model_version"] == ref.version
     assert {"cobsat.2shot.C-I", "cobsat.2shot.B-II", "cobsat.2shot.mean", "gen_images_per_s"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
-    assert {"accuracy.png", "samples.png", "summary.md", "results.jsonl", "images"} <= artifacts
+    assert {"accuracy.png", "samples.png", "summary.md", "results.jsonl", "images", "comparison.md", "comparison.png"} <= artifacts
+    # The text bridge, evaluated beside it with the same settings, in its own directory and run.
+    bridge = result["baselines"]["text-bridge"]
+    assert bridge.num_prompts == result["summary"].num_prompts == 2
+    assert [line.split(" | ")[:2] for line in result["table"].splitlines()[2:]] == [["| thinkdiff", "2"], ["| text-bridge", "2"]]
+    assert result["table"].splitlines()[3].endswith(f"| {bridge.mean[2]:.3f} |")
     assert len(client.list_artifacts(result["run_id"], "images")) == 2  # one folder per (task, shot)
     version = client.get_model_version(cfg.tracking.registered_model, ref.version)
     assert float(version.tags["cobsat.mean.2shot"]) == result["summary"].mean[2]
@@ -182,6 +187,7 @@ def test_nightly_promotes_only_a_better_candidate(two_versions, monkeypatch):
 
     def fake_evaluate(cfg, model):
         assert cfg.eval.limit == cfg.eval.nightly_limit != 1000  # the nightly subset, not the full set
+        assert cfg.eval.baselines == []  # the two versions only
         evaluated.append(model)
         return {"summary": _Summary(scores[model])}
 

@@ -207,13 +207,19 @@ def extract_feature_shard(cfg: RunConfig, corpus_shard: Path, out_dir: Path, pro
         return out_path
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    with _PROGRESS_LOCK:
+        clock = _STAGE_PROGRESS.setdefault(out_dir, [started, 0, 0])  # this process's first shard start, images, shards
     path = extract_shard(cfg, shared_extractor(cfg), corpus_shard, out_path, progress)
-    seconds = time.perf_counter() - started
     rows = pq.ParquetFile(path).metadata.num_rows
-    # The model serialises shards in a process, so the ETA is the shards left times this one's time.
     left = sum(not feature_shard_path(out_dir, s).exists() for s in corpus_shards(corpus_shard.parent))
-    log.info("features: wrote %s (%d images) in %.1fs, %.1f img/s; %d shards left, ETA %.0fs", path.name, rows, seconds,
-             rows / max(seconds, 1e-9), left, left * seconds)
+    # Concurrent shard tasks wait for one another on the model: rate and ETA come from the stage's
+    # wall time in this process, not from this shard's.
+    with _PROGRESS_LOCK:
+        clock[1] += rows
+        clock[2] += 1
+        elapsed = time.perf_counter() - clock[0]
+    log.info("features: wrote %s (%d images in %.1fs); %d shards left, %.1f img/s, ETA %.0fs", path.name, rows,
+             time.perf_counter() - started, left, clock[1] / elapsed, left * elapsed / clock[2])
     return path
 
 
@@ -265,6 +271,8 @@ def extract_features(cfg: RunConfig, corpus_dir: Path, out_dir: Path) -> Path:
 
 
 _GENERATE_LOCK = threading.Lock()
+_PROGRESS_LOCK = threading.Lock()
+_STAGE_PROGRESS: dict[Path, list] = {}
 
 
 def shared_extractor(cfg: RunConfig) -> Extractor:

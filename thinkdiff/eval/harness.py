@@ -94,12 +94,33 @@ class Summary:
     judge_s_per_prompt: float
 
     def table(self) -> str:
-        header = "| shot | " + " | ".join(get_task(t).short for t in COLUMN_ORDER) + " | mean |"
-        lines = [header, "|" + "---|" * (len(COLUMN_ORDER) + 2)]
-        for shot, per_task in sorted(self.accuracy.items()):
-            cells = [f"{per_task[t]:.3f}" if t in per_task else "-" for t in COLUMN_ORDER]
-            lines.append(f"| {shot} | " + " | ".join(cells) + f" | {self.mean[shot]:.3f} |")
-        return "\n".join(lines)
+        return _table({"": self})
+
+
+def _table(summaries: dict[str, Summary]) -> str:
+    """Accuracy per task in the papers' column order and the mean, a row per shot (per generator
+    and shot when the generators are named)."""
+    named = any(summaries)
+    header = ["generator"] * named + ["shot"] + [get_task(t).short for t in COLUMN_ORDER] + ["mean"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, summary in summaries.items():
+        for shot, per_task in sorted(summary.accuracy.items()):
+            cells = [name] * named + [str(shot)] + [f"{per_task[t]:.3f}" if t in per_task else "-" for t in COLUMN_ORDER]
+            lines.append("| " + " | ".join(cells) + f" | {summary.mean[shot]:.3f} |")
+    return "\n".join(lines)
+
+
+def compare(out_dir: Path, summaries: dict[str, Summary]) -> Path:
+    """`comparison.md` (a row per generator and shot) and `comparison.png` (their bars side by side)
+    in `out_dir`, rewritten only when the table changes; returns the table's path."""
+    table, chart = out_dir / "comparison.md", out_dir / "comparison.png"
+    text = _table(summaries) + "\n"
+    if table.is_file() and chart.is_file() and table.read_text() == text:
+        return table
+    atomic_write_bytes(table, text.encode())
+    plot_cobsat_accuracy({f"{name} {shot}-shot": per_task for name, s in summaries.items() for shot, per_task in sorted(s.accuracy.items())},
+                         chart, title="CoBSAT accuracy per task, side by side")
+    return table
 
 
 def _read_results(path: Path) -> list[dict]:
@@ -214,7 +235,7 @@ def summarize(out_dir: Path, keys: set[tuple[int, int, int]]) -> Summary:
         return summary  # a rerun with nothing new rewrites nothing
     atomic_write_json(out_dir / "summary.json", summary.__dict__)
     atomic_write_bytes(out_dir / "summary.md", (summary.table() + "\n").encode())
-    plot_cobsat_accuracy(summary.accuracy, out_dir / "accuracy.png")
+    plot_cobsat_accuracy({f"{shot}-shot": per_task for shot, per_task in sorted(summary.accuracy.items())}, out_dir / "accuracy.png")
     return summary
 
 
