@@ -6,7 +6,8 @@ from thinkdiff import pipeline
 from thinkdiff.config import load_config
 
 
-@task(name="evaluate-cobsat", tags=["gpu"], timeout_seconds=12 * 3600)
+# A full paper-scale run is about 6.4 h, and as much again the first time its text-bridge baseline is drawn.
+@task(name="evaluate-cobsat", tags=["gpu"], timeout_seconds=24 * 3600)
 def evaluate_cobsat_task(config: str, overrides: list[str], model: str | None) -> dict[str, str]:
     result = pipeline.evaluate_cobsat(load_config(config, overrides), model=model)
     if result.get("skipped"):

@@ -148,13 +148,16 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
     })
     summary = harness.evaluate(data, generator, built_on_first_call(lambda: judge.load_judge(cfg)), out_dir, tasks=e.tasks, shots=e.shots, limit=e.limit,
                                 batch_size=e.batch_size)
+    # Logged before the baselines are drawn: a run cut off while drawing them keeps the aligner's.
+    run_id = registry.log_evaluation(cfg, out_dir, summary, ref, identity)
     baselines, table = {}, summary.table()
     if e.generator == "thinkdiff" and e.baselines:
         for name in e.baselines:
             alone = dataclasses.replace(cfg, eval=dataclasses.replace(e, generator=name, baselines=[]))
             baselines[name] = evaluate_cobsat(alone)["summary"]
-        table = harness.compare(out_dir, {"thinkdiff": summary, **baselines}).read_text().rstrip("\n")
-    run_id = registry.log_evaluation(cfg, out_dir, summary, ref, identity)
+        written = harness.compare(out_dir, {"thinkdiff": summary, **baselines})
+        registry.log_comparison(cfg, run_id, [out_dir / name for name in harness.COMPARISON], replace=written)
+        table = (out_dir / harness.COMPARISON[0]).read_text().rstrip("\n")
     log.info("CoBSAT (%s): mean accuracy %s over %d prompts; per task in %s", identity,
              ", ".join(f"{shot}-shot {m:.3f}" for shot, m in sorted(summary.mean.items())), summary.num_prompts,
              out_dir / ("comparison.md" if baselines else "summary.md"))

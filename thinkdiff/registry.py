@@ -330,7 +330,9 @@ def log_evaluation(cfg: RunConfig, out_dir: Path, summary: Any, model: ModelVers
             "thinkdiff.eval_dir": out_dir.name, "thinkdiff.eval_prompts": str(summary.num_prompts),
             "thinkdiff.generator": generator, "thinkdiff.preset": cfg.preset}
     if model is not None:
-        tags.update({"thinkdiff.model": model.name, "thinkdiff.model_version": model.version, "mlflow.parentRunId": model.run_id})
+        tags.update({"thinkdiff.model": model.name, "thinkdiff.model_version": model.version})
+        if model.run_id:
+            tags["mlflow.parentRunId"] = model.run_id
     run_id = client.create_run(experiment_id, tags=tags).info.run_id
     try:
         now = int(time.time() * 1000)
@@ -340,7 +342,7 @@ def log_evaluation(cfg: RunConfig, out_dir: Path, summary: Any, model: ModelVers
         metrics += [Metric(name, getattr(summary, name), now, 0) for name in ("gen_images_per_s", "gen_s_per_prompt", "judge_s_per_prompt")]
         client.log_batch(run_id, metrics=metrics)
         client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in flatten({"eval": cfg.eval.__dict__}).items()])
-        for name in ("summary.md", "summary.json", "results.jsonl", "accuracy.png", "samples.png", "comparison.md", "comparison.png"):
+        for name in ("summary.md", "summary.json", "results.jsonl", "accuracy.png", "samples.png"):
             if (out_dir / name).is_file():
                 client.log_artifact(run_id, str(out_dir / name))
         client.log_artifacts(run_id, str(out_dir / "images"), "images")
@@ -357,6 +359,16 @@ def log_evaluation(cfg: RunConfig, out_dir: Path, summary: Any, model: ModelVers
             client.set_model_version_tag(model.name, model.version, "cobsat.eval_run", run_id)
     log.info("logged CoBSAT evaluation %s as MLflow run %s", out_dir, run_id)
     return run_id
+
+
+def log_comparison(cfg: RunConfig, run_id: str, paths: list[Path], *, replace: bool) -> None:
+    """Attach the side-by-side table and chart to an evaluation's run (a finished run takes
+    artifacts): all of them when they were rewritten, else those the run lacks."""
+    client, _ = _client(cfg)
+    logged = {a.path for a in client.list_artifacts(run_id)}
+    for path in paths:
+        if replace or path.name not in logged:
+            client.log_artifact(run_id, str(path))
 
 
 def current_version(cfg: RunConfig, alias: str) -> ModelVersionRef | None:

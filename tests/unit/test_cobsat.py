@@ -6,7 +6,9 @@ with resumable results, the summary table and its pictures."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import time
 
 import pytest
 
@@ -201,7 +203,8 @@ def test_results_directory_follows_what_changes_a_result(tmp_path):
 
 def test_comparison_shows_generators_side_by_side_and_is_not_rewritten(synthetic, tmp_path):
     run = lambda name: evaluate(synthetic, BASELINES[name], synthetic_judge, tmp_path / name, tasks=[1, 2], shots=[2, 4], limit=2)  # noqa: E731
-    table = compare(tmp_path / "oracle", {"oracle": run("oracle"), "copy-last": run("copy-last")})
+    assert compare(tmp_path / "oracle", {"oracle": run("oracle"), "copy-last": run("copy-last")})
+    table = tmp_path / "oracle" / "comparison.md"
     lines = table.read_text().splitlines()
     assert lines[0].startswith("| generator | shot | C-I | B-I |")
     assert [line.split(" | ")[:2] for line in lines[2:]] == [["| oracle", "2"], ["| oracle", "4"], ["| copy-last", "2"], ["| copy-last", "4"]]
@@ -210,5 +213,26 @@ def test_comparison_shows_generators_side_by_side_and_is_not_rewritten(synthetic
     chart = tmp_path / "oracle" / "comparison.png"
     assert chart.read_bytes()[:4] == b"\x89PNG"
     stamps = (table.stat().st_mtime_ns, chart.stat().st_mtime_ns)
-    compare(tmp_path / "oracle", {"oracle": run("oracle"), "copy-last": run("copy-last")})
+    assert not compare(tmp_path / "oracle", {"oracle": run("oracle"), "copy-last": run("copy-last")})
     assert (table.stat().st_mtime_ns, chart.stat().st_mtime_ns) == stamps
+
+
+def test_two_evaluations_of_one_directory_draw_each_prompt_once(synthetic, tmp_path):
+    """Two flows evaluating the same settings at once (a shared baseline directory): the second
+    waits for the first, then finds every prompt drawn."""
+    calls = []
+
+    def slow_oracle(prompts, dataset):
+        calls.append([p.index for p in prompts])
+        time.sleep(0.3)  # long enough for the other thread to arrive while this one writes
+        return BASELINES["oracle"](prompts, dataset)
+
+    def run():
+        return evaluate(synthetic, slow_oracle, synthetic_judge, tmp_path / "shared", tasks=[1], shots=[2], limit=4, batch_size=2)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        summaries = [f.result() for f in [pool.submit(run), pool.submit(run)]]
+    assert sorted(calls) == [[0, 1], [2, 3]]
+    rows = [json.loads(line) for line in (tmp_path / "shared" / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["index"] for r in rows) == [0, 1, 2, 3]
+    assert [s.num_prompts for s in summaries] == [4, 4] and all(s.mean == {2: 1.0} for s in summaries)

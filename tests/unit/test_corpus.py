@@ -5,8 +5,15 @@ success rate naming shards and error kinds, and a rerun finishes from the shards
 
 from __future__ import annotations
 
+import http.server
 import json
 import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -98,3 +105,62 @@ def test_user_url_list_with_failures_then_resume(make_cfg, tmp_path, caplog):
     assert manifest["successes"] == 6 and manifest["shards"][2]["failed_to_download"] == 2
     captions = pq.read_table(out / "00001.parquet", columns=["caption"]).column("caption").to_pylist()
     assert sorted(captions) == ["caption 3", "caption 4", "caption 5"]  # rows land in completion order
+
+
+class _HangingHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        time.sleep(60)  # a server that never answers in time: img2dataset stays busy
+
+    def log_message(self, *args):
+        pass
+
+
+def _process_table() -> dict[int, tuple[int, str, bytes]]:
+    """pid -> (parent pid, state, command line) of every process still running (zombies left out)."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue  # gone meanwhile
+        if fields[0] != "Z":
+            table[int(stat.parent.name)] = (int(fields[1]), fields[0], cmdline)
+    return table
+
+
+def _family(root: int, table: dict[int, tuple[int, str, bytes]]) -> set[int]:
+    family, grew = {root} & table.keys(), True
+    while grew:
+        more = {pid for pid, (ppid, _, _) in table.items() if ppid in family} - family
+        family |= more
+        grew = bool(more)
+    return family
+
+
+def test_an_interrupted_download_leaves_no_img2dataset_process(tmp_path):
+    """Ctrl-C (or a Prefect cancellation) during img2dataset stops it and its worker pool."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HangingHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    urls = tmp_path / "urls.tsv"
+    urls.write_text("url\tcaption\n" + "".join(f"http://127.0.0.1:{server.server_port}/{i}.jpg\tslow {i}\n" for i in range(8)))
+    out = tmp_path / "corpus-being-downloaded"
+    script = ("from pathlib import Path\nfrom thinkdiff.config import load_config\nfrom thinkdiff.data.corpus import build_corpus\n"
+              f"cfg = load_config('tiny', ['corpus.url_list={urls}', 'corpus.timeout_s=60'])\n"
+              f"build_corpus(cfg.corpus, Path('{out}'))\n")
+    runner = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline, family = time.monotonic() + 90, set()
+        while len(family) < 2:  # img2dataset and at least one worker of its pool
+            assert time.monotonic() < deadline and runner.poll() is None, "img2dataset never started its workers"
+            time.sleep(0.2)
+            table = _process_table()
+            img2dataset = [pid for pid, (_, _, cmd) in table.items() if str(out).encode() in cmd and pid != runner.pid]
+            family = _family(img2dataset[0], table) if img2dataset else set()
+        runner.send_signal(signal.SIGINT)
+        assert runner.wait(timeout=60) != 0
+        assert family & _process_table().keys() == set()
+    finally:
+        runner.kill()
+        server.shutdown()

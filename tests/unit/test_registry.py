@@ -220,7 +220,7 @@ def test_each_version_and_prompt_count_gets_its_own_evaluation_run(two_versions)
     def evaluate(ref, limit):
         eval_cfg = load_config("tiny", [f"paths.root={cfg.paths.root}", "train.max_steps=4", "train.warmup_steps=1",
                                         "train.log_every=2", "train.batch_size=4", f"eval.limit={limit}",
-                                        "eval.tasks=[1]", "eval.shots=[2]", "eval.batch_size=2"])
+                                        "eval.tasks=[1]", "eval.shots=[2]", "eval.batch_size=2", "eval.baselines=[]"])
         return pipeline.evaluate_cobsat(eval_cfg, model=ref.uri)
 
     one, two = evaluate(first, 1), evaluate(second, 1)
@@ -229,9 +229,11 @@ def test_each_version_and_prompt_count_gets_its_own_evaluation_run(two_versions)
         tags = client.get_run(result["run_id"]).data.tags
         assert tags["thinkdiff.model_version"] == ref.version and tags["mlflow.parentRunId"] == ref.run_id
 
-    larger = evaluate(first, 2)
-    assert larger["dir"] == one["dir"] and larger["run_id"] != one["run_id"] and larger["summary"].num_prompts == 2
-    assert evaluate(first, 1)["run_id"] == one["run_id"]  # already logged: no third run
+    larger = evaluate(first, 3)
+    assert larger["dir"] == one["dir"] and larger["run_id"] != one["run_id"] and larger["summary"].num_prompts == 3
+    subset = evaluate(first, 2)  # a prompt count not logged before: a run of its own, after the larger one
+    assert subset["run_id"] not in (one["run_id"], larger["run_id"]) and subset["summary"].num_prompts == 2
+    assert evaluate(first, 1)["run_id"] == one["run_id"]  # already logged: no new run
     tags = client.get_model_version(cfg.tracking.registered_model, first.version).tags
-    assert tags["cobsat.prompts"] == "2" and tags["cobsat.eval_run"] == larger["run_id"]
+    assert tags["cobsat.prompts"] == "3" and tags["cobsat.eval_run"] == larger["run_id"]
     assert tags["cobsat.mean.2shot"] == f"{larger['summary'].mean[2]:.4f}"

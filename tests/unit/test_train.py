@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from transformers import ByT5Tokenizer
 
 from thinkdiff import pipeline, registry
+from thinkdiff.cli import main
 from thinkdiff.config import load_config
 from thinkdiff.data.features import FeatureStore, StoredFeatures
 from thinkdiff.errors import DataContractError
@@ -134,11 +135,12 @@ def test_checkpoints_are_complete_pruned_and_weights_only(tiny_store, tmp_path):
     assert train_aligner(cfg, features_dir, tmp_path / "run").checkpoint == result.checkpoint
 
 
-def test_a_store_of_another_corpus_trains_into_a_run_of_its_own(tiny_store, tmp_path):
+def test_a_store_of_another_corpus_trains_into_a_run_of_its_own(tiny_store, tmp_path, capsys):
     """`train --features DIR` with a store made from another corpus: another run directory, and the
     checkpoint, the run and the registered version name that store, not the config's."""
     _, features_dir = tiny_store
-    cfg = load_config("tiny", [f"paths.root={tmp_path}", "train.max_steps=2", "train.warmup_steps=1", "train.batch_size=4"])
+    overrides = [f"paths.root={tmp_path}", "train.max_steps=2", "train.warmup_steps=1", "train.batch_size=4"]
+    cfg = load_config("tiny", overrides)
     other = shutil.copytree(features_dir, tmp_path / "other-features")
     manifest = read_manifest(other)
     write_manifest(other, {**manifest, "fingerprint": "f" * 16, "corpus_fingerprint": "c" * 16})
@@ -146,7 +148,9 @@ def test_a_store_of_another_corpus_trains_into_a_run_of_its_own(tiny_store, tmp_
     assert result.run_dir == stage_dir(cfg, "train", other) != stage_dir(cfg, "train")
     meta = read_meta(result.checkpoint)
     assert (meta["features_fingerprint"], meta["corpus_fingerprint"]) == ("f" * 16, "c" * 16)
-    ref = pipeline.register_checkpoint(cfg, result.run_dir)
+    # Registered from the command line by naming the run (the config alone points at its own).
+    assert main(["registry", "register", "--config", "tiny", "--run", str(result.run_dir), *overrides]) == 0
+    ref = registry.resolve_model(capsys.readouterr().out.strip(), cfg)
     tags = MlflowClient(tracking_uri=registry.tracking_uri(cfg)).get_run(ref.run_id).data.tags
     assert (tags[registry.TAG_FEATURES_FP], tags[registry.TAG_CORPUS_FP]) == ("f" * 16, "c" * 16)
 

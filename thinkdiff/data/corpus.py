@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -246,7 +247,8 @@ def run_img2dataset(cfg: CorpusConfig, url_list: Path, input_format: str, url_co
     started = time.perf_counter()
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
     with tempfile.TemporaryFile("w+") as output:
-        proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True, env=env)
+        # Its own session, so that stopping it stops its worker pool too (and Ctrl-C reaches only us).
+        proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
         try:
             while True:
                 try:
@@ -262,14 +264,33 @@ def run_img2dataset(cfg: CorpusConfig, url_list: Path, input_format: str, url_co
                 if proc.returncode is not None:
                     break
         except BaseException:
-            proc.kill()
-            proc.wait()
+            stop_process_group(proc)
             raise
         output.seek(0)
         tail = "\n".join(line.rstrip() for line in collections.deque(output, maxlen=15) if line.strip())
     log.info("corpus: img2dataset finished in %.1fs (exit %d); output tail:\n%s", time.perf_counter() - started, proc.returncode, tail)
     if proc.returncode != 0:
         raise IncompleteDownloadError(f"img2dataset exited with {proc.returncode} for {url_list}; last output:\n{tail}")
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM to the process and everything it started; SIGKILL to what is left after `grace_s`."""
+    def signal_group(sig: int) -> bool:
+        try:
+            os.killpg(proc.pid, sig)
+            return True
+        except ProcessLookupError:
+            return False
+
+    signal_group(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        proc.poll()  # reaps the leader, which would otherwise keep the group alive as a zombie
+        if not signal_group(0):
+            break
+        time.sleep(0.1)
+    signal_group(signal.SIGKILL)
+    proc.wait()
 
 
 def check_shard_stats(out_dir: Path, expected_rows: int, cfg: CorpusConfig) -> dict:

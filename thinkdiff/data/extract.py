@@ -196,6 +196,8 @@ def pending_feature_shards(corpus_dir: Path, out_dir: Path) -> list[Path]:
         return []
     if out_dir.is_dir():
         remove_stale_temp_files(out_dir)
+    with _PROGRESS_LOCK:
+        _STAGE_PROGRESS.pop(out_dir, None)  # a new run's rate and ETA start from its own first shard
     return [s for s in corpus_shards(corpus_dir) if not feature_shard_path(out_dir, s).exists()]
 
 
@@ -206,10 +208,11 @@ def extract_feature_shard(cfg: RunConfig, corpus_shard: Path, out_dir: Path, pro
     if out_path.exists():
         return out_path
     out_dir.mkdir(parents=True, exist_ok=True)
+    model = shared_extractor(cfg)  # loading it is not extraction time
     started = time.perf_counter()
     with _PROGRESS_LOCK:
         clock = _STAGE_PROGRESS.setdefault(out_dir, [started, 0, 0])  # this process's first shard start, images, shards
-    path = extract_shard(cfg, shared_extractor(cfg), corpus_shard, out_path, progress)
+    path = extract_shard(cfg, model, corpus_shard, out_path, progress)
     rows = pq.ParquetFile(path).metadata.num_rows
     left = sum(not feature_shard_path(out_dir, s).exists() for s in corpus_shards(corpus_shard.parent))
     # Concurrent shard tasks wait for one another on the model: rate and ETA come from the stage's

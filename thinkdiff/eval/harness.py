@@ -14,11 +14,14 @@ about 0.1, random about 0.01.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,17 +113,20 @@ def _table(summaries: dict[str, Summary]) -> str:
     return "\n".join(lines)
 
 
-def compare(out_dir: Path, summaries: dict[str, Summary]) -> Path:
+COMPARISON = ("comparison.md", "comparison.png")
+
+
+def compare(out_dir: Path, summaries: dict[str, Summary]) -> bool:
     """`comparison.md` (a row per generator and shot) and `comparison.png` (their bars side by side)
-    in `out_dir`, rewritten only when the table changes; returns the table's path."""
-    table, chart = out_dir / "comparison.md", out_dir / "comparison.png"
+    in `out_dir`, rewritten only when the table changes; True when they were written."""
+    table, chart = (out_dir / name for name in COMPARISON)
     text = _table(summaries) + "\n"
     if table.is_file() and chart.is_file() and table.read_text() == text:
-        return table
+        return False
     atomic_write_bytes(table, text.encode())
     plot_cobsat_accuracy({f"{name} {shot}-shot": per_task for name, s in summaries.items() for shot, per_task in sorted(s.accuracy.items())},
                          chart, title="CoBSAT accuracy per task, side by side")
-    return table
+    return True
 
 
 def _read_results(path: Path) -> list[dict]:
@@ -138,6 +144,22 @@ def _read_results(path: Path) -> list[dict]:
                 break
             raise
     return rows
+
+
+@contextlib.contextmanager
+def exclusive(out_dir: Path) -> Iterator[None]:
+    """One writer per results directory (a baseline's is shared by every aligner evaluated with its
+    settings): a second evaluation waits, then finds the prompts drawn."""
+    fd = os.open(out_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666)  # never rewritten: a rerun touches no file
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("cobsat: another evaluation is writing %s; waiting for it", out_dir)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def evaluate(
@@ -160,59 +182,63 @@ def evaluate(
     adds a few rows past it, which the summary leaves out).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    results_path = out_dir / RESULTS
-    done = {(r["task"], r["shot"], r["index"]) for r in _read_results(results_path)}
-    batches: list[list[Prompt]] = []
-    wanted: set[tuple[int, int, int]] = set()
-    count = min(limit or NUM_PROMPTS, NUM_PROMPTS)
-    for shot in shots:
-        for t in tasks:
-            wanted |= {(t, shot, i) for i in range(count)}
-            for start in range(0, count, batch_size):
-                if any((t, shot, i) not in done for i in range(start, min(start + batch_size, count))):
-                    batches.append([build_prompt(get_task(t), shot, i) for i in range(start, min(start + batch_size, NUM_PROMPTS))])
-    total = sum(len(b) for b in batches)
-    log.info("cobsat: %d prompts to evaluate in %d batches (%d already in %s)", total, len(batches), len(done), results_path)
-    every = max(1, len(batches) // 20)
-    started_all = time.perf_counter()
-    finished = 0
-    with open(results_path, "a") as fh, tqdm(total=total, desc="cobsat", unit="prompt", disable=None) as progress:
-        for n, batch in enumerate(batches, start=1):
-            started = time.perf_counter()
-            images = generator(batch, dataset)
-            gen_s = (time.perf_counter() - started) / len(batch)
-            # A partly written batch: its earlier rows stay as they are.
-            new = [(p, im) for p, im in zip(batch, images, strict=True) if (p.task.id, p.shot, p.index) not in done]
-            judge_started = time.perf_counter()
-            answers = judge([im for _, im in new], [p.task for p, _ in new])
-            judge_s = (time.perf_counter() - judge_started) / max(len(new), 1)
-            rows = []
-            for (prompt, image), (detail, obj) in zip(new, answers, strict=True):
-                rel = f"images/{prompt.task.short}-{prompt.shot}shot/{prompt.save_name}.jpg"
-                atomic_write_image(out_dir / rel, image, quality=90)
-                rows.append({
-                    "task": prompt.task.id, "shot": prompt.shot, "index": prompt.index,
-                    "detail": detail, "object": obj, "correct": is_correct(prompt.task, prompt, detail, obj),
-                    "image": rel, "gen_s": gen_s, "judge_s": judge_s,
-                })
-            fh.write("".join(json.dumps(row) + "\n" for row in rows))
-            fh.flush()
-            finished += len(batch)
-            progress.update(len(batch))
-            if n % every == 0 or n == len(batches):
-                rate = finished / (time.perf_counter() - started_all)
-                log.info("cobsat: %d/%d prompts, %.2f prompts/s, ETA %.0fs", finished, total, rate, (total - finished) / rate)
-    # Only the prompts asked for: a directory may also hold rows of a run with a larger limit.
-    summary = summarize(out_dir, wanted)
-    if batches or not (out_dir / "samples.png").is_file():
-        save_samples(out_dir, dataset)
-    return summary
+    with exclusive(out_dir):
+        results_path = out_dir / RESULTS
+        done = {(r["task"], r["shot"], r["index"]) for r in _read_results(results_path)}
+        batches: list[list[Prompt]] = []
+        wanted: set[tuple[int, int, int]] = set()
+        count = min(limit or NUM_PROMPTS, NUM_PROMPTS)
+        for shot in shots:
+            for t in tasks:
+                wanted |= {(t, shot, i) for i in range(count)}
+                for start in range(0, count, batch_size):
+                    if any((t, shot, i) not in done for i in range(start, min(start + batch_size, count))):
+                        batches.append([build_prompt(get_task(t), shot, i) for i in range(start, min(start + batch_size, NUM_PROMPTS))])
+        total = sum(len(b) for b in batches)
+        log.info("cobsat: %d prompts to evaluate in %d batches (%d already in %s)", total, len(batches), len(done), results_path)
+        every = max(1, len(batches) // 20)
+        started_all = time.perf_counter()
+        finished = 0
+        with open(results_path, "a") as fh, tqdm(total=total, desc="cobsat", unit="prompt", disable=None) as progress:
+            for n, batch in enumerate(batches, start=1):
+                started = time.perf_counter()
+                images = generator(batch, dataset)
+                gen_s = (time.perf_counter() - started) / len(batch)
+                # A partly written batch: its earlier rows stay as they are.
+                new = [(p, im) for p, im in zip(batch, images, strict=True) if (p.task.id, p.shot, p.index) not in done]
+                judge_started = time.perf_counter()
+                answers = judge([im for _, im in new], [p.task for p, _ in new])
+                judge_s = (time.perf_counter() - judge_started) / max(len(new), 1)
+                rows = []
+                for (prompt, image), (detail, obj) in zip(new, answers, strict=True):
+                    rel = f"images/{prompt.task.short}-{prompt.shot}shot/{prompt.save_name}.jpg"
+                    atomic_write_image(out_dir / rel, image, quality=90)
+                    rows.append({
+                        "task": prompt.task.id, "shot": prompt.shot, "index": prompt.index,
+                        "detail": detail, "object": obj, "correct": is_correct(prompt.task, prompt, detail, obj),
+                        "image": rel, "gen_s": gen_s, "judge_s": judge_s,
+                    })
+                fh.write("".join(json.dumps(row) + "\n" for row in rows))
+                fh.flush()
+                finished += len(batch)
+                progress.update(len(batch))
+                if n % every == 0 or n == len(batches):
+                    rate = finished / (time.perf_counter() - started_all)
+                    log.info("cobsat: %d/%d prompts, %.2f prompts/s, ETA %.0fs", finished, total, rate, (total - finished) / rate)
+        # Only the prompts asked for: a directory may also hold rows of a run with a larger limit.
+        summary = summarize(out_dir, wanted)
+        if batches or not (out_dir / "samples.png").is_file():
+            save_samples(out_dir, dataset)
+        return summary
 
 
 def summarize(out_dir: Path, keys: set[tuple[int, int, int]]) -> Summary:
     """Accuracy per (shot, task) over the results.jsonl rows of `keys` (task, shot, index); writes
     summary.json, summary.md and a bar chart."""
-    rows = [r for r in _read_results(out_dir / RESULTS) if (r["task"], r["shot"], r["index"]) in keys]
+    first: dict[tuple[int, int, int], dict] = {}
+    for r in _read_results(out_dir / RESULTS):  # a prompt written twice (writers without the lock) counts once
+        first.setdefault((r["task"], r["shot"], r["index"]), r)
+    rows = [r for key, r in first.items() if key in keys]
     by_key: dict[tuple[int, int], list[bool]] = {}
     for r in rows:
         by_key.setdefault((r["shot"], r["task"]), []).append(bool(r["correct"]))
