@@ -19,7 +19,7 @@ def thinkdiff_pipeline_flow(config: str = "tiny", overrides: list[str] | None = 
     features_dir = cache_features_flow(config, overrides, corpus_dir)
     trained = train_aligner_flow(config, overrides, features_dir)
     evaluation = evaluate_cobsat_flow(config, overrides, model=trained["model"])
-    print(evaluation["table"])  # the CoBSAT table (or why there is none), also in the run logs and MLflow
+    print("\n" + evaluation["table"])  # the CoBSAT table (or why there is none), also in the run logs and MLflow
     outputs = {
         "corpus": corpus_dir,
         "features": features_dir,
@@ -32,8 +32,8 @@ def thinkdiff_pipeline_flow(config: str = "tiny", overrides: list[str] | None = 
         results = Path(evaluation["results"])
         outputs |= {"cobsat": str(results), "accuracy": str(results / "accuracy.png"),
                     "samples": str(results / "samples.png"), "cobsat run": evaluation["mlflow_run"]}
-        if evaluation["comparison"]:
-            outputs["comparison"] = evaluation["comparison"]  # beside eval.baselines, e.g. the text bridge
+        if evaluation["comparison"]:  # beside eval.baselines, e.g. the text bridge: the chart and the table
+            outputs |= {"comparison": evaluation["comparison"], "comparison table": str(Path(evaluation["comparison"]).with_suffix(".md"))}
     return outputs
 
 

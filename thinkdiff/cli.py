@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--size", type=int, default=96, help="image side in pixels")
     q = cobsat_sub.add_parser("eval", help="generate -> judge -> results.jsonl, summary table and charts (resumable)")
     _add_config_args(q)
-    q.add_argument("--model", help="aligner to evaluate: models:/name@alias, models:/name/N, a dir or a .pth")
+    q.add_argument("--model", help="aligner to evaluate: models:/name@alias, models:/name/N, a dir or a .pth "
+                                   "(default: eval.aligner, else this config's own trained aligner)")
     q.add_argument("--nightly", action="store_true", help="evaluate @champion (and a newer @candidate), promote the better")
 
     p = sub.add_parser("generate", help="interleaved images and text -> VLM -> aligner -> FLUX image")

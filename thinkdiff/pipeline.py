@@ -18,7 +18,8 @@ from thinkdiff import registry
 from thinkdiff.config import RunConfig, fingerprint
 from thinkdiff.data import corpus, extract
 from thinkdiff.eval import dataset, harness, judge
-from thinkdiff.storage import read_manifest, stage_dir
+from thinkdiff.models.aligner import WEIGHTS_NAME
+from thinkdiff.storage import read_manifest, sha256_file, stage_dir
 from thinkdiff.train import launch, loop
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def _corpus_dir(cfg: RunConfig, corpus_dir: Path | None) -> Path:
     corpus_dir = corpus_dir or stage_dir(cfg, "corpus")
     if read_manifest(corpus_dir) is None and not list(corpus_dir.glob("*_stats.json")):
         raise FileNotFoundError(
-            f"no corpus at {corpus_dir}: run `thinkdiff corpus --config {cfg.preset}` or pass --corpus DIR "
+            f"no corpus at {corpus_dir}: run `thinkdiff corpus --config {cfg.preset}` with the same overrides, or pass --corpus DIR "
             "(img2dataset parquet output)"
         )
     return corpus_dir
@@ -81,7 +82,8 @@ def trained_aligner_dir(cfg: RunConfig) -> Path:
     run_dir = stage_dir(cfg, "train")
     manifest = read_manifest(run_dir)
     if manifest is None:
-        raise FileNotFoundError(f"no finished training run at {run_dir}: train first (`thinkdiff train --config {cfg.preset}`) "
+        raise FileNotFoundError(f"no finished training run at {run_dir}: train first (`thinkdiff train --config {cfg.preset}` "
+                                "with the same overrides) "
                                 "or name an aligner (eval.aligner / --aligner / --model)")
     return Path(manifest["checkpoint"]) / loop.ALIGNER_DIR
 
@@ -90,10 +92,19 @@ def aligner_spec(cfg: RunConfig, explicit: str | None = None) -> str:
     """Which aligner to draw with: the one asked for, else `eval.aligner`, else this config's own.
     A local path is checked here, before any model loads or any result file is made."""
     spec = explicit or cfg.eval.aligner or str(trained_aligner_dir(cfg))
-    if not spec.startswith("models:/") and not Path(spec).exists():
-        named_by = "--model / --aligner" if explicit else "eval.aligner" if cfg.eval.aligner else "this config's training run"
-        raise FileNotFoundError(f"aligner {spec} ({named_by}): no such file or directory; give models:/NAME@ALIAS, "
-                                "models:/NAME/N, an aligner directory or the official .pth")
+    if spec.startswith("models:/"):
+        return spec
+    path = Path(spec)
+    named_by = "--model / --aligner" if explicit else "eval.aligner" if cfg.eval.aligner else "this config's training run"
+    forms = "give models:/NAME@ALIAS, models:/NAME/N, an aligner directory (config.json + model.safetensors) or the official .pth"
+    if not path.exists():
+        raise FileNotFoundError(f"aligner {spec} ({named_by}): no such file or directory; {forms}")
+    if path.is_dir() and not (path / WEIGHTS_NAME).is_file():
+        run = read_manifest(path)
+        inside = f"; this training run's aligner is {Path(run['checkpoint']) / loop.ALIGNER_DIR}" if run and run.get("stage") == "train" else ""
+        raise FileNotFoundError(f"aligner {spec} ({named_by}): no {WEIGHTS_NAME} in this directory{inside}; {forms}")
+    if path.is_file() and path.suffix not in (".pth", ".pt"):
+        raise ValueError(f"aligner {spec} ({named_by}): not an official .pth checkpoint; {forms}")
     return spec
 
 
@@ -125,14 +136,22 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
     ref = None
     if e.generator in harness.BASELINES:
         generator, identity = harness.BASELINES[e.generator], e.generator
+        label = identity
     elif e.generator == "text-bridge":
         generator, identity = built_on_first_call(lambda: generate.build_generator(cfg, None)), "text-bridge"
+        label = identity
     else:
         spec = aligner_spec(cfg, model)
         if spec.startswith("models:/"):
             ref = registry.resolve_model(spec, cfg)
-            spec = ref.uri
-        generator, identity = built_on_first_call(lambda: generate.build_generator(cfg, spec)), spec
+            spec, digest = ref.uri, registry.weights_digest(ref, cfg)
+        else:
+            digest = sha256_file(Path(spec) / WEIGHTS_NAME if Path(spec).is_dir() else Path(spec))
+            ref = registry.version_with_weights(cfg, digest)  # a registered aligner named by its path
+        generator = built_on_first_call(lambda: generate.build_generator(cfg, spec))
+        # Results are keyed by the weights: one aligner named by path or by version is drawn once.
+        identity = f"aligner-sha256:{digest}" if digest else spec
+        label = ref.uri if ref is not None else spec
     if e.dataset == "synthetic":
         data = dataset.make_synthetic_dataset(Path(cfg.paths.root) / "cobsat-synthetic", e.synthetic_image_size)
     else:
@@ -149,7 +168,7 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
     summary = harness.evaluate(data, generator, built_on_first_call(lambda: judge.load_judge(cfg)), out_dir, tasks=e.tasks, shots=e.shots, limit=e.limit,
                                 batch_size=e.batch_size)
     # Logged before the baselines are drawn: a run cut off while drawing them keeps the aligner's.
-    run_id = registry.log_evaluation(cfg, out_dir, summary, ref, identity)
+    run_id = registry.log_evaluation(cfg, out_dir, summary, ref, label)
     baselines, table = {}, summary.table()
     if e.generator == "thinkdiff" and e.baselines:
         for name in e.baselines:
@@ -158,7 +177,7 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
         written = harness.compare(out_dir, {"thinkdiff": summary, **baselines})
         registry.log_comparison(cfg, run_id, [out_dir / name for name in harness.COMPARISON], replace=written)
         table = (out_dir / harness.COMPARISON[0]).read_text().rstrip("\n")
-    log.info("CoBSAT (%s): mean accuracy %s over %d prompts; per task in %s", identity,
+    log.info("CoBSAT (%s): mean accuracy %s over %d prompts; per task in %s", label,
              ", ".join(f"{shot}-shot {m:.3f}" for shot, m in sorted(summary.mean.items())), summary.num_prompts,
              out_dir / ("comparison.md" if baselines else "summary.md"))
     return {"dir": out_dir, "summary": summary, "run_id": run_id, "model": ref, "baselines": baselines, "table": table}

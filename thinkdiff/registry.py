@@ -142,9 +142,17 @@ def log_training_run(cfg: RunConfig, run_dir: Path) -> str:
     """
     from mlflow.entities import Metric, Param
 
-    manifest = read_manifest(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"training run {run_dir}: no such directory; train first, or name the run directory "
+                                "`thinkdiff train` printed with --run")
+    manifest = read_manifest(run_dir, "train")
     if manifest is None:
-        raise FileNotFoundError(f"{run_dir}/manifest.json not found: the training run has not finished; train first")
+        inside = next((p for p in run_dir.parents if p.name == "checkpoints"), None)
+        if inside is not None or run_dir.name == "checkpoints":
+            run = (inside or run_dir).parent
+            raise FileNotFoundError(f"{run_dir} is inside the training run {run}: give the run directory itself")
+        raise FileNotFoundError(f"{run_dir}/manifest.json not found: the training run has not finished; train first "
+                                "(a rerun resumes from its last checkpoint)")
     client, uri = _client(cfg)
     experiment_id = _experiment_id(client, cfg, uri)
     fingerprint = manifest["train_fingerprint"]
@@ -216,11 +224,10 @@ def register_checkpoint(cfg: RunConfig, run_dir: Path) -> ModelVersionRef:
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    existing = client.search_model_versions(f"name='{name}' and tags.`{TAG_ALIGNER_SHA}` = '{digest}'")
-    if existing:
-        version = existing[0]
-        log.info("aligner %s is already registered as %s version %s", digest[:12], name, version.version)
-        return ModelVersionRef(name=name, version=str(version.version), run_id=version.run_id)
+    existing = version_with_weights(cfg, digest)
+    if existing is not None:
+        log.info("aligner %s is already registered as %s version %s", digest[:12], name, existing.version)
+        return existing
     run = client.get_run(run_id)
     version = client.create_model_version(
         name,
@@ -232,6 +239,21 @@ def register_checkpoint(cfg: RunConfig, run_dir: Path) -> ModelVersionRef:
     client.set_registered_model_alias(name, CANDIDATE, version.version)
     log.info("registered %s version %s (alias %s)", name, version.version, CANDIDATE)
     return ModelVersionRef(name=name, version=str(version.version), run_id=run_id)
+
+
+def version_with_weights(cfg: RunConfig, digest: str) -> ModelVersionRef | None:
+    """The version of `tracking.registered_model` whose aligner weights have this sha256, if any."""
+    client, _ = _client(cfg)
+    name = cfg.tracking.registered_model
+    found = client.search_model_versions(f"name='{name}' and tags.`{TAG_ALIGNER_SHA}` = '{digest}'")
+    return ModelVersionRef(name=name, version=str(found[0].version), run_id=found[0].run_id) if found else None
+
+
+def weights_digest(ref: ModelVersionRef, cfg: RunConfig) -> str | None:
+    """The sha256 of a version's aligner weights, recorded when it was registered (None for a
+    version registered by other means)."""
+    client, _ = _client(cfg)
+    return client.get_model_version(ref.name, ref.version).tags.get(TAG_ALIGNER_SHA)
 
 
 def promote(cfg: RunConfig, version: str, reason: str = "manual promotion") -> ModelVersionRef:

@@ -89,7 +89,7 @@ def upstream_fingerprint(cfg: RunConfig, stage: str, directory: Path | None = No
             return own(cfg)
     except FileNotFoundError:  # the config's url list is absent: the directory cannot be its corpus
         pass
-    recorded = (read_manifest(directory) or {}).get("fingerprint")
+    recorded = (read_manifest(directory, stage) or {}).get("fingerprint")
     return recorded or fingerprint({"stage": stage, "directory": str(directory.resolve())})
 
 
@@ -170,15 +170,20 @@ def temp_dir_for(path: Path) -> Path:
     return tmp
 
 
-def read_manifest(directory: Path) -> dict[str, Any] | None:
-    """The stage's manifest, or None when the stage has not completed."""
+def read_manifest(directory: Path, stage: str | None = None) -> dict[str, Any] | None:
+    """The stage's manifest, or None when the stage has not completed. With `stage`, a directory
+    holding another stage's output is refused."""
     path = directory / MANIFEST
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise DataContractError(f"{path} is not valid JSON ({err}); delete it to let the stage rerun") from err
+    if stage is not None and manifest.get("stage") != stage:
+        raise DataContractError(f"{directory} holds the output of the {manifest.get('stage')} stage; "
+                                f"give the directory of a {stage} stage output")
+    return manifest
 
 
 def write_manifest(directory: Path, payload: dict[str, Any]) -> None:

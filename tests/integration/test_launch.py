@@ -17,5 +17,5 @@ def test_launch_failure_carries_the_reason(tmp_path):
         launch_training(cfg, tmp_path / "no-features", tmp_path / "run")
     message = str(err.value)
     assert "training exited with" in message and "a rerun resumes" in message
-    assert "manifest.json not found" in message and "run `thinkdiff features`" in message
+    assert "no-features: no such directory" in message and "run `thinkdiff features`" in message
     assert load_config(tmp_path / "run" / "config.yaml").to_dict() == cfg.to_dict()

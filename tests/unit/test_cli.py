@@ -98,3 +98,20 @@ def test_a_missing_aligner_names_where_it_was_asked_for(tmp_path):
     write_manifest(stage_dir(cfg, "train"), {"checkpoint": str(tmp_path / "deleted-checkpoint")})
     with pytest.raises(FileNotFoundError, match=r"deleted-checkpoint/aligner \(this config's training run\)"):
         pipeline.aligner_spec(cfg)
+
+
+def test_an_aligner_given_in_the_wrong_form_is_named_before_anything_is_made(tmp_path):
+    from thinkdiff import pipeline
+    from thinkdiff.config import load_config
+    from thinkdiff.storage import write_manifest
+
+    run = tmp_path / "train" / "abc"
+    write_manifest(run, {"stage": "train", "checkpoint": str(run / "checkpoints" / "step_000020")})
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    cfg = load_config("tiny", [f"paths.root={tmp_path / 'root'}"])
+    with pytest.raises(FileNotFoundError, match=rf"no model.safetensors in this directory; this training run's aligner is "
+                                                rf"{run}/checkpoints/step_000020/aligner"):
+        pipeline.aligner_spec(cfg, str(run))
+    with pytest.raises(ValueError, match=r"notes.txt \(--model / --aligner\): not an official .pth checkpoint"):
+        pipeline.aligner_spec(cfg, str(tmp_path / "notes.txt"))
+    assert not (tmp_path / "root").exists()

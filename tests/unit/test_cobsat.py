@@ -127,6 +127,7 @@ def test_sanity_baselines_exact_on_synthetic(synthetic, tmp_path):
     assert oracle.mean == {2: 1.0, 4: 1.0} and all(v == 1.0 for per in oracle.accuracy.values() for v in per.values())
     assert copy.mean == {2: 0.0, 4: 0.0}
     assert oracle.num_prompts == 100 and "| shot | C-I | B-I | S-I | A-I | T-I | C-II |" in oracle.table()
+    assert oracle.table().endswith("|\n\n100 prompts")
     assert (tmp_path / "oracle" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -207,8 +208,9 @@ def test_comparison_shows_generators_side_by_side_and_is_not_rewritten(synthetic
     table = tmp_path / "oracle" / "comparison.md"
     lines = table.read_text().splitlines()
     assert lines[0].startswith("| generator | shot | C-I | B-I |")
-    assert [line.split(" | ")[:2] for line in lines[2:]] == [["| oracle", "2"], ["| oracle", "4"], ["| copy-last", "2"], ["| copy-last", "4"]]
-    scored = [[c for c in line.strip("| ").split(" | ")[2:] if c != "-"] for line in lines[2:]]  # tasks 1 and 2, then the mean
+    assert [line.split(" | ")[:2] for line in lines[2:6]] == [["| oracle", "2"], ["| oracle", "4"], ["| copy-last", "2"], ["| copy-last", "4"]]
+    assert lines[6:] == ["", "8 prompts per generator"]  # 2 tasks x 2 shots x 2
+    scored = [[c for c in line.strip("| ").split(" | ")[2:] if c != "-"] for line in lines[2:6]]  # tasks 1 and 2, then the mean
     assert scored == [["1.000"] * 3] * 2 + [["0.000"] * 3] * 2
     chart = tmp_path / "oracle" / "comparison.png"
     assert chart.read_bytes()[:4] == b"\x89PNG"

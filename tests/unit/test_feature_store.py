@@ -135,7 +135,7 @@ def test_reader_rejects_other_schema_version(tmp_path):
 
 def test_reader_rejects_foreign_parquet(tmp_path):
     pq.write_table(pq.read_table(write_feature_shard(tmp_path / "x.parquet", records(), INFO)).replace_schema_metadata({}), tmp_path / "a.parquet")
-    write_manifest(tmp_path, {"info": dataclasses.asdict(INFO), "shards": [{"name": "a.parquet", "num_samples": 3}]})
+    write_manifest(tmp_path, {"stage": "features", "info": dataclasses.asdict(INFO), "shards": [{"name": "a.parquet", "num_samples": 3}]})
     with pytest.raises(DataContractError, match="a.parquet: not a thinkdiff feature shard"):
         FeatureStore(tmp_path)
 
@@ -172,3 +172,11 @@ def test_binary_values_are_the_column_values(tmp_path):
     column = table.column("features").slice(1)  # a chunk that starts at an offset
     assert column.num_chunks == 2
     assert [bytes(v) for v in binary_values(column)] == column.to_pylist()
+
+
+def test_a_directory_that_is_not_a_feature_store_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"feature store .*/nowhere: no such directory; run `thinkdiff features` with the same"):
+        FeatureStore(tmp_path / "nowhere")
+    write_manifest(tmp_path / "corpus", {"stage": "corpus", "count": 3})  # what `train --features <corpus dir>` would read
+    with pytest.raises(DataContractError, match=r"corpus holds the output of the corpus stage; give the directory of a features"):
+        FeatureStore(tmp_path / "corpus")

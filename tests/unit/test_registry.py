@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 
 from thinkdiff import generate, pipeline, registry
 from thinkdiff.config import load_config
+from thinkdiff.errors import DataContractError
 from thinkdiff.eval import judge
 from thinkdiff.models.aligner import Aligner
 from thinkdiff.storage import read_manifest, stage_dir, train_fingerprint
@@ -126,12 +127,24 @@ def test_champion_moves_only_by_promotion(trained):
 
 def test_unfinished_run_is_not_logged(tmp_path):
     cfg = load_config("tiny", [f"paths.root={tmp_path}"])
+    stage_dir(cfg, "train").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="has not finished"):
         pipeline.register_checkpoint(cfg)
 
 
+def test_register_names_a_run_directory_given_wrong(trained, tiny_store, tmp_path):
+    cfg, result = trained
+    _, features_dir = tiny_store
+    with pytest.raises(FileNotFoundError, match=r"training run .*/nope: no such directory"):
+        pipeline.register_checkpoint(cfg, tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match=rf"is inside the training run {result.run_dir}: give the run directory itself"):
+        pipeline.register_checkpoint(cfg, result.aligner_dir)
+    with pytest.raises(DataContractError, match=r"holds the output of the features stage; give the directory of a train stage output"):
+        pipeline.register_checkpoint(cfg, features_dir)
+
+
 def test_cobsat_evaluation_is_logged_against_the_version(trained, monkeypatch):
-    cfg, _ = trained
+    cfg, training = trained
     ref = pipeline.register_checkpoint(cfg)
     eval_cfg = load_config("tiny", [f"paths.root={cfg.paths.root}", "train.max_steps=6", "train.warmup_steps=2",
                                     "train.log_every=2", "train.batch_size=4", "eval.limit=1", "eval.tasks=[1, 4]", "eval.shots=[2]"])
@@ -146,8 +159,9 @@ def test_cobsat_evaluation_is_logged_against_the_version(trained, monkeypatch):
     # The text bridge, evaluated beside it with the same settings, in its own directory and run.
     bridge = result["baselines"]["text-bridge"]
     assert bridge.num_prompts == result["summary"].num_prompts == 2
-    assert [line.split(" | ")[:2] for line in result["table"].splitlines()[2:]] == [["| thinkdiff", "2"], ["| text-bridge", "2"]]
-    assert result["table"].splitlines()[3].endswith(f"| {bridge.mean[2]:.3f} |")
+    lines = result["table"].splitlines()
+    assert [line.split(" | ")[:2] for line in lines[2:4]] == [["| thinkdiff", "2"], ["| text-bridge", "2"]]
+    assert lines[3].endswith(f"| {bridge.mean[2]:.3f} |") and lines[4:] == ["", "2 prompts per generator"]
     assert len(client.list_artifacts(result["run_id"], "images")) == 2  # one folder per (task, shot)
     version = client.get_model_version(cfg.tracking.registered_model, ref.version)
     assert float(version.tags["cobsat.mean.2shot"]) == result["summary"].mean[2]
@@ -158,6 +172,9 @@ def test_cobsat_evaluation_is_logged_against_the_version(trained, monkeypatch):
     monkeypatch.setattr(generate, "build_generator", fail)
     monkeypatch.setattr(judge, "load_judge", fail)
     assert pipeline.evaluate_cobsat(eval_cfg, model=ref.uri)["run_id"] == result["run_id"]
+    # The same weights named by their path: the same results and run, linked to the version.
+    by_path = pipeline.evaluate_cobsat(eval_cfg, model=str(training.aligner_dir))
+    assert (by_path["dir"], by_path["run_id"], by_path["model"]) == (result["dir"], result["run_id"], ref)
 
 
 @pytest.fixture

@@ -232,12 +232,14 @@ class FeatureStore:
 
     def __init__(self, directory: str | Path, *, expect_model_id: str | None = None, expect_dim: int | None = None):
         self.directory = Path(directory)
-        manifest = read_manifest(self.directory)
+        if not self.directory.is_dir():
+            raise FileNotFoundError(f"feature store {self.directory}: no such directory; run `thinkdiff features` with the same "
+                                    "--config and overrides, or pass the directory it printed with --features")
+        manifest = read_manifest(self.directory, "features")
         if manifest is None:
             raise FileNotFoundError(
-                f"{self.directory}/manifest.json not found: the feature store is missing or incomplete; "
-                "run `thinkdiff features` (it resumes where it stopped); features made with --corpus DIR are in the "
-                "directory that command printed: pass it with --features"
+                f"{self.directory}/manifest.json not found: the feature store is incomplete; run `thinkdiff features` "
+                "with the same --config and overrides (it resumes where it stopped)"
             )
         self.manifest = manifest
         self.info = FeatureStoreInfo(**manifest["info"])

@@ -102,7 +102,8 @@ class Summary:
 
 def _table(summaries: dict[str, Summary]) -> str:
     """Accuracy per task in the papers' column order and the mean, a row per shot (per generator
-    and shot when the generators are named)."""
+    and shot when the generators are named), then how many prompts it covers: a quick check with a
+    small `eval.limit` must not read as the full result."""
     named = any(summaries)
     header = ["generator"] * named + ["shot"] + [get_task(t).short for t in COLUMN_ORDER] + ["mean"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -110,7 +111,13 @@ def _table(summaries: dict[str, Summary]) -> str:
         for shot, per_task in sorted(summary.accuracy.items()):
             cells = [name] * named + [str(shot)] + [f"{per_task[t]:.3f}" if t in per_task else "-" for t in COLUMN_ORDER]
             lines.append("| " + " | ".join(cells) + f" | {summary.mean[shot]:.3f} |")
+    lines += ["", _covered(summaries)]
     return "\n".join(lines)
+
+
+def _covered(summaries: dict[str, Summary]) -> str:
+    counts = sorted({s.num_prompts for s in summaries.values()})
+    return f"{'/'.join(map(str, counts))} prompts" + (" per generator" if any(summaries) else "")
 
 
 COMPARISON = ("comparison.md", "comparison.png")
@@ -125,7 +132,7 @@ def compare(out_dir: Path, summaries: dict[str, Summary]) -> bool:
         return False
     atomic_write_bytes(table, text.encode())
     plot_cobsat_accuracy({f"{name} {shot}-shot": per_task for name, s in summaries.items() for shot, per_task in sorted(s.accuracy.items())},
-                         chart, title="CoBSAT accuracy per task, side by side")
+                         chart, title=f"CoBSAT accuracy per task, side by side ({_covered(summaries)})")
     return True
 
 
@@ -261,7 +268,8 @@ def summarize(out_dir: Path, keys: set[tuple[int, int, int]]) -> Summary:
         return summary  # a rerun with nothing new rewrites nothing
     atomic_write_json(out_dir / "summary.json", summary.__dict__)
     atomic_write_bytes(out_dir / "summary.md", (summary.table() + "\n").encode())
-    plot_cobsat_accuracy({f"{shot}-shot": per_task for shot, per_task in sorted(summary.accuracy.items())}, out_dir / "accuracy.png")
+    plot_cobsat_accuracy({f"{shot}-shot": per_task for shot, per_task in sorted(summary.accuracy.items())}, out_dir / "accuracy.png",
+                         title=f"CoBSAT accuracy per task ({summary.num_prompts} prompts)")
     return summary
 
 
