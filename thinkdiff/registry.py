@@ -335,10 +335,6 @@ def log_evaluation(cfg: RunConfig, out_dir: Path, summary: Any, model: ModelVers
     run (nested under it in the MLflow UI), and the version gets `cobsat.mean.{shot}shot` tags from
     its evaluation over the most prompts (`cobsat.prompts`).
     """
-    from mlflow.entities import Metric, Param
-
-    from thinkdiff.eval.cobsat import get_task
-
     client, uri = _client(cfg)
     experiment_id = _experiment_id(client, cfg, uri)
     found = client.search_runs(
@@ -346,15 +342,38 @@ def log_evaluation(cfg: RunConfig, out_dir: Path, summary: Any, model: ModelVers
         filter_string=(f"tags.`thinkdiff.eval_dir` = '{out_dir.name}' and tags.`thinkdiff.eval_prompts` = '{summary.num_prompts}' "
                        "and attributes.status = 'FINISHED'"),
     )
+    links = {}
+    if model is not None:
+        links = {"thinkdiff.model": model.name, "thinkdiff.model_version": model.version}
+        if model.run_id:
+            links["mlflow.parentRunId"] = model.run_id
     if found:
-        return found[0].info.run_id
+        run_id = found[0].info.run_id
+        # Logged by the aligner's directory before it was registered: linked to its version now.
+        for key, value in links.items():
+            if found[0].data.tags.get(key) != value:
+                client.set_tag(run_id, key, value)
+    else:
+        run_id = _log_evaluation_run(client, experiment_id, cfg, out_dir, summary, generator, links)
+    if model is not None:
+        tagged = client.get_model_version(model.name, model.version).tags
+        if summary.num_prompts >= int(tagged.get("cobsat.prompts", 0)):  # a nightly subset does not hide a full run
+            for shot, mean in summary.mean.items():
+                client.set_model_version_tag(model.name, model.version, f"cobsat.mean.{shot}shot", f"{mean:.4f}")
+            client.set_model_version_tag(model.name, model.version, "cobsat.prompts", str(summary.num_prompts))
+            client.set_model_version_tag(model.name, model.version, "cobsat.eval_run", run_id)
+    return run_id
+
+
+def _log_evaluation_run(client, experiment_id: str, cfg: RunConfig, out_dir: Path, summary: Any, generator: str,
+                        links: dict[str, str]) -> str:
+    from mlflow.entities import Metric, Param
+
+    from thinkdiff.eval.cobsat import get_task
+
     tags = {"mlflow.runName": f"cobsat-{generator.split('/')[-1]}-{out_dir.name[:8]}-{summary.num_prompts}", "thinkdiff.kind": "cobsat-eval",
             "thinkdiff.eval_dir": out_dir.name, "thinkdiff.eval_prompts": str(summary.num_prompts),
-            "thinkdiff.generator": generator, "thinkdiff.preset": cfg.preset}
-    if model is not None:
-        tags.update({"thinkdiff.model": model.name, "thinkdiff.model_version": model.version})
-        if model.run_id:
-            tags["mlflow.parentRunId"] = model.run_id
+            "thinkdiff.generator": generator, "thinkdiff.preset": cfg.preset, **links}
     run_id = client.create_run(experiment_id, tags=tags).info.run_id
     try:
         now = int(time.time() * 1000)
@@ -372,13 +391,6 @@ def log_evaluation(cfg: RunConfig, out_dir: Path, summary: Any, model: ModelVers
         client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED")
-    if model is not None:
-        tagged = client.get_model_version(model.name, model.version).tags
-        if summary.num_prompts >= int(tagged.get("cobsat.prompts", 0)):  # a nightly subset does not hide a full run
-            for shot, mean in summary.mean.items():
-                client.set_model_version_tag(model.name, model.version, f"cobsat.mean.{shot}shot", f"{mean:.4f}")
-            client.set_model_version_tag(model.name, model.version, "cobsat.prompts", str(summary.num_prompts))
-            client.set_model_version_tag(model.name, model.version, "cobsat.eval_run", run_id)
     log.info("logged CoBSAT evaluation %s as MLflow run %s", out_dir, run_id)
     return run_id
 

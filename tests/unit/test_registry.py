@@ -254,3 +254,21 @@ def test_each_version_and_prompt_count_gets_its_own_evaluation_run(two_versions)
     tags = client.get_model_version(cfg.tracking.registered_model, first.version).tags
     assert tags["cobsat.prompts"] == "3" and tags["cobsat.eval_run"] == larger["run_id"]
     assert tags["cobsat.mean.2shot"] == f"{larger['summary'].mean[2]:.4f}"
+
+
+def test_an_evaluation_made_before_registration_is_linked_to_the_version_later(tiny_store, tmp_path):
+    _, features_dir = tiny_store
+    overrides = [f"paths.root={tmp_path}", "train.max_steps=2", "train.warmup_steps=1", "train.batch_size=4",
+                 "eval.limit=1", "eval.tasks=[1]", "eval.shots=[2]", "eval.baselines=[]"]
+    cfg = load_config("tiny", overrides)
+    trained = train_aligner(cfg, features_dir, stage_dir(cfg, "train"))
+    by_path = pipeline.evaluate_cobsat(cfg, model=str(trained.aligner_dir))
+    assert by_path["model"] is None  # not registered yet
+    ref = pipeline.register_checkpoint(cfg)
+    by_version = pipeline.evaluate_cobsat(cfg, model=ref.uri)
+    assert (by_version["dir"], by_version["run_id"]) == (by_path["dir"], by_path["run_id"])  # nothing drawn or logged again
+    client = client_for(cfg)
+    tags = client.get_run(by_path["run_id"]).data.tags
+    assert (tags["thinkdiff.model_version"], tags["mlflow.parentRunId"]) == (ref.version, ref.run_id)
+    version = client.get_model_version(cfg.tracking.registered_model, ref.version)
+    assert version.tags["cobsat.eval_run"] == by_path["run_id"] and version.tags["cobsat.prompts"] == "1"
