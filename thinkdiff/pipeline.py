@@ -18,8 +18,8 @@ from thinkdiff import registry
 from thinkdiff.config import RunConfig, fingerprint
 from thinkdiff.data import corpus, extract
 from thinkdiff.eval import dataset, harness, judge
-from thinkdiff.models.aligner import WEIGHTS_NAME
-from thinkdiff.storage import read_manifest, sha256_file, stage_dir
+from thinkdiff.models.aligner import WEIGHTS_NAME, weights_sha256
+from thinkdiff.storage import read_manifest, stage_dir
 from thinkdiff.train import launch, loop
 
 log = logging.getLogger(__name__)
@@ -146,8 +146,11 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
             ref = registry.resolve_model(spec, cfg)
             spec, digest = ref.uri, registry.weights_digest(ref, cfg)
         else:
-            digest = sha256_file(Path(spec) / WEIGHTS_NAME if Path(spec).is_dir() else Path(spec))
-            ref = registry.version_with_weights(cfg, digest)  # a registered aligner named by its path
+            digest = weights_sha256(spec)
+            try:  # a registered aligner named by its path is logged against its version
+                ref = registry.version_with_weights(cfg, digest)
+            except registry.TrackingUnavailableError as err:  # draw now; the logging at the end waits for the server
+                log.warning("%s; evaluating %s without looking up its registry version", err, spec)
         generator = built_on_first_call(lambda: generate.build_generator(cfg, spec))
         # Results are keyed by the weights: one aligner named by path or by version is drawn once.
         identity = f"aligner-sha256:{digest}" if digest else spec

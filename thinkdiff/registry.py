@@ -147,9 +147,10 @@ def log_training_run(cfg: RunConfig, run_dir: Path) -> str:
                                 "`thinkdiff train` printed with --run")
     manifest = read_manifest(run_dir, "train")
     if manifest is None:
-        inside = next((p for p in run_dir.parents if p.name == "checkpoints"), None)
-        if inside is not None or run_dir.name == "checkpoints":
-            run = (inside or run_dir).parent
+        # A checkpoint (it holds meta.json) or its aligner, or the checkpoints folder: name their run.
+        checkpoint = next((p for p in (run_dir, run_dir.parent) if (p / "meta.json").is_file() and p.parent.name == "checkpoints"), None)
+        if checkpoint is not None or (run_dir.name == "checkpoints" and read_manifest(run_dir.parent) is not None):
+            run = checkpoint.parents[1] if checkpoint is not None else run_dir.parent
             raise FileNotFoundError(f"{run_dir} is inside the training run {run}: give the run directory itself")
         raise FileNotFoundError(f"{run_dir}/manifest.json not found: the training run has not finished; train first "
                                 "(a rerun resumes from its last checkpoint)")
@@ -350,8 +351,8 @@ def log_evaluation(cfg: RunConfig, out_dir: Path, summary: Any, model: ModelVers
     if found:
         run_id = found[0].info.run_id
         # Logged by the aligner's directory before it was registered: linked to its version now.
-        for key, value in links.items():
-            if found[0].data.tags.get(key) != value:
+        if "thinkdiff.model_version" not in found[0].data.tags:  # never re-pointed once linked
+            for key, value in links.items():
                 client.set_tag(run_id, key, value)
     else:
         run_id = _log_evaluation_run(client, experiment_id, cfg, out_dir, summary, generator, links)

@@ -181,8 +181,8 @@ def read_manifest(directory: Path, stage: str | None = None) -> dict[str, Any] |
     except json.JSONDecodeError as err:
         raise DataContractError(f"{path} is not valid JSON ({err}); delete it to let the stage rerun") from err
     if stage is not None and manifest.get("stage") != stage:
-        raise DataContractError(f"{directory} holds the output of the {manifest.get('stage')} stage; "
-                                f"give the directory of a {stage} stage output")
+        held = f"the output of the {manifest['stage']} stage" if "stage" in manifest else "a manifest that names no stage"
+        raise DataContractError(f"{directory} holds {held}; give the directory of a {stage} stage output")
     return manifest
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from thinkdiff.cli import main
 from thinkdiff.errors import DataContractError
-from thinkdiff.models.aligner import Aligner, AlignerConfig, import_official_checkpoint
+from thinkdiff.models.aligner import Aligner, AlignerConfig, import_official_checkpoint, weights_sha256
 from thinkdiff.storage import atomic_write_bytes, temp_path_for
 
 
@@ -109,6 +109,11 @@ def test_import_official_checkpoint_matches_source(tmp_path):
     assert converted.config.in_dim == 12 and converted.config.out_dim == 8
     x = torch.randn(2, 4, 12)
     torch.testing.assert_close(converted(x), aligner(x), rtol=0, atol=0)
+    # One aligner, one identity (CoBSAT results are keyed by it): the .pth and its converted directory.
+    torch.save({"model": official_state(aligner), "epoch": 4}, tmp_path / "resaved.pth")
+    assert weights_sha256(tmp_path / "official.pth") == weights_sha256(out) == weights_sha256(tmp_path / "resaved.pth")
+    make_aligner(in_dim=12, out_dim=8, seed=1).save_pretrained(tmp_path / "another")
+    assert weights_sha256(tmp_path / "another") != weights_sha256(out)
 
 
 def test_import_official_via_cli(tmp_path, capsys):

@@ -238,3 +238,15 @@ def test_two_evaluations_of_one_directory_draw_each_prompt_once(synthetic, tmp_p
     rows = [json.loads(line) for line in (tmp_path / "shared" / "results.jsonl").read_text().splitlines()]
     assert sorted(r["index"] for r in rows) == [0, 1, 2, 3]
     assert [s.num_prompts for s in summaries] == [4, 4] and all(s.mean == {2: 1.0} for s in summaries)
+
+
+def test_a_summary_table_in_an_older_form_is_rewritten_once(synthetic, tmp_path):
+    run = lambda: evaluate(synthetic, BASELINES["oracle"], synthetic_judge, tmp_path / "run", tasks=[1], shots=[2], limit=2)  # noqa: E731
+    summary = run()
+    table = tmp_path / "run" / "summary.md"
+    table.write_text(summary.table().rsplit("\n\n", 1)[0] + "\n")  # as written before tables gave their prompt count
+    run()
+    assert table.read_text() == summary.table() + "\n" and table.read_text().endswith("\n2 prompts\n")
+    stamp = table.stat().st_mtime_ns
+    run()
+    assert table.stat().st_mtime_ns == stamp

@@ -126,10 +126,22 @@ def test_champion_moves_only_by_promotion(trained):
 
 
 def test_unfinished_run_is_not_logged(tmp_path):
-    cfg = load_config("tiny", [f"paths.root={tmp_path}"])
+    cfg = load_config("tiny", [f"paths.root={tmp_path / 'checkpoints' / 'root'}"])  # a folder of that name above: still a run
     stage_dir(cfg, "train").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="has not finished"):
         pipeline.register_checkpoint(cfg)
+
+
+def test_a_path_named_aligner_is_drawn_while_the_tracking_server_is_down(trained, tmp_path):
+    """The registry lookup is skipped with a warning; only the logging at the end waits for the
+    server, and the drawn results stay for the rerun that logs them."""
+    cfg, result = trained
+    down = load_config("tiny", [f"paths.root={tmp_path}", f"tracking.uri=http://127.0.0.1:{closed_port()}",
+                                "eval.limit=1", "eval.tasks=[1]", "eval.shots=[2]", "eval.baselines=[]"])
+    with pytest.raises(registry.TrackingUnavailableError):
+        pipeline.evaluate_cobsat(down, model=str(result.aligner_dir))
+    drawn = list((tmp_path / "eval").glob("*/results.jsonl"))
+    assert len(drawn) == 1 and len(drawn[0].read_text().splitlines()) == down.eval.batch_size
 
 
 def test_register_names_a_run_directory_given_wrong(trained, tiny_store, tmp_path):

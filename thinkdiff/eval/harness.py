@@ -263,8 +263,10 @@ def summarize(out_dir: Path, keys: set[tuple[int, int, int]]) -> Summary:
         judge_s_per_prompt=sum(r["judge_s"] for r in rows) / max(len(rows), 1),
     )
     previous = out_dir / "summary.json"
-    outputs_exist = all((out_dir / name).is_file() for name in ("summary.md", "accuracy.png"))
-    if outputs_exist and previous.is_file() and json.loads(previous.read_text()) == json.loads(json.dumps(summary.__dict__)):
+    table = out_dir / "summary.md"
+    current = (table.is_file() and table.read_text() == summary.table() + "\n" and (out_dir / "accuracy.png").is_file()
+               and previous.is_file() and json.loads(previous.read_text()) == json.loads(json.dumps(summary.__dict__)))
+    if current:
         return summary  # a rerun with nothing new rewrites nothing
     atomic_write_json(out_dir / "summary.json", summary.__dict__)
     atomic_write_bytes(out_dir / "summary.md", (summary.table() + "\n").encode())

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from thinkdiff.errors import DataContractError
-from thinkdiff.storage import temp_dir_for
+from thinkdiff.storage import sha256_file, temp_dir_for
 
 log = logging.getLogger(__name__)
 
@@ -157,3 +158,13 @@ def import_official_checkpoint(pth_path: str | Path, out_dir: str | Path) -> Pat
     out = aligner.save_pretrained(out_dir)
     log.info("imported %s (in_dim %d, out_dim %d) -> %s", pth_path, in_dim, out_dim, out)
     return out
+
+
+def weights_sha256(spec: str | Path) -> str:
+    """The sha256 of an aligner's safetensors weights: of a saved directory, or of what an official
+    `.pth` converts to (so the file and its imported directory are one aligner)."""
+    path = Path(spec)
+    if path.is_dir():
+        return sha256_file(path / WEIGHTS_NAME)
+    with tempfile.TemporaryDirectory() as tmp:
+        return sha256_file(import_official_checkpoint(path, Path(tmp) / "aligner") / WEIGHTS_NAME)
