@@ -35,6 +35,7 @@ def run_from_command_line(flow_fn: Callable[..., object], prog: str) -> None:
         # it with its traceback; end on the message alone, as `thinkdiff` does.
         parser.exit(1, f"{prog}: error: {err}\n")
     if isinstance(result, dict):
-        print("\n".join(f"{name:>10}: {value}" for name, value in result.items()))
+        width = max(map(len, result), default=0)
+        print("\n".join(f"{name:>{width}}: {value}" for name, value in result.items()))
     else:
         print(json.dumps(result) if not isinstance(result, str) else result)
