@@ -33,6 +33,7 @@ from thinkdiff.config import RunConfig
 from thinkdiff.errors import ThinkDiffError
 from thinkdiff.models.aligner import WEIGHTS_NAME, Aligner
 from thinkdiff.storage import corpus_fingerprint, read_manifest, sha256_file
+from thinkdiff.train.checkpoint import META_FILE
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def log_training_run(cfg: RunConfig, run_dir: Path) -> str:
     manifest = read_manifest(run_dir, "train")
     if manifest is None:
         # A checkpoint (it holds meta.json) or its aligner, or the checkpoints folder: name their run.
-        checkpoint = next((p for p in (run_dir, run_dir.parent) if (p / "meta.json").is_file() and p.parent.name == "checkpoints"), None)
+        checkpoint = next((p for p in (run_dir, run_dir.parent) if (p / META_FILE).is_file() and p.parent.name == "checkpoints"), None)
         if checkpoint is not None or (run_dir.name == "checkpoints" and read_manifest(run_dir.parent) is not None):
             run = checkpoint.parents[1] if checkpoint is not None else run_dir.parent
             raise FileNotFoundError(f"{run_dir} is inside the training run {run}: give the run directory itself")

@@ -85,7 +85,7 @@ def upstream_fingerprint(cfg: RunConfig, stage: str, directory: Path | None = No
     if directory is None:
         return own(cfg)
     try:
-        if directory.resolve() == (Path(cfg.paths.root) / stage / own(cfg)).resolve():
+        if directory.resolve() == stage_dir(cfg, stage).resolve():
             return own(cfg)
     except FileNotFoundError:  # the config's url list is absent: the directory cannot be its corpus
         pass
