@@ -4,15 +4,19 @@ VENV ?= .venv
 # CPU build that lies on this kind of machine's disk; GPU users: `make setup TORCH=torch` (or their own build).
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
+# The exact versions `make test` last passed with (everything but torch, which TORCH sets): a fresh
+# checkout installs what was tested, not whatever the registry published since. `make constraints`
+# moves them to the newest releases pyproject.toml allows; run `make test` before committing that.
+CONSTRAINTS := conf/constraints.txt
 
-.PHONY: setup demo test gpu-wheels
+.PHONY: setup demo test gpu-wheels constraints
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[all]"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[all]"
 	# img2dataset pulls the Python 2-era `dataclasses` backport, which shadows the standard library
 	# inside Prefect's temporary API server (STACK.md): remove it again.
 	$(BIN)/python -m pip uninstall -y -q dataclasses
@@ -26,6 +30,14 @@ demo: setup
 test: setup
 	$(BIN)/ruff check thinkdiff tasks flows tests benchmarks
 	$(BIN)/python -m pytest -q
+
+constraints: setup
+	# eager: every dependency to its newest allowed release; "$(TORCH)" keeps torch where it is.
+	$(BIN)/python -m pip install -q --upgrade --upgrade-strategy eager "$(TORCH)" -e ".[all]"
+	$(BIN)/python -m pip uninstall -y -q dataclasses
+	{ echo "# pip constraints: the versions 'make test' passed with; regenerate with 'make constraints'"; \
+	  $(BIN)/python -m pip freeze --exclude-editable | grep -v '^torch=='; } > $(CONSTRAINTS).tmp
+	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
 
 # Wheels the GPU machine lacks (benchmarks/gpu_checks.sh installs them there from .whl/).
 gpu-wheels:

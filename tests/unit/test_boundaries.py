@@ -1,17 +1,26 @@
-"""Covers: the library never imports Prefect (it must run where Prefect is absent), and the
-`dataclasses` backport that img2dataset drags in is not installed (it breaks Prefect's server)."""
+"""Covers: the library never imports Prefect (it must run where Prefect is absent), the
+`dataclasses` backport that img2dataset drags in is not installed (it breaks Prefect's server), and
+the installed dependencies are the tested ones pinned in conf/constraints.txt."""
 
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import importlib.util
 import pkgutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 from pathlib import Path
 
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
 import thinkdiff
+
+REPO = Path(thinkdiff.__file__).resolve().parent.parent
+CONSTRAINTS = REPO / "conf" / "constraints.txt"
 
 
 def test_library_imports_without_prefect():
@@ -59,3 +68,38 @@ def test_mlflow_img2dataset_and_accelerate_each_enter_through_one_module():
         if "from img2dataset" in source:  # run in a subprocess, named in a code string
             importers["img2dataset"].add(path.relative_to(root).as_posix())
     assert importers == {"mlflow": {"registry.py"}, "img2dataset": {"data/corpus.py"}, "accelerate": {"train/engine.py"}}
+
+
+def _project_requirements() -> list[Requirement]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    lines = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    return [req for req in map(Requirement, lines) if canonicalize_name(req.name) != "thinkdiff"]
+
+
+def _constraint_pins() -> dict[str, str]:
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
+def test_constraints_pin_every_dependency_inside_its_range_and_the_tests_run_on_them():
+    """`make setup` installs with conf/constraints.txt, so CI tests the versions recorded there; a
+    range edited in pyproject.toml without `make constraints` would install something untested."""
+    pins = _constraint_pins()
+    assert "torch" not in pins, "torch comes from the Makefile's TORCH (CPU here, CUDA for GPU users)"
+    for req in _project_requirements():
+        name = canonicalize_name(req.name)
+        if name == "torch":
+            continue
+        assert name in pins, f"{CONSTRAINTS}: no pin for {req.name}; run `make constraints`"
+        assert req.specifier.contains(pins[name], prereleases=True), (
+            f"{CONSTRAINTS}: {req.name}=={pins[name]} is outside pyproject.toml's {req}; run `make constraints`"
+        )
+        installed = importlib.metadata.version(req.name)
+        assert installed == pins[name], (
+            f"{req.name} {installed} is installed but {CONSTRAINTS} pins {pins[name]}: "
+            "`make setup` installs the pins, `make constraints` records an upgrade"
+        )
