@@ -1,6 +1,7 @@
 """The T5 decoder's attention in a training step, forward and backward, per SDPA backend: what the
-training path runs (`DECODER_SDPA_BACKENDS`, no cuDNN) against cuDNN, and whether each backward
-stays finite where cuDNN's is reported not to.
+training path runs (`DECODER_SDPA_BACKENDS`, no cuDNN) against cuDNN and against FlexAttention
+(`train.decoder_attention: flex`, compiled), and whether each backward stays finite where cuDNN's
+is reported not to.
 
     .venv/bin/python benchmarks/decoder_attention.py           # flan-t5-xxl heads (64 x 64), batch 128: a GPU
     .venv/bin/python benchmarks/decoder_attention.py --tiny    # small shapes on a CPU in seconds (a test runs it)
@@ -23,10 +24,12 @@ import torch
 import torch.nn.functional as F
 from timing import sync
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import flex_attention
 
 from thinkdiff.models.t5 import DECODER_SDPA_BACKENDS
 
 STRESS_WIDTHS = (64, 72)
+COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
 
 
 def attention_inputs(batch: int, heads: int, dim: int, target: int, source: int, device, dtype, *, stress: bool = False):
@@ -56,6 +59,21 @@ def forward_backward(backends, q, k, v, mask) -> list[torch.Tensor]:
     return [out.detach(), q.grad, k.grad, v.grad]
 
 
+def flex_forward_backward(q, k, v, mask) -> list[torch.Tensor]:
+    """`forward_backward` on FlexAttention (`train.decoder_attention: flex`), compiled as the
+    training path compiles it: the self-attention's bias (causal mask folded in) added and the
+    cross-attention's key mask applied by the score function."""
+    q, k, v = (x.detach().requires_grad_(True) for x in (q, k, v))
+    if mask.dtype == torch.bool:
+        keep_BK = mask[:, 0, 0]
+        score_mod = lambda score, b, h, i, j: torch.where(keep_BK[b, j], score, -float("inf"))  # noqa: E731
+    else:
+        score_mod = lambda score, b, h, i, j: score + mask[0, h, i, j]  # noqa: E731
+    out = COMPILED_FLEX(q, k, v, score_mod=score_mod, scale=1.0)
+    out.backward(torch.ones_like(out))
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
@@ -68,29 +86,31 @@ def main() -> None:
     batch = args.batch or (2 if args.tiny else 128)
     inputs = attention_inputs(batch, heads, dim, target, source, device, dtype)
     stress = {width: attention_inputs(batch, heads, dim, width, width, device, dtype, stress=True) for width in STRESS_WIDTHS}
-    candidates = {"training path": DECODER_SDPA_BACKENDS}
+    candidates = {"training path (sdpa)": DECODER_SDPA_BACKENDS}
     if device.type == "cuda":
         candidates |= {"efficient": [SDPBackend.EFFICIENT_ATTENTION], "cudnn": [SDPBackend.CUDNN_ATTENTION]}
+    candidates["flex"] = "flex"  # no backward on a CPU: its row then says so
     reference = {kind: forward_backward([SDPBackend.MATH], *x) for kind, x in inputs.items()}
     print(f"device {device}, {dtype}, batch {batch}, {heads} heads x {dim}, target {target}, source slots {source}")
     print(f"| path | self ms | cross ms | vs math | stress: non-finite query gradients (self, cross) at keys "
           f"{' / '.join(map(str, STRESS_WIDTHS))} |")
     print("|---|---|---|---|---|")
     for name, backends in candidates.items():
+        run = flex_forward_backward if backends == "flex" else lambda *x, b=backends: forward_backward(b, *x)
         try:
             cells = []
             for x in inputs.values():
-                forward_backward(backends, *x)  # warm-up
+                run(*x)  # warm-up (flex: its compile)
                 started = sync(device)
                 for _ in range(args.repeats):
-                    forward_backward(backends, *x)
+                    run(*x)
                 cells.append(f"{(sync(device) - started) / args.repeats * 1e3:.3f}")
             difference = max((a.float() - b.float()).abs().max().item() for kind, x in inputs.items()
-                             for a, b in zip(forward_backward(backends, *x), reference[kind], strict=True))
-            nonfinite = " / ".join(", ".join(str((~forward_backward(backends, *x)[1].isfinite()).sum().item())
+                             for a, b in zip(run(*x), reference[kind], strict=True))
+            nonfinite = " / ".join(", ".join(str((~run(*x)[1].isfinite()).sum().item())
                                              for x in calls.values()) for calls in stress.values())
             print(f"| {name} | {cells[0]} | {cells[1]} | {difference:.2e} | {nonfinite} |", flush=True)
-        except RuntimeError as error:  # a backend that takes no such input
+        except RuntimeError as error:  # a backend that takes no such input (NotImplementedError included)
             print(f"| {name} | - | - | - | unsupported: {str(error).splitlines()[0][:80]} |", flush=True)
 
 

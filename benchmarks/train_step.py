@@ -249,6 +249,8 @@ def main() -> None:
                         help="the project path's batch sizes, one compiled decoder for all (default: --batch)")
     parser.add_argument("--profile", action="store_true",
                         help="profile a pass over every 4th of the last project batch size's batches")
+    parser.add_argument("--decoder-attention", choices=("sdpa", "flex"), default="sdpa",
+                        help="the project path's train.decoder_attention (flex: CUDA only)")
     parser.add_argument("--steps", type=int, default=None,
                         help="steps per path, one bucketing pool (default: the paper preset's train.bucket_window; tiny 5): "
                              "the naive path times all but its first 2, the project path all of them after an untimed pass")
@@ -271,7 +273,8 @@ def main() -> None:
     initial = {k: v.clone() for k, v in aligner.state_dict().items()}
     batches = make_batches(steps, batch, d_in, full.config.vocab_size)
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), dtype {dtype}, "
-          f"batch {batch}, {steps} steps, d_model {full.config.d_model}, decoder layers {full.config.num_decoder_layers}")
+          f"batch {batch}, {steps} steps, d_model {full.config.d_model}, decoder layers {full.config.num_decoder_layers}, "
+          f"project decoder attention {args.decoder_attention}")
     naive = naive_run(full, aligner, batches, device, dtype)
     print(f"naive done: {naive['samples_per_s']:.1f} samples/s, {naive['useful_tflops']:.3g} useful TFLOP/s, "
           f"{naive['peak_gib']:.1f} GiB peak", flush=True)
@@ -283,6 +286,7 @@ def main() -> None:
     with torch.no_grad():
         references = {size: naive_loss(full, aligner, pool[0], device, dtype).item() for size, pool in pools.items()}
     decoder = T5DecoderLM(full)
+    decoder.set_attention(args.decoder_attention)
     del full.encoder  # the project path never holds the encoder (load_t5 never reads it)
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -160,6 +160,9 @@ class TrainConfig:
     """torch.compile each block of the frozen T5 decoder with dynamic shapes: a few graphs (the first
     block, one shared by the others) for every (source, target) length of the bucketed batches; the
     first step pays the compile."""
+    decoder_attention: str
+    """The frozen T5 decoder's attention kernel: `sdpa` (PyTorch's SDPA without cuDNN) or `flex`
+    (FlexAttention, CUDA only, fast only with `compile`; under measurement, see benchmarks/RESULTS.md)."""
     mixed_precision: str
     """`bf16` autocast (GPU only; the aligner stays fp32) or `no`."""
     checkpoint_every: int
@@ -324,6 +327,8 @@ class RunConfig:
         need(t.max_target_tokens >= 2, "train.max_target_tokens", t.max_target_tokens, "use at least 2")
         need(t.bucket_window >= 1, "train.bucket_window", t.bucket_window, "use 1 (no bucketing) or more")
         need(t.max_prefix_tokens >= 1, "train.max_prefix_tokens", t.max_prefix_tokens, "use at least 1 (the paper: 32)")
+        need(t.decoder_attention in ("sdpa", "flex"), "train.decoder_attention", t.decoder_attention,
+             "use `sdpa` or `flex` (CUDA only)")
         need(t.mixed_precision in ("no", "bf16"), "train.mixed_precision", t.mixed_precision, "use `bf16` or `no`")
         need(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "use at least 1")
         need(t.keep_last >= 1, "train.keep_last", t.keep_last, "use at least 1 (the latest checkpoint is needed to resume)")

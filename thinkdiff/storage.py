@@ -43,7 +43,7 @@ FEATURES_SCHEMA_VERSION = 1
 TRAIN_SCHEMA_VERSION = 1
 # Settings that change how a stage runs, is observed or kept, not what it computes: outside the fingerprint.
 _FEATURES_OPERATIONAL = ("preprocess_workers",)
-_TRAIN_OPERATIONAL = ("checkpoint_every", "keep_last", "log_every", "launch_args", "compile")
+_TRAIN_OPERATIONAL = ("checkpoint_every", "keep_last", "log_every", "launch_args", "compile", "decoder_attention")
 
 
 def corpus_fingerprint(cfg: RunConfig) -> str:

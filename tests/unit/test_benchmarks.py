@@ -78,9 +78,10 @@ def test_decoder_attention_benchmark_tiny():
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "decoder_attention.py"), "--tiny", "--repeats", "2"],
                          capture_output=True, text=True, check=True, timeout=300).stdout
     rows = _table_rows(out)
-    assert set(rows) == {"training path"}  # cuDNN and efficient attention are CUDA-only
-    self_ms, cross_ms, difference, stress = rows["training path"]
+    assert set(rows) == {"training path (sdpa)", "flex"}  # cuDNN and efficient attention are CUDA-only
+    self_ms, cross_ms, difference, stress = rows["training path (sdpa)"]
     assert float(self_ms) > 0 and float(cross_ms) > 0 and float(difference) < 1e-4 and stress == "0, 0 / 0, 0"
+    assert rows["flex"][-1].startswith("unsupported: FlexAttention does not support backward on CPU")
 
 
 def test_cobsat_judge_benchmark_tiny():

@@ -109,6 +109,12 @@ def test_baselines_are_other_generators_than_thinkdiff():
         load_config("tiny", ["eval.baselines=[oracle, oracle]"])
 
 
+def test_decoder_attention_is_sdpa_or_flex():
+    assert load_config("tiny", ["train.decoder_attention=flex"]).train.decoder_attention == "flex"
+    with pytest.raises(ConfigError, match=r"train.decoder_attention='cudnn'.*use `sdpa` or `flex`"):
+        load_config("tiny", ["train.decoder_attention=cudnn"])
+
+
 def test_malformed_override():
     with pytest.raises(ConfigError, match="not of the form section.key=value"):
         load_config("tiny", ["train.lr"])
@@ -140,6 +146,7 @@ def test_fingerprints_follow_what_a_stage_computes():
     # Observation-only settings keep the training directory; what changes results moves it.
     assert train_fingerprint(load_config("tiny", ["train.log_every=3"])) == train_fingerprint(base)
     assert train_fingerprint(load_config("tiny", ["train.compile=true"])) == train_fingerprint(base)
+    assert train_fingerprint(load_config("tiny", ["train.decoder_attention=flex"])) == train_fingerprint(base)
     assert features_fingerprint(load_config("tiny", ["features.preprocess_workers=7"])) == features_fingerprint(base)
     assert train_fingerprint(load_config("tiny", ["train.lr=2e-3"])) != train_fingerprint(base)
     # Training settings do not invalidate cached features; the VLM and sampling settings do.

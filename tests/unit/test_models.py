@@ -93,6 +93,35 @@ def test_decoder_loss_equals_transformers_loss(monkeypatch):
     assert torch.equal(parts.decoder_lm.loss(rows, slots, labels, positions), parts.decoder_lm.loss(rows, slots, labels))
 
 
+def test_flex_decoder_attention_scores_like_sdpa(monkeypatch):
+    """train.decoder_attention=flex: the same loss as the SDPA path (T5's relative position bias,
+    the causal mask, the packed cross-attention's key mask), and it really runs on FlexAttention.
+    Eager and forward only: on a CPU FlexAttention has no backward and does not compile at these
+    shapes (`train_step.py --decoder-attention flex` checks the compiled training step on a GPU)."""
+    import thinkdiff.models.t5 as t5
+
+    config = build_tiny_t5().config
+    config.num_decoder_layers = 3
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        decoder = t5.T5DecoderLM(T5ForConditionalGeneration(config))
+    g = torch.Generator().manual_seed(1)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0]])
+    rows, slots = packed(torch.randn(3, 6, 32, generator=g), mask)
+    labels = torch.randint(2, config.vocab_size, (3, 9), generator=g)
+    labels[1, 4:], labels[2, 7:] = -100, -100
+    with torch.no_grad():
+        expected = decoder.loss(rows, slots, labels)
+        decoder.set_attention("flex")
+        calls = []
+        flex = t5.flex_attention
+        monkeypatch.setattr(t5, "flex_attention", lambda *a, **k: calls.append(1) or flex(*a, **k))
+        torch.testing.assert_close(decoder.loss(rows, slots, labels), expected, rtol=1e-5, atol=1e-5)
+        assert len(calls) == 2 * config.num_decoder_layers
+    with pytest.raises(ValueError, match="decoder attention 'cudnn': choose one of sdpa, flex"):
+        decoder.set_attention("cudnn")
+
+
 def test_decoder_loss_reads_no_tensor_value_on_the_host(monkeypatch):
     """Given the target positions, the loss never turns a tensor into a Python value (on a GPU, each
     such read makes the CPU wait for the GPU): transformers' mask checks included."""

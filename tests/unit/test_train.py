@@ -20,7 +20,7 @@ from thinkdiff import pipeline, registry
 from thinkdiff.cli import main
 from thinkdiff.config import load_config
 from thinkdiff.data.features import FeatureStore, StoredFeatures
-from thinkdiff.errors import DataContractError
+from thinkdiff.errors import ConfigError, DataContractError
 from thinkdiff.models.aligner import Aligner, AlignerConfig
 from thinkdiff.models.t5 import IGNORE_INDEX, gather_slots
 from thinkdiff.models.vlm import build_tiny_qwen_tokenizer
@@ -364,6 +364,14 @@ def test_a_store_with_fewer_rows_than_the_split_is_refused(tiny_store, tmp_path)
     with pytest.raises(DataContractError, match=rf"keeps {stored} feature rows .* set train.max_source_rows={stored}"):
         train_aligner(more, features_dir, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_flex_decoder_attention_is_refused_on_a_cpu_before_anything_is_written(tiny_store, tmp_path):
+    cfg, features_dir = tiny_store
+    flex = load_config("tiny", [f"paths.root={tmp_path}", "train.decoder_attention=flex"])
+    with pytest.raises(ConfigError, match="train.decoder_attention=flex needs a CUDA GPU .* use train.decoder_attention=sdpa"):
+        train_aligner(flex, features_dir, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_compiled_decoder_trains_like_eager_with_one_graph(tiny_store, tmp_path, monkeypatch):

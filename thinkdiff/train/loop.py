@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from thinkdiff.config import RunConfig, TrainConfig
 from thinkdiff.data.features import FeatureStore
-from thinkdiff.errors import DataContractError
+from thinkdiff.errors import ConfigError, DataContractError
 from thinkdiff.models.aligner import Aligner, AlignerConfig
 from thinkdiff.models.t5 import T5Parts, key_mask_4d, load_t5, padded_slots
 from thinkdiff.models.vlm import load_vlm_tokenizer
@@ -145,6 +145,9 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
         return TrainResult(run_dir=run_dir, checkpoint=Path(manifest["checkpoint"]), step=manifest["step"], loss=None)
 
     accelerator = make_accelerator(t)
+    if t.decoder_attention == "flex" and accelerator.device.type != "cuda":
+        raise ConfigError(f"train.decoder_attention=flex needs a CUDA GPU (FlexAttention has no backward on "
+                          f"{accelerator.device.type}): use train.decoder_attention=sdpa")
     run_dir.mkdir(parents=True, exist_ok=True)
     clip = cfg.variant == "clip"
     store = FeatureStore(features_dir, expect_model_id=(cfg.models.vision if clip else cfg.models.vlm).id)
@@ -155,6 +158,7 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
             f"train.max_source_rows={t.max_source_rows}: set train.max_source_rows={stored_rows}, or extract the "
             f"features again with features.max_feature_rows={t.max_source_rows}")
     t5 = load_t5(cfg.models.t5, device=accelerator.device, keep_encoder=clip)
+    t5.decoder_lm.set_attention(t.decoder_attention)
     if t.compile:
         t5.decoder_lm.compile_decoder()
     if clip:
