@@ -180,6 +180,8 @@ def read_manifest(directory: Path, stage: str | None = None) -> dict[str, Any] |
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise DataContractError(f"{path} is not valid JSON ({err}); delete it to let the stage rerun") from err
+    if not isinstance(manifest, dict):
+        raise DataContractError(f"{path} holds a JSON {type(manifest).__name__}, not a manifest object; delete it to let the stage rerun")
     if stage is not None and manifest.get("stage") != stage:
         held = f"the output of the {manifest['stage']} stage" if "stage" in manifest else "a manifest that names no stage"
         raise DataContractError(f"{directory} holds {held}; give the directory of a {stage} stage output")

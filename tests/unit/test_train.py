@@ -115,6 +115,24 @@ def test_resumed_run_equals_uninterrupted_run_bitwise(tiny_store, tmp_path):
     assert not list(checkpoints.glob(".step_*.tmp"))
 
 
+def test_a_run_directory_of_other_settings_is_neither_resumed_nor_reused(tiny_store, tmp_path):
+    """`train --out DIR` naming another config's run: refused mid-run (its checkpoint would be
+    resumed under settings it was not trained with) and complete (its result would be returned as
+    this config's); the run is left as it was."""
+    _, features_dir = tiny_store
+    base = [f"paths.root={tmp_path}", "train.max_steps=4", "train.warmup_steps=1", "train.checkpoint_every=2", "train.batch_size=4"]
+    cfg, other = load_config("tiny", base), load_config("tiny", [*base, "train.lr=5e-4"])
+    run = tmp_path / "run"
+    train_aligner(cfg, features_dir, run, stop_after_steps=2)
+    for when in ("mid-run", "complete"):
+        before = sorted(p.relative_to(run) for p in run.rglob("*"))
+        with pytest.raises(DataContractError, match=rf"{run} holds a training run of other settings .* give a new --out"):
+            train_aligner(other, features_dir, run)
+        assert sorted(p.relative_to(run) for p in run.rglob("*")) == before, when
+        train_aligner(cfg, features_dir, run)  # its own config resumes, then finds it complete
+    assert read_manifest(run, "train")["step"] == 4
+
+
 def test_checkpoints_are_complete_pruned_and_weights_only(tiny_store, tmp_path):
     _, features_dir = tiny_store
     cfg = load_config("tiny", [f"paths.root={tmp_path}", "train.max_steps=10", "train.warmup_steps=2",

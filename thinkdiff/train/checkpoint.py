@@ -81,6 +81,9 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise DataContractError(f"{path} missing: the checkpoint is incomplete; delete {checkpoint} to resume from the one before") from None
+    except (RuntimeError, EOFError, ValueError) as error:  # truncated or not a torch file
+        raise DataContractError(f"{path} is unreadable ({str(error).splitlines()[0][:120]}): delete {checkpoint} "
+                                "to resume from the checkpoint before it") from None
 
 
 def read_meta(checkpoint: Path) -> dict[str, Any]:

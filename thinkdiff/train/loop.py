@@ -39,6 +39,7 @@ from thinkdiff.train.checkpoint import (
     ALIGNER_DIR,
     latest_checkpoint,
     load_trainer_state,
+    read_meta,
     remove_partial_checkpoints,
     save_checkpoint,
 )
@@ -139,8 +140,10 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
     """
     t = cfg.train
     ckpt_root = run_dir / "checkpoints"
-    manifest = read_manifest(run_dir)
+    manifest = read_manifest(run_dir, "train")
+    expected = train_fingerprint(cfg, features_dir)
     if manifest is not None:
+        _refuse_another_run(run_dir, manifest.get("train_fingerprint"), expected)
         log.info("training run %s is complete (step %d); skipping", run_dir, manifest["step"])
         return TrainResult(run_dir=run_dir, checkpoint=Path(manifest["checkpoint"]), step=manifest["step"], loss=None)
 
@@ -183,6 +186,7 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
     remove_partial_checkpoints(ckpt_root)
     resume_from = latest_checkpoint(ckpt_root)
     if resume_from is not None:
+        _refuse_another_run(run_dir, _recorded_fingerprint(resume_from), expected)
         state = load_trainer_state(resume_from)
         accelerator.unwrap_model(aligner).load_state_dict(Aligner.from_pretrained(resume_from / ALIGNER_DIR).state_dict())
         optimizer.load_state_dict(state["optimizer"])
@@ -200,7 +204,7 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
         "features_dir": str(features_dir),
         "features_fingerprint": upstream_fingerprint(cfg, "features", features_dir),
         "corpus_fingerprint": (read_manifest(features_dir) or {}).get("corpus_fingerprint"),
-        "train_fingerprint": train_fingerprint(cfg, features_dir),
+        "train_fingerprint": expected,
         "git_revision": git_revision(),
     }
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -277,6 +281,23 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
         log.info("training complete: %s (loss curve %s)", last_ckpt, run_dir / LOSS_CURVE_FILE)
     accelerator.wait_for_everyone()
     return TrainResult(run_dir=run_dir, checkpoint=last_ckpt, step=step, loss=loss_value)
+
+
+def _recorded_fingerprint(checkpoint: Path) -> str | None:
+    """The train fingerprint a checkpoint's meta.json records (None if unreadable: resuming does not need it)."""
+    try:
+        return read_meta(checkpoint).get("train_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _refuse_another_run(run_dir: Path, recorded: str | None, expected: str) -> None:
+    """A run directory given by hand (`--out`) may hold another config's run: completing or resuming
+    it under this config would record settings it was not trained with."""
+    if recorded is not None and recorded != expected:
+        raise DataContractError(
+            f"{run_dir} holds a training run of other settings (train fingerprint {recorded[:12]}, this config's "
+            f"{expected[:12]}): give a new --out, or leave --out out to train in this config's own run directory")
 
 
 def _truncate_metrics(path: Path, step: int, is_main: bool) -> None:
