@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from thinkdiff.config import RunConfig
-from thinkdiff.errors import ThinkDiffError
+from thinkdiff.errors import DataContractError, ThinkDiffError
 from thinkdiff.models.aligner import WEIGHTS_NAME, Aligner
 from thinkdiff.storage import corpus_fingerprint, read_manifest, sha256_file
 from thinkdiff.train.checkpoint import META_FILE
@@ -155,6 +155,9 @@ def log_training_run(cfg: RunConfig, run_dir: Path) -> str:
             raise FileNotFoundError(f"{run_dir} is inside the training run {run}: give the run directory itself")
         raise FileNotFoundError(f"{run_dir}/manifest.json not found: the training run has not finished; train first "
                                 "(a rerun resumes from its last checkpoint)")
+    _refuse_other_models(cfg, run_dir, manifest["config"])
+    # A damaged aligner is refused here, not by the evaluation that would load it from the registry.
+    Aligner.from_pretrained(Path(manifest["checkpoint"]) / "aligner")
     client, uri = _client(cfg)
     experiment_id = _experiment_id(client, cfg, uri)
     fingerprint = manifest["train_fingerprint"]
@@ -176,7 +179,7 @@ def log_training_run(cfg: RunConfig, run_dir: Path) -> str:
         TAG_CORPUS_FP: manifest.get("corpus_fingerprint") or corpus_fingerprint(cfg),
         "thinkdiff.run_dir": str(run_dir.resolve()),
         "thinkdiff.checkpoint": manifest["checkpoint"],
-        "thinkdiff.preset": cfg.preset,
+        "thinkdiff.preset": manifest["config"].get("preset", cfg.preset),
     }
     run = client.create_run(experiment_id, start_time=start_ms, tags=tags)
     run_id = run.info.run_id
@@ -206,6 +209,20 @@ def log_training_run(cfg: RunConfig, run_dir: Path) -> str:
     client.set_terminated(run_id, status="FINISHED", end_time=int(records[-1]["time"] * 1000) if records else now_ms)
     log.info("logged training run %s as MLflow run %s (%s)", run_dir, run_id, redact(uri))
     return run_id
+
+
+def _refuse_other_models(cfg: RunConfig, run_dir: Path, trained: dict[str, Any]) -> None:
+    """A run trained for other models than the config's would land in the config's registry, beside
+    aligners it cannot stand in for (another VLM's features, another T5's space)."""
+    own = cfg.to_dict()
+    keys = ["variant", "models.t5", "models.vision" if cfg.variant == "clip" else "models.vlm"]
+    value = lambda d, key: d.get(key) if "." not in key else d.get("models", {}).get(key.split(".")[1])  # noqa: E731
+    differ = [key for key in keys if value(trained, key) != value(own, key)]
+    show = lambda v: f"{v['id']} (revision {v.get('revision')}, {v.get('dtype')})" if isinstance(v, dict) else repr(v)  # noqa: E731
+    if differ:
+        shown = "; ".join(f"{key}: run {show(value(trained, key))}, config {show(value(own, key))}" for key in differ)
+        raise DataContractError(f"{run_dir} was trained for other models than this config's ({shown}): register it with "
+                                f"the config it was trained with (--config {trained.get('preset', '<its preset>')} and its overrides)")
 
 
 def register_checkpoint(cfg: RunConfig, run_dir: Path) -> ModelVersionRef:

@@ -7,6 +7,7 @@ from the same checkpoint without retraining."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 
 import pytest
@@ -18,7 +19,7 @@ from thinkdiff.config import load_config
 from thinkdiff.errors import DataContractError
 from thinkdiff.eval import judge
 from thinkdiff.models.aligner import Aligner
-from thinkdiff.storage import read_manifest, stage_dir, train_fingerprint
+from thinkdiff.storage import read_manifest, stage_dir, train_fingerprint, write_manifest
 from thinkdiff.train.loop import train_aligner
 
 
@@ -153,6 +154,25 @@ def test_register_names_a_run_directory_given_wrong(trained, tiny_store, tmp_pat
         pipeline.register_checkpoint(cfg, result.aligner_dir)
     with pytest.raises(DataContractError, match=r"holds the output of the features stage; give the directory of a train stage output"):
         pipeline.register_checkpoint(cfg, features_dir)
+
+
+def test_register_refuses_a_run_of_other_models_or_a_damaged_aligner(trained, tmp_path):
+    """Nothing reaches MLflow: a run trained for other models than the config's (it would join that
+    registry), and a run whose aligner weights are damaged (the evaluation would fail on it later)."""
+    cfg, result = trained
+    other = load_config("tiny", [f"paths.root={cfg.paths.root}", "models.t5.id=google/flan-t5-xxl"])
+    with pytest.raises(DataContractError, match=r"trained for other models .*models.t5: run tiny \(revision tiny-v1, float32\), config google/flan-t5-xxl .*"
+                                                r"--config tiny"):
+        pipeline.register_checkpoint(other, result.run_dir)
+    damaged = shutil.copytree(result.run_dir, tmp_path / "damaged")
+    aligner = damaged / result.aligner_dir.relative_to(result.run_dir)
+    write_manifest(damaged, {**read_manifest(damaged), "checkpoint": str(aligner.parent), "train_fingerprint": "d" * 16})
+    (aligner / "model.safetensors").write_bytes((aligner / "model.safetensors").read_bytes()[:700])
+    with pytest.raises(DataContractError, match=rf"{aligner}/model.safetensors is unreadable .* restore it"):
+        pipeline.register_checkpoint(cfg, damaged)
+    client = client_for(cfg)
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  filter_string="tags.`thinkdiff.train_fingerprint` = 'dddddddddddddddd'")
 
 
 def test_cobsat_evaluation_is_logged_against_the_version(trained, monkeypatch):

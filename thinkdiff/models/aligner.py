@@ -86,16 +86,24 @@ class Aligner(nn.Module):
 
         Raises:
             FileNotFoundError: config.json or model.safetensors is missing.
-            DataContractError: the weights do not match the config.
+            DataContractError: either file is unreadable, or the weights do not match the config.
         """
         directory = Path(directory)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory / name} not found: an aligner directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-        meta = json.loads((directory / CONFIG_NAME).read_text())
-        meta.pop("architecture", None)
-        model = cls(AlignerConfig(**meta))
-        state = load_file(str(directory / WEIGHTS_NAME))
+        try:
+            meta = json.loads((directory / CONFIG_NAME).read_text())
+            meta.pop("architecture", None)
+            model = cls(AlignerConfig(**meta))
+        except (ValueError, TypeError, AttributeError) as err:  # not JSON, not an object, unknown or mistyped fields
+            raise DataContractError(f"{directory / CONFIG_NAME} is not an aligner config ({err}); save the aligner again "
+                                    "(`save_pretrained`) or restore the file from its checkpoint") from None
+        try:
+            state = load_file(str(directory / WEIGHTS_NAME))
+        except Exception as err:  # safetensors raises its own SafetensorError for a truncated or foreign file
+            raise DataContractError(f"{directory / WEIGHTS_NAME} is unreadable ({str(err).splitlines()[0][:120]}): "
+                                    "restore it from the run's checkpoint, or train again") from None
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as err:
