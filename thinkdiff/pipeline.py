@@ -30,12 +30,18 @@ def build_corpus(cfg: RunConfig, out_dir: Path | None = None) -> Path:
 
 
 def _corpus_dir(cfg: RunConfig, corpus_dir: Path | None) -> Path:
+    """The corpus the features stage reads: the config's own only once its stage completed (its
+    manifest is written after the download passed `corpus.min_success_rate`); a directory given by
+    hand may also be any img2dataset output (its shards' stats files)."""
+    own = corpus_dir is None
     corpus_dir = corpus_dir or stage_dir(cfg, "corpus")
-    if read_manifest(corpus_dir) is None and not list(corpus_dir.glob("*_stats.json")):
-        raise FileNotFoundError(
-            f"no corpus at {corpus_dir}: run `thinkdiff corpus --config {cfg.preset}` with the same overrides, or pass --corpus DIR "
-            "(img2dataset parquet output)"
-        )
+    if read_manifest(corpus_dir, "corpus") is None:
+        rerun = f"run `thinkdiff corpus --config {cfg.preset}` with the same overrides"
+        if own and corpus_dir.is_dir():
+            raise FileNotFoundError(f"the corpus at {corpus_dir} has not completed (no manifest.json: its download stopped or "
+                                    f"failed the corpus.min_success_rate check): {rerun}; it resumes where it stopped")
+        if own or not list(corpus_dir.glob("*_stats.json")):
+            raise FileNotFoundError(f"no corpus at {corpus_dir}: {rerun}, or pass --corpus DIR (img2dataset parquet output)")
     return corpus_dir
 
 

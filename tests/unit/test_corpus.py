@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from thinkdiff import pipeline
 from thinkdiff.data.corpus import (
     CorpusError,
     build_corpus,
@@ -27,6 +28,7 @@ from thinkdiff.data.corpus import (
     render_demo_image,
 )
 from thinkdiff.data.webserver import serve_directory
+from thinkdiff.storage import stage_dir
 
 
 def test_missing_columns_named_with_fix(tmp_path):
@@ -105,6 +107,24 @@ def test_user_url_list_with_failures_then_resume(make_cfg, tmp_path, caplog):
     assert manifest["successes"] == 6 and manifest["shards"][2]["failed_to_download"] == 2
     captions = pq.read_table(out / "00001.parquet", columns=["caption"]).column("caption").to_pylist()
     assert sorted(captions) == ["caption 3", "caption 4", "caption 5"]  # rows land in completion order
+
+
+def test_features_refuse_the_configs_corpus_until_its_stage_completed(make_cfg, demo_corpus, tmp_path):
+    """A download that stopped or failed `corpus.min_success_rate` leaves shards and stats but no
+    manifest: the features stage must not caption it as if it had passed. A directory given by hand
+    (any img2dataset output) is read from its stats files."""
+    cfg = make_cfg()
+    own = stage_dir(cfg, "corpus")
+    own.mkdir(parents=True)
+    (own / "00000_stats.json").write_text(json.dumps({"count": 4, "successes": 0}))
+    with pytest.raises(FileNotFoundError, match=rf"the corpus at {own} has not completed .* run `thinkdiff corpus --config tiny`"):
+        pipeline.extract_features(cfg)
+    _, corpus_dir = demo_corpus
+    external = tmp_path / "img2dataset-out"
+    external.mkdir()
+    for f in Path(corpus_dir).glob("00000*"):
+        (external / f.name).write_bytes(f.read_bytes())
+    assert pipeline.pending_feature_shards(cfg, external) == [external / "00000.parquet"]
 
 
 class _HangingHandler(http.server.BaseHTTPRequestHandler):
