@@ -192,7 +192,7 @@ class TrackingConfig:
 @dataclass(kw_only=True)
 class EvalConfig:
     dataset: str
-    """`synthetic` (generated offline under {paths.root}/cobsat-synthetic) or a directory holding the real
+    """`synthetic` (generated offline under {paths.root}/cobsat-synthetic-{synthetic_image_size}px) or a directory holding the real
     CoBSAT `datasets/` folder."""
     tasks: list[int]
     """CoBSAT task ids (1..10)."""

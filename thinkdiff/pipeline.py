@@ -162,7 +162,9 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
         identity = f"aligner-sha256:{digest}" if digest else spec
         label = ref.uri if ref is not None else spec
     if e.dataset == "synthetic":
-        data = dataset.make_synthetic_dataset(Path(cfg.paths.root) / "cobsat-synthetic", e.synthetic_image_size)
+        # One set per image size: a changed eval.synthetic_image_size draws its own set.
+        data = dataset.make_synthetic_dataset(Path(cfg.paths.root) / f"cobsat-synthetic-{e.synthetic_image_size}px",
+                                              e.synthetic_image_size)
     else:
         data = dataset.open_dataset(e.dataset)
     # Which prompts, how fast they are drawn and what is drawn beside them do not change a prompt's

@@ -15,6 +15,7 @@ import pytest
 from thinkdiff import pipeline
 from thinkdiff.cli import main
 from thinkdiff.config import load_config
+from thinkdiff.errors import DataContractError
 from thinkdiff.eval.cobsat import (
     ITEMS,
     TASKS,
@@ -118,6 +119,23 @@ def test_synthetic_set_layout_and_judge_accuracy(synthetic):
                 object_ok += o == ITEMS[task.object].index(obj) + 1
                 total += 1
         assert detail_ok / total >= 0.995 and object_ok / total >= 0.995
+
+
+def test_a_synthetic_set_is_never_extended_at_another_size(tmp_path):
+    """A set drawn at one size (complete, or interrupted before its marker) is not completed or
+    reused at another: its images would mix sizes, or the evaluation would read the old ones."""
+    root = tmp_path / "set"
+    make_synthetic_dataset(root, 32)
+    stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+    with pytest.raises(DataContractError, match=rf"{root} holds the synthetic CoBSAT set at 32 px, not 40: give another directory"):
+        make_synthetic_dataset(root, 40)
+    (root / "SYNTHETIC.txt").unlink()  # as an interrupted run leaves it
+    with pytest.raises(DataContractError, match="at 32 px, not 40"):
+        make_synthetic_dataset(root, 40)
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == {p: t for p, t in stamps.items() if p.name != "SYNTHETIC.txt"}
+    assert make_synthetic_dataset(root, 32).image(all_item_paths()[0]).size == (32, 32)  # its own size completes it
+    with pytest.raises(NotADirectoryError, match="is a file: give a directory"):
+        make_synthetic_dataset(root / "color_object.csv", 32)
 
 
 def test_sanity_baselines_exact_on_synthetic(synthetic, tmp_path):

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from thinkdiff.errors import DataContractError
 from thinkdiff.eval.cobsat import ITEMS, TASKS, Task, display
 from thinkdiff.storage import atomic_write_bytes, atomic_write_image
 
@@ -84,6 +85,12 @@ def make_synthetic_dataset(root: str | Path, size: int = 96) -> CobsatDataset:
     """Write the synthetic set (every theme, item and file name of the real one, plus the theme
     CSVs); existing files are kept, so a rerun completes an interrupted one."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"{root} is a file: give a directory for the synthetic CoBSAT set")
+    drawn = _synthetic_size(root)
+    if drawn is not None and drawn != size:
+        raise DataContractError(f"{root} holds the synthetic CoBSAT set at {drawn} px, not {size}: give another directory, "
+                                f"or delete this one to draw it again at {size} px")
     if (root / SYNTHETIC_MARKER).is_file():
         return open_dataset(root)  # complete: the marker is written last
     for attr, obj_space in THEMES:
@@ -99,8 +106,22 @@ def make_synthetic_dataset(root: str | Path, size: int = 96) -> CobsatDataset:
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_bytes(root / f"{attr}_{obj_space}.csv", text.getvalue().encode())
-    atomic_write_bytes(root / SYNTHETIC_MARKER, b"synthetic CoBSAT-format set made by thinkdiff\n")
+    atomic_write_bytes(root / SYNTHETIC_MARKER, f"synthetic CoBSAT-format set made by thinkdiff\nsize: {size}\n".encode())
     return open_dataset(root)
+
+
+def _synthetic_size(root: Path) -> int | None:
+    """The side of the images a (possibly partial) synthetic set was drawn at; None if none is drawn."""
+    marker = root / SYNTHETIC_MARKER
+    if marker.is_file():
+        for line in marker.read_text().splitlines():
+            if line.startswith("size: "):
+                return int(line.removeprefix("size: "))
+    drawn = next((root / rel for rel in all_item_paths() if (root / rel).is_file()), None)  # a set older than the size line
+    if drawn is None:
+        return None
+    with Image.open(drawn) as image:
+        return image.size[0]
 
 
 def read_factors(image: Image.Image, task: Task) -> tuple[int, int]:
