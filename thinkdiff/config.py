@@ -423,9 +423,20 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
             raise ConfigError(f"{source}: `{prefix}` is a value, not a section")
         _check_known(field_type, [part], f"{prefix}." if prefix else "", source)
         field_type = typing.get_type_hints(field_type)[part]
-    # YAML parsing gives lists and booleans; the value must then fit the field (a whole section is
-    # checked with the rest of the preset).
-    parsed = yaml.safe_load(value) if value.strip() else value
+    # YAML parsing gives lists, numbers and booleans; the value must then fit the field (a whole
+    # section is checked with the rest of the preset). A text field takes the text as typed: YAML
+    # would read `0755` as 493, cut `a #1` at its comment and refuse `[note] be brief`. Quoted, it
+    # is YAML's string, so `""` still gives an empty one.
+    quoted = len(value.strip()) >= 2 and value.strip()[0] == value.strip()[-1] and value.strip()[0] in "'\""
+    if field_type is str and not quoted:
+        parsed: Any = value
+    else:
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError as err:
+            problem = str(err).splitlines()[0]
+            raise ConfigError(f"{source}: {value!r} is not a valid value ({problem}); write lists as [a, b] and quote "
+                              "text holding YAML signs") from None
     if not dataclasses.is_dataclass(field_type):
         _coerce(field_type, parsed, ".".join(parts), source)
     elif not isinstance(parsed, dict):

@@ -86,6 +86,18 @@ def test_unknown_section_is_rejected():
         load_config("tiny", ["optim.lr=1"])
 
 
+def test_text_overrides_are_taken_as_typed_and_bad_yaml_is_named():
+    """YAML would read a revision `0755` as the number 493, cut text at ` #` and fail on `[note] ...`."""
+    cfg = load_config("tiny", ["models.vlm.revision=0755", "features.system_prompt=[note] be brief #1",
+                               "tracking.experiment='quoted'", 'tracking.registered_model="a: b"'])
+    assert (cfg.models.vlm.revision, cfg.features.system_prompt) == ("0755", "[note] be brief #1")
+    assert (cfg.tracking.experiment, cfg.tracking.registered_model) == ("quoted", "a: b")
+    assert load_config("tiny", ["train.betas=[0.8, 0.9]"]).train.betas == [0.8, 0.9]  # other fields still read YAML
+    with pytest.raises(ConfigError, match=r"^override 'train.betas=\[0.9, 0.99': '\[0.9, 0.99' is not a valid value \("
+                                          r".*\); write lists as \[a, b\]"):
+        load_config("tiny", ["train.betas=[0.9, 0.99"])
+
+
 def test_wrong_type_names_key_and_value():
     with pytest.raises(ConfigError, match=r"^override 'train.max_steps=many': `train.max_steps`='many' is not a valid int; "
                                           r"write a whole number"):
