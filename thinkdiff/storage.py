@@ -7,6 +7,7 @@ is complete and skipped; an interrupted one resumes at its first missing file.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from PIL import Image
 
 from thinkdiff.config import RunConfig, fingerprint
@@ -186,6 +188,18 @@ def read_manifest(directory: Path, stage: str | None = None) -> dict[str, Any] |
         held = f"the output of the {manifest['stage']} stage" if "stage" in manifest else "a manifest that names no stage"
         raise DataContractError(f"{directory} holds {held}; give the directory of a {stage} stage output")
     return manifest
+
+
+@contextlib.contextmanager
+def readable_parquet(path: Path, fix: str):
+    """Turns pyarrow's error for a damaged Parquet file (truncated, foreign, cut mid-column), which
+    names no file, into one that names `path` and the `fix`."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowException, OSError) as err:  # a damaged footer surfaces as a plain OSError ("deserialize thrift")
+        raise DataContractError(f"{path} is not a readable Parquet file ({str(err).splitlines()[0][:120]}): {fix}") from None
 
 
 def write_manifest(directory: Path, payload: dict[str, Any]) -> None:

@@ -28,6 +28,7 @@ from thinkdiff.data.corpus import (
     render_demo_image,
 )
 from thinkdiff.data.webserver import serve_directory
+from thinkdiff.errors import DataContractError
 from thinkdiff.storage import stage_dir
 
 
@@ -107,6 +108,16 @@ def test_user_url_list_with_failures_then_resume(make_cfg, tmp_path, caplog):
     assert manifest["successes"] == 6 and manifest["shards"][2]["failed_to_download"] == 2
     captions = pq.read_table(out / "00001.parquet", columns=["caption"]).column("caption").to_pylist()
     assert sorted(captions) == ["caption 3", "caption 4", "caption 5"]  # rows land in completion order
+
+
+def test_a_damaged_corpus_shard_is_named_with_the_fix(demo_corpus, tmp_path):
+    _, corpus_dir = demo_corpus
+    data = (Path(corpus_dir) / "00000.parquet").read_bytes()
+    for name, cut in (("00000.parquet", data[:100]), ("00001.parquet", data[:4] + bytes(len(data) - 8) + data[-4:])):
+        (tmp_path / name).write_bytes(cut)
+        with pytest.raises(DataContractError, match=rf"{tmp_path / name} is not a readable Parquet file .*: delete it and "
+                                                    rf"{name[:5]}_stats.json, then run the corpus stage again"):
+            list(read_corpus_shard(tmp_path / name))
 
 
 def test_features_refuse_the_configs_corpus_until_its_stage_completed(make_cfg, demo_corpus, tmp_path):

@@ -140,6 +140,19 @@ def test_reader_rejects_foreign_parquet(tmp_path):
         FeatureStore(tmp_path)
 
 
+def test_damaged_shards_and_manifests_are_named_with_the_fix(tmp_path):
+    """pyarrow's own errors name no file; a truncated shard, or a manifest missing its fields, must."""
+    store = make_store(tmp_path / "cut", {"a.parquet": INFO, "b.parquet": INFO})
+    shard = store / "b.parquet"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(DataContractError, match=rf"{shard} is not a readable Parquet file \(.*\): delete it and run `thinkdiff features`"):
+        FeatureStore(store)
+    store = make_store(tmp_path / "manifest", {"a.parquet": INFO})
+    write_manifest(store, {"stage": "features", "shards": [{"name": "a.parquet", "num_samples": 3}]})
+    with pytest.raises(DataContractError, match=r"manifest.json is not a feature-store manifest \(KeyError: 'info'\); delete it"):
+        FeatureStore(store)
+
+
 def test_incomplete_store_is_a_clear_error(tmp_path):
     write_feature_shard(tmp_path / "a.parquet", records(), INFO)
     with pytest.raises(FileNotFoundError, match="incomplete; run `thinkdiff features`"):

@@ -41,7 +41,13 @@ from PIL import Image, ImageDraw
 from thinkdiff.config import CorpusConfig
 from thinkdiff.data.webserver import serve_directory
 from thinkdiff.errors import DataContractError, ThinkDiffError
-from thinkdiff.storage import CORPUS_SCHEMA_VERSION, atomic_write_bytes, read_manifest, write_manifest
+from thinkdiff.storage import (
+    CORPUS_SCHEMA_VERSION,
+    atomic_write_bytes,
+    read_manifest,
+    readable_parquet,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -354,13 +360,20 @@ def corpus_shards(corpus_dir: Path) -> list[Path]:
 
 def read_corpus_shard(path: Path) -> Iterator[CorpusImage]:
     """Successful rows of one shard, decoded; rows whose bytes do not decode carry an error instead."""
-    parquet = pq.ParquetFile(path)
+    fix = f"delete it and {path.stem}_stats.json, then run the corpus stage again to download that shard again"
+    with readable_parquet(path, fix):
+        parquet = pq.ParquetFile(path)
     names = set(parquet.schema_arrow.names)
     needed = {"key", "jpg", "status"}
     if not needed <= names:
         raise DataContractError(f"{path}: corpus shard lacks columns {sorted(needed - names)}; expected img2dataset parquet output")
     columns = ["key", "status", "jpg"] + (["caption"] if "caption" in names else [])
-    for batch in parquet.iter_batches(columns=columns, batch_size=64):
+    batches = parquet.iter_batches(columns=columns, batch_size=64)
+    while True:
+        with readable_parquet(path, fix):  # a shard cut mid-column fails only when that batch is read
+            batch = next(batches, None)
+        if batch is None:
+            return
         rows = batch.to_pydict()
         captions = rows.get("caption") or [""] * batch.num_rows
         for key, status, data, caption in zip(rows["key"], rows["status"], rows["jpg"], captions, strict=True):

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import torch
 
 from thinkdiff.errors import DataContractError
-from thinkdiff.storage import FEATURES_SCHEMA_VERSION, read_manifest, temp_path_for
+from thinkdiff.storage import FEATURES_SCHEMA_VERSION, read_manifest, readable_parquet, temp_path_for
 
 log = logging.getLogger(__name__)
 
@@ -214,12 +214,17 @@ def write_feature_shard(
     return path
 
 
+REEXTRACT = "delete it and run `thinkdiff features` again with the same config (the other shards are kept)"
+
+
 def read_shard_info(path: Path) -> FeatureStoreInfo:
-    return FeatureStoreInfo.from_metadata(path, pq.read_schema(path).metadata)
+    with readable_parquet(path, REEXTRACT):
+        return FeatureStoreInfo.from_metadata(path, pq.read_schema(path).metadata)
 
 
 def read_shard_failures(path: Path) -> list[dict]:
-    meta = pq.read_schema(path).metadata or {}
+    with readable_parquet(path, REEXTRACT):
+        meta = pq.read_schema(path).metadata or {}
     return json.loads(meta.get(f"{_META_PREFIX}failures".encode(), b"[]"))
 
 
@@ -242,16 +247,21 @@ class FeatureStore:
                 "with the same --config and overrides (it resumes where it stopped)"
             )
         self.manifest = manifest
-        self.info = FeatureStoreInfo(**manifest["info"])
+        try:
+            self.info = FeatureStoreInfo(**manifest["info"])
+            listed = [(self.directory / s["name"], s["num_samples"]) for s in manifest["shards"]]
+        except (KeyError, TypeError) as err:
+            raise DataContractError(f"{self.directory}/manifest.json is not a feature-store manifest ({type(err).__name__}: "
+                                    f"{err}); delete it and run `thinkdiff features` again (it finds the shards done)") from None
         if self.info.schema_version != FEATURES_SCHEMA_VERSION:
             raise DataContractError(
                 f"{self.directory}/manifest.json: schema version {self.info.schema_version}, this code reads "
                 f"{FEATURES_SCHEMA_VERSION}; re-extract the features"
             )
-        self.shards = [self.directory / s["name"] for s in manifest["shards"]]
+        self.shards = [shard for shard, _ in listed]
         for shard in self.shards:
             self._check_shard(shard, expect_model_id, expect_dim)
-        self.num_samples = sum(s["num_samples"] for s in manifest["shards"])
+        self.num_samples = sum(n for _, n in listed)
 
     def _check_shard(self, path: Path, expect_model_id: str | None, expect_dim: int | None) -> None:
         if not path.is_file():
@@ -277,12 +287,14 @@ class FeatureStore:
         (read from the Parquet footers once per store)."""
         units = []
         for shard in self.shards:
-            meta = pq.ParquetFile(shard).metadata
+            with readable_parquet(shard, REEXTRACT):
+                meta = pq.ParquetFile(shard).metadata
             units.extend((shard, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups))
         return units
 
     def read_row_group(self, shard: Path, index: int, columns: Sequence[str]) -> pa.Table:
-        return pq.ParquetFile(shard, memory_map=True).read_row_group(index, columns=list(columns))
+        with readable_parquet(shard, REEXTRACT):
+            return pq.ParquetFile(shard, memory_map=True).read_row_group(index, columns=list(columns))
 
     def iter_records(self, columns: Sequence[str] = ("key", "text")) -> Iterator[dict]:
         """Stream rows as dicts of the chosen columns (never more than one batch in memory)."""
