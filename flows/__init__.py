@@ -23,7 +23,7 @@ def run_from_command_line(flow_fn: Callable[..., object], prog: str) -> None:
     parser = argparse.ArgumentParser(prog=prog, description=flow_fn.__doc__)
     parser.add_argument("--config", "-c", default="tiny", help="preset name in conf/ or a YAML path (default: tiny)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=2e-4")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides before or after --config
     try:  # a mistyped preset or override: one line, before any Prefect server starts
         load_config(args.config, args.overrides)
     except ConfigError as err:

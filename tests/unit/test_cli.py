@@ -11,7 +11,7 @@ import sys
 import pytest
 import yaml
 
-from thinkdiff.cli import main
+from thinkdiff.cli import main, parse_command_line
 
 
 def test_help_lists_commands():
@@ -26,6 +26,15 @@ def test_config_prints_resolved_yaml(capsys):
     assert printed["train"]["lr"] == 2e-4 and printed["preset"] == "tiny"
 
 
+def test_overrides_may_follow_the_options(capsys):
+    """`... --corpus DIR features.seed=1`: argparse alone refused the override after the option."""
+    args = parse_command_line(["features", "--config", "tiny", "paths.root=/x", "--corpus", "/c", "features.seed=1"])
+    assert (args.overrides, str(args.corpus)) == (["paths.root=/x", "features.seed=1"], "/c")
+    with pytest.raises(SystemExit) as exit_:
+        parse_command_line(["features", "--config", "tiny", "--corpus", "/c", "--bogus"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 def test_bad_override_is_exit_2_with_named_key(capsys):
     assert main(["config", "--config", "tiny", "train.lrr=1"]) == 2
     err = capsys.readouterr().err
@@ -38,7 +47,8 @@ def test_train_without_features_names_the_fix(capsys, tmp_path):
 
 
 def test_flow_command_line_refuses_a_bad_override_before_starting_prefect(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "flows.pipeline", "--config", "tiny", f"paths.root={tmp_path}",
+    # Overrides on both sides of --config are all read (the mistyped one comes after it).
+    run = subprocess.run([sys.executable, "-m", "flows.pipeline", f"paths.root={tmp_path}", "--config", "tiny",
                           "train.max_stpes=5"], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")})
     assert run.returncode == 2
@@ -60,7 +70,7 @@ def test_unreadable_input_images_are_named_before_any_model_loads(capsys, tmp_pa
 
 
 def test_config_and_its_errors_answer_without_loading_torch():
-    code = ("import sys\nfrom thinkdiff.cli import main\n"
+    code = ("import sys\nfrom thinkdiff.cli import main, parse_command_line\n"
             "assert main(['config', '--config', 'tiny']) == 0 and main(['config', '--config', 'tiny', 'train.lrr=1']) == 2\n"
             "assert 'torch' not in sys.modules, 'config imported torch'\n")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=60)
