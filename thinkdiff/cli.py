@@ -199,6 +199,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "cobsat":
         result = pipeline.evaluate_cobsat(cfg, model=args.model)
         print(result["table"])
+        if result.get("skipped"):
+            return 0
         charts = "comparison.png, accuracy.png" if result["baselines"] else "accuracy.png"
         print(f"results: {result['dir']} ({charts}, samples.png, summary.json); MLflow run {result['run_id']}")
     elif args.command == "generate":

@@ -17,6 +17,7 @@ from typing import Any
 from thinkdiff import registry
 from thinkdiff.config import RunConfig, fingerprint
 from thinkdiff.data import corpus, extract
+from thinkdiff.errors import ConfigError
 from thinkdiff.eval import dataset, harness, judge
 from thinkdiff.models.aligner import WEIGHTS_NAME, weights_sha256
 from thinkdiff.storage import read_manifest, stage_dir
@@ -135,6 +136,9 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
     from thinkdiff import generate  # FLUX (diffusers) only when something is drawn
 
     e = cfg.eval
+    if model is not None and e.generator != "thinkdiff":
+        raise ConfigError(f"an aligner was named ({model}), but eval.generator={e.generator} draws without one: set "
+                          "eval.generator=thinkdiff, or leave the aligner out")
     if cfg.variant == "clip":
         note = "CoBSAT scores ThinkDiff-LVLM; skipped for variant clip (use `thinkdiff compose`)"
         log.info(note)

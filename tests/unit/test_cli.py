@@ -81,6 +81,14 @@ def test_a_missing_aligner_is_named_before_an_evaluation_starts(capsys, tmp_path
     assert main(["cobsat", "eval", "--config", "tiny", f"paths.root={tmp_path / 'root'}", "--model", str(missing)]) == 2
     assert f"aligner {missing} (--model / --aligner): no such file or directory" in capsys.readouterr().err
     assert not (tmp_path / "root").exists()  # no results file, no synthetic set, nothing begun
+    # An aligner named for a generator that draws without one was ignored; now it is refused.
+    assert main(["cobsat", "eval", "--config", "tiny", f"paths.root={tmp_path / 'root'}", "eval.generator=copy-last",
+                 "--model", str(missing)]) == 2
+    assert "eval.generator=copy-last draws without one: set eval.generator=thinkdiff" in capsys.readouterr().err
+    assert not (tmp_path / "root").exists()
+    # CoBSAT skips ThinkDiff-CLIP: it says so, with no empty results line.
+    assert main(["cobsat", "eval", "--config", "tiny-clip", f"paths.root={tmp_path / 'root'}"]) == 0
+    assert capsys.readouterr().out.strip() == "CoBSAT scores ThinkDiff-LVLM; skipped for variant clip (use `thinkdiff compose`)"
 
 
 def test_flow_command_line_ends_a_failed_run_on_its_message(monkeypatch, capsys):
