@@ -210,6 +210,10 @@ def nightly_evaluation(cfg: RunConfig) -> dict[str, Any]:
     champion = registry.current_version(cfg, registry.CHAMPION)
     candidate = registry.current_version(cfg, registry.CANDIDATE)
     report: dict[str, Any] = {"champion": champion and champion.version, "candidate": candidate and candidate.version}
+    if champion is None and candidate is None:  # a fresh store, or a mistyped tracking.registered_model
+        log.warning("nightly evaluation: %s has no @%s and no @%s version in %s, nothing to evaluate; register one with "
+                    "`thinkdiff registry register`", cfg.tracking.registered_model, registry.CHAMPION, registry.CANDIDATE,
+                    registry.tracking_uri(cfg))
     scores = {}
     for role, ref in (("champion", champion), ("candidate", candidate)):
         if ref is None or (role == "candidate" and champion is not None and int(ref.version) <= int(champion.version)):

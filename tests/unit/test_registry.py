@@ -7,6 +7,7 @@ from the same checkpoint without retraining."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import socket
 
@@ -224,6 +225,15 @@ def two_versions(tiny_store, tmp_path):
 class _Summary:
     def __init__(self, mean):
         self.mean = {2: mean, 4: mean}
+
+
+def test_a_nightly_with_nothing_registered_says_so(trained, caplog):
+    cfg, _ = trained
+    typo = load_config("tiny", [f"paths.root={cfg.paths.root}", "tracking.registered_model=thinkdiff-aligner-tiyn"])
+    with caplog.at_level(logging.WARNING, logger="thinkdiff.pipeline"):
+        report = pipeline.nightly_evaluation(typo)
+    assert report == {"champion": None, "candidate": None, "promoted": None}
+    assert any("thinkdiff-aligner-tiyn has no @champion and no @candidate version" in r.getMessage() for r in caplog.records)
 
 
 def test_nightly_promotes_only_a_better_candidate(two_versions, monkeypatch):
