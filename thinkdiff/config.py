@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -476,7 +477,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     return cls(**values)
 
 
-_WRITE_AS = {bool: "write true or false", int: "write a whole number, e.g. 100", float: "write a number, e.g. 2e-4",
+_WRITE_AS = {bool: "write true or false", int: "write a whole number, e.g. 100", float: "write a finite number, e.g. 2e-4",
              str: "write a plain text value, not a list, a mapping or nothing"}
 
 
@@ -501,7 +502,7 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
                 raise ValueError
             return int(value)
         if tp is float:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not math.isfinite(float(value)):  # inf and nan too: no setting wants them
                 raise ValueError
             return float(value)
         if tp is str:

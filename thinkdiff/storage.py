@@ -61,6 +61,8 @@ def file_digest(path: Path) -> str:
         stat = path.stat()
     except FileNotFoundError:
         raise FileNotFoundError(f"corpus.url_list={str(path)!r}: no such file (give a url list, or `demo`)") from None
+    if not path.is_file():
+        raise IsADirectoryError(f"corpus.url_list={str(path)!r} is a directory: give the url list file in it (or `demo`)")
     return _file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 

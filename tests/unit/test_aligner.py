@@ -150,4 +150,8 @@ def test_import_official_never_unpickles_objects(tmp_path, capsys):
         import_official_checkpoint(tmp_path / "evil.pth", tmp_path / "out")
     # Through the CLI the same file is a clear error and exit code 2, not a traceback.
     assert main(["aligner", "import-official", str(tmp_path / "evil.pth"), str(tmp_path / "out")]) == 2
-    assert "weights-only" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "weights-only" in err and "never loads pickled code" in err
+    assert "weights_only" not in err and len(err.strip().splitlines()) == 1  # not PyTorch's advice to turn it off
+    assert main(["aligner", "import-official", str(tmp_path), str(tmp_path / "out")]) == 2
+    assert f"{tmp_path} is a directory: give the released aligner file" in capsys.readouterr().err

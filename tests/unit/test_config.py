@@ -104,6 +104,9 @@ def test_wrong_type_names_key_and_value():
         load_config("tiny", ["train.max_steps=many"])
     with pytest.raises(ConfigError, match=r"`train.max_steps`=2.5 is not a valid int"):
         load_config("tiny", ["train.max_steps=2.5"])
+    for infinite in ("inf", ".nan", "1e999"):
+        with pytest.raises(ConfigError, match=r"`train.lr`=.* is not a valid float; write a finite number"):
+            load_config("tiny", [f"train.lr={infinite}"])
 
 
 def test_override_of_a_section_or_inside_a_value_is_refused():

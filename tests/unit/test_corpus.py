@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from thinkdiff import pipeline
+from thinkdiff.config import load_config
 from thinkdiff.data.corpus import (
     CorpusError,
     build_corpus,
@@ -29,7 +30,7 @@ from thinkdiff.data.corpus import (
 )
 from thinkdiff.data.webserver import serve_directory
 from thinkdiff.errors import DataContractError
-from thinkdiff.storage import stage_dir
+from thinkdiff.storage import corpus_fingerprint, stage_dir
 
 
 def test_missing_columns_named_with_fix(tmp_path):
@@ -52,6 +53,8 @@ def test_empty_and_unreadable_and_missing_lists(tmp_path):
         check_url_list(tmp_path / "nope.tsv", "tsv", "url", "caption")
     with pytest.raises(CorpusError, match="corpus.input_format='txt'"):
         check_url_list(empty, "txt", "url", "caption")
+    with pytest.raises(IsADirectoryError, match=rf"corpus.url_list='{tmp_path}' is a directory: give the url list file in it"):
+        corpus_fingerprint(load_config("tiny", [f"corpus.url_list={tmp_path}", "corpus.input_format=tsv"]))
 
 
 def test_parquet_list_rows_counted(tmp_path):

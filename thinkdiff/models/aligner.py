@@ -133,11 +133,16 @@ def import_official_checkpoint(pth_path: str | Path, out_dir: str | Path) -> Pat
     """
     pth_path = Path(pth_path)
     if not pth_path.is_file():
-        raise FileNotFoundError(f"{pth_path} not found")
+        what = "is a directory" if pth_path.is_dir() else "not found"
+        raise FileNotFoundError(f"{pth_path} {what}: give the released aligner file (.pth)")
     try:
         blob = torch.load(pth_path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a weights-only checkpoint"
-        raise DataContractError(f"{pth_path}: cannot be read as a weights-only torch checkpoint ({err})") from err
+        # The first line only: PyTorch's message goes on to suggest weights_only=False, which would
+        # run whatever code the file holds.
+        reason = str(err).strip().splitlines()[0][:160]
+        raise DataContractError(f"{pth_path}: cannot be read as a weights-only torch checkpoint ({reason}); this "
+                                "project never loads pickled code: give the released aligner file") from None
     if not isinstance(blob, dict) or "model" not in blob or not isinstance(blob["model"], dict):
         keys = sorted(blob)[:8] if isinstance(blob, dict) else type(blob).__name__
         raise DataContractError(
