@@ -165,6 +165,13 @@ def test_results_resume_after_a_torn_line(synthetic, tmp_path):
     summary = evaluate(synthetic, BASELINES["oracle"], synthetic_judge, out, tasks=[1], shots=[2], limit=3)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1, 2] and summary.num_prompts == 3
+    # A damaged line elsewhere is not a torn write: named, and the file left as it is.
+    lines = (out / "results.jsonl").read_text().splitlines()
+    damaged = "\n".join([lines[0], lines[1][:10], lines[2]]) + "\n"
+    (out / "results.jsonl").write_text(damaged)
+    with pytest.raises(DataContractError, match=r"results.jsonl, line 2: not a JSON result .*delete that line"):
+        evaluate(synthetic, BASELINES["oracle"], synthetic_judge, out, tasks=[1], shots=[2], limit=3)
+    assert (out / "results.jsonl").read_text() == damaged
 
 
 def test_prompts_go_in_fixed_batches_of_one_task_and_shot(synthetic, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.server
 import json
 import logging
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from thinkdiff.config import load_config
 from thinkdiff.data.corpus import (
     CorpusError,
     build_corpus,
+    check_shard_stats,
     check_url_list,
     read_corpus_shard,
     render_demo_image,
@@ -121,6 +123,14 @@ def test_a_damaged_corpus_shard_is_named_with_the_fix(demo_corpus, tmp_path):
         with pytest.raises(DataContractError, match=rf"{tmp_path / name} is not a readable Parquet file .*: delete it and "
                                                     rf"{name[:5]}_stats.json, then run the corpus stage again"):
             list(read_corpus_shard(tmp_path / name))
+
+
+def test_a_damaged_stats_file_is_named_with_the_fix(demo_corpus, tmp_path):
+    cfg, corpus_dir = demo_corpus
+    copy = shutil.copytree(corpus_dir, tmp_path / "corpus")
+    (copy / "00001_stats.json").write_text('{"count": 16,')
+    with pytest.raises(DataContractError, match=r"00001_stats.json is not valid JSON .*: delete it and its shard 00001.parquet"):
+        check_shard_stats(copy, 43, cfg.corpus)
 
 
 def test_features_refuse_the_configs_corpus_until_its_stage_completed(make_cfg, demo_corpus, tmp_path):

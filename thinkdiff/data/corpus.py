@@ -311,7 +311,11 @@ def check_shard_stats(out_dir: Path, expected_rows: int, cfg: CorpusConfig) -> d
         stats_path = out_dir / f"{i:05d}_stats.json"
         if not stats_path.is_file() or not (out_dir / f"{i:05d}.parquet").is_file():
             raise IncompleteDownloadError(f"{out_dir}: shard {i:05d} is missing (img2dataset wrote no stats for it); rerun the stage to retry it")
-        stats = json.loads(stats_path.read_text())
+        try:
+            stats = json.loads(stats_path.read_text())
+        except json.JSONDecodeError as err:
+            raise DataContractError(f"{stats_path} is not valid JSON ({err}): delete it and its shard "
+                                    f"{stats_path.name.replace('_stats.json', '.parquet')}, then run the corpus stage again") from None
         shard_errors = {k: v for k, v in stats.get("status_dict", {}).items() if k != "success"}
         errors.update(shard_errors)
         count += stats["count"]

@@ -28,6 +28,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from thinkdiff.errors import DataContractError
 from thinkdiff.eval.cobsat import (
     COLUMN_ORDER,
     ITEMS,
@@ -145,11 +146,12 @@ def _read_results(path: Path) -> list[dict]:
     for i, line in enumerate(lines):
         try:
             rows.append(json.loads(line))
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as err:
             if i == len(lines) - 1:
                 atomic_write_bytes(path, "".join(lines[:-1]).encode())
                 break
-            raise
+            raise DataContractError(f"{path}, line {i + 1}: not a JSON result ({err}); delete that line and the "
+                                    "evaluation draws its prompt again") from None
     return rows
 
 
