@@ -21,6 +21,7 @@ from thinkdiff.config import load_config
 from thinkdiff.data import extract
 from thinkdiff.data.corpus import read_corpus_shard
 from thinkdiff.data.features import FeatureStore, decode_features, read_shard_failures
+from thinkdiff.errors import DataContractError
 from thinkdiff.models.vlm import (
     IMAGE_PAD,
     PACKED_GQA_SDPA,
@@ -29,7 +30,7 @@ from thinkdiff.models.vlm import (
     final_norm_states,
     generate_with_states,
 )
-from thinkdiff.storage import stage_dir
+from thinkdiff.storage import stage_dir, write_manifest
 
 SYSTEM = "You are a helpful assistant."
 
@@ -249,6 +250,15 @@ def test_corrupt_images_are_recorded_and_skipped(demo_corpus, tmp_path):
     assert [f["key"] for f in failures] == [keys[ok[2]], keys[ok[4]]]
     assert all(f["error"] for f in failures)
     assert store.manifest["shards"][0]["num_failed"] == 2
+
+
+def test_an_out_directory_of_another_stage_is_refused(demo_corpus, tmp_path):
+    """`features --out` naming a training run: refused, where it was printed as a complete store."""
+    cfg, corpus_dir = demo_corpus
+    run = tmp_path / "run"
+    write_manifest(run, {"stage": "train", "step": 5})
+    with pytest.raises(DataContractError, match=rf"{run} holds the output of the train stage; give the directory of a features"):
+        pipeline.extract_features(cfg, corpus_dir=corpus_dir, out_dir=run)
 
 
 def test_missing_corpus_is_a_clear_error(make_cfg):

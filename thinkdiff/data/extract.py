@@ -191,7 +191,7 @@ def extract_records(cfg: RunConfig, model: Extractor, batches: Iterator[list[Cor
 def pending_feature_shards(corpus_dir: Path, out_dir: Path) -> list[Path]:
     """Corpus shards whose feature shard does not exist yet ([] when the stage is complete); the
     leftovers of shard writers killed mid-write are removed (planning precedes every run)."""
-    if read_manifest(out_dir) is not None:
+    if read_manifest(out_dir, "features") is not None:
         log.info("features %s are complete; skipping", out_dir)
         return []
     if out_dir.is_dir():
@@ -232,7 +232,7 @@ def finalize_features(cfg: RunConfig, corpus_dir: Path, out_dir: Path) -> Path:
     Raises:
         DataContractError: a feature shard is missing, or shards disagree on model, dim or dtype.
     """
-    if read_manifest(out_dir) is not None:
+    if read_manifest(out_dir, "features") is not None:
         return out_dir
     shards = [feature_shard_path(out_dir, s) for s in corpus_shards(corpus_dir)]
     missing = [p.name for p in shards if not p.exists()]
@@ -261,7 +261,7 @@ def extract_features(cfg: RunConfig, corpus_dir: Path, out_dir: Path) -> Path:
 
     Skipped entirely when `out_dir/manifest.json` exists; a killed run resumes at the missing shards.
     """
-    if read_manifest(out_dir) is not None:
+    if read_manifest(out_dir, "features") is not None:
         log.info("features %s are complete; skipping", out_dir)
         return out_dir
     todo = pending_feature_shards(corpus_dir, out_dir)
