@@ -75,6 +75,9 @@ def test_prompts_command_prints_json_lines(capsys):
         "image_inputs": ["datasets/color_car/blue_car.jpg", "datasets/color_car/brown_car.jpg"],
         "expected_detail": "orange", "expected_object": "car",
     }
+    for limit in ("0", "-1", "1001"):  # 0 printed all 1000, -1 none
+        assert main(["cobsat", "prompts", "--task", "1", "--shot", "2", "--limit", limit]) == 2
+        assert f"limit={limit}: give a prompt count in 1..1000" in capsys.readouterr().err
 
 
 def test_judge_questions_are_exact():

@@ -157,7 +157,10 @@ def build_prompt(task: Task, shot: int, index: int) -> Prompt:
 
 
 def build_prompts(task: Task, shot: int, limit: int | None = None) -> list[Prompt]:
-    return [build_prompt(task, shot, i) for i in range(min(limit or NUM_PROMPTS, NUM_PROMPTS))]
+    """The first `limit` prompts of (task, shot) (None: all of them)."""
+    if limit is not None and not 1 <= limit <= NUM_PROMPTS:
+        raise ValueError(f"limit={limit}: give a prompt count in 1..{NUM_PROMPTS}, or none for all")
+    return [build_prompt(task, shot, i) for i in range(limit or NUM_PROMPTS)]
 
 
 # ---------------------------------------------------------------------------------------------
