@@ -14,6 +14,7 @@ Aliases: every new version gets `candidate`; `champion` moves only through `prom
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -87,7 +88,16 @@ def redact(uri: str) -> str:
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast, naming the URI, when an HTTP tracking server does not answer its health check."""
+    """Fail fast, naming the URI, when an HTTP tracking server does not answer its health check, or
+    when a local store's file is not an SQLite database (SQLAlchemy's traceback names no file)."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        with contextlib.suppress(FileNotFoundError), path.open("rb") as db:
+            header = db.read(16)
+            if header and header != b"SQLite format 3\x00":
+                raise DataContractError(f"MLflow store {path} is not an SQLite database: move it away (a new store is "
+                                        "made there) or point tracking.uri at the store")
+        return
     if not uri.startswith(("http://", "https://")):
         return
     try:

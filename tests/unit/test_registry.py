@@ -227,6 +227,15 @@ class _Summary:
         self.mean = {2: mean, 4: mean}
 
 
+def test_a_store_file_that_is_not_sqlite_is_named(trained, tmp_path):
+    cfg, result = trained
+    elsewhere = load_config("tiny", [f"paths.root={tmp_path}"])
+    (tmp_path / "mlflow.db").write_text("not a database")
+    with pytest.raises(DataContractError, match=rf"MLflow store {tmp_path}/mlflow.db is not an SQLite database: move it away"):
+        pipeline.register_checkpoint(elsewhere, result.run_dir)
+    assert (tmp_path / "mlflow.db").read_text() == "not a database"
+
+
 def test_a_nightly_with_nothing_registered_says_so(trained, caplog):
     cfg, _ = trained
     typo = load_config("tiny", [f"paths.root={cfg.paths.root}", "tracking.registered_model=thinkdiff-aligner-tiyn"])
