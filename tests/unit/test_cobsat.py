@@ -139,6 +139,9 @@ def test_a_synthetic_set_is_never_extended_at_another_size(tmp_path):
     assert make_synthetic_dataset(root, 32).image(all_item_paths()[0]).size == (32, 32)  # its own size completes it
     with pytest.raises(NotADirectoryError, match="is a file: give a directory"):
         make_synthetic_dataset(root / "color_object.csv", 32)
+    with pytest.raises(ValueError, match=r"image size 0: use at least 32 \(--size, eval.synthetic_image_size\)"):
+        make_synthetic_dataset(tmp_path / "empty", 0)
+    assert not (tmp_path / "empty").exists()
 
 
 def test_sanity_baselines_exact_on_synthetic(synthetic, tmp_path):

@@ -85,6 +85,8 @@ def make_synthetic_dataset(root: str | Path, size: int = 96) -> CobsatDataset:
     """Write the synthetic set (every theme, item and file name of the real one, plus the theme
     CSVs); existing files are kept, so a rerun completes an interrupted one."""
     root = Path(root)
+    if size < 32:  # the judge reads two colour bands of a quarter of the height each
+        raise ValueError(f"image size {size}: use at least 32 (--size, eval.synthetic_image_size)")
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f"{root} is a file: give a directory for the synthetic CoBSAT set")
     drawn = _synthetic_size(root)

@@ -151,7 +151,6 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
     if t.decoder_attention == "flex" and accelerator.device.type != "cuda":
         raise ConfigError(f"train.decoder_attention=flex needs a CUDA GPU (FlexAttention has no backward on "
                           f"{accelerator.device.type}): use train.decoder_attention=sdpa")
-    run_dir.mkdir(parents=True, exist_ok=True)
     clip = cfg.variant == "clip"
     store = FeatureStore(features_dir, expect_model_id=(cfg.models.vision if clip else cfg.models.vlm).id)
     stored_rows = store.info.max_feature_rows
@@ -160,6 +159,7 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
             f"{features_dir}: the store keeps {stored_rows} feature rows per sample, fewer than "
             f"train.max_source_rows={t.max_source_rows}: set train.max_source_rows={stored_rows}, or extract the "
             f"features again with features.max_feature_rows={t.max_source_rows}")
+    run_dir.mkdir(parents=True, exist_ok=True)  # once its input is known good: a refused run leaves no directory
     t5 = load_t5(cfg.models.t5, device=accelerator.device, keep_encoder=clip)
     t5.decoder_lm.set_attention(t.decoder_attention)
     if t.compile:
