@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from thinkdiff.errors import ConfigError
+from thinkdiff.errors import ConfigError, first_line
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -330,6 +330,8 @@ class RunConfig:
         need(t.max_prefix_tokens >= 1, "train.max_prefix_tokens", t.max_prefix_tokens, "use at least 1 (the paper: 32)")
         need(t.decoder_attention in ("sdpa", "flex"), "train.decoder_attention", t.decoder_attention,
              "use `sdpa` or `flex` (CUDA only)")
+        need(t.decoder_attention != "flex" or t.compile, "train.decoder_attention", t.decoder_attention,
+             "flex is fast only compiled: set train.compile=true as well (uncompiled it writes every score matrix)")
         need(t.mixed_precision in ("no", "bf16"), "train.mixed_precision", t.mixed_precision, "use `bf16` or `no`")
         need(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "use at least 1")
         need(t.keep_last >= 1, "train.keep_last", t.keep_last, "use at least 1 (the latest checkpoint is needed to resume)")
@@ -430,12 +432,12 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     # is YAML's string, so `""` still gives an empty one.
     quoted = len(value.strip()) >= 2 and value.strip()[0] == value.strip()[-1] and value.strip()[0] in "'\""
     if field_type is str and not quoted:
-        parsed: Any = value
+        parsed: Any = value.strip()
     else:
         try:
             parsed = yaml.safe_load(value) if value.strip() else value
         except yaml.YAMLError as err:
-            problem = str(err).splitlines()[0]
+            problem = first_line(err)
             raise ConfigError(f"{source}: {value!r} is not a valid value ({problem}); write lists as [a, b] and quote "
                               "text holding YAML signs") from None
     if not dataclasses.is_dataclass(field_type):

@@ -15,3 +15,9 @@ class DataContractError(ThinkDiffError):
 
 BAD_INPUT_ERRORS = (ThinkDiffError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, ValueError)
 """What a command line reports as one `error:` line rather than a traceback: bad inputs, not bugs."""
+
+
+def first_line(error: BaseException, limit: int = 160) -> str:
+    """An exception's first line, for a one-line message (its type where it has no text)."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__

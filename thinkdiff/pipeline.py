@@ -34,8 +34,9 @@ def _corpus_dir(cfg: RunConfig, corpus_dir: Path | None) -> Path:
     """The corpus the features stage reads: the config's own only once its stage completed (its
     manifest is written after the download passed `corpus.min_success_rate`); a directory given by
     hand may also be any img2dataset output (its shards' stats files)."""
-    own = corpus_dir is None
-    corpus_dir = corpus_dir or stage_dir(cfg, "corpus")
+    own_dir = stage_dir(cfg, "corpus")
+    own = corpus_dir is None or corpus_dir.resolve() == own_dir.resolve()
+    corpus_dir = corpus_dir or own_dir
     if read_manifest(corpus_dir, "corpus") is None:
         rerun = f"run `thinkdiff corpus --config {cfg.preset}` with the same overrides"
         if own and corpus_dir.is_dir():
@@ -176,8 +177,11 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
     settings = {k: v for k, v in e.__dict__.items() if k not in ("aligner", "limit", "nightly_limit", "compile", "baselines")}
     # The VLM (generator and qwen2-vl judge) sees images and the system prompt as the features stage does.
     vlm_inputs = {k: getattr(cfg.features, k) for k in ("system_prompt", "min_pixels", "max_pixels")}
+    # A synthetic set is the same images wherever it lies (its size is in `settings`); a real one is
+    # keyed by its directory.
+    dataset_key = "synthetic" if e.dataset == "synthetic" else str(data.root.resolve())
     out_dir = Path(cfg.paths.root) / "eval" / fingerprint({
-        "eval": settings, "generator": identity, "dataset": str(data.root.resolve()), "features": vlm_inputs,
+        "eval": settings, "generator": identity, "dataset": dataset_key, "features": vlm_inputs,
         "models": {k: v.__dict__ for k, v in cfg.models.__dict__.items()},
     })
     summary = harness.evaluate(data, generator, built_on_first_call(lambda: judge.load_judge(cfg)), out_dir, tasks=e.tasks, shots=e.shots, limit=e.limit,

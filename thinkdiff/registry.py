@@ -226,9 +226,11 @@ def _refuse_other_models(cfg: RunConfig, run_dir: Path, trained: dict[str, Any])
     aligners it cannot stand in for (another VLM's features, another T5's space)."""
     own = cfg.to_dict()
     keys = ["variant", "models.t5", "models.vision" if cfg.variant == "clip" else "models.vlm"]
-    value = lambda d, key: d.get(key) if "." not in key else d.get("models", {}).get(key.split(".")[1])  # noqa: E731
+    # The weights a model source names (id and revision); its dtype is how they were run, not which.
+    value = lambda d, key: (d.get(key) if "." not in key else  # noqa: E731
+                            {k: d.get("models", {}).get(key.split(".")[1], {}).get(k) for k in ("id", "revision")})
     differ = [key for key in keys if value(trained, key) != value(own, key)]
-    show = lambda v: f"{v['id']} (revision {v.get('revision')}, {v.get('dtype')})" if isinstance(v, dict) else repr(v)  # noqa: E731
+    show = lambda v: f"{v['id']} (revision {v['revision']})" if isinstance(v, dict) else repr(v)  # noqa: E731
     if differ:
         shown = "; ".join(f"{key}: run {show(value(trained, key))}, config {show(value(own, key))}" for key in differ)
         raise DataContractError(f"{run_dir} was trained for other models than this config's ({shown}): register it with "

@@ -23,7 +23,7 @@ import pyarrow as pa
 from PIL import Image
 
 from thinkdiff.config import RunConfig, fingerprint
-from thinkdiff.errors import DataContractError
+from thinkdiff.errors import DataContractError, first_line
 
 MANIFEST = "manifest.json"
 
@@ -198,10 +198,10 @@ def readable_parquet(path: Path, fix: str):
     names no file, into one that names `path` and the `fix`."""
     try:
         yield
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError):  # the file is not damaged: its own message says what is wrong
         raise
     except (pa.ArrowException, OSError) as err:  # a damaged footer surfaces as a plain OSError ("deserialize thrift")
-        raise DataContractError(f"{path} is not a readable Parquet file ({str(err).splitlines()[0][:120]}): {fix}") from None
+        raise DataContractError(f"{path} is not a readable Parquet file ({first_line(err)}): {fix}") from None
 
 
 def write_manifest(directory: Path, payload: dict[str, Any]) -> None:

@@ -88,7 +88,7 @@ def test_unknown_section_is_rejected():
 
 def test_text_overrides_are_taken_as_typed_and_bad_yaml_is_named():
     """YAML would read a revision `0755` as the number 493, cut text at ` #` and fail on `[note] ...`."""
-    cfg = load_config("tiny", ["models.vlm.revision=0755", "features.system_prompt=[note] be brief #1",
+    cfg = load_config("tiny", ["models.vlm.revision= 0755 ", "features.system_prompt=[note] be brief #1",
                                "tracking.experiment='quoted'", 'tracking.registered_model="a: b"'])
     assert (cfg.models.vlm.revision, cfg.features.system_prompt) == ("0755", "[note] be brief #1")
     assert (cfg.tracking.experiment, cfg.tracking.registered_model) == ("quoted", "a: b")
@@ -125,9 +125,11 @@ def test_baselines_are_other_generators_than_thinkdiff():
 
 
 def test_decoder_attention_is_sdpa_or_flex():
-    assert load_config("tiny", ["train.decoder_attention=flex"]).train.decoder_attention == "flex"
+    assert load_config("tiny", ["train.decoder_attention=flex", "train.compile=true"]).train.decoder_attention == "flex"
     with pytest.raises(ConfigError, match=r"train.decoder_attention='cudnn'.*use `sdpa` or `flex`"):
         load_config("tiny", ["train.decoder_attention=cudnn"])
+    with pytest.raises(ConfigError, match=r"train.decoder_attention='flex'.*set train.compile=true as well"):
+        load_config("tiny", ["train.decoder_attention=flex"])
 
 
 def test_malformed_override():
@@ -161,7 +163,7 @@ def test_fingerprints_follow_what_a_stage_computes():
     # Observation-only settings keep the training directory; what changes results moves it.
     assert train_fingerprint(load_config("tiny", ["train.log_every=3"])) == train_fingerprint(base)
     assert train_fingerprint(load_config("tiny", ["train.compile=true"])) == train_fingerprint(base)
-    assert train_fingerprint(load_config("tiny", ["train.decoder_attention=flex"])) == train_fingerprint(base)
+    assert train_fingerprint(load_config("tiny", ["train.decoder_attention=flex", "train.compile=true"])) == train_fingerprint(base)
     assert features_fingerprint(load_config("tiny", ["features.preprocess_workers=7"])) == features_fingerprint(base)
     assert train_fingerprint(load_config("tiny", ["train.lr=2e-3"])) != train_fingerprint(base)
     # Training settings do not invalidate cached features; the VLM and sampling settings do.

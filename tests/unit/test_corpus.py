@@ -120,8 +120,8 @@ def test_a_damaged_corpus_shard_is_named_with_the_fix(demo_corpus, tmp_path):
     data = (Path(corpus_dir) / "00000.parquet").read_bytes()
     for name, cut in (("00000.parquet", data[:100]), ("00001.parquet", data[:4] + bytes(len(data) - 8) + data[-4:])):
         (tmp_path / name).write_bytes(cut)
-        with pytest.raises(DataContractError, match=rf"{tmp_path / name} is not a readable Parquet file .*: delete it and "
-                                                    rf"{name[:5]}_stats.json, then run the corpus stage again"):
+        with pytest.raises(DataContractError, match=rf"{tmp_path / name} is not a readable Parquet file .*: delete it, "
+                                                    rf"{name[:5]}_stats.json and the directory's manifest.json"):
             list(read_corpus_shard(tmp_path / name))
 
 
@@ -141,8 +141,9 @@ def test_features_refuse_the_configs_corpus_until_its_stage_completed(make_cfg, 
     own = stage_dir(cfg, "corpus")
     own.mkdir(parents=True)
     (own / "00000_stats.json").write_text(json.dumps({"count": 4, "successes": 0}))
-    with pytest.raises(FileNotFoundError, match=rf"the corpus at {own} has not completed .* run `thinkdiff corpus --config tiny`"):
-        pipeline.extract_features(cfg)
+    for given in (None, tmp_path / ".." / tmp_path.name / "data" / own.relative_to(tmp_path / "data")):  # also named by hand
+        with pytest.raises(FileNotFoundError, match=r"the corpus at .* has not completed .* run `thinkdiff corpus --config tiny`"):
+            pipeline.extract_features(cfg, corpus_dir=given)
     _, corpus_dir = demo_corpus
     external = tmp_path / "img2dataset-out"
     external.mkdir()

@@ -145,7 +145,7 @@ def test_damaged_shards_and_manifests_are_named_with_the_fix(tmp_path):
     store = make_store(tmp_path / "cut", {"a.parquet": INFO, "b.parquet": INFO})
     shard = store / "b.parquet"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    with pytest.raises(DataContractError, match=rf"{shard} is not a readable Parquet file \(.*\): delete it and run `thinkdiff features`"):
+    with pytest.raises(DataContractError, match=rf"{shard} is not a readable Parquet file \(.*\): delete it and the store's manifest.json"):
         FeatureStore(store)
     store = make_store(tmp_path / "manifest", {"a.parquet": INFO})
     write_manifest(store, {"stage": "features", "shards": [{"name": "a.parquet", "num_samples": 3}]})

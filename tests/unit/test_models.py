@@ -122,6 +122,25 @@ def test_flex_decoder_attention_scores_like_sdpa(monkeypatch):
         decoder.set_attention("cudnn")
 
 
+def test_flex_self_attention_takes_a_boolean_mask_as_sdpa_does():
+    """Under torch.compile transformers may hand the causal mask over as a (B, 1, T, T) boolean
+    instead of None (the path the test above takes): the same output as the SDPA path with it."""
+    import thinkdiff.models.t5 as t5
+
+    g = torch.Generator().manual_seed(0)
+    module = torch.nn.Module()
+    module.is_causal, module.training = True, False
+    query, key, value = (torch.randn(2, 4, 6, 8, generator=g) for _ in range(3))
+    bias = torch.randn(1, 4, 6, 6, generator=g)
+    mask = torch.ones(6, 6, dtype=torch.bool).tril().expand(2, 1, 6, 6).clone()
+    mask[1, 0, :, 1] = False  # a key masked in one sample only (no row left empty): its batch index is read
+    expected, _ = t5.packed_source_sdpa(module, query, key, value, mask, scaling=1.0, position_bias=bias)
+    out, _ = t5.packed_source_flex(module, query, key, value, mask, scaling=1.0, position_bias=bias)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    unmasked, _ = t5.packed_source_flex(module, query, key, value, None, scaling=1.0, position_bias=bias)
+    assert not torch.allclose(unmasked[1], out[1], atol=1e-3) and torch.allclose(unmasked[0], out[0], atol=1e-5)
+
+
 def test_decoder_loss_reads_no_tensor_value_on_the_host(monkeypatch):
     """Given the target positions, the loss never turns a tensor into a Python value (on a GPU, each
     such read makes the CPU wait for the GPU): transformers' mask checks included."""

@@ -162,9 +162,12 @@ def test_register_refuses_a_run_of_other_models_or_a_damaged_aligner(trained, tm
     registry), and a run whose aligner weights are damaged (the evaluation would fail on it later)."""
     cfg, result = trained
     other = load_config("tiny", [f"paths.root={cfg.paths.root}", "models.t5.id=google/flan-t5-xxl"])
-    with pytest.raises(DataContractError, match=r"trained for other models .*models.t5: run tiny \(revision tiny-v1, float32\), config google/flan-t5-xxl .*"
+    with pytest.raises(DataContractError, match=r"trained for other models .*models.t5: run tiny \(revision tiny-v1\), config google/flan-t5-xxl .*"
                                                 r"--config tiny"):
         pipeline.register_checkpoint(other, result.run_dir)
+    # The same weights run in another dtype are the same models.
+    assert pipeline.register_checkpoint(load_config("tiny", [f"paths.root={cfg.paths.root}", "models.t5.dtype=bfloat16"]),
+                                        result.run_dir).version
     damaged = shutil.copytree(result.run_dir, tmp_path / "damaged")
     aligner = damaged / result.aligner_dir.relative_to(result.run_dir)
     write_manifest(damaged, {**read_manifest(damaged), "checkpoint": str(aligner.parent), "train_fingerprint": "d" * 16})

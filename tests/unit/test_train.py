@@ -133,6 +133,15 @@ def test_a_run_directory_of_other_settings_is_neither_resumed_nor_reused(tiny_st
     assert read_manifest(run, "train")["step"] == 4
 
 
+@pytest.mark.parametrize("damage", [b"", b"\x80not a torch file", b"PK\x03\x04cut"])
+def test_an_unreadable_trainer_state_names_the_checkpoint_to_delete(tmp_path, damage):
+    checkpoint = tmp_path / "checkpoints" / "step_000004"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.pt").write_bytes(damage)
+    with pytest.raises(DataContractError, match=rf"trainer_state.pt is unreadable \(.+\): delete {checkpoint} to resume"):
+        load_trainer_state(checkpoint)
+
+
 def test_checkpoints_are_complete_pruned_and_weights_only(tiny_store, tmp_path):
     _, features_dir = tiny_store
     cfg = load_config("tiny", [f"paths.root={tmp_path}", "train.max_steps=10", "train.warmup_steps=2",
@@ -386,7 +395,7 @@ def test_a_store_with_fewer_rows_than_the_split_is_refused(tiny_store, tmp_path)
 
 def test_flex_decoder_attention_is_refused_on_a_cpu_before_anything_is_written(tiny_store, tmp_path):
     cfg, features_dir = tiny_store
-    flex = load_config("tiny", [f"paths.root={tmp_path}", "train.decoder_attention=flex"])
+    flex = load_config("tiny", [f"paths.root={tmp_path}", "train.decoder_attention=flex", "train.compile=true"])
     with pytest.raises(ConfigError, match="train.decoder_attention=flex needs a CUDA GPU .* use train.decoder_attention=sdpa"):
         train_aligner(flex, features_dir, tmp_path / "run")
     assert not (tmp_path / "run").exists()

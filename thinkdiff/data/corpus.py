@@ -364,7 +364,8 @@ def corpus_shards(corpus_dir: Path) -> list[Path]:
 
 def read_corpus_shard(path: Path) -> Iterator[CorpusImage]:
     """Successful rows of one shard, decoded; rows whose bytes do not decode carry an error instead."""
-    fix = f"delete it and {path.stem}_stats.json, then run the corpus stage again to download that shard again"
+    fix = (f"delete it, {path.stem}_stats.json and the directory's manifest.json (if there is one), then run the "
+           "corpus stage (or the img2dataset command that made it) again: it downloads that shard again")
     with readable_parquet(path, fix):
         parquet = pq.ParquetFile(path)
     names = set(parquet.schema_arrow.names)

@@ -214,7 +214,8 @@ def write_feature_shard(
     return path
 
 
-REEXTRACT = "delete it and run `thinkdiff features` again with the same config (the other shards are kept)"
+REEXTRACT = ("delete it and the store's manifest.json (if there is one), then run the same `thinkdiff features` "
+             "command again: it extracts that shard again and keeps the others")
 
 
 def read_shard_info(path: Path) -> FeatureStoreInfo:

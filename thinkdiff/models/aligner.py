@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from thinkdiff.errors import DataContractError
+from thinkdiff.errors import DataContractError, first_line
 from thinkdiff.storage import sha256_file, temp_dir_for
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class Aligner(nn.Module):
         try:
             state = load_file(str(directory / WEIGHTS_NAME))
         except Exception as err:  # safetensors raises its own SafetensorError for a truncated or foreign file
-            raise DataContractError(f"{directory / WEIGHTS_NAME} is unreadable ({str(err).splitlines()[0][:120]}): "
+            raise DataContractError(f"{directory / WEIGHTS_NAME} is unreadable ({first_line(err)}): "
                                     "restore it from the run's checkpoint, or train again") from None
         try:
             model.load_state_dict(state, strict=True)
@@ -140,8 +140,7 @@ def import_official_checkpoint(pth_path: str | Path, out_dir: str | Path) -> Pat
     except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a weights-only checkpoint"
         # The first line only: PyTorch's message goes on to suggest weights_only=False, which would
         # run whatever code the file holds.
-        reason = str(err).strip().splitlines()[0][:160]
-        raise DataContractError(f"{pth_path}: cannot be read as a weights-only torch checkpoint ({reason}); this "
+        raise DataContractError(f"{pth_path}: cannot be read as a weights-only torch checkpoint ({first_line(err)}); this "
                                 "project never loads pickled code: give the released aligner file") from None
     if not isinstance(blob, dict) or "model" not in blob or not isinstance(blob["model"], dict):
         keys = sorted(blob)[:8] if isinstance(blob, dict) else type(blob).__name__

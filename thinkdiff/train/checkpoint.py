@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from thinkdiff.errors import DataContractError
+from thinkdiff.errors import DataContractError, first_line
 from thinkdiff.models.aligner import Aligner
 from thinkdiff.storage import atomic_write_json, temp_dir_for
 
@@ -81,8 +82,8 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise DataContractError(f"{path} missing: the checkpoint is incomplete; delete {checkpoint} to resume from the one before") from None
-    except (RuntimeError, EOFError, ValueError) as error:  # truncated or not a torch file
-        raise DataContractError(f"{path} is unreadable ({str(error).splitlines()[0][:120]}): delete {checkpoint} "
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:  # truncated, empty or not a torch file
+        raise DataContractError(f"{path} is unreadable ({first_line(error)}): delete {checkpoint} "
                                 "to resume from the checkpoint before it") from None
 
 

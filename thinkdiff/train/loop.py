@@ -146,6 +146,9 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
         _refuse_another_run(run_dir, manifest.get("train_fingerprint"), expected)
         log.info("training run %s is complete (step %d); skipping", run_dir, manifest["step"])
         return TrainResult(run_dir=run_dir, checkpoint=Path(manifest["checkpoint"]), step=manifest["step"], loss=None)
+    newest = latest_checkpoint(ckpt_root)
+    if newest is not None:  # before anything loads or is cleaned up in that directory
+        _refuse_another_run(run_dir, _recorded_fingerprint(newest), expected)
 
     accelerator = make_accelerator(t)
     if t.decoder_attention == "flex" and accelerator.device.type != "cuda":
@@ -186,7 +189,6 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
     remove_partial_checkpoints(ckpt_root)
     resume_from = latest_checkpoint(ckpt_root)
     if resume_from is not None:
-        _refuse_another_run(run_dir, _recorded_fingerprint(resume_from), expected)
         state = load_trainer_state(resume_from)
         accelerator.unwrap_model(aligner).load_state_dict(Aligner.from_pretrained(resume_from / ALIGNER_DIR).state_dict())
         optimizer.load_state_dict(state["optimizer"])
