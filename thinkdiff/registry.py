@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from thinkdiff.config import RunConfig
-from thinkdiff.errors import DataContractError, ThinkDiffError
+from thinkdiff.errors import ConfigError, DataContractError, ThinkDiffError, first_line
 from thinkdiff.models.aligner import WEIGHTS_NAME, Aligner
 from thinkdiff.storage import corpus_fingerprint, read_manifest, sha256_file
 from thinkdiff.train.checkpoint import META_FILE
@@ -115,10 +115,16 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
 
 def _client(cfg: RunConfig):
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     uri = tracking_uri(cfg)
     check_reachable(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+    try:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+    except MlflowException as err:  # an unknown scheme, named in a traceback otherwise
+        problem = first_line(err, 300).replace(uri, redact(uri))
+        raise ConfigError(f"tracking.uri={redact(uri)!r}: MLflow cannot open it ({problem}); use e.g. http://host:5000, "
+                          "or leave it empty for the sqlite store under paths.root") from None
 
 
 def _experiment_id(client, cfg: RunConfig, uri: str) -> str:

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from thinkdiff import generate, pipeline, registry
 from thinkdiff.config import load_config
-from thinkdiff.errors import DataContractError
+from thinkdiff.errors import ConfigError, DataContractError
 from thinkdiff.eval import judge
 from thinkdiff.models.aligner import Aligner
 from thinkdiff.storage import read_manifest, stage_dir, train_fingerprint, write_manifest
@@ -237,6 +237,10 @@ def test_a_store_file_that_is_not_sqlite_is_named(trained, tmp_path):
     with pytest.raises(DataContractError, match=rf"MLflow store {tmp_path}/mlflow.db is not an SQLite database: move it away"):
         pipeline.register_checkpoint(elsewhere, result.run_dir)
     assert (tmp_path / "mlflow.db").read_text() == "not a database"
+    bogus = load_config("tiny", [f"paths.root={tmp_path}", "tracking.uri=bogus://user:s3cret@host/x"])
+    with pytest.raises(ConfigError, match=r"tracking.uri='bogus://\*\*\*@host/x': MLflow cannot open it .*http://host:5000") as err:
+        pipeline.register_checkpoint(bogus, result.run_dir)
+    assert "s3cret" not in str(err.value)
 
 
 def test_a_nightly_with_nothing_registered_says_so(trained, caplog):
