@@ -145,6 +145,14 @@ def test_missing_key_in_file_is_named(tmp_path):
         load_config(path)
 
 
+def test_a_key_given_twice_in_a_file_is_named(tmp_path):
+    """YAML keeps the last of two equal keys; a preset edited by hand would then run the other value."""
+    path = tmp_path / "twice.yaml"
+    path.write_text(load_config("tiny").to_yaml().replace("  lr: ", "  lr: 0.5\n  lr: ", 1))
+    with pytest.raises(ConfigError, match=r"twice.yaml: not valid YAML \(.*key 'lr' is given twice"):
+        load_config(path)
+
+
 def test_validation_names_key_value_and_fix():
     with pytest.raises(ConfigError) as err:
         load_config("tiny", ["features.top_p=1.5", "train.max_source_rows=64"])
