@@ -458,11 +458,18 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     elif not isinstance(parsed, dict):
         first = dataclasses.fields(field_type)[0].name
         raise ConfigError(f"{source}: `{key.strip()}` is a section; override its keys, e.g. {key.strip()}.{first}=...")
+    else:  # a section given as a mapping: its keys are the override's, not the preset's
+        _check_known(field_type, parsed, f"{key.strip()}.", source)
+        for name, hint in typing.get_type_hints(field_type).items():
+            if name in parsed and not dataclasses.is_dataclass(hint):
+                _coerce(hint, parsed[name], f"{key.strip()}.{name}", source)
     node = raw
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"{source}: `{part}` holds a value in the preset, not a section")
+    if isinstance(parsed, dict) and isinstance(node.get(parts[-1]), dict):
+        parsed = {**node[parts[-1]], **parsed}  # `models.vlm={id: x}` sets the id and keeps the rest
     node[parts[-1]] = parsed
 
 

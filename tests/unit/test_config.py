@@ -145,6 +145,13 @@ def test_missing_key_in_file_is_named(tmp_path):
         load_config(path)
 
 
+def test_a_section_override_keeps_the_keys_it_does_not_name():
+    cfg = load_config("tiny", ["models.vlm={id: /models/qwen, dtype: bfloat16}"])
+    assert (cfg.models.vlm.id, cfg.models.vlm.dtype, cfg.models.vlm.revision) == ("/models/qwen", "bfloat16", "tiny-v1")
+    with pytest.raises(ConfigError, match=r"override 'models.vlm={idd: x}': unknown key `models.vlm.idd`"):
+        load_config("tiny", ["models.vlm={idd: x}"])
+
+
 def test_a_key_given_twice_in_a_file_is_named(tmp_path):
     """YAML keeps the last of two equal keys; a preset edited by hand would then run the other value."""
     path = tmp_path / "twice.yaml"
