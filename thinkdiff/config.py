@@ -443,12 +443,13 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     # section is checked with the rest of the preset). A text field takes the text as typed: YAML
     # would read `0755` as 493, cut `a #1` at its comment and refuse `[note] be brief`. Quoted, it
     # is YAML's string, so `""` still gives an empty one.
-    quoted = len(value.strip()) >= 2 and value.strip()[0] == value.strip()[-1] and value.strip()[0] in "'\""
+    text = value.strip()
+    quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
     if field_type is str and not quoted:
-        parsed: Any = value.strip()
+        parsed: Any = text
     else:
         try:
-            parsed = yaml.safe_load(value) if value.strip() else value
+            parsed = yaml.safe_load(value) if text else value
         except yaml.YAMLError as err:
             problem = first_line(err)
             raise ConfigError(f"{source}: {value!r} is not a valid value ({problem}); write lists as [a, b] and quote "

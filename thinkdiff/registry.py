@@ -230,15 +230,18 @@ def log_training_run(cfg: RunConfig, run_dir: Path) -> str:
 def _refuse_other_models(cfg: RunConfig, run_dir: Path, trained: dict[str, Any]) -> None:
     """A run trained for other models than the config's would land in the config's registry, beside
     aligners it cannot stand in for (another VLM's features, another T5's space)."""
-    own = cfg.to_dict()
-    keys = ["variant", "models.t5", "models.vision" if cfg.variant == "clip" else "models.vlm"]
-    # The weights a model source names (id and revision); its dtype is how they were run, not which.
-    value = lambda d, key: (d.get(key) if "." not in key else  # noqa: E731
-                            {k: d.get("models", {}).get(key.split(".")[1], {}).get(k) for k in ("id", "revision")})
-    differ = [key for key in keys if value(trained, key) != value(own, key)]
-    show = lambda v: f"{v['id']} (revision {v['revision']})" if isinstance(v, dict) else repr(v)  # noqa: E731
+    sources = ["t5", "vision" if cfg.variant == "clip" else "vlm"]
+
+    def identity(config: dict[str, Any]) -> dict[str, str]:
+        # The weights a model source names (id and revision); its dtype is how they were run, not which.
+        models = config.get("models", {})
+        named = {f"models.{n}": f"{models.get(n, {}).get('id')} (revision {models.get(n, {}).get('revision')})" for n in sources}
+        return {"variant": repr(config.get("variant")), **named}
+
+    run, own = identity(trained), identity(cfg.to_dict())
+    differ = [key for key in own if run[key] != own[key]]
     if differ:
-        shown = "; ".join(f"{key}: run {show(value(trained, key))}, config {show(value(own, key))}" for key in differ)
+        shown = "; ".join(f"{key}: run {run[key]}, config {own[key]}" for key in differ)
         raise DataContractError(f"{run_dir} was trained for other models than this config's ({shown}): register it with "
                                 f"the config it was trained with (--config {trained.get('preset', '<its preset>')} and its overrides)")
 

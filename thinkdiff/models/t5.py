@@ -94,11 +94,12 @@ def packed_source_flex(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     batch, length_q = query.shape[0], query.shape[2]
     if getattr(module, "reads_packed_rows", False):
         key, value = slotted_keys_values(key, value, source_slots_BS)
-        keep_BK, causal, bias_1HQK, keep_BQK = source_slots_BS >= 0, False, None, None
+        causal, bias_1HQK = False, None
+        keep_BQK = (source_slots_BS >= 0)[:, None, :].expand(batch, length_q, -1)  # the slots' padding
     else:
         if attention_mask is not None and attention_mask.dtype != torch.bool:
             raise TypeError(f"FlexAttention here takes a boolean attention mask, got {attention_mask.dtype}")
-        keep_BK, bias_1HQK = None, position_bias
+        bias_1HQK = position_bias
         causal = attention_mask is None and getattr(module, "is_causal", True)
         keep_BQK = None if attention_mask is None else attention_mask[:, 0].expand(batch, length_q, key.shape[2])
 
@@ -109,8 +110,6 @@ def packed_source_flex(module: nn.Module, query: torch.Tensor, key: torch.Tensor
             score = torch.where(q >= k, score, -float("inf"))
         if keep_BQK is not None:
             score = torch.where(keep_BQK[b, q, k], score, -float("inf"))
-        if keep_BK is not None:
-            score = torch.where(keep_BK[b, k], score, -float("inf"))
         return score
 
     out = flex_attention(query, key, value, score_mod=score_mod, scale=scaling)

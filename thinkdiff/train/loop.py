@@ -205,7 +205,7 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
         "config": cfg.to_dict(),
         "features_dir": str(features_dir),
         "features_fingerprint": upstream_fingerprint(cfg, "features", features_dir),
-        "corpus_fingerprint": (read_manifest(features_dir) or {}).get("corpus_fingerprint"),
+        "corpus_fingerprint": store.manifest.get("corpus_fingerprint"),
         "train_fingerprint": expected,
         "git_revision": git_revision(),
     }
