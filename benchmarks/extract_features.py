@@ -18,7 +18,7 @@ about as many tokens as with Qwen's own BPE (about 290: 256 visual, the rest tex
   tokens per image).
 Images/s counts the whole stage (image preprocessing + generation + states); the generation-only
 rate of the naive path is the issue's reference (STACK.md: 9.4 to 11.4 images/s at batch 32).
-`--cobsat-shots` then times the VLM's part of a CoBSAT evaluation (issue 7 item 3, the nightly
+`--cobsat-shots` first times the VLM's part of a CoBSAT evaluation (issue 7 item 3, the nightly
 sizing): `vlm_answers`, the call `thinkdiff cobsat eval` makes, on CoBSAT's own prompts (task 1,
 2 or 4 demo images rendered at the same size) in batches of eval.batch_size, preprocessing
 included, eval.gen_tokens tokens each, EOS ignored.
@@ -210,6 +210,14 @@ def main() -> None:
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), {dtype}, "
           f"{params:.2f}B params, {side} px images, {prompt['input_ids'].shape[1]}-token prompts "
           f"(shortest instruction), {tokens} tokens, compile {compile}")
+    # First: of what this script measures, only this figure is still open (the nightly sizing).
+    if args.cobsat_shots:
+        with tempfile.TemporaryDirectory() as root:
+            dataset = make_synthetic_dataset(root, size=side)
+            for shot in args.cobsat_shots:
+                run = cobsat_run(cfg, vlm, dataset, shot, args.batches)
+                print(f"CoBSAT's VLM part (vlm_answers) at eval.batch_size {cfg.eval.batch_size}, {shot} shots "
+                      f"({run['prompt_tokens']}-token prompts): {run['s_per_prompt']:.3f} s/prompt", flush=True)
     naive = measure_naive(cfg, vlm, naive_bs, args.batches, side, tokens)
     print(f"naive done: {naive['images_per_s']:.2f} images/s (generate only {naive['gen_only_images_per_s']:.2f})", flush=True)
     projects, phases = {}, {}
@@ -235,13 +243,6 @@ def main() -> None:
     print(f"ratio project (whole stage, batch {batches[0]}) / naive generate-only: {projects[batches[0]]['ratio']:.2f}x (target 5x)")
     print(f"project phases at batch {batches[0]}, ms/image (one more batch, synced): "
           + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()) + " (generate = prefill + decode steps)", flush=True)
-    if args.cobsat_shots:
-        with tempfile.TemporaryDirectory() as root:
-            dataset = make_synthetic_dataset(root, size=side)
-            for shot in args.cobsat_shots:
-                run = cobsat_run(cfg, vlm, dataset, shot, args.batches)
-                print(f"CoBSAT's VLM part (vlm_answers) at eval.batch_size {cfg.eval.batch_size}, {shot} shots "
-                      f"({run['prompt_tokens']}-token prompts): {run['s_per_prompt']:.3f} s/prompt", flush=True)
 
 
 if __name__ == "__main__":
