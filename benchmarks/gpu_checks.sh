@@ -48,14 +48,14 @@ if [ "$PART" = train ] || [ "$PART" = all ]; then
     timeout 70 python3 benchmarks/decoder_attention.py $SIZE 2>&1 | tee "$OUT/decoder_attention.txt"
 fi
 if [ "$PART" = infer ] || [ "$PART" = all ]; then
-    # Issue 7 item 2 first: FLUX eager b1/b4 vs b8 fused and compiled, then with cuDNN attention
-    # first, then with that and inductor's coordinate-descent tuning too: the combination
-    # `wrap_flux` would adopt if both pay (VAE share, SDPA backends). One timed batch per path,
-    # each path's line printed as it is measured. Then the VLM: eval's call on CoBSAT's own 2- and
+    # Issue 7 item 2 first: FLUX eager b1/b4 vs b8 fused and compiled, then with cuDNN at the
+    # head of the SDPA backends, then with that and inductor's coordinate-descent tuning too: the
+    # combination `wrap_flux` would adopt if both pay (VAE share, SDPA backends). One timed batch
+    # per path, each path's line printed as it is measured. Then the VLM: eval's call on CoBSAT's own 2- and
     # 4-image prompts at eval.batch_size 8 (item 3: its share of an evaluation, for the nightly
     # sizing), then naive generate at 32 vs the features stage at 256 and its phases (item 1).
-    FEATURE_BATCH=256; if [ -n "${TINY:-}" ]; then FEATURE_BATCH=8; fi
     timeout 230 python3 benchmarks/flux_generate.py $SIZE --batches 1 --variants cudnn cudnn+coordinate-descent 2>&1 | tee "$OUT/flux_generate.txt"
+    FEATURE_BATCH=256; if [ -n "${TINY:-}" ]; then FEATURE_BATCH=8; fi
     timeout 260 python3 benchmarks/extract_features.py $SIZE --batch $FEATURE_BATCH --cobsat-shots 2 4 2>&1 | tee "$OUT/extract_features.txt"
 fi
 if [ "$PART" = extra ] || [ "$PART" = all ]; then
