@@ -279,7 +279,8 @@ class RunConfig:
         c = self.corpus
         formats = ("csv", "csv.gz", "tsv", "tsv.gz", "parquet")
         need(c.input_format in formats, "corpus.input_format", c.input_format, f"use one of {', '.join(formats)}")
-        need(bool(c.url_col) and bool(c.caption_col), "corpus.url_col", c.url_col, "name the url and caption columns")
+        need(bool(c.url_col), "corpus.url_col", c.url_col, "name the url list's url column")
+        need(bool(c.caption_col), "corpus.caption_col", c.caption_col, "name the url list's caption column")
         modes = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
         need(c.resize_mode in modes, "corpus.resize_mode", c.resize_mode, f"use one of {', '.join(modes)}")
         need(c.image_size >= 28, "corpus.image_size", c.image_size, "use at least 28 (one Qwen2-VL merged patch)")
@@ -355,7 +356,8 @@ class RunConfig:
         need(e.judge != "synthetic" or e.dataset == "synthetic", "eval.judge", e.judge,
              "the synthetic judge reads only the synthetic set's renders; set eval.dataset=synthetic")
         need(e.gen_tokens >= 1, "eval.gen_tokens", e.gen_tokens, "use at least 1 (the paper: 128)")
-        need(e.temperature > 0 and 0 < e.top_p <= 1, "eval.temperature", e.temperature, "use temperature > 0 and top_p in (0, 1]")
+        need(e.temperature > 0, "eval.temperature", e.temperature, "use a value > 0 (the paper: 0.6)")
+        need(0 < e.top_p <= 1, "eval.top_p", e.top_p, "use a value in (0, 1]")
         need(e.steps >= 1, "eval.steps", e.steps, "use at least 1 (the paper: 28)")
         need(e.image_size >= 16 and e.image_size % 16 == 0, "eval.image_size", e.image_size, "use a multiple of 16 (CoBSAT: 512)")
         need(e.synthetic_image_size >= 32, "eval.synthetic_image_size", e.synthetic_image_size, "use at least 32")

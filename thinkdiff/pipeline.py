@@ -38,10 +38,11 @@ def _corpus_dir(cfg: RunConfig, corpus_dir: Path | None) -> Path:
     own = corpus_dir is None or corpus_dir.resolve() == own_dir.resolve()
     corpus_dir = corpus_dir or own_dir
     if read_manifest(corpus_dir, "corpus") is None:
-        rerun = f"run `thinkdiff corpus --config {cfg.preset}` with the same overrides"
+        rerun = "run `thinkdiff corpus` with the same --config and overrides"
         if own and corpus_dir.is_dir():
             raise FileNotFoundError(f"the corpus at {corpus_dir} has not completed (no manifest.json: its download stopped or "
-                                    f"failed the corpus.min_success_rate check): {rerun}; it resumes where it stopped")
+                                    f"failed the corpus.min_success_rate check): {rerun}; it resumes where it stopped, and "
+                                    "a lower corpus.min_success_rate accepts the shards already downloaded")
         if own or not list(corpus_dir.glob("*_stats.json")):
             raise FileNotFoundError(f"no corpus at {corpus_dir}: {rerun}, or pass --corpus DIR (img2dataset parquet output)")
     return corpus_dir
@@ -90,8 +91,8 @@ def trained_aligner_dir(cfg: RunConfig) -> Path:
     run_dir = stage_dir(cfg, "train")
     manifest = read_manifest(run_dir)
     if manifest is None:
-        raise FileNotFoundError(f"no finished training run at {run_dir}: train first (`thinkdiff train --config {cfg.preset}` "
-                                "with the same overrides) "
+        raise FileNotFoundError(f"no finished training run at {run_dir}: train first (`thinkdiff train` "
+                                "with the same --config and overrides) "
                                 "or name an aligner (eval.aligner / --aligner / --model)")
     return Path(manifest["checkpoint"]) / loop.ALIGNER_DIR
 
@@ -174,7 +175,8 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
         data = dataset.open_dataset(e.dataset)
     # Which prompts, how fast they are drawn and what is drawn beside them do not change a prompt's
     # result: the same directory.
-    settings = {k: v for k, v in e.__dict__.items() if k not in ("aligner", "limit", "nightly_limit", "compile", "baselines")}
+    settings = {k: v for k, v in e.__dict__.items()
+                if k not in ("aligner", "tasks", "shots", "limit", "nightly_limit", "compile", "baselines")}
     # The VLM (generator and qwen2-vl judge) sees images and the system prompt as the features stage does.
     vlm_inputs = {k: getattr(cfg.features, k) for k in ("system_prompt", "min_pixels", "max_pixels")}
     # A synthetic set is the same images wherever it lies (its size is in `settings`); a real one is

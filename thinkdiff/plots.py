@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import matplotlib
@@ -15,9 +14,8 @@ from PIL import Image, ImageDraw  # noqa: E402
 from thinkdiff.storage import atomic_write_bytes, atomic_write_image  # noqa: E402
 
 
-def plot_loss_curve(metrics_jsonl: Path, out_png: Path) -> Path:
-    """Loss (and learning rate) over steps from the training metrics log."""
-    records = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line]
+def plot_loss_curve(records: list[dict], out_png: Path) -> Path:
+    """Loss (and learning rate) over steps from the training metrics log's rows."""
     steps = [r["step"] for r in records]
     fig, loss_ax = plt.subplots(figsize=(7, 4), dpi=110)
     loss_ax.plot(steps, [r["loss"] for r in records], color="tab:blue", marker="o", markersize=3)

@@ -35,6 +35,7 @@ from thinkdiff.errors import ConfigError, DataContractError, ThinkDiffError, fir
 from thinkdiff.models.aligner import WEIGHTS_NAME, Aligner
 from thinkdiff.storage import corpus_fingerprint, read_manifest, sha256_file
 from thinkdiff.train.checkpoint import META_FILE
+from thinkdiff.train.loop import METRICS_FILE, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ CHAMPION = "champion"
 TAG_TRAIN_FP = "thinkdiff.train_fingerprint"
 TAG_FEATURES_FP = "thinkdiff.features_fingerprint"
 TAG_CORPUS_FP = "thinkdiff.corpus_fingerprint"
+TAG_CANDIDATE_PENDING = "thinkdiff.candidate_pending"
 TAG_ALIGNER_SHA = "thinkdiff.aligner_sha256"
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
@@ -183,7 +185,7 @@ def log_training_run(cfg: RunConfig, run_dir: Path) -> str:
     if found:
         log.info("training run %s is already logged as MLflow run %s", run_dir, found[0].info.run_id)
         return found[0].info.run_id
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    records = read_metrics(run_dir / METRICS_FILE)
     now_ms = int(time.time() * 1000)
     start_ms = int(records[0]["time"] * 1000) if records else now_ms
     tags = {
@@ -213,7 +215,7 @@ def log_training_run(cfg: RunConfig, run_dir: Path) -> str:
             config_file = Path(tmp) / "config.yaml"
             config_file.write_text(yaml.safe_dump(manifest["config"], sort_keys=False, width=100))
             client.log_artifact(run_id, str(config_file))
-        for name in ("loss_curve.png", "metrics.jsonl", "manifest.json"):
+        for name in ("loss_curve.png", METRICS_FILE, "manifest.json"):
             if (run_dir / name).is_file():
                 client.log_artifact(run_id, str(run_dir / name))
         checkpoint = Path(manifest["checkpoint"])
@@ -267,18 +269,28 @@ def register_checkpoint(cfg: RunConfig, run_dir: Path) -> ModelVersionRef:
     existing = version_with_weights(cfg, digest)
     if existing is not None:
         log.info("aligner %s is already registered as %s version %s", digest[:12], name, existing.version)
+        if TAG_CANDIDATE_PENDING in client.get_model_version(name, existing.version).tags:  # an earlier call stopped before the alias
+            _make_candidate(client, name, existing.version)
         return existing
     run = client.get_run(run_id)
     version = client.create_model_version(
         name,
         source=f"{run.info.artifact_uri}/aligner",
         run_id=run_id,
-        tags={TAG_ALIGNER_SHA: digest, TAG_TRAIN_FP: manifest["train_fingerprint"], TAG_FEATURES_FP: manifest["features_fingerprint"]},
+        tags={TAG_ALIGNER_SHA: digest, TAG_TRAIN_FP: manifest["train_fingerprint"], TAG_FEATURES_FP: manifest["features_fingerprint"],
+              TAG_CANDIDATE_PENDING: "true"},
         description=f"step {manifest['step']}, final loss {manifest['loss']}",
     )
-    client.set_registered_model_alias(name, CANDIDATE, version.version)
+    _make_candidate(client, name, str(version.version))
     log.info("registered %s version %s (alias %s)", name, version.version, CANDIDATE)
     return ModelVersionRef(name=name, version=str(version.version), run_id=run_id)
+
+
+def _make_candidate(client, name: str, version: str) -> None:
+    """Point `candidate` at a new version, then drop the tag that marks it as owed the alias: a
+    registration stopped in between gets it when run again, and an older version found again does not."""
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    client.delete_model_version_tag(name, version, TAG_CANDIDATE_PENDING)
 
 
 def version_with_weights(cfg: RunConfig, digest: str) -> ModelVersionRef | None:
@@ -366,8 +378,8 @@ def resolve_model(uri: str, cfg: RunConfig) -> ModelVersionRef:
 
 
 def log_evaluation(cfg: RunConfig, out_dir: Path, summary: Any, model: ModelVersionRef | None, generator: str) -> str:
-    """Log a finished CoBSAT evaluation as an MLflow run, once per results directory and prompt
-    count (a nightly subset and a full run share the directory, not the run).
+    """Log a finished CoBSAT evaluation as an MLflow run, once per results directory and prompt set
+    (tasks, shots and count: a nightly subset and a full run share the directory, not the run).
 
     Metrics: accuracy per task and shot (`cobsat.2shot.C-I`), the mean per shot, images/s and
     seconds per prompt; artifacts: the table, results.jsonl, the bar chart, the sample grid and the
@@ -379,7 +391,7 @@ def log_evaluation(cfg: RunConfig, out_dir: Path, summary: Any, model: ModelVers
     experiment_id = _experiment_id(client, cfg, uri)
     found = client.search_runs(
         [experiment_id], max_results=1,
-        filter_string=(f"tags.`thinkdiff.eval_dir` = '{out_dir.name}' and tags.`thinkdiff.eval_prompts` = '{summary.num_prompts}' "
+        filter_string=(f"tags.`thinkdiff.eval_dir` = '{out_dir.name}' and tags.`thinkdiff.eval_set` = '{_prompt_set(summary)}' "
                        "and attributes.status = 'FINISHED'"),
     )
     links = {}
@@ -405,6 +417,13 @@ def log_evaluation(cfg: RunConfig, out_dir: Path, summary: Any, model: ModelVers
     return run_id
 
 
+def _prompt_set(summary: Any) -> str:
+    """Which prompts an evaluation scored, e.g. `tasks 1,4; shots 2; 8 prompts`."""
+    tasks = sorted({t for per_task in summary.accuracy.values() for t in per_task})
+    return (f"tasks {','.join(map(str, tasks))}; shots {','.join(map(str, sorted(summary.accuracy)))}; "
+            f"{summary.num_prompts} prompts")
+
+
 def _log_evaluation_run(client, experiment_id: str, cfg: RunConfig, out_dir: Path, summary: Any, generator: str,
                         links: dict[str, str]) -> str:
     from mlflow.entities import Metric, Param
@@ -413,6 +432,7 @@ def _log_evaluation_run(client, experiment_id: str, cfg: RunConfig, out_dir: Pat
 
     tags = {"mlflow.runName": f"cobsat-{generator.split('/')[-1]}-{out_dir.name[:8]}-{summary.num_prompts}", "thinkdiff.kind": "cobsat-eval",
             "thinkdiff.eval_dir": out_dir.name, "thinkdiff.eval_prompts": str(summary.num_prompts),
+            "thinkdiff.eval_set": _prompt_set(summary),
             "thinkdiff.generator": generator, "thinkdiff.preset": cfg.preset, **links}
     run_id = client.create_run(experiment_id, tags=tags).info.run_id
     try:

@@ -8,14 +8,16 @@ is complete and skipped; an interrupted one resumes at its first missing file.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import io
 import json
+import logging
 import os
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from thinkdiff.config import RunConfig, fingerprint
 from thinkdiff.errors import DataContractError, first_line
 
 MANIFEST = "manifest.json"
+log = logging.getLogger(__name__)
 
 
 def _process_umask() -> int:
@@ -44,6 +47,10 @@ CORPUS_SCHEMA_VERSION = 1
 FEATURES_SCHEMA_VERSION = 1
 TRAIN_SCHEMA_VERSION = 1
 # Settings that change how a stage runs, is observed or kept, not what it computes: outside the fingerprint.
+# The corpus's: how fast it downloads, and the bar its success rate must clear (a failed check is
+# rerun with a lower bar on the shards already downloaded).
+_CORPUS_OPERATIONAL = ("processes", "threads", "min_success_rate")
+_CORPUS_DEMO_ONLY = ("demo_images", "demo_broken", "seed")
 _FEATURES_OPERATIONAL = ("preprocess_workers",)
 _TRAIN_OPERATIONAL = ("checkpoint_every", "keep_last", "log_every", "launch_args", "compile", "decoder_attention")
 
@@ -52,7 +59,9 @@ def corpus_fingerprint(cfg: RunConfig) -> str:
     """Hashes the corpus settings and, for a real url list, the list's content."""
     source = cfg.corpus.url_list
     content = source if source == "demo" else file_digest(Path(source))
-    return fingerprint({"stage": "corpus", "schema": CORPUS_SCHEMA_VERSION, "corpus": cfg.corpus.__dict__, "urls": content})
+    ignored = _CORPUS_OPERATIONAL + (() if source == "demo" else _CORPUS_DEMO_ONLY)
+    settings = {k: v for k, v in cfg.corpus.__dict__.items() if k not in ignored}
+    return fingerprint({"stage": "corpus", "schema": CORPUS_SCHEMA_VERSION, "corpus": settings, "urls": content})
 
 
 def file_digest(path: Path) -> str:
@@ -145,6 +154,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def flush_to_disk(path: Path) -> None:
+    """fsync a file another library wrote (Parquet, torch.save) before it is renamed into place: after
+    a power loss, a renamed but unflushed file can be empty under its final name."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_image(path: Path, image: Image.Image, **options: Any) -> None:
     """An image encoded in the format its suffix names (`options` go to Pillow's save), written
     atomically."""
@@ -155,6 +174,26 @@ def atomic_write_image(path: Path, image: Image.Image, **options: Any) -> None:
 
 def atomic_write_json(path: Path, payload: Any) -> None:
     atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_jsonl(path: Path, fix: str) -> list[dict]:
+    """The complete JSON lines of an append-only log; a torn last line (a writer killed mid-line) is
+    dropped and cut off the file. Any other bad line raises, naming the file, the line and `fix`."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines(keepends=True)
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:
+                atomic_write_bytes(path, "".join(lines[:-1]).encode())
+                break
+            raise DataContractError(f"{path}, line {i + 1}: not a JSON line ({err}); {fix}") from None
+    return rows
 
 
 def temp_path_for(path: Path) -> Path:
@@ -208,10 +247,32 @@ def write_manifest(directory: Path, payload: dict[str, Any]) -> None:
     atomic_write_json(directory / MANIFEST, payload)
 
 
-def remove_stale_temp_files(directory: Path) -> None:
-    """Delete leftovers of writers killed mid-write (`.name.XXXX.tmp`); completed files are untouched."""
-    for tmp in directory.glob(".*.tmp"):
+def remove_stale_temp_files(path: Path) -> None:
+    """Delete the leftovers of writers of `path` killed mid-write (`.name.XXXX.tmp`); call it only
+    while holding `path`'s claim (`exclusive`), so no live writer's file goes."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: Path, waiting: str, *, wait: bool = True) -> Iterator[bool]:
+    """Hold an exclusive lock on `lock_path` (created if needed, never written): yields True once
+    held; while another process or thread holds it, logs `waiting` and waits for it, or with
+    `wait=False` yields False at once. The lock goes with its holder, so a killed writer never
+    leaves it taken."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                yield False
+                return
+            log.info("%s", waiting)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def git_revision() -> str:

@@ -175,7 +175,7 @@ def test_results_resume_after_a_torn_line(synthetic, tmp_path):
     lines = (out / "results.jsonl").read_text().splitlines()
     damaged = "\n".join([lines[0], lines[1][:10], lines[2]]) + "\n"
     (out / "results.jsonl").write_text(damaged)
-    with pytest.raises(DataContractError, match=r"results.jsonl, line 2: not a JSON result .*delete that line"):
+    with pytest.raises(DataContractError, match=r"results.jsonl, line 2: not a JSON line .*delete that line"):
         evaluate(synthetic, BASELINES["oracle"], synthetic_judge, out, tasks=[1], shots=[2], limit=3)
     assert (out / "results.jsonl").read_text() == damaged
 

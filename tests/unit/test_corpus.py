@@ -1,7 +1,8 @@
 """Covers: url lists are checked before any download (missing columns, empty, unreadable, missing
 file); the demo corpus goes through loopback HTTP + img2dataset with its broken urls counted per
 shard; a user's url list (LAION-style parquet columns) downloads; the stage fails below the
-success rate naming shards and error kinds, and a rerun finishes from the shards already done."""
+success rate naming shards and error kinds, and a rerun (with a lower bar) finishes from the shards
+already done; the fingerprint leaves out how the corpus is downloaded."""
 
 from __future__ import annotations
 
@@ -115,6 +116,23 @@ def test_user_url_list_with_failures_then_resume(make_cfg, tmp_path, caplog):
     assert sorted(captions) == ["caption 3", "caption 4", "caption 5"]  # rows land in completion order
 
 
+def test_the_corpus_fingerprint_covers_what_is_downloaded_not_how(make_cfg, tmp_path):
+    """A rerun with more download threads, or with a lower success bar after a failed check, finds
+    the shards already downloaded; the demo generator's settings do not touch a real url list."""
+    urls = tmp_path / "urls.tsv"
+    urls.write_text("url\tcaption\nhttp://127.0.0.1:9/a.jpg\ta\n")
+    real = (f"corpus.url_list={urls}", "corpus.input_format=tsv")
+    base = corpus_fingerprint(make_cfg(*real))
+    for how in ("corpus.min_success_rate=0.5", "corpus.processes=7", "corpus.threads=3", "corpus.demo_images=5", "corpus.seed=9"):
+        assert corpus_fingerprint(make_cfg(*real, how)) == base, how
+    for what in ("corpus.image_size=64", "corpus.shard_size=7", "corpus.resize_mode=keep_ratio"):
+        assert corpus_fingerprint(make_cfg(*real, what)) != base, what
+    urls.write_text("url\tcaption\nhttp://127.0.0.1:9/b.jpg\tb\n")
+    assert corpus_fingerprint(make_cfg(*real)) != base
+    demo = corpus_fingerprint(make_cfg())
+    assert corpus_fingerprint(make_cfg("corpus.threads=3")) == demo != corpus_fingerprint(make_cfg("corpus.demo_images=5"))
+
+
 def test_a_damaged_corpus_shard_is_named_with_the_fix(demo_corpus, tmp_path):
     _, corpus_dir = demo_corpus
     data = (Path(corpus_dir) / "00000.parquet").read_bytes()
@@ -142,7 +160,7 @@ def test_features_refuse_the_configs_corpus_until_its_stage_completed(make_cfg, 
     own.mkdir(parents=True)
     (own / "00000_stats.json").write_text(json.dumps({"count": 4, "successes": 0}))
     for given in (None, tmp_path / ".." / tmp_path.name / "data" / own.relative_to(tmp_path / "data")):  # also named by hand
-        with pytest.raises(FileNotFoundError, match=r"the corpus at .* has not completed .* run `thinkdiff corpus --config tiny`"):
+        with pytest.raises(FileNotFoundError, match=r"the corpus at .* has not completed .* run `thinkdiff corpus` with the same --config"):
             pipeline.extract_features(cfg, corpus_dir=given)
     _, corpus_dir = demo_corpus
     external = tmp_path / "img2dataset-out"

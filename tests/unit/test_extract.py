@@ -5,9 +5,12 @@ determinism, resume of a missing shard, corrupt images recorded and skipped, rer
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
+import threading
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,7 +33,7 @@ from thinkdiff.models.vlm import (
     final_norm_states,
     generate_with_states,
 )
-from thinkdiff.storage import stage_dir, write_manifest
+from thinkdiff.storage import exclusive, stage_dir, write_manifest
 
 SYSTEM = "You are a helpful assistant."
 
@@ -200,6 +203,32 @@ def test_features_stage_resumes_missing_shard_identically(demo_corpus, tmp_path)
     assert FeatureStore(out).num_samples == 40
 
 
+def test_workers_on_one_store_split_the_shards(demo_corpus, tmp_path):
+    """A shard another worker is extracting (its claim held) is left to it: this worker extracts the
+    others, keeps the other writer's temporary file, then waits for the claimed shard; when the claim
+    goes without a shard (that worker died), it extracts the shard itself."""
+    cfg, corpus_dir = demo_corpus
+    out = tmp_path / "features"
+    out.mkdir()
+    in_flight = out / ".part-00000.parquet.live.tmp"
+    in_flight.write_bytes(b"the other worker is writing this")
+    other_worker = contextlib.ExitStack()
+    assert other_worker.enter_context(exclusive(out / ".part-00000.parquet.lock", ""))  # held as another worker holds it
+    assert extract.extract_feature_shard(cfg, corpus_dir / "00000.parquet", out, wait=False) is None
+    stage = threading.Thread(target=pipeline.extract_features, args=(cfg, corpus_dir, out))
+    stage.start()
+    deadline = time.monotonic() + 120
+    while not all((out / f"part-0000{i}.parquet").exists() for i in (1, 2)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stage.join(timeout=1)
+    assert stage.is_alive(), "the stage waits for the claimed shard"
+    assert not (out / "part-00000.parquet").exists() and in_flight.exists()
+    other_worker.close()  # that worker is gone and wrote nothing
+    stage.join(timeout=120)
+    assert not stage.is_alive() and (out / "manifest.json").is_file()
+    assert FeatureStore(out).num_samples == 40 and not list(out.glob(".*.tmp"))
+
+
 def test_complete_stage_is_skipped_without_loading_models(tiny_store, monkeypatch):
     cfg, features_dir = tiny_store
 
@@ -262,7 +291,7 @@ def test_an_out_directory_of_another_stage_is_refused(demo_corpus, tmp_path):
 
 
 def test_missing_corpus_is_a_clear_error(make_cfg):
-    with pytest.raises(FileNotFoundError, match="run `thinkdiff corpus --config tiny`"):
+    with pytest.raises(FileNotFoundError, match="run `thinkdiff corpus` with the same --config and overrides"):
         pipeline.extract_features(make_cfg())
 
 

@@ -7,6 +7,7 @@ from the same checkpoint without retraining."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import socket
@@ -105,6 +106,42 @@ def test_registering_twice_creates_no_duplicates(trained):
     assert len(client.search_model_versions(f"name='{cfg.tracking.registered_model}'")) == 1
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     assert len(client.search_runs([experiment.experiment_id])) == 1
+
+
+def test_a_registration_stopped_before_the_alias_gets_it_when_run_again(trained, tmp_path, monkeypatch):
+    """The version exists but `candidate` was never set (the server went away in between): the rerun
+    sets it. An older version found again by its weights does not take the alias back."""
+    cfg, result = trained
+    own = load_config("tiny", [f"paths.root={cfg.paths.root}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    set_alias = MlflowClient.set_registered_model_alias
+    calls = []
+
+    def fails_once(self, *args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("server went away")
+        return set_alias(self, *args)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", fails_once)
+    with pytest.raises(RuntimeError, match="server went away"):
+        pipeline.register_checkpoint(own, result.run_dir)
+    client = client_for(own)
+    name = own.tracking.registered_model
+    assert registry.current_version(own, registry.CANDIDATE) is None
+    first = pipeline.register_checkpoint(own, result.run_dir)
+    assert registry.current_version(own, registry.CANDIDATE).version == first.version == "1"
+    assert registry.TAG_CANDIDATE_PENDING not in client.get_model_version(name, "1").tags
+    # A second aligner becomes the candidate; registering the first again leaves it there.
+    other = shutil.copytree(result.run_dir, tmp_path / "other")
+    aligner = other / result.aligner_dir.relative_to(result.run_dir)
+    weights = Aligner.from_pretrained(aligner)
+    torch.nn.init.zeros_(next(weights.parameters()))
+    shutil.rmtree(aligner)
+    weights.save_pretrained(aligner)
+    write_manifest(other, {**read_manifest(other), "checkpoint": str(aligner.parent), "train_fingerprint": "e" * 16})
+    second = pipeline.register_checkpoint(own, other)
+    assert second.version == "2" and pipeline.register_checkpoint(own, result.run_dir) == first
+    assert registry.current_version(own, registry.CANDIDATE).version == "2"
 
 
 def test_champion_moves_only_by_promotion(trained):
@@ -286,16 +323,17 @@ def test_nightly_promotes_only_a_better_candidate(two_versions, monkeypatch):
     assert "candidate mean 0.3000 > champion mean 0.2000" in version.tags["thinkdiff.promotion_reason"]
 
 
-def test_each_version_and_prompt_count_gets_its_own_evaluation_run(two_versions):
-    """Two versions never share results or a run; a larger run in the same directory is logged as
-    a run of its own, and a nightly subset afterwards does not replace the version's full-run tags."""
+def test_each_version_and_prompt_set_gets_its_own_evaluation_run(two_versions):
+    """Two versions never share results or a run; a larger run, or one of more tasks, in the same
+    directory is logged as a run of its own without drawing its prompts again, and a nightly subset
+    afterwards does not replace the version's full-run tags."""
     cfg, (first, second) = two_versions
     client = client_for(cfg)
 
-    def evaluate(ref, limit):
+    def evaluate(ref, limit, tasks="[1]"):
         eval_cfg = load_config("tiny", [f"paths.root={cfg.paths.root}", "train.max_steps=4", "train.warmup_steps=1",
                                         "train.log_every=2", "train.batch_size=4", f"eval.limit={limit}",
-                                        "eval.tasks=[1]", "eval.shots=[2]", "eval.batch_size=2", "eval.baselines=[]"])
+                                        f"eval.tasks={tasks}", "eval.shots=[2]", "eval.batch_size=2", "eval.baselines=[]"])
         return pipeline.evaluate_cobsat(eval_cfg, model=ref.uri)
 
     one, two = evaluate(first, 1), evaluate(second, 1)
@@ -309,6 +347,13 @@ def test_each_version_and_prompt_count_gets_its_own_evaluation_run(two_versions)
     subset = evaluate(first, 2)  # a prompt count not logged before: a run of its own, after the larger one
     assert subset["run_id"] not in (one["run_id"], larger["run_id"]) and subset["summary"].num_prompts == 2
     assert evaluate(first, 1)["run_id"] == one["run_id"]  # already logged: no new run
+    drawn = (one["dir"] / "results.jsonl").read_text()
+    both = evaluate(first, 1, tasks="[1, 4]")  # one more task: only its prompts are drawn
+    assert both["dir"] == one["dir"] and both["run_id"] not in (one["run_id"], larger["run_id"], subset["run_id"])
+    assert (one["dir"] / "results.jsonl").read_text().startswith(drawn)
+    rows = [json.loads(line) for line in (one["dir"] / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["task"], r["index"]) for r in rows) == [(1, 0), (1, 1), (1, 2), (1, 3), (4, 0), (4, 1)]
+    assert client.get_run(both["run_id"]).data.tags["thinkdiff.eval_set"] == "tasks 1,4; shots 2; 2 prompts"
     tags = client.get_model_version(cfg.tracking.registered_model, first.version).tags
     assert tags["cobsat.prompts"] == "3" and tags["cobsat.eval_run"] == larger["run_id"]
     assert tags["cobsat.mean.2shot"] == f"{larger['summary'].mean[2]:.4f}"

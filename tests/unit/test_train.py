@@ -99,11 +99,13 @@ def test_resumed_run_equals_uninterrupted_run_bitwise(tiny_store, tmp_path):
     first = train_aligner(cfg, features_dir, tmp_path / "resumed", stop_after_steps=6)
     assert first.step == 6 and not (tmp_path / "resumed" / "manifest.json").exists()
     # Make it a crash between checkpoints: step 6's checkpoint never completed (a writer's temporary
-    # directory is left), while metrics.jsonl already holds step 6's line.
+    # directory is left), while metrics.jsonl already holds step 6's line and half of step 8's.
     checkpoints = tmp_path / "resumed" / "checkpoints"
     shutil.rmtree(checkpoints / "step_000006")
     (checkpoints / ".step_000006.x1y2.tmp" / "aligner").mkdir(parents=True)
-    assert json.loads((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 6
+    metrics = tmp_path / "resumed" / "metrics.jsonl"
+    assert json.loads(metrics.read_text().splitlines()[-1])["step"] == 6
+    metrics.write_text(metrics.read_text() + '{"step": 8, "lo')
     second = train_aligner(cfg, features_dir, tmp_path / "resumed")
     assert second.step == 12 == full.step
     a, b = Aligner.from_pretrained(full.aligner_dir), Aligner.from_pretrained(second.aligner_dir)

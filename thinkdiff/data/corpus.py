@@ -342,6 +342,9 @@ def check_shard_stats(out_dir: Path, expected_rows: int, cfg: CorpusConfig) -> d
             f"{cfg.min_success_rate:.0%}). Worst shards: "
             + ", ".join(f"{s['name']} {s['successes']}/{s['count']}" for s in worst)
             + ". Main errors: " + "; ".join(f"{k} x{v}" for k, v in errors.most_common(5))
+            + ". To keep what was downloaded, run the stage again with a lower corpus.min_success_rate (it is "
+            "not part of the corpus's fingerprint: nothing is downloaded again); to retry the failed urls, "
+            "delete the worst shards and their _stats.json files first"
         )
     return {"count": count, "successes": successes, "success_rate": rate, "errors": dict(errors.most_common()), "shards": shards}
 

@@ -43,6 +43,7 @@ from thinkdiff.models.vision import VisionEncoder, load_vision
 from thinkdiff.models.vlm import VLM, encode_chat, generate_with_states, load_vlm
 from thinkdiff.storage import (
     FEATURES_SCHEMA_VERSION,
+    exclusive,
     features_fingerprint,
     read_manifest,
     remove_stale_temp_files,
@@ -189,25 +190,37 @@ def extract_records(cfg: RunConfig, model: Extractor, batches: Iterator[list[Cor
 
 
 def pending_feature_shards(corpus_dir: Path, out_dir: Path) -> list[Path]:
-    """Corpus shards whose feature shard does not exist yet ([] when the stage is complete); the
-    leftovers of shard writers killed mid-write are removed (planning precedes every run)."""
+    """Corpus shards whose feature shard does not exist yet ([] when the stage is complete)."""
     if read_manifest(out_dir, "features") is not None:
         log.info("features %s are complete; skipping", out_dir)
         return []
-    if out_dir.is_dir():
-        remove_stale_temp_files(out_dir)
     with _PROGRESS_LOCK:
         _STAGE_PROGRESS.pop(out_dir, None)  # a new run's rate and ETA start from its own first shard
     return [s for s in corpus_shards(corpus_dir) if not feature_shard_path(out_dir, s).exists()]
 
 
-def extract_feature_shard(cfg: RunConfig, corpus_shard: Path, out_dir: Path, progress: tqdm | None = None) -> Path:
+def extract_feature_shard(cfg: RunConfig, corpus_shard: Path, out_dir: Path, progress: tqdm | None = None, *,
+                          wait: bool = True) -> Path | None:
     """One corpus shard -> one feature shard (skipped when it exists). Safe to call from several
-    threads: the VLM is loaded once per process and generation is serialised on it."""
+    threads (the VLM is loaded once per process and generation is serialised on it) and from several
+    processes or machines on one store: a shard is claimed while it is extracted, and a shard
+    another worker holds is waited for, or with `wait=False` left to it (None)."""
     out_path = feature_shard_path(out_dir, corpus_shard)
     if out_path.exists():
         return out_path
     out_dir.mkdir(parents=True, exist_ok=True)
+    claim = exclusive(out_dir / f".{out_path.name}.lock", f"features: another worker is extracting {out_path.name}; waiting for it",
+                      wait=wait)
+    with claim as held:
+        if not held:
+            return None
+        if out_path.exists():  # the worker waited for wrote it
+            return out_path
+        remove_stale_temp_files(out_path)  # a killed writer's leftovers; no live writer has this claim
+        return _extract_claimed_shard(cfg, corpus_shard, out_dir, out_path, progress)
+
+
+def _extract_claimed_shard(cfg: RunConfig, corpus_shard: Path, out_dir: Path, out_path: Path, progress: tqdm | None) -> Path:
     model = shared_extractor(cfg)  # loading it is not extraction time
     started = time.perf_counter()
     with _PROGRESS_LOCK:
@@ -268,8 +281,11 @@ def extract_features(cfg: RunConfig, corpus_dir: Path, out_dir: Path) -> Path:
     log.info("features: %d corpus shards to extract -> %s", len(todo), out_dir)
     total = sum(pq.ParquetFile(s).metadata.num_rows for s in todo)
     with tqdm(total=total, desc="features", unit="img", dynamic_ncols=True, disable=None) as progress:
-        for shard in todo:
-            extract_feature_shard(cfg, shard, out_dir, progress)  # logs each shard with the shards left and an ETA
+        # Logs each shard with the shards left and an ETA. Shards another worker on this store is
+        # extracting are left to it, then waited for at the end.
+        held_elsewhere = [s for s in todo if extract_feature_shard(cfg, s, out_dir, progress, wait=False) is None]
+        for shard in held_elsewhere:
+            extract_feature_shard(cfg, shard, out_dir, progress)
     return finalize_features(cfg, corpus_dir, out_dir)
 
 

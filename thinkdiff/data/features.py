@@ -35,7 +35,13 @@ import pyarrow.parquet as pq
 import torch
 
 from thinkdiff.errors import DataContractError
-from thinkdiff.storage import FEATURES_SCHEMA_VERSION, read_manifest, readable_parquet, temp_path_for
+from thinkdiff.storage import (
+    FEATURES_SCHEMA_VERSION,
+    flush_to_disk,
+    read_manifest,
+    readable_parquet,
+    temp_path_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +213,7 @@ def write_feature_shard(
     try:
         # Small row groups keep the streaming reader's memory bounded and let it skip groups on resume.
         pq.write_table(table, tmp, compression="none", row_group_size=64, use_dictionary=["key", "instruction"])
+        flush_to_disk(tmp)
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -14,21 +14,17 @@ about 0.1, random about 0.01.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
-import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
 
-from thinkdiff.errors import DataContractError
 from thinkdiff.eval.cobsat import (
     COLUMN_ORDER,
     ITEMS,
@@ -41,7 +37,7 @@ from thinkdiff.eval.cobsat import (
 )
 from thinkdiff.eval.dataset import CobsatDataset
 from thinkdiff.plots import plot_cobsat_accuracy, save_sample_grid
-from thinkdiff.storage import atomic_write_bytes, atomic_write_image, atomic_write_json
+from thinkdiff.storage import atomic_write_bytes, atomic_write_image, atomic_write_json, exclusive, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -138,37 +134,7 @@ def compare(out_dir: Path, summaries: dict[str, Summary]) -> bool:
 
 
 def _read_results(path: Path) -> list[dict]:
-    """Complete result lines; a torn last line (a killed writer) is dropped and cut off the file."""
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines(keepends=True)
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if i == len(lines) - 1:
-                atomic_write_bytes(path, "".join(lines[:-1]).encode())
-                break
-            raise DataContractError(f"{path}, line {i + 1}: not a JSON result ({err}); delete that line and the "
-                                    "evaluation draws its prompt again") from None
-    return rows
-
-
-@contextlib.contextmanager
-def exclusive(out_dir: Path) -> Iterator[None]:
-    """One writer per results directory (a baseline's is shared by every aligner evaluated with its
-    settings): a second evaluation waits, then finds the prompts drawn."""
-    fd = os.open(out_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o666)  # never rewritten: a rerun touches no file
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("cobsat: another evaluation is writing %s; waiting for it", out_dir)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+    return read_jsonl(path, "delete that line and the evaluation draws its prompt again")
 
 
 def evaluate(
@@ -191,7 +157,9 @@ def evaluate(
     adds a few rows past it, which the summary leaves out).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    with exclusive(out_dir):
+    # One writer per results directory (a baseline's is shared by every aligner evaluated with its
+    # settings): a second evaluation waits, then finds the prompts drawn.
+    with exclusive(out_dir / ".lock", f"cobsat: another evaluation is writing {out_dir}; waiting for it"):
         results_path = out_dir / RESULTS
         done = {(r["task"], r["shot"], r["index"]) for r in _read_results(results_path)}
         batches: list[list[Prompt]] = []

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from thinkdiff.errors import DataContractError, first_line
-from thinkdiff.storage import sha256_file, temp_dir_for
+from thinkdiff.storage import atomic_write_bytes, sha256_file, temp_dir_for
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,10 @@ class Aligner(nn.Module):
             raise FileExistsError(f"{directory} exists; refusing to overwrite an aligner (remove it or pick another path)")
         tmp = temp_dir_for(directory)
         try:
-            (tmp / CONFIG_NAME).write_text(json.dumps({"architecture": "thinkdiff-aligner", **asdict(self.config)}, indent=2))
+            atomic_write_bytes(tmp / CONFIG_NAME, json.dumps({"architecture": "thinkdiff-aligner", **asdict(self.config)}, indent=2).encode())
             state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
-            # Bytes, then a plain write: safetensors' own save_file leaves its file 0600.
-            (tmp / WEIGHTS_NAME).write_bytes(save(state, metadata={"format": "pt"}))
+            # Bytes, then our own write: safetensors' save_file leaves its file 0600 and unflushed.
+            atomic_write_bytes(tmp / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
             os.replace(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -23,7 +23,7 @@ import torch
 
 from thinkdiff.errors import DataContractError, first_line
 from thinkdiff.models.aligner import Aligner
-from thinkdiff.storage import atomic_write_json, temp_dir_for
+from thinkdiff.storage import atomic_write_json, flush_to_disk, temp_dir_for
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ def save_checkpoint(
     try:
         aligner.save_pretrained(tmp / ALIGNER_DIR)
         torch.save(trainer_state, tmp / STATE_FILE)
+        flush_to_disk(tmp / STATE_FILE)
         atomic_write_json(tmp / META_FILE, {**meta, "step": step})
         os.replace(tmp, final)
     except BaseException:

@@ -30,6 +30,7 @@ from thinkdiff.plots import plot_loss_curve
 from thinkdiff.storage import (
     atomic_write_bytes,
     git_revision,
+    read_jsonl,
     read_manifest,
     train_fingerprint,
     upstream_fingerprint,
@@ -278,7 +279,7 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
     progress.close()
     last_ckpt = latest_checkpoint(ckpt_root) or last_ckpt
     if step >= t.max_steps and accelerator.is_main_process:
-        plot_loss_curve(run_dir / METRICS_FILE, run_dir / LOSS_CURVE_FILE)
+        plot_loss_curve(read_metrics(run_dir / METRICS_FILE), run_dir / LOSS_CURVE_FILE)
         write_manifest(run_dir, {**meta, "stage": "train", "step": step, "loss": loss_value, "checkpoint": str(last_ckpt)})
         log.info("training complete: %s (loss curve %s)", last_ckpt, run_dir / LOSS_CURVE_FILE)
     accelerator.wait_for_everyone()
@@ -306,5 +307,10 @@ def _truncate_metrics(path: Path, step: int, is_main: bool) -> None:
     """Drop metric lines past the resumed step (written by a run that died before its next checkpoint)."""
     if not is_main or not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
+    kept = [row for row in read_metrics(path) if row["step"] <= step]
+    atomic_write_bytes(path, "".join(json.dumps(row) + "\n" for row in kept).encode())
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl (one per logged step)."""
+    return read_jsonl(path, "delete that line (its step's loss is lost from the log and the loss curve; the run is not)")
