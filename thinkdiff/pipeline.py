@@ -32,12 +32,16 @@ def build_corpus(cfg: RunConfig, out_dir: Path | None = None) -> Path:
 
 def _corpus_dir(cfg: RunConfig, corpus_dir: Path | None) -> Path:
     """The corpus the features stage reads: the config's own only once its stage completed (its
-    manifest is written after the download passed `corpus.min_success_rate`); a directory given by
-    hand may also be any img2dataset output (its shards' stats files)."""
+    manifest is written after the download passed `corpus.min_success_rate`), and only while its
+    success rate clears this config's bar too; a directory given by hand may also be any
+    img2dataset output (its shards' stats files)."""
     own_dir = stage_dir(cfg, "corpus")
     own = corpus_dir is None or corpus_dir.resolve() == own_dir.resolve()
     corpus_dir = corpus_dir or own_dir
-    if read_manifest(corpus_dir, "corpus") is None:
+    manifest = read_manifest(corpus_dir, "corpus")
+    if manifest is not None:
+        corpus.check_accepted_rate(corpus_dir, manifest, cfg.corpus)
+    else:
         rerun = "run `thinkdiff corpus` with the same --config and overrides"
         if own and corpus_dir.is_dir():
             raise FileNotFoundError(f"the corpus at {corpus_dir} has not completed (no manifest.json: its download stopped or "

@@ -270,7 +270,7 @@ def register_checkpoint(cfg: RunConfig, run_dir: Path) -> ModelVersionRef:
     if existing is not None:
         log.info("aligner %s is already registered as %s version %s", digest[:12], name, existing.version)
         if TAG_CANDIDATE_PENDING in client.get_model_version(name, existing.version).tags:  # an earlier call stopped before the alias
-            _make_candidate(client, name, existing.version)
+            _make_candidate(cfg, client, existing.version)
         return existing
     run = client.get_run(run_id)
     version = client.create_model_version(
@@ -281,15 +281,19 @@ def register_checkpoint(cfg: RunConfig, run_dir: Path) -> ModelVersionRef:
               TAG_CANDIDATE_PENDING: "true"},
         description=f"step {manifest['step']}, final loss {manifest['loss']}",
     )
-    _make_candidate(client, name, str(version.version))
+    _make_candidate(cfg, client, str(version.version))
     log.info("registered %s version %s (alias %s)", name, version.version, CANDIDATE)
     return ModelVersionRef(name=name, version=str(version.version), run_id=run_id)
 
 
-def _make_candidate(client, name: str, version: str) -> None:
-    """Point `candidate` at a new version, then drop the tag that marks it as owed the alias: a
-    registration stopped in between gets it when run again, and an older version found again does not."""
-    client.set_registered_model_alias(name, CANDIDATE, version)
+def _make_candidate(cfg: RunConfig, client, version: str) -> None:
+    """Point `candidate` at a newly registered version unless a newer one holds it, then drop the tag
+    that marks the version as owed the alias: a registration stopped in between finishes when run
+    again, and neither it nor an older version found again takes the alias from a newer one."""
+    name = cfg.tracking.registered_model
+    held = current_version(cfg, CANDIDATE)
+    if held is None or int(held.version) < int(version):
+        client.set_registered_model_alias(name, CANDIDATE, version)
     client.delete_model_version_tag(name, version, TAG_CANDIDATE_PENDING)
 
 

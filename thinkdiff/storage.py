@@ -191,8 +191,10 @@ def read_jsonl(path: Path, fix: str) -> list[dict]:
         except json.JSONDecodeError as err:
             if i == len(lines) - 1:
                 atomic_write_bytes(path, "".join(lines[:-1]).encode())
-                break
+                return rows
             raise DataContractError(f"{path}, line {i + 1}: not a JSON line ({err}); {fix}") from None
+    if lines and not lines[-1].endswith("\n"):  # whole, but cut before its newline: the next append starts a line
+        atomic_write_bytes(path, ("".join(lines) + "\n").encode())
     return rows
 
 

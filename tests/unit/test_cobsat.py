@@ -16,6 +16,7 @@ from thinkdiff import pipeline
 from thinkdiff.cli import main
 from thinkdiff.config import load_config
 from thinkdiff.errors import DataContractError
+from thinkdiff.eval import harness
 from thinkdiff.eval.cobsat import (
     ITEMS,
     TASKS,
@@ -171,6 +172,10 @@ def test_results_resume_after_a_torn_line(synthetic, tmp_path):
     summary = evaluate(synthetic, BASELINES["oracle"], synthetic_judge, out, tasks=[1], shots=[2], limit=3)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1, 2] and summary.num_prompts == 3
+    # A last row whole but cut before its newline: the next row starts a line of its own.
+    (out / "results.jsonl").write_text((out / "results.jsonl").read_text().rstrip("\n"))
+    evaluate(synthetic, BASELINES["oracle"], synthetic_judge, out, tasks=[1], shots=[2], limit=4)
+    assert [json.loads(line)["index"] for line in (out / "results.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
     # A damaged line elsewhere is not a torn write: named, and the file left as it is.
     lines = (out / "results.jsonl").read_text().splitlines()
     damaged = "\n".join([lines[0], lines[1][:10], lines[2]]) + "\n"
@@ -178,6 +183,21 @@ def test_results_resume_after_a_torn_line(synthetic, tmp_path):
     with pytest.raises(DataContractError, match=r"results.jsonl, line 2: not a JSON line .*delete that line"):
         evaluate(synthetic, BASELINES["oracle"], synthetic_judge, out, tasks=[1], shots=[2], limit=3)
     assert (out / "results.jsonl").read_text() == damaged
+
+
+def test_a_directory_shared_by_prompt_sets_shows_each_its_own_samples(synthetic, tmp_path, monkeypatch):
+    """Results of two task sets share a directory; each evaluation's sample grid shows its own
+    prompts, and a rerun with nothing new draws no grid."""
+    grids = []
+    real = harness.save_sample_grid
+    monkeypatch.setattr(harness, "save_sample_grid", lambda rows, path: grids.append([c for _, c in rows]) or real(rows, path))
+    out = tmp_path / "run"
+    evaluate(synthetic, BASELINES["oracle"], synthetic_judge, out, tasks=[1], shots=[2], limit=4)
+    evaluate(synthetic, BASELINES["oracle"], synthetic_judge, out, tasks=[4], shots=[2], limit=2)
+    assert len(grids) == 2 and len(grids[0]) == 4 and len(grids[1]) == 2
+    assert all(c.startswith("C-I ") for c in grids[0]) and all(c.startswith(f"{get_task(4).short} ") for c in grids[1])
+    evaluate(synthetic, BASELINES["oracle"], synthetic_judge, out, tasks=[4], shots=[2], limit=2)
+    assert len(grids) == 2
 
 
 def test_prompts_go_in_fixed_batches_of_one_task_and_shot(synthetic, tmp_path):

@@ -104,12 +104,17 @@ def test_user_url_list_with_failures_then_resume(make_cfg, tmp_path, caplog):
         message = str(err.value)
         assert "6/9 images downloaded (66.7% < corpus.min_success_rate=90%)" in message
         assert "00002.parquet 0/3" in message and "404" in message and "Image decoding error" in message
+        assert "run the stage again with a lower corpus.min_success_rate" in message
         assert not (out / "manifest.json").exists()
         # A lower bar accepts the same shards without downloading them again.
         stamp = (out / "00000_stats.json").stat().st_mtime_ns
         cfg.min_success_rate = 0.5
         build_corpus(cfg, out)
     assert (out / "00000_stats.json").stat().st_mtime_ns == stamp
+    # The bar is not in the fingerprint: a config with a higher one refuses the corpus accepted under 0.5.
+    cfg.min_success_rate = 0.9
+    with pytest.raises(CorpusError, match=r"accepted with 66.7% of its images downloaded, below this config's corpus.min_success_rate=90%"):
+        build_corpus(cfg, out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["successes"] == 6 and manifest["shards"][2]["failed_to_download"] == 2
     captions = pq.read_table(out / "00001.parquet", columns=["caption"]).column("caption").to_pylist()
@@ -154,7 +159,8 @@ def test_a_damaged_stats_file_is_named_with_the_fix(demo_corpus, tmp_path):
 def test_features_refuse_the_configs_corpus_until_its_stage_completed(make_cfg, demo_corpus, tmp_path):
     """A download that stopped or failed `corpus.min_success_rate` leaves shards and stats but no
     manifest: the features stage must not caption it as if it had passed. A directory given by hand
-    (any img2dataset output) is read from its stats files."""
+    (any img2dataset output) is read from its stats files. A completed corpus must clear the reading
+    config's bar."""
     cfg = make_cfg()
     own = stage_dir(cfg, "corpus")
     own.mkdir(parents=True)
@@ -168,6 +174,9 @@ def test_features_refuse_the_configs_corpus_until_its_stage_completed(make_cfg, 
     for f in Path(corpus_dir).glob("00000*"):
         (external / f.name).write_bytes(f.read_bytes())
     assert pipeline.pending_feature_shards(cfg, external) == [external / "00000.parquet"]
+    # A completed corpus (40 of 43 images) is refused by a config with a higher bar than it passed.
+    with pytest.raises(CorpusError, match=r"accepted with 93.0% of its images downloaded, below this config's corpus.min_success_rate=99%"):
+        pipeline.pending_feature_shards(make_cfg("corpus.min_success_rate=0.99"), corpus_dir)
 
 
 class _HangingHandler(http.server.BaseHTTPRequestHandler):

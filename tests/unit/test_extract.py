@@ -220,6 +220,7 @@ def test_workers_on_one_store_split_the_shards(demo_corpus, tmp_path):
     deadline = time.monotonic() + 120
     while not all((out / f"part-0000{i}.parquet").exists() for i in (1, 2)) and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert all((out / f"part-0000{i}.parquet").exists() for i in (1, 2)), "the shards nobody claimed are extracted first"
     stage.join(timeout=1)
     assert stage.is_alive(), "the stage waits for the claimed shard"
     assert not (out / "part-00000.parquet").exists() and in_flight.exists()

@@ -110,38 +110,49 @@ def test_registering_twice_creates_no_duplicates(trained):
 
 def test_a_registration_stopped_before_the_alias_gets_it_when_run_again(trained, tmp_path, monkeypatch):
     """The version exists but `candidate` was never set (the server went away in between): the rerun
-    sets it. An older version found again by its weights does not take the alias back."""
+    sets it, unless a newer version holds it by then. An older version found again by its weights
+    does not take the alias back."""
     cfg, result = trained
     own = load_config("tiny", [f"paths.root={cfg.paths.root}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
     set_alias = MlflowClient.set_registered_model_alias
-    calls = []
+    failing = []
 
-    def fails_once(self, *args):
-        calls.append(args)
-        if len(calls) == 1:
+    def fails_when_asked(self, *args):
+        if failing:
+            failing.pop()
             raise RuntimeError("server went away")
         return set_alias(self, *args)
 
-    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", fails_once)
-    with pytest.raises(RuntimeError, match="server went away"):
-        pipeline.register_checkpoint(own, result.run_dir)
-    client = client_for(own)
-    name = own.tracking.registered_model
-    assert registry.current_version(own, registry.CANDIDATE) is None
+    def another_run(n):  # the same run with other aligner weights
+        run = shutil.copytree(result.run_dir, tmp_path / f"run{n}")
+        aligner = run / result.aligner_dir.relative_to(result.run_dir)
+        weights = Aligner.from_pretrained(aligner)
+        torch.nn.init.constant_(next(weights.parameters()), float(n))
+        shutil.rmtree(aligner)
+        weights.save_pretrained(aligner)
+        write_manifest(run, {**read_manifest(run), "checkpoint": str(aligner.parent), "train_fingerprint": f"{n}" * 16})
+        return run
+
+    def register_stopped(run_dir):
+        failing.append(True)
+        with pytest.raises(RuntimeError, match="server went away"):
+            pipeline.register_checkpoint(own, run_dir)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", fails_when_asked)
+    candidate = lambda: registry.current_version(own, registry.CANDIDATE)  # noqa: E731
+    register_stopped(result.run_dir)
+    assert candidate() is None
     first = pipeline.register_checkpoint(own, result.run_dir)
-    assert registry.current_version(own, registry.CANDIDATE).version == first.version == "1"
-    assert registry.TAG_CANDIDATE_PENDING not in client.get_model_version(name, "1").tags
-    # A second aligner becomes the candidate; registering the first again leaves it there.
-    other = shutil.copytree(result.run_dir, tmp_path / "other")
-    aligner = other / result.aligner_dir.relative_to(result.run_dir)
-    weights = Aligner.from_pretrained(aligner)
-    torch.nn.init.zeros_(next(weights.parameters()))
-    shutil.rmtree(aligner)
-    weights.save_pretrained(aligner)
-    write_manifest(other, {**read_manifest(other), "checkpoint": str(aligner.parent), "train_fingerprint": "e" * 16})
-    second = pipeline.register_checkpoint(own, other)
-    assert second.version == "2" and pipeline.register_checkpoint(own, result.run_dir) == first
-    assert registry.current_version(own, registry.CANDIDATE).version == "2"
+    assert candidate().version == first.version == "1"
+    assert registry.TAG_CANDIDATE_PENDING not in client_for(own).get_model_version(own.tracking.registered_model, "1").tags
+    # Version 2 stops before the alias and version 3 becomes the candidate: finishing 2 leaves it on 3.
+    second_run, third_run = another_run(2), another_run(3)
+    register_stopped(second_run)
+    assert candidate().version == "1"
+    assert pipeline.register_checkpoint(own, third_run).version == "3" == candidate().version
+    assert pipeline.register_checkpoint(own, second_run).version == "2" and candidate().version == "3"
+    assert pipeline.register_checkpoint(own, result.run_dir) == first and candidate().version == "3"
+    assert registry.TAG_CANDIDATE_PENDING not in client_for(own).get_model_version(own.tracking.registered_model, "2").tags
 
 
 def test_champion_moves_only_by_promotion(trained):

@@ -182,7 +182,9 @@ def build_corpus(cfg: CorpusConfig, out_dir: Path) -> Path:
         CorpusError: bad url list (before downloading), img2dataset wrote fewer rows than listed,
             or the success rate is below `min_success_rate`.
     """
-    if read_manifest(out_dir) is not None:
+    manifest = read_manifest(out_dir)
+    if manifest is not None:
+        check_accepted_rate(out_dir, manifest, cfg)
         log.info("corpus %s is complete; skipping", out_dir)
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -208,6 +210,17 @@ def build_corpus(cfg: CorpusConfig, out_dir: Path) -> Path:
         **report,
     })
     return out_dir
+
+
+def check_accepted_rate(out_dir: Path, manifest: dict, cfg: CorpusConfig) -> None:
+    """A completed corpus may have been accepted under a lower bar than this config's (the bar is
+    not part of its fingerprint): it must clear this config's too."""
+    rate = manifest.get("success_rate", 1.0)  # a corpus stage output made elsewhere may not record it
+    if rate < cfg.min_success_rate:
+        raise CorpusError(f"{out_dir} was accepted with {rate:.1%} of its images downloaded, below this config's "
+                          f"corpus.min_success_rate={cfg.min_success_rate:.0%}: lower the bar to use it, or delete its "
+                          "manifest.json, its worst shards and their _stats.json files, then run the corpus stage again "
+                          "to retry their urls")
 
 
 def img2dataset_args(cfg: CorpusConfig, url_list: Path, input_format: str, url_col: str, caption_col: str, out_dir: Path) -> list[str]:

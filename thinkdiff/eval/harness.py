@@ -203,15 +203,13 @@ def evaluate(
                     rate = finished / (time.perf_counter() - started_all)
                     log.info("cobsat: %d/%d prompts, %.2f prompts/s, ETA %.0fs", finished, total, rate, (total - finished) / rate)
         # Only the prompts asked for: a directory may also hold rows of a run with a larger limit.
-        summary = summarize(out_dir, wanted)
-        if batches or not (out_dir / "samples.png").is_file():
-            save_samples(out_dir, dataset)
-        return summary
+        return summarize(out_dir, wanted, dataset)
 
 
-def summarize(out_dir: Path, keys: set[tuple[int, int, int]]) -> Summary:
+def summarize(out_dir: Path, keys: set[tuple[int, int, int]], dataset: CobsatDataset) -> Summary:
     """Accuracy per (shot, task) over the results.jsonl rows of `keys` (task, shot, index); writes
-    summary.json, summary.md and a bar chart."""
+    summary.json, summary.md, a bar chart and the sample grid of those rows (a directory holds the
+    rows of every prompt set evaluated in it)."""
     first: dict[tuple[int, int, int], dict] = {}
     for r in _read_results(out_dir / RESULTS):  # a prompt written twice (writers without the lock) counts once
         first.setdefault((r["task"], r["shot"], r["index"]), r)
@@ -235,19 +233,20 @@ def summarize(out_dir: Path, keys: set[tuple[int, int, int]]) -> Summary:
     previous = out_dir / "summary.json"
     table = out_dir / "summary.md"
     current = (table.is_file() and table.read_text() == summary.table() + "\n" and (out_dir / "accuracy.png").is_file()
-               and previous.is_file() and json.loads(previous.read_text()) == json.loads(json.dumps(summary.__dict__)))
+               and (out_dir / "samples.png").is_file() and previous.is_file() and json.loads(previous.read_text()) == json.loads(json.dumps(summary.__dict__)))
     if current:
         return summary  # a rerun with nothing new rewrites nothing
     atomic_write_json(out_dir / "summary.json", summary.__dict__)
     atomic_write_bytes(out_dir / "summary.md", (summary.table() + "\n").encode())
     plot_cobsat_accuracy({f"{shot}-shot": per_task for shot, per_task in sorted(summary.accuracy.items())}, out_dir / "accuracy.png",
                          title=f"CoBSAT accuracy per task ({summary.num_prompts} prompts)")
+    save_samples(out_dir, dataset, rows)
     return summary
 
 
-def save_samples(out_dir: Path, dataset: CobsatDataset, per_shot: int = 4) -> Path:
-    """A PNG grid: for the first prompts of each shot, the demo images then the generated image."""
-    rows = _read_results(out_dir / RESULTS)
+def save_samples(out_dir: Path, dataset: CobsatDataset, rows: list[dict], per_shot: int = 4) -> Path:
+    """A PNG grid: for the first of `rows` (results.jsonl rows) of each shot, the demo images then
+    the generated image."""
     picked = []
     for shot in sorted({r["shot"] for r in rows}):
         picked += [r for r in rows if r["shot"] == shot][:per_shot]
