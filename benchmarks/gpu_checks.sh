@@ -24,28 +24,43 @@
 # benchmarks/RESULTS.md with the date, the card and the command. `TINY=1` runs the same script at
 # tiny shapes on a CPU in about a minute (a check before spending GPU time). Prefer an H200 for
 # `train`: the batch-128 training step at target length 128 is tight on an H100's 80 GB.
+# The interpreter is $PYTHON, else .venv/bin/python where `make setup` made one, else python3 (the
+# GPU image's). Every benchmark runs even when one before it fails or runs out of time; the exit
+# status is then 1 and the last lines name each one that did.
 set -uo pipefail
 PART=${1:-all}
 OUT=${OUT:-benchmarks/out}
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 SIZE=${TINY:+--tiny}
 if [ -z "${TINY:-}" ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"; fi
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+"$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt" || exit 1
+FAILED=()
+# bench OUTPUT_NAME SECONDS SCRIPT ARGS...: one benchmark, time-boxed, its lines in $OUT/OUTPUT_NAME.txt.
+bench() {
+    local name=$1 seconds=$2 script=$3
+    shift 3
+    timeout "$seconds" "$PYTHON" "benchmarks/$script" "$@" 2>&1 | tee "$OUT/$name.txt"
+    local status=${PIPESTATUS[0]}
+    if [ "$status" -ne 0 ]; then FAILED+=("$name (exit $status$( [ "$status" -eq 124 ] && echo ', out of time'))"); fi
+}
 if [ "$PART" = train ] || [ "$PART" = all ]; then
     # Issue 6: naive padded full T5 at batch 32 vs the training path at 32 (the preset) and at 128,
     # one model build and one compiled decoder for all three, over one bucketing pool of the
     # preset's 64 batches each (the padding share printed); a profile of every 4th batch-128 batch
     # (attention share, GPU busy share), after the numbers are printed.
-    timeout 280 python3 benchmarks/train_step.py $SIZE --batch 32 --project-batch 32 128 --profile 2>&1 | tee "$OUT/train_step.txt"
+    bench train_step 280 train_step.py $SIZE --batch 32 --project-batch 32 128 --profile
     # The decoder's attention per SDPA backend (the training path's against cuDNN) and on compiled
     # FlexAttention (train.decoder_attention=flex), and cuDNN's reported NaN backward
     # (pytorch/pytorch#196678) at these shapes.
-    timeout 70 python3 benchmarks/decoder_attention.py $SIZE 2>&1 | tee "$OUT/decoder_attention.txt"
+    bench decoder_attention 70 decoder_attention.py $SIZE
 fi
 if [ "$PART" = infer ] || [ "$PART" = all ]; then
     # Issue 7 item 2 first: FLUX eager b1/b4 vs b8 fused and compiled, then with cuDNN at the
@@ -54,21 +69,25 @@ if [ "$PART" = infer ] || [ "$PART" = all ]; then
     # per path, each path's line printed as it is measured. Then the VLM: eval's call on CoBSAT's own 2- and
     # 4-image prompts at eval.batch_size 8 (item 3: its share of an evaluation, for the nightly
     # sizing), then naive generate at 32 vs the features stage at 256 and its phases (item 1).
-    timeout 230 python3 benchmarks/flux_generate.py $SIZE --batches 1 --variants cudnn cudnn+coordinate-descent 2>&1 | tee "$OUT/flux_generate.txt"
+    bench flux_generate 230 flux_generate.py $SIZE --batches 1 --variants cudnn cudnn+coordinate-descent
     FEATURE_BATCH=256; if [ -n "${TINY:-}" ]; then FEATURE_BATCH=8; fi
-    timeout 260 python3 benchmarks/extract_features.py $SIZE --batch $FEATURE_BATCH --cobsat-shots 2 4 2>&1 | tee "$OUT/extract_features.txt"
+    bench extract_features 260 extract_features.py $SIZE --batch $FEATURE_BATCH --cobsat-shots 2 4
 fi
 if [ "$PART" = extra ] || [ "$PART" = all ]; then
     # Issue 6 item 3: the training input side (store reader, batch making) on this machine's cores
     # (7.1x the step's rate in session 8, against 3x asked).
-    timeout 40 python3 benchmarks/feature_store.py $SIZE --samples 512 2>&1 | tee "$OUT/feature_store.txt"
+    bench feature_store 40 feature_store.py $SIZE --samples 512
     # The CoBSAT judge (LLaVA-1.5-13B shapes), image by image vs one call per generator batch; one
     # decode step's attention, K/V repeated vs packed.
-    timeout 60 python3 benchmarks/cobsat_judge.py $SIZE 2>&1 | tee "$OUT/cobsat_judge.txt"
-    timeout 25 python3 benchmarks/decode_attention.py $SIZE 2>&1 | tee "$OUT/decode_attention.txt"
+    bench cobsat_judge 60 cobsat_judge.py $SIZE
+    bench decode_attention 25 decode_attention.py $SIZE
     # The training step on FlexAttention (naive again for the same-run ratio, half a pool): run it
     # when `train`'s flex row beat the training path's attention.
     if [ -z "${TINY:-}" ]; then
-        timeout 220 python3 benchmarks/train_step.py --batch 32 --project-batch 128 --steps 32 --decoder-attention flex 2>&1 | tee "$OUT/train_step_flex.txt"
+        bench train_step_flex 220 train_step.py --batch 32 --project-batch 128 --steps 32 --decoder-attention flex
     fi
+fi
+if [ ${#FAILED[@]} -gt 0 ]; then
+    printf 'gpu_checks: did not finish: %s\n' "${FAILED[@]}" >&2
+    exit 1
 fi

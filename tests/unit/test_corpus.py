@@ -6,9 +6,11 @@ already done; the fingerprint leaves out how the corpus is downloaded."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -218,12 +220,16 @@ def test_an_interrupted_download_leaves_no_img2dataset_process(tmp_path):
     urls = tmp_path / "urls.tsv"
     urls.write_text("url\tcaption\n" + "".join(f"http://127.0.0.1:{server.server_port}/{i}.jpg\tslow {i}\n" for i in range(8)))
     out = tmp_path / "corpus-being-downloaded"
-    script = ("from pathlib import Path\nfrom thinkdiff.config import load_config\nfrom thinkdiff.data.corpus import build_corpus\n"
+    # The runner logs what it does and prints its threads' stacks on SIGUSR1: a hang shows where it is.
+    script = ("import faulthandler, logging, signal\nfrom pathlib import Path\nfrom thinkdiff.config import load_config\n"
+              "from thinkdiff.data.corpus import build_corpus\n"
+              "faulthandler.register(signal.SIGUSR1)\nlogging.basicConfig(level=logging.INFO)\n"
               f"cfg = load_config('tiny', ['corpus.url_list={urls}', 'corpus.timeout_s=60'])\n"
               f"build_corpus(cfg.corpus, Path('{out}'))\n")
     runner = subprocess.Popen([sys.executable, "-c", script])
+    family: set[int] = set()
     try:
-        deadline, family = time.monotonic() + 90, set()
+        deadline = time.monotonic() + 90
         while len(family) < 2:  # img2dataset and at least one worker of its pool
             assert time.monotonic() < deadline and runner.poll() is None, "img2dataset never started its workers"
             time.sleep(0.2)
@@ -231,8 +237,16 @@ def test_an_interrupted_download_leaves_no_img2dataset_process(tmp_path):
             img2dataset = [pid for pid, (_, _, cmd) in table.items() if str(out).encode() in cmd and pid != runner.pid]
             family = _family(img2dataset[0], table) if img2dataset else set()
         runner.send_signal(signal.SIGINT)
-        assert runner.wait(timeout=60) != 0
+        try:
+            assert runner.wait(timeout=60) != 0
+        except subprocess.TimeoutExpired:
+            runner.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            pytest.fail("the interrupted download did not stop within 60 s; its stacks are in the captured stderr")
         assert family & _process_table().keys() == set()
     finally:
         runner.kill()
+        for pid in family & _process_table().keys():  # not left behind for the rest of the run
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         server.shutdown()
