@@ -35,7 +35,6 @@ from thinkdiff.errors import ConfigError, DataContractError, ThinkDiffError, fir
 from thinkdiff.models.aligner import WEIGHTS_NAME, Aligner
 from thinkdiff.storage import corpus_fingerprint, read_manifest, sha256_file
 from thinkdiff.train.checkpoint import META_FILE
-from thinkdiff.train.loop import METRICS_FILE, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +159,10 @@ def log_training_run(cfg: RunConfig, run_dir: Path) -> str:
         TrackingUnavailableError: an HTTP tracking server does not answer.
     """
     from mlflow.entities import Metric, Param
+
+    # Here, not at the top: the training loop brings transformers and the T5 code, which loading or
+    # promoting an aligner through this module never needs.
+    from thinkdiff.train.loop import METRICS_FILE, read_metrics
 
     if not run_dir.is_dir():
         raise FileNotFoundError(f"training run {run_dir}: no such directory; train first, or name the run directory "
