@@ -134,7 +134,8 @@ class FeaturesConfig:
 @dataclass(kw_only=True)
 class TrainConfig:
     batch_size: int
-    """Samples per optimizer step and process (paper: 32 per GPU)."""
+    """Samples per optimizer step, over all processes (each takes batch_size / processes; paper: 96 for
+    ThinkDiff-LVLM, 168 for ThinkDiff-CLIP)."""
     max_steps: int
     """Optimizer steps of the whole run (paper: 25,000)."""
     lr: float
@@ -338,6 +339,8 @@ class RunConfig:
         need(t.keep_last >= 1, "train.keep_last", t.keep_last, "use at least 1 (the latest checkpoint is needed to resume)")
         need(t.log_every >= 1, "train.log_every", t.log_every, "use at least 1")
         need(t.num_processes >= 1, "train.num_processes", t.num_processes, "use at least 1")
+        need(t.batch_size % max(t.num_processes, 1) == 0, "train.batch_size", t.batch_size,
+             f"the global batch is split evenly over train.num_processes={t.num_processes}: use a multiple of it")
         need(bool(self.tracking.experiment.strip()), "tracking.experiment", self.tracking.experiment, "name an MLflow experiment")
         need(bool(self.tracking.registered_model.strip()), "tracking.registered_model", self.tracking.registered_model,
              "name the registered model (default thinkdiff-aligner)")

@@ -392,7 +392,7 @@ def log_evaluation(cfg: RunConfig, out_dir: Path, summary: Any, model: ModelVers
     seconds per prompt; artifacts: the table, results.jsonl, the bar chart, the sample grid and the
     generated images. The run of an evaluated model version is a child of the version's training
     run (nested under it in the MLflow UI), and the version gets `cobsat.mean.{shot}shot` tags from
-    its evaluation over the most prompts (`cobsat.prompts`).
+    its evaluation over the most prompts (`cobsat.prompts`), with `cobsat.judge`.
     """
     client, uri = _client(cfg)
     experiment_id = _experiment_id(client, cfg, uri)
@@ -420,6 +420,8 @@ def log_evaluation(cfg: RunConfig, out_dir: Path, summary: Any, model: ModelVers
             for shot, mean in summary.mean.items():
                 client.set_model_version_tag(model.name, model.version, f"cobsat.mean.{shot}shot", f"{mean:.4f}")
             client.set_model_version_tag(model.name, model.version, "cobsat.prompts", str(summary.num_prompts))
+            # Which judge gave these means: an LLaVA and a Qwen2-VL verdict are not the same score.
+            client.set_model_version_tag(model.name, model.version, "cobsat.judge", cfg.eval.judge)
             client.set_model_version_tag(model.name, model.version, "cobsat.eval_run", run_id)
     return run_id
 

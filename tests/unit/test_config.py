@@ -57,7 +57,9 @@ def test_paper_preset_has_reference_hyperparameters():
     assert f.system_prompt == "You are a helpful assistant."
     assert (t.lr, t.warmup_start_lr, t.warmup_steps, t.final_lr) == (1e-4, 1e-6, 2000, 8e-5)
     assert t.betas == [0.9, 0.999] and t.weight_decay == 0.05
-    assert (t.batch_size, t.max_steps, t.max_source_rows, t.max_target_tokens) == (32, 25000, 128, 128)
+    # The paper's global batch (25k steps x 96: about 2.4M samples), whatever the process count.
+    assert (t.batch_size, t.max_steps, t.max_source_rows, t.max_target_tokens) == (96, 25000, 128, 128)
+    assert load_config("paper-clip").train.batch_size == 168
     assert t.mixed_precision == "bf16"
 
 
@@ -171,6 +173,12 @@ def test_validation_names_key_value_and_fix():
 def test_unknown_preset_lists_available():
     with pytest.raises(ConfigError, match="presets: .*paper-lvlm.*tiny"):
         load_config("nope")
+
+
+def test_the_global_batch_splits_evenly_over_the_processes():
+    assert load_config("paper-lvlm", ["train.num_processes=8"]).train.batch_size == 96
+    with pytest.raises(ConfigError, match=r"train.batch_size=96: the global batch is split evenly over train.num_processes=5"):
+        load_config("paper-lvlm", ["train.num_processes=5"])
 
 
 def test_fingerprints_follow_what_a_stage_computes():

@@ -366,7 +366,7 @@ def test_each_version_and_prompt_set_gets_its_own_evaluation_run(two_versions):
     assert sorted((r["task"], r["index"]) for r in rows) == [(1, 0), (1, 1), (1, 2), (1, 3), (4, 0), (4, 1)]
     assert client.get_run(both["run_id"]).data.tags["thinkdiff.eval_set"] == "tasks 1,4; shots 2; 2 prompts"
     tags = client.get_model_version(cfg.tracking.registered_model, first.version).tags
-    assert tags["cobsat.prompts"] == "3" and tags["cobsat.eval_run"] == larger["run_id"]
+    assert tags["cobsat.prompts"] == "3" and tags["cobsat.eval_run"] == larger["run_id"] and tags["cobsat.judge"] == "synthetic"
     assert tags["cobsat.mean.2shot"] == f"{larger['summary'].mean[2]:.4f}"
 
 

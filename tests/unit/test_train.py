@@ -265,10 +265,13 @@ def test_length_buckets_cut_padding_and_split_ranks(tiny_store):
     assert sum(bucketed) < 0.5 * sum(plain)  # target padding: the decoder's work (source rows are packed)
     # Two processes: each takes its half of every global batch; together they are the global batch.
     whole = batches(window=5, batch_size=8, n=6)
-    halves = [batches(window=5, batch_size=4, world=2, rank=r, n=6) for r in (0, 1)]
+    halves = [batches(window=5, batch_size=8, world=2, rank=r, n=6) for r in (0, 1)]
     for k in range(6):
         joined = torch.cat([halves[0][k].features_RD, halves[1][k].features_RD])
         assert torch.equal(joined, whole[k].features_RD)
+        assert halves[0][k].labels_BT.shape[0] == halves[1][k].labels_BT.shape[0] == 4
+    with pytest.raises(ValueError, match="a global batch of 8 does not split over 3 processes"):
+        Batcher(store, collate, lvlm_usable, seed=0, batch_size=8, world=3, rank=0, window=5, state=BatcherState())
 
 
 def test_length_buckets_group_by_target_length():
@@ -357,7 +360,7 @@ def test_a_batch_decodes_only_its_own_source_rows(tiny_store, monkeypatch):
 
     monkeypatch.setattr(StoredFeatures, "decode", recording)
     collate = MaskedSplitCollator(build_tiny_qwen_tokenizer(), ByT5Tokenizer(), max_source_rows=8, max_target_tokens=12, seed=0)
-    batches = iter(Batcher(store, collate, lvlm_usable, seed=0, batch_size=3, world=2, rank=1, window=4, state=BatcherState()))
+    batches = iter(Batcher(store, collate, lvlm_usable, seed=0, batch_size=6, world=2, rank=1, window=4, state=BatcherState()))
     for _ in range(8):  # two pools
         start = len(decoded)
         batch = next(batches)

@@ -276,7 +276,8 @@ class Batcher:
 
     A pool of `window` global batches is drawn from the stream, each sample split (RNG keyed by
     seed and pool number), grouped by length (`length_buckets`) into global batches whose order is
-    shuffled; each process takes its slice. Similar lengths in a batch means little
+    shuffled; each of the `world` processes takes its `batch_size / world` slice, so a global batch
+    and the data order are the same on any number of processes. Similar lengths in a batch means little
     padding; `window=1` keeps the stream order (no bucketing). The state (pool start, pool number,
     batches emitted) is all a checkpoint needs. A batch decodes the features of its own samples
     only, on DECODE_THREADS threads; the rest of the pool stays encoded until its batch comes.
@@ -289,27 +290,29 @@ class Batcher:
         self.seed, self.batch_size, self.world, self.rank, self.window = seed, batch_size, world, rank, window
         self.state = BatcherState(**state.__dict__)
         self.pin_memory = pin_memory
+        if batch_size % world:
+            raise ValueError(f"a global batch of {batch_size} does not split over {world} processes")
+        self.per_process = batch_size // world
 
     def __iter__(self) -> Iterator[Batch]:
         with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode") as decoders:
             yield from self._batches(decoders)
 
     def _batches(self, decoders: Executor) -> Iterator[Batch]:
-        global_size = self.batch_size * self.world
         while True:
             start = self.state
             stream = SampleStream(self.store, self.seed, StreamPosition(start.epoch, start.index), self.usable)
-            pool = take(iter(stream), self.window * global_size)
+            pool = take(iter(stream), self.window * self.batch_size)
             rng = np.random.default_rng([self.seed, start.pool])
             prepared = [self.collator.prepare(sample, rng) for sample in pool]
             if self.window > 1:
-                groups = length_buckets([p.cost for p in prepared], global_size)
+                groups = length_buckets([p.cost for p in prepared], self.batch_size)
                 rng.shuffle(groups)
             else:
-                groups = cut(list(range(len(prepared))), global_size)
+                groups = cut(list(range(len(prepared))), self.batch_size)
             for j in range(start.emitted, len(groups)):
                 self.state = BatcherState(start.epoch, start.index, start.pool, j + 1)
-                mine = groups[j][self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
+                mine = groups[j][self.rank * self.per_process: (self.rank + 1) * self.per_process]
                 yield pad([prepared[i] for i in mine], self.collator.t5_tokenizer.pad_token_id, self.pin_memory, decoders)
             self.state = BatcherState(stream.position.epoch, stream.position.index, start.pool + 1, 0)
 

@@ -155,6 +155,9 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
     if t.decoder_attention == "flex" and accelerator.device.type != "cuda":
         raise ConfigError(f"train.decoder_attention=flex needs a CUDA GPU (FlexAttention has no backward on "
                           f"{accelerator.device.type}): use train.decoder_attention=sdpa")
+    if t.batch_size % accelerator.num_processes:  # `accelerate launch` may start another count than train.num_processes
+        raise ConfigError(f"train.batch_size={t.batch_size} (the global batch) does not split over the {accelerator.num_processes} "
+                          f"processes launched: use a multiple of {accelerator.num_processes}, or launch as many processes as divide it")
     clip = cfg.variant == "clip"
     store = FeatureStore(features_dir, expect_model_id=(cfg.models.vision if clip else cfg.models.vlm).id)
     stored_rows = store.info.max_feature_rows
@@ -224,7 +227,8 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
     aligner.train()
     # Bars only on a terminal (disable=None); logs and pipes get the periodic log line with rate and ETA.
     progress = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=None if accelerator.is_main_process else True, dynamic_ncols=True)
-    log.info("training %s: step %d -> %d, batch %d x %d processes, %d samples in store", run_dir, step, target_step, t.batch_size, world, store.num_samples)
+    log.info("training %s: step %d -> %d, batch %d (%d per process x %d), %d samples in store", run_dir, step, target_step,
+             t.batch_size, t.batch_size // world, world, store.num_samples)
     # A bucketing pool's worth of batches ahead (the batcher reads and splits a pool at once), plus one.
     with prefetched(batcher, depth=t.bucket_window + 1, device=accelerator.device) as batches:
         while step < target_step:
