@@ -26,7 +26,13 @@ from timing import sync
 
 from thinkdiff.config import load_config
 from thinkdiff.eval.cobsat import TASKS, judge_questions
-from thinkdiff.eval.judge import TINY_LLAVA_TEXT, TINY_LLAVA_VISION, LlavaJudge, build_random_llava_judge
+from thinkdiff.eval.judge import (
+    TINY_LLAVA_TEXT,
+    TINY_LLAVA_VISION,
+    LlavaJudge,
+    build_random_llava_judge,
+    llava_prompt,
+)
 
 LLAVA_15_13B_TEXT = dict(vocab_size=32064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                          num_attention_heads=40, num_key_value_heads=40, rms_norm_eps=1e-5)
@@ -53,7 +59,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     size = args.batch or load_config("paper-lvlm").eval.batch_size
-    corpus = [f"USER: \n{q} ASSISTANT:" for task in TASKS for q in judge_questions(task)]
+    corpus = [llava_prompt(q, image="") for task in TASKS for q in judge_questions(task)]
     torch.set_default_dtype(dtype)
     with torch.device(device):
         judge: LlavaJudge = (build_random_llava_judge(TINY_LLAVA_TEXT, TINY_LLAVA_VISION, tokenizer_corpus=corpus) if args.tiny

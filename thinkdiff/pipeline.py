@@ -20,7 +20,7 @@ from thinkdiff.data import corpus, extract
 from thinkdiff.errors import ConfigError
 from thinkdiff.eval import dataset, harness, judge
 from thinkdiff.models.aligner import WEIGHTS_NAME, weights_sha256
-from thinkdiff.storage import read_manifest, stage_dir
+from thinkdiff.storage import EVAL_SCHEMA_VERSION, read_manifest, stage_dir
 from thinkdiff.train import launch, loop
 
 log = logging.getLogger(__name__)
@@ -187,8 +187,8 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
     # keyed by its directory.
     dataset_key = "synthetic" if e.dataset == "synthetic" else str(data.root.resolve())
     out_dir = Path(cfg.paths.root) / "eval" / fingerprint({
-        "eval": settings, "generator": identity, "dataset": dataset_key, "features": vlm_inputs,
-        "models": {k: v.__dict__ for k, v in cfg.models.__dict__.items()},
+        "schema": EVAL_SCHEMA_VERSION, "eval": settings, "generator": identity, "dataset": dataset_key,
+        "features": vlm_inputs, "models": {k: v.__dict__ for k, v in cfg.models.__dict__.items()},
     })
     summary = harness.evaluate(data, generator, built_on_first_call(lambda: judge.load_judge(cfg)), out_dir, tasks=e.tasks, shots=e.shots, limit=e.limit,
                                 batch_size=e.batch_size)

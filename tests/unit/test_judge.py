@@ -41,7 +41,9 @@ def test_llava_judge_asks_both_exact_questions():
     batch = judge.inputs([IMAGE], [task])
     texts = judge.processor.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=False)
     for text, question in zip(texts, judge_questions(task), strict=True):
-        assert f"USER: {LLAVA_IMAGE * 4}\n{question} ASSISTANT:" in text
+        # CoBSAT's judge prompt: LLaVA's llava_v1 conversation (system line, one user turn).
+        assert text.endswith("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+                             f"detailed, and polite answers to the human's questions. USER: {LLAVA_IMAGE * 4}\n{question} ASSISTANT:")
     assert batch["pixel_values"].shape[0] == 2
 
 

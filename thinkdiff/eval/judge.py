@@ -39,6 +39,16 @@ log = logging.getLogger(__name__)
 
 MAX_ANSWER_TOKENS = 8
 LLAVA_IMAGE = "<image>"
+# CoBSAT's judge runs LLaVA's own `eval_model` in its `llava_v1` conversation mode: this system line,
+# then one user turn holding the image and the question. (The llava-hf model cards show the turn
+# without the system line; the benchmark's scores were judged with it.)
+LLAVA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+
+
+def llava_prompt(question: str, image: str = LLAVA_IMAGE) -> str:
+    """The judge's prompt for one question about one image, as CoBSAT's evaluation builds it."""
+    return f"{LLAVA_SYSTEM} USER: {image}\n{question} ASSISTANT:"
 
 
 def synthetic_judge(images: list[Image.Image], tasks: list[Task]) -> list[tuple[int, int]]:
@@ -59,8 +69,8 @@ class LlavaJudge:
 
     def inputs(self, images: list[Image.Image], tasks: list[Task]) -> dict[str, torch.Tensor]:
         """Both questions about each image (rows 2i and 2i + 1), left-padded, in LLaVA-1.5's
-        conversation format."""
-        texts = [f"USER: {LLAVA_IMAGE}\n{question} ASSISTANT:" for task in tasks for question in judge_questions(task)]
+        conversation format (`llava_prompt`)."""
+        texts = [llava_prompt(question) for task in tasks for question in judge_questions(task)]
         batch = self.processor(images=[image for image in images for _ in range(2)], text=texts, padding=True, return_tensors="pt")
         device, dtype = self.model.device, self.model.dtype
         return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
