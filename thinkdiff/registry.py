@@ -33,7 +33,7 @@ import yaml
 from thinkdiff.config import RunConfig
 from thinkdiff.errors import ConfigError, DataContractError, ThinkDiffError, first_line
 from thinkdiff.models.aligner import WEIGHTS_NAME, Aligner
-from thinkdiff.storage import corpus_fingerprint, read_manifest, sha256_file
+from thinkdiff.storage import EVAL_SCHEMA_VERSION, corpus_fingerprint, read_manifest, sha256_file
 from thinkdiff.train.checkpoint import META_FILE
 
 log = logging.getLogger(__name__)
@@ -392,7 +392,8 @@ def log_evaluation(cfg: RunConfig, out_dir: Path, summary: Any, model: ModelVers
     seconds per prompt; artifacts: the table, results.jsonl, the bar chart, the sample grid and the
     generated images. The run of an evaluated model version is a child of the version's training
     run (nested under it in the MLflow UI), and the version gets `cobsat.mean.{shot}shot` tags from
-    its evaluation over the most prompts (`cobsat.prompts`), with `cobsat.judge`.
+    its evaluation over the most prompts (`cobsat.prompts`) of the current schema
+    (`cobsat.eval_schema`), with `cobsat.judge`.
     """
     client, uri = _client(cfg)
     experiment_id = _experiment_id(client, cfg, uri)
@@ -416,12 +417,15 @@ def log_evaluation(cfg: RunConfig, out_dir: Path, summary: Any, model: ModelVers
         run_id = _log_evaluation_run(client, experiment_id, cfg, out_dir, summary, generator, links)
     if model is not None:
         tagged = client.get_model_version(model.name, model.version).tags
-        if summary.num_prompts >= int(tagged.get("cobsat.prompts", 0)):  # a nightly subset does not hide a full run
+        # A nightly subset does not hide a full run, unless that run's verdicts are of an older schema.
+        older = int(tagged.get("cobsat.eval_schema", 1)) < EVAL_SCHEMA_VERSION
+        if older or summary.num_prompts >= int(tagged.get("cobsat.prompts", 0)):
             for shot, mean in summary.mean.items():
                 client.set_model_version_tag(model.name, model.version, f"cobsat.mean.{shot}shot", f"{mean:.4f}")
             client.set_model_version_tag(model.name, model.version, "cobsat.prompts", str(summary.num_prompts))
             # Which judge gave these means: an LLaVA and a Qwen2-VL verdict are not the same score.
             client.set_model_version_tag(model.name, model.version, "cobsat.judge", cfg.eval.judge)
+            client.set_model_version_tag(model.name, model.version, "cobsat.eval_schema", str(EVAL_SCHEMA_VERSION))
             client.set_model_version_tag(model.name, model.version, "cobsat.eval_run", run_id)
     return run_id
 

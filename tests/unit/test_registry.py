@@ -21,7 +21,7 @@ from thinkdiff.config import load_config
 from thinkdiff.errors import ConfigError, DataContractError
 from thinkdiff.eval import judge
 from thinkdiff.models.aligner import Aligner
-from thinkdiff.storage import read_manifest, stage_dir, train_fingerprint, write_manifest
+from thinkdiff.storage import EVAL_SCHEMA_VERSION, read_manifest, stage_dir, train_fingerprint, write_manifest
 from thinkdiff.train.loop import train_aligner
 
 
@@ -368,6 +368,11 @@ def test_each_version_and_prompt_set_gets_its_own_evaluation_run(two_versions):
     tags = client.get_model_version(cfg.tracking.registered_model, first.version).tags
     assert tags["cobsat.prompts"] == "3" and tags["cobsat.eval_run"] == larger["run_id"] and tags["cobsat.judge"] == "synthetic"
     assert tags["cobsat.mean.2shot"] == f"{larger['summary'].mean[2]:.4f}"
+    # Tags from verdicts of an older schema give way to the next evaluation, whatever its size.
+    client.set_model_version_tag(cfg.tracking.registered_model, first.version, "cobsat.eval_schema", "1")
+    assert evaluate(first, 1)["run_id"] == one["run_id"]
+    tags = client.get_model_version(cfg.tracking.registered_model, first.version).tags
+    assert tags["cobsat.prompts"] == "1" and tags["cobsat.eval_run"] == one["run_id"] and tags["cobsat.eval_schema"] == str(EVAL_SCHEMA_VERSION)
 
 
 def test_an_evaluation_made_before_registration_is_linked_to_the_version_later(tiny_store, tmp_path):
