@@ -287,7 +287,7 @@ class Batcher:
     def __init__(self, store: FeatureStore, collator, usable: Callable[[Sample], bool], *, seed: int, batch_size: int,
                  world: int, rank: int, window: int, state: BatcherState, pin_memory: bool = False):
         self.store, self.collator, self.usable = store, collator, usable
-        self.seed, self.batch_size, self.world, self.rank, self.window = seed, batch_size, world, rank, window
+        self.seed, self.batch_size, self.rank, self.window = seed, batch_size, rank, window
         self.state = BatcherState(**state.__dict__)
         self.pin_memory = pin_memory
         if batch_size % world:
