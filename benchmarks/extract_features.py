@@ -136,10 +136,10 @@ def cobsat_run(cfg: RunConfig, vlm: VLM, dataset: CobsatDataset, shot: int, n_ba
     warm-up batch (on a GPU, the compile for this prompt length), then `n_batches` timed."""
     b = cfg.eval.batch_size
     conversations = [cobsat_parts(p, dataset) for p in build_prompts(get_task(1), shot, limit=(n_batches + 1) * b)]
-    vlm_answers(vlm, cfg, conversations[:b], seed=0, ignore_eos=True)
+    vlm_answers(vlm, cfg, conversations[:b], seed=0, ban_eos=True)
     started = sync(vlm.device)
     for k in range(1, n_batches + 1):
-        vlm_answers(vlm, cfg, conversations[k * b:(k + 1) * b], seed=k, ignore_eos=True)
+        vlm_answers(vlm, cfg, conversations[k * b:(k + 1) * b], seed=k, ban_eos=True)
     seconds = sync(vlm.device) - started
     first = encode_chat(vlm, conversations[:1], cfg.features.system_prompt, device=torch.device("cpu"))
     return {"s_per_prompt": seconds / (n_batches * b), "prompt_tokens": first["input_ids"].shape[1]}

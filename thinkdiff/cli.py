@@ -207,8 +207,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from thinkdiff.generate import build_generator
 
         generator = build_generator(cfg, pipeline.aligner_spec(cfg, args.aligner))
-        (image,) = generator.draw([parts], vlm_seed=cfg.eval.seed, flux_seeds=[cfg.eval.seed])
-        atomic_write_image(args.out, image)
+        (drawing,) = generator.draw([parts], vlm_seed=cfg.eval.seed, flux_seeds=[cfg.eval.seed])
+        atomic_write_image(args.out, drawing.image)
         print(args.out)
     elif args.command == "compose":
         from thinkdiff.generate import build_composer

@@ -113,7 +113,8 @@ class FeaturesConfig:
     min_pixels: int
     """Qwen2-VL image processor: smallest image area after resizing."""
     max_pixels: int
-    """Qwen2-VL image processor: largest image area after resizing (448*448 = 200704 for the paper)."""
+    """Qwen2-VL image processor: largest image area after resizing (Qwen2-VL's default, 12845056, in the paper
+    presets, whose 224 px corpus images give 64 visual tokens each)."""
     batch_size: int
     """Images per generate() call (LVLM) or per vision forward (CLIP)."""
     preprocess_workers: int
@@ -145,7 +146,11 @@ class TrainConfig:
     warmup_steps: int
     """Linear warmup length in steps."""
     final_lr: float
-    """The cosine decay after the warmup ends here at `max_steps`."""
+    """The cosine decay after the warmup reaches this rate at step `lr_horizon_steps`."""
+    lr_horizon_steps: int
+    """Step at which the cosine reaches `final_lr` (at least `max_steps`). The official release sets it to
+    max_epoch x iters_per_epoch = 200,000 and stops at 25,000, where the rate is still about 9.9e-5;
+    equal to `max_steps`, the run ends at `final_lr`."""
     betas: list[float]
     """AdamW betas."""
     weight_decay: float
@@ -156,6 +161,16 @@ class TrainConfig:
     """T5 target length after re-tokenization (with </s>); longer targets are truncated."""
     max_prefix_tokens: int
     """ThinkDiff-CLIP only: T5 encoder length of caption part 1 (the paper: 32)."""
+    t5_dropout: bool
+    """Run the frozen T5 (the decoder; for ThinkDiff-CLIP also the encoder that reads caption part 1) with its
+    config's dropout while the aligner trains, as the official release does by putting its whole model in
+    train mode (0.1 for flan-t5-xxl); false: eval mode. The weights stay frozen either way."""
+    aligner_init: str
+    """Initial weights of the aligner's Linear layers: `pytorch` (PyTorch's default, as the release does for
+    ThinkDiff-LVLM) or `normal` (N(0, 0.02), zero bias: the release's ThinkDiff-CLIP)."""
+    blip_captions: bool
+    """ThinkDiff-CLIP only: normalise captions as BLIP's caption processor does (lower case, the characters
+    .!"()*#:;~ removed, at most 50 words) before the split, as the release does."""
     bucket_window: int
     """Global batches drawn together and grouped by target length, so a batch pads little (1: no bucketing)."""
     compile: bool
@@ -218,6 +233,18 @@ class EvalConfig:
     """VLM sampling temperature at inference."""
     top_p: float
     """VLM nucleus sampling threshold at inference."""
+    picture_labels: bool
+    """Put "Picture k: " before the k-th image of the VLM's prompt, as Qwen2-VL's chat template does with
+    add_vision_id=True (the official release's CoBSAT prompts)."""
+    min_pixels: int
+    """The VLM's image processor at inference (generators, qwen2-vl judge): smallest image area after
+    resizing (Qwen2-VL's default: 3136)."""
+    max_pixels: int
+    """The VLM's image processor at inference: largest image area after resizing (Qwen2-VL's default,
+    12845056, keeps CoBSAT's images at their own size; the features stage has its own limits)."""
+    clip_text_tokens: int
+    """ThinkDiff-CLIP: max_sequence_length of FLUX's T5 embedding of the text after the image tokens
+    (the release: 128)."""
     steps: int
     """FLUX denoising steps."""
     guidance: float
@@ -240,6 +267,11 @@ class EvalConfig:
     """The judge VLM for llava / qwen2-vl (official: llava-hf/llava-1.5-13b-hf); `tiny` builds one offline."""
     synthetic_image_size: int
     """Side in pixels of the synthetic set's images."""
+    clip_score: bool
+    """Also compute CoBSAT's secondary metric (its evaluation_icl.py): the CLIP similarity of each generated
+    image to the expected caption, and whether CLIP's best caption among the task's options is the expected one."""
+    clip_model: ModelSource
+    """CLIP model of `clip_score` (CoBSAT: openai/clip-vit-base-patch32); `tiny` builds one offline."""
 
 
 @dataclass(kw_only=True)
@@ -330,6 +362,10 @@ class RunConfig:
         need(t.max_target_tokens >= 2, "train.max_target_tokens", t.max_target_tokens, "use at least 2")
         need(t.bucket_window >= 1, "train.bucket_window", t.bucket_window, "use 1 (no bucketing) or more")
         need(t.max_prefix_tokens >= 1, "train.max_prefix_tokens", t.max_prefix_tokens, "use at least 1 (the paper: 32)")
+        need(t.lr_horizon_steps >= t.max_steps, "train.lr_horizon_steps", t.lr_horizon_steps,
+             f"use at least train.max_steps={t.max_steps} (the official release: 200000)")
+        need(t.aligner_init in ("pytorch", "normal"), "train.aligner_init", t.aligner_init,
+             "use pytorch (ThinkDiff-LVLM) or normal (ThinkDiff-CLIP)")
         need(t.decoder_attention in ("sdpa", "flex"), "train.decoder_attention", t.decoder_attention,
              "use `sdpa` or `flex` (CUDA only)")
         need(t.decoder_attention != "flex" or t.compile, "train.decoder_attention", t.decoder_attention,
@@ -361,8 +397,12 @@ class RunConfig:
         need(e.gen_tokens >= 1, "eval.gen_tokens", e.gen_tokens, "use at least 1 (the paper: 128)")
         need(e.temperature > 0, "eval.temperature", e.temperature, "use a value > 0 (the paper: 0.6)")
         need(0 < e.top_p <= 1, "eval.top_p", e.top_p, "use a value in (0, 1]")
+        need(28 * 28 <= e.min_pixels <= e.max_pixels, "eval.min_pixels", e.min_pixels,
+             "use 784 (28*28) <= min_pixels <= eval.max_pixels")
+        need(e.clip_text_tokens >= 1, "eval.clip_text_tokens", e.clip_text_tokens, "use at least 1 (the release: 128)")
         need(e.steps >= 1, "eval.steps", e.steps, "use at least 1 (the paper: 28)")
         need(e.image_size >= 16 and e.image_size % 16 == 0, "eval.image_size", e.image_size, "use a multiple of 16 (CoBSAT: 512)")
+        need(e.clip_model.dtype in DTYPES, "eval.clip_model.dtype", e.clip_model.dtype, f"use one of {', '.join(DTYPES)}")
         need(e.synthetic_image_size >= 32, "eval.synthetic_image_size", e.synthetic_image_size, "use at least 32")
         if problems:
             raise ConfigError(f"invalid config (preset {self.preset!r}):\n  " + "\n  ".join(problems))

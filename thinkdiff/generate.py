@@ -4,10 +4,12 @@
     thinkdiff compose --config tiny-clip --image dog.jpg --image style.jpg --text "on a beach" --out out.png
 
 CoBSAT prompts go in batches of `eval.batch_size` (one VLM generate() and one FLUX call each).
-The VLM answers each prompt with exactly `eval.gen_tokens` sampled tokens (EOS ignored); the
+The VLM answers each prompt with exactly `eval.gen_tokens` sampled tokens, every stop token banned
+(as the official release samples: vLLM with min_tokens = max_tokens and ignore_eos); the
 final-norm states that produced them go through the aligner and become FLUX's `prompt_embeds`,
 with the pooled CLIP embedding of "". The text-bridge baseline instead lets the VLM write a prompt
-(stopping at EOS) and FLUX draw that text through its own encoders.
+(stopping at EOS) and FLUX draw that text through its own encoders. Both keep what the VLM was
+given and what it said (`Drawing`), so every CoBSAT result can be read back.
 """
 
 from __future__ import annotations
@@ -23,11 +25,21 @@ from PIL import Image
 from thinkdiff.config import RunConfig
 from thinkdiff.eval.cobsat import Prompt, display
 from thinkdiff.eval.dataset import CobsatDataset
+from thinkdiff.eval.harness import Drawing
 from thinkdiff.models.aligner import Aligner, import_official_checkpoint
 from thinkdiff.models.common import shared
 from thinkdiff.models.flux import Flux, load_flux
 from thinkdiff.models.vision import VisionEncoder, load_vision
-from thinkdiff.models.vlm import VLM, GeneratedSample, PromptPart, encode_chat, generate_with_states, load_vlm
+from thinkdiff.models.vlm import (
+    VLM,
+    GeneratedSample,
+    PromptPart,
+    encode_chat,
+    generate_with_states,
+    load_vlm,
+    render_chat,
+    with_pixel_limits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +83,22 @@ def load_matching_aligner(spec: str, cfg: RunConfig, *, in_dim: int, out_dim: in
 
 
 def vlm_answers(vlm: VLM, cfg: RunConfig, conversations: list[list[PromptPart]], *, seed: int,
-                ignore_eos: bool = False) -> list[GeneratedSample]:
-    """The VLM's sampled answers to a batch of chats, with eval's sampling settings and the features
-    stage's KV cache and compile settings."""
+                ban_eos: bool = False) -> list[GeneratedSample]:
+    """The VLM's sampled answers to a batch of chats, with eval's sampling settings and picture labels
+    and the features stage's KV cache and compile settings."""
     e, f = cfg.eval, cfg.features
-    batch = encode_chat(vlm, conversations, f.system_prompt)
+    batch = encode_chat(vlm, conversations, f.system_prompt, picture_labels=e.picture_labels)
     return generate_with_states(vlm, batch, max_new_tokens=e.gen_tokens, temperature=e.temperature, top_p=e.top_p,
-                                seed=seed, ignore_eos=ignore_eos, kv_cache=f.kv_cache, compile=f.compile)
+                                seed=seed, ban_eos=ban_eos, kv_cache=f.kv_cache, compile=f.compile)
+
+
+def vlm_drawings(vlm: VLM, cfg: RunConfig, conversations: list[list[PromptPart]], samples: list[GeneratedSample],
+                 images: list[Image.Image]) -> list[Drawing]:
+    """Each image with the chat the VLM was given (one placeholder per image) and its whole answer,
+    special tokens kept."""
+    return [Drawing(image, vlm_prompt=render_chat(conv, cfg.features.system_prompt, picture_labels=cfg.eval.picture_labels),
+                    vlm_text=vlm.tokenizer.decode(sample.token_ids, skip_special_tokens=False))
+            for conv, sample, image in zip(conversations, samples, images, strict=True)]
 
 
 @dataclass
@@ -92,16 +113,17 @@ class ThinkDiffGenerator:
         self.pooled = self.flux.pooled_clip("")
 
     @torch.no_grad()
-    def draw(self, conversations: list[list[PromptPart]], *, vlm_seed: int, flux_seeds: list[int]) -> list[Image.Image]:
+    def draw(self, conversations: list[list[PromptPart]], *, vlm_seed: int, flux_seeds: list[int]) -> list[Drawing]:
         """One image per conversation; the VLM samples the whole batch with `vlm_seed`, FLUX draws row i
         from the noise of `flux_seeds[i]` (so a row's picture does not depend on its batch)."""
         e = self.cfg.eval
-        samples = vlm_answers(self.vlm, self.cfg, conversations, seed=vlm_seed, ignore_eos=True)
+        samples = vlm_answers(self.vlm, self.cfg, conversations, seed=vlm_seed, ban_eos=True)
         states_BLD = torch.stack([s.states_LD for s in samples]).float().to(self.flux.device)
-        return self.flux.draw_embeds(self.aligner(states_BLD), self.pooled, steps=e.steps, guidance=e.guidance,
-                                     size=e.image_size, seeds=flux_seeds)
+        images = self.flux.draw_embeds(self.aligner(states_BLD), self.pooled, steps=e.steps, guidance=e.guidance,
+                                       size=e.image_size, seeds=flux_seeds)
+        return vlm_drawings(self.vlm, self.cfg, conversations, samples, images)
 
-    def __call__(self, prompts: list[Prompt], dataset: CobsatDataset) -> list[Image.Image]:
+    def __call__(self, prompts: list[Prompt], dataset: CobsatDataset) -> list[Drawing]:
         seed = self.cfg.eval.seed
         return self.draw([cobsat_parts(p, dataset) for p in prompts], vlm_seed=seed + prompts[0].index,
                          flux_seeds=[seed + p.index for p in prompts])
@@ -116,18 +138,27 @@ class TextBridgeGenerator:
     cfg: RunConfig
 
     @torch.no_grad()
-    def __call__(self, prompts: list[Prompt], dataset: CobsatDataset) -> list[Image.Image]:
+    def __call__(self, prompts: list[Prompt], dataset: CobsatDataset) -> list[Drawing]:
         e = self.cfg.eval
-        samples = vlm_answers(self.vlm, self.cfg, [cobsat_parts(p, dataset) for p in prompts], seed=e.seed + prompts[0].index)
+        conversations = [cobsat_parts(p, dataset) for p in prompts]
+        samples = vlm_answers(self.vlm, self.cfg, conversations, seed=e.seed + prompts[0].index)
         texts = [self.vlm.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in samples]
-        return self.flux.draw_text(texts, steps=e.steps, guidance=e.guidance, size=e.image_size,
-                                   seeds=[e.seed + p.index for p in prompts])
+        images = self.flux.draw_text(texts, steps=e.steps, guidance=e.guidance, size=e.image_size,
+                                     seeds=[e.seed + p.index for p in prompts])
+        return vlm_drawings(self.vlm, self.cfg, conversations, samples, images)
+
+
+def inference_vlm(cfg: RunConfig) -> VLM:
+    """The VLM as CoBSAT inference uses it: the features stage's model (held once per process), its
+    images resized to `eval.min_pixels`..`eval.max_pixels`."""
+    f, e = cfg.features, cfg.eval
+    return with_pixel_limits(shared(load_vlm, cfg.models.vlm, min_pixels=f.min_pixels, max_pixels=f.max_pixels),
+                             e.min_pixels, e.max_pixels)
 
 
 def build_generator(cfg: RunConfig, aligner_spec: str | None):
     """The model-backed generator named by `eval.generator` (thinkdiff or text-bridge)."""
-    f = cfg.features
-    vlm = shared(load_vlm, cfg.models.vlm, min_pixels=f.min_pixels, max_pixels=f.max_pixels)  # the features stage's VLM
+    vlm = inference_vlm(cfg)
     flux = shared(load_flux, cfg.models.flux, compile=cfg.eval.compile)
     if cfg.eval.generator == "text-bridge":
         return TextBridgeGenerator(vlm=vlm, flux=flux, cfg=cfg)
@@ -140,7 +171,8 @@ def build_generator(cfg: RunConfig, aligner_spec: str | None):
 @dataclass
 class Composer:
     """ThinkDiff-CLIP inference: `prompt_embeds = [aligner(img_1) ; ... ; FLUX's T5 embedding of the
-    text]`, pooled CLIP from the text (or ""); REFERENCE.md section 6."""
+    text]`, pooled CLIP from the text (or ""). The text goes through FLUX's T5 at
+    `eval.clip_text_tokens` (the release: 128), padded to that length, also when it is empty."""
 
     vision: VisionEncoder
     aligner: Aligner
@@ -152,12 +184,12 @@ class Composer:
 
     @torch.no_grad()
     def prompt_embeds(self, images: list[Image.Image], text: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, n_images * T + L_text, D) prompt embeddings and the (1, D_clip) pooled embedding."""
+        """(1, n_images * T + eval.clip_text_tokens, D) prompt embeddings and the (1, D_clip) pooled embedding."""
         tokens_BTD = self.vision.tokens(images).to(self.flux.device)
         aligned_1ND = self.aligner(tokens_BTD).reshape(1, -1, self.aligner.config.out_dim).to(self.flux.dtype)
-        if not text:
-            return aligned_1ND, self.flux.pooled_clip("")
-        text_1LD, pooled, _ = self.flux.pipe.encode_prompt(prompt=text, prompt_2=text, device=self.flux.device)
+        text = text or ""
+        text_1LD, pooled, _ = self.flux.pipe.encode_prompt(prompt=text, prompt_2=text, device=self.flux.device,
+                                                           max_sequence_length=self.cfg.eval.clip_text_tokens)
         return torch.cat([aligned_1ND, text_1LD.to(aligned_1ND.dtype)], dim=1), pooled
 
     def compose(self, images: list[Image.Image], text: str | None, seed: int) -> Image.Image:

@@ -121,6 +121,14 @@ def aligner_spec(cfg: RunConfig, explicit: str | None = None) -> str:
     return spec
 
 
+def clip_scorer(cfg: RunConfig):
+    """CoBSAT's CLIP metric with `eval.clip_model`, loaded once per process."""
+    from thinkdiff.eval.clip_score import load_clip_scorer
+    from thinkdiff.models.common import shared
+
+    return shared(load_clip_scorer, cfg.eval.clip_model)
+
+
 def built_on_first_call(build: Callable[[], Callable]) -> Callable:
     """A stand-in for the callable `build()` makes, made at its first call."""
     made = functools.cache(build)
@@ -181,8 +189,9 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
     # result: the same directory.
     settings = {k: v for k, v in e.__dict__.items()
                 if k not in ("aligner", "tasks", "shots", "limit", "nightly_limit", "compile", "baselines")}
-    # The VLM (generator and qwen2-vl judge) sees images and the system prompt as the features stage does.
-    vlm_inputs = {k: getattr(cfg.features, k) for k in ("system_prompt", "min_pixels", "max_pixels")}
+    # The VLM (generator and qwen2-vl judge) has the features stage's system prompt (its pixel limits
+    # at inference are eval settings).
+    vlm_inputs = {"system_prompt": cfg.features.system_prompt}
     # A synthetic set is the same images wherever it lies (its size is in `settings`); a real one is
     # keyed by its directory.
     dataset_key = "synthetic" if e.dataset == "synthetic" else str(data.root.resolve())
@@ -190,8 +199,10 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> dict[str, Any]:
         "schema": EVAL_SCHEMA_VERSION, "eval": settings, "generator": identity, "dataset": dataset_key,
         "features": vlm_inputs, "models": {k: v.__dict__ for k, v in cfg.models.__dict__.items()},
     })
-    summary = harness.evaluate(data, generator, built_on_first_call(lambda: judge.load_judge(cfg)), out_dir, tasks=e.tasks, shots=e.shots, limit=e.limit,
-                                batch_size=e.batch_size)
+    scorer = built_on_first_call(lambda: clip_scorer(cfg)) if e.clip_score else None
+    summary = harness.evaluate(data, generator, built_on_first_call(lambda: judge.load_judge(cfg)), out_dir, tasks=e.tasks,
+                               shots=e.shots, limit=e.limit, batch_size=e.batch_size, name=e.generator,
+                               judge_label=judge.judge_label(cfg), clip_scorer=scorer)
     # Logged before the baselines are drawn: a run cut off while drawing them keeps the aligner's.
     run_id = registry.log_evaluation(cfg, out_dir, summary, ref, label)
     baselines, table = {}, summary.table()

@@ -53,16 +53,24 @@ def plot_cobsat_accuracy(series: dict[str, dict[int, float]], out_png: Path, tit
     return _save(fig, out_png)
 
 
+CAPTION_LINE_PX = 14
+
+
 def save_sample_grid(rows: list[tuple[list[Image.Image], str]], out_png: Path, cell: int = 128) -> Path:
-    """One row per sample: its images side by side (demos, then the output) under a caption."""
+    """One row per sample: its images side by side (demos, then the output) under a caption; each
+    line of a caption is cut to the sheet's width (Pillow's default font is about 6 px a character)."""
     columns = max(len(images) for images, _ in rows)
-    sheet = Image.new("RGB", (columns * cell, len(rows) * (cell + 16)), (255, 255, 255))
+    lines = max(len(caption.split("\n")) for _, caption in rows)
+    chars = columns * cell // 6
+    band = lines * CAPTION_LINE_PX + 2
+    sheet = Image.new("RGB", (columns * cell, len(rows) * (cell + band)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     for r, (images, caption) in enumerate(rows):
-        top = r * (cell + 16)
-        draw.text((2, top + 2), caption[:120], fill=(0, 0, 0))
+        top = r * (cell + band)
+        for k, line in enumerate(caption.split("\n")):
+            draw.text((2, top + 2 + k * CAPTION_LINE_PX), line[:chars], fill=(0, 0, 0))
         for c, image in enumerate(images):
-            sheet.paste(image.convert("RGB").resize((cell, cell)), (c * cell, top + 16))
+            sheet.paste(image.convert("RGB").resize((cell, cell)), (c * cell, top + band))
     atomic_write_image(out_png, sheet)
     return out_png
 

@@ -424,7 +424,7 @@ def log_evaluation(cfg: RunConfig, out_dir: Path, summary: Any, model: ModelVers
                 client.set_model_version_tag(model.name, model.version, f"cobsat.mean.{shot}shot", f"{mean:.4f}")
             client.set_model_version_tag(model.name, model.version, "cobsat.prompts", str(summary.num_prompts))
             # Which judge gave these means: an LLaVA and a Qwen2-VL verdict are not the same score.
-            client.set_model_version_tag(model.name, model.version, "cobsat.judge", cfg.eval.judge)
+            client.set_model_version_tag(model.name, model.version, "cobsat.judge", summary.judge)
             client.set_model_version_tag(model.name, model.version, "cobsat.eval_schema", str(EVAL_SCHEMA_VERSION))
             client.set_model_version_tag(model.name, model.version, "cobsat.eval_run", run_id)
     return run_id
@@ -446,20 +446,23 @@ def _log_evaluation_run(client, experiment_id: str, cfg: RunConfig, out_dir: Pat
     tags = {"mlflow.runName": f"cobsat-{generator.split('/')[-1]}-{out_dir.name[:8]}-{summary.num_prompts}", "thinkdiff.kind": "cobsat-eval",
             "thinkdiff.eval_dir": out_dir.name, "thinkdiff.eval_prompts": str(summary.num_prompts),
             "thinkdiff.eval_set": _prompt_set(summary),
-            "thinkdiff.generator": generator, "thinkdiff.preset": cfg.preset, **links}
+            "thinkdiff.generator": generator, "thinkdiff.preset": cfg.preset, "thinkdiff.judge": summary.judge, **links}
     run_id = client.create_run(experiment_id, tags=tags).info.run_id
     try:
         now = int(time.time() * 1000)
         metrics = [Metric(f"cobsat.{shot}shot.{get_task(t).short}", acc, now, 0)
                    for shot, per_task in summary.accuracy.items() for t, acc in per_task.items()]
         metrics += [Metric(f"cobsat.{shot}shot.mean", mean, now, 0) for shot, mean in summary.mean.items()]
+        for name, values in (("clip_correct", summary.clip_accuracy), ("clip_similarity", summary.clip_similarity)):
+            metrics += [Metric(f"cobsat.{shot}shot.{get_task(t).short}.{name}", v, now, 0)
+                        for shot, per_task in values.items() for t, v in per_task.items()]
         metrics += [Metric(name, getattr(summary, name), now, 0) for name in ("gen_images_per_s", "gen_s_per_prompt", "judge_s_per_prompt")]
         client.log_batch(run_id, metrics=metrics)
         client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in flatten({"eval": cfg.eval.__dict__}).items()])
         for name in ("summary.md", "summary.json", "results.jsonl", "accuracy.png", "samples.png"):
             if (out_dir / name).is_file():
                 client.log_artifact(run_id, str(out_dir / name))
-        client.log_artifacts(run_id, str(out_dir / "images"), "images")
+        client.log_artifacts(run_id, str(out_dir / "results"), "results")
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise

@@ -46,7 +46,11 @@ DIR_MODE = 0o777 & ~_UMASK
 CORPUS_SCHEMA_VERSION = 1
 FEATURES_SCHEMA_VERSION = 1
 TRAIN_SCHEMA_VERSION = 2  # 2: train.batch_size is the global batch (it was per process)
-EVAL_SCHEMA_VERSION = 2  # 2: the LLaVA judge's prompt has CoBSAT's system line (judge.llava_prompt)
+# 2: the LLaVA judge's prompt has CoBSAT's system line (judge.llava_prompt). 3: the ThinkDiff generator
+# bans stop tokens; images are judged as CoBSAT does (saved as JPEG at quality 75 under CoBSAT's file
+# names and read back; LLaVA pads them to a square and answers up to 512 tokens); rows keep the VLM's
+# prompt and answer and the judge's replies.
+EVAL_SCHEMA_VERSION = 3
 # Settings that change how a stage runs, is observed or kept, not what it computes: outside the fingerprint.
 # The corpus's: how fast it downloads, and the bar its success rate must clear (a failed check is
 # rerun with a lower bar on the shards already downloaded).

@@ -76,7 +76,7 @@ def test_pipeline_flow_end_to_end_then_skipped(prefect_harness, tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
     eval_run = client.get_run(out["cobsat run"])
     assert eval_run.data.tags["thinkdiff.model_version"] == "1" and "cobsat.4shot.mean" in eval_run.data.metrics
-    assert {a.path for a in client.list_artifacts(out["cobsat run"])} >= {"images", "samples.png", "accuracy.png", "comparison.md"}
+    assert {a.path for a in client.list_artifacts(out["cobsat run"])} >= {"results", "samples.png", "accuracy.png", "comparison.md"}
     # The text bridge beside it, as the table and the chart the summary names.
     assert "| text-bridge | 4 |" in Path(out["comparison table"]).read_text() and Path(out["comparison"]).is_file()
 

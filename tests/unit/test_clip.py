@@ -1,6 +1,7 @@
 """Covers ThinkDiff-CLIP: vision tokens (CLS + patch grid bilinearly downsampled by 2), BLIP-2
 vision weights read alone from a full checkpoint, features with the url list's captions, the
-caption split at a uniformly random word, the encoder-state layout [aligner(image) ; T5enc(part 1)],
+caption split at a uniformly random word (after BLIP's caption normalisation; a one-word caption
+kept, its part 1 empty), the encoder-state layout [aligner(image) ; T5enc(part 1)],
 training through the same loop, and composition: [aligner(img_1) ; aligner(img_2) ; FLUX-T5(text)]
 with pooled CLIP from the text (or "")."""
 
@@ -18,7 +19,7 @@ from thinkdiff.generate import build_composer
 from thinkdiff.models.aligner import Aligner, AlignerConfig
 from thinkdiff.models.t5 import IGNORE_INDEX, gather_slots, load_t5
 from thinkdiff.models.vision import build_tiny_vision, load_vision
-from thinkdiff.train.data import CaptionSplitCollator, Sample
+from thinkdiff.train.data import CaptionSplitCollator, Sample, blip_caption
 from thinkdiff.train.loop import encoder_states
 
 CPU = torch.device("cpu")
@@ -75,6 +76,54 @@ def test_caption_split_at_a_uniform_word():
     assert short.labels_BT[0, -1] == t5.eos_token_id  # truncated, </s> kept
 
 
+def test_blip_captions_are_normalised_as_lavis_does():
+    """train.blip_captions: LAVIS's BlipCaptionProcessor.pre_caption (the release's text processor):
+    lower case, . ! " ( ) * # : ; ~ become spaces, runs of whitespace one space, the ends trimmed,
+    at most 50 words; other punctuation stays."""
+    assert blip_caption('A Dog: "Runs" (fast)!!  on the BEACH.\n') == "a dog runs fast on the beach"
+    assert blip_caption("it's a dog, ok-ish? 3~4*#;x") == "it's a dog, ok-ish? 3 4 x"
+    assert blip_caption("...!!") == ""
+    many = " ".join(f"Word{i}" for i in range(70))
+    assert blip_caption(many) == " ".join(f"word{i}" for i in range(50))
+    t5 = load_t5(ModelSource(id="tiny", revision="tiny-v1", dtype="float32"), device=CPU).tokenizer
+    caption = 'Two RED hats: "summer" (2019).'
+    for blip in (True, False):
+        collate = CaptionSplitCollator(t5, max_prefix_tokens=64, max_target_tokens=64, seed=0, blip_captions=blip)
+        batch = collate([Sample([], StoredFeatures.encode(torch.randn(5, 48)), caption)], 0)
+        labels = batch.labels_BT[0]
+        parts = [t5.decode(ids, skip_special_tokens=True) for ids in (batch.prefix_ids_BP[0], labels[labels != IGNORE_INDEX])]
+        assert " ".join(parts) == (blip_caption(caption) if blip else caption)
+
+
+def test_one_word_captions_train_with_an_empty_part_1():
+    """As the release's random_split_string: a one-word caption is all target, and part 1 is the
+    tokenized empty string, </s> alone, which the frozen T5 encoder reads like any other part 1.
+    A caption with no word left after normalisation has nothing to predict and is skipped."""
+    t5 = load_t5(ModelSource(id="tiny", revision="tiny-v1", dtype="float32"), device=CPU, keep_encoder=True)
+    collate = CaptionSplitCollator(t5.tokenizer, max_prefix_tokens=32, max_target_tokens=32, seed=0, blip_captions=True)
+    samples = [Sample([], StoredFeatures.encode(torch.randn(5, 48)), "Sunset!"),
+               Sample([], StoredFeatures.encode(torch.randn(5, 48)), "two blue hats")]
+    assert all(collate.usable(s) for s in samples)
+    assert not collate.usable(Sample([], StoredFeatures.encode(torch.randn(5, 48)), " ... ")) and not collate.usable(
+        Sample([], StoredFeatures.encode(torch.randn(5, 48)), ""))
+    for step in range(20):
+        batch = collate(samples, step)
+        empty = t5.tokenizer("")["input_ids"]
+        assert empty == [t5.tokenizer.eos_token_id]
+        assert batch.prefix_ids_BP[0, : batch.prefix_mask_BP[0].sum()].tolist() == empty
+        labels = batch.labels_BT[0]
+        assert labels[labels != IGNORE_INDEX].tolist() == t5.tokenizer("sunset")["input_ids"]
+        assert batch.prefix_mask_BP[1].sum() > 1  # two or more words: part 1 holds at least one
+    aligner = Aligner(AlignerConfig(in_dim=48, out_dim=32))
+    rows, slots = encoder_states(aligner, t5.encoder, batch)
+    assert (slots[0] >= 0).sum() == 5 + 1 and torch.isfinite(rows).all()
+    states = gather_slots(rows, slots)
+    expected = t5.encoder(input_ids=torch.tensor([empty])).last_hidden_state
+    torch.testing.assert_close(states[0, 5:6], expected[0])
+    loss = t5.decoder_lm.loss(rows, slots, batch.labels_BT)
+    assert torch.isfinite(loss)
+
+
 def test_encoder_states_layout():
     """ThinkDiff-CLIP: each sample's slots hold its aligned image rows, then its caption prefix
     through the T5 encoder (padding: -1)."""
@@ -105,16 +154,22 @@ def test_clip_variant_trains_and_composes(demo_corpus, tmp_path):
     assert result.step == 30
     composer = build_composer(cfg, str(result.aligner_dir))
     embeds, pooled = composer.prompt_embeds([RED, BLUE], "on a beach")
-    text_embeds, text_pooled, _ = composer.flux.pipe.encode_prompt(prompt="on a beach", prompt_2="on a beach", device=CPU)
-    assert embeds.shape == (1, 5 + 5 + text_embeds.shape[1], 32)
+    # FLUX's T5 embedding of the text at eval.clip_text_tokens (the release: 128), not diffusers' 512.
+    text_embeds, text_pooled, _ = composer.flux.pipe.encode_prompt(prompt="on a beach", prompt_2="on a beach", device=CPU,
+                                                                   max_sequence_length=cfg.eval.clip_text_tokens)
+    assert embeds.shape == (1, 5 + 5 + cfg.eval.clip_text_tokens, 32)
     with torch.no_grad():
         aligned = composer.aligner(composer.vision.tokens([RED, BLUE]))
     torch.testing.assert_close(embeds[0, :5], aligned[0])
     torch.testing.assert_close(embeds[0, 5:10], aligned[1])
     torch.testing.assert_close(embeds[:, 10:], text_embeds, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(pooled, text_pooled, rtol=1e-4, atol=1e-4)
+    # No text: the T5 embedding of "" is appended all the same, as the release does; pooled CLIP of "".
     no_text, empty_pooled = composer.prompt_embeds([RED], None)
-    assert no_text.shape == (1, 5, 32) and torch.equal(empty_pooled, composer.flux.pooled_clip(""))
+    empty_embeds, _, _ = composer.flux.pipe.encode_prompt(prompt="", prompt_2="", device=CPU, max_sequence_length=128)
+    assert no_text.shape == (1, 5 + 128, 32)
+    torch.testing.assert_close(no_text[:, 5:], empty_embeds, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(empty_pooled, composer.flux.pooled_clip(""), rtol=1e-4, atol=1e-4)
     image = composer.compose([RED, BLUE], "on a beach", seed=0)
     assert image.size == (cfg.eval.image_size, cfg.eval.image_size)
     # CoBSAT is the LVLM's benchmark: the pipeline skips it for this variant.

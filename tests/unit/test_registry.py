@@ -239,14 +239,18 @@ def test_cobsat_evaluation_is_logged_against_the_version(trained, monkeypatch):
     assert run.data.tags["thinkdiff.model_version"] == ref.version
     assert {"cobsat.2shot.C-I", "cobsat.2shot.B-II", "cobsat.2shot.mean", "gen_images_per_s"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
-    assert {"accuracy.png", "samples.png", "summary.md", "results.jsonl", "images", "comparison.md", "comparison.png"} <= artifacts
+    assert {"accuracy.png", "samples.png", "summary.md", "results.jsonl", "results", "comparison.md", "comparison.png"} <= artifacts
     # The text bridge, evaluated beside it with the same settings, in its own directory and run.
     bridge = result["baselines"]["text-bridge"]
     assert bridge.num_prompts == result["summary"].num_prompts == 2
     lines = result["table"].splitlines()
     assert [line.split(" | ")[:2] for line in lines[2:4]] == [["| thinkdiff", "2"], ["| text-bridge", "2"]]
-    assert lines[3].endswith(f"| {bridge.mean[2]:.3f} |") and lines[4:] == ["", "2 prompts per generator"]
-    assert len(client.list_artifacts(result["run_id"], "images")) == 2  # one folder per (task, shot)
+    assert lines[3].endswith(f"| {bridge.mean[2]:.3f} |")
+    assert lines[4:] == ["", "2 prompts per generator; judge: synthetic reader (not CoBSAT's judge)"]
+    assert run.data.tags["thinkdiff.judge"] == "synthetic reader (not CoBSAT's judge)"
+    # The images in CoBSAT's own layout (a folder per task under the shot), for its evaluation code.
+    shot_dir = "results/exps/thinkdiff_image/shot_2/default"
+    assert [a.path for a in client.list_artifacts(result["run_id"], shot_dir)] == [f"{shot_dir}/task_1", f"{shot_dir}/task_4"]
     version = client.get_model_version(cfg.tracking.registered_model, ref.version)
     assert float(version.tags["cobsat.mean.2shot"]) == result["summary"].mean[2]
     # Rerun: the results directory is complete and already logged; no model is loaded for it.
@@ -366,7 +370,7 @@ def test_each_version_and_prompt_set_gets_its_own_evaluation_run(two_versions):
     assert sorted((r["task"], r["index"]) for r in rows) == [(1, 0), (1, 1), (1, 2), (1, 3), (4, 0), (4, 1)]
     assert client.get_run(both["run_id"]).data.tags["thinkdiff.eval_set"] == "tasks 1,4; shots 2; 2 prompts"
     tags = client.get_model_version(cfg.tracking.registered_model, first.version).tags
-    assert tags["cobsat.prompts"] == "3" and tags["cobsat.eval_run"] == larger["run_id"] and tags["cobsat.judge"] == "synthetic"
+    assert tags["cobsat.prompts"] == "3" and tags["cobsat.eval_run"] == larger["run_id"] and tags["cobsat.judge"] == "synthetic reader (not CoBSAT's judge)"
     assert tags["cobsat.mean.2shot"] == f"{larger['summary'].mean[2]:.4f}"
     # Tags from verdicts of an older schema give way to the next evaluation, whatever its size.
     client.set_model_version_tag(cfg.tracking.registered_model, first.version, "cobsat.eval_schema", "1")

@@ -1,8 +1,10 @@
-"""Covers: the learning-rate schedule and weight-decay groups of REFERENCE.md section 5; the
-masked-split collate; the streaming sample order and its resume position; length buckets (less
-padding than one sort, ranks' slices); checkpoints (atomic,
-keep_last, weights_only); a run stopped after step K and resumed equals an uninterrupted run
-bitwise; the aligner learns on a fixed feature set."""
+"""Covers: the learning-rate schedule (its cosine horizon past max_steps) and weight-decay groups of
+REFERENCE.md section 5; the aligner's initial weights (train.aligner_init); the masked-split
+collate; the streaming sample order and its resume position; length buckets (less padding than one
+sort, ranks' slices) and their loss weight (every token weighs as in plain random batches); the
+frozen decoder's dropout (train.t5_dropout: seeded by torch, eager and compiled, refused with
+flex); checkpoints (atomic, keep_last, weights_only); a run stopped after step K and resumed equals
+an uninterrupted run bitwise, dropout on; the aligner learns on a fixed feature set."""
 
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from thinkdiff.train.loop import lr_multiplier, param_groups, train_aligner
 
 
 def test_lr_schedule_warmup_then_cosine_to_final():
-    t = load_config("paper-lvlm").train
+    t = load_config("paper-lvlm", ["train.lr_horizon_steps=25000"]).train
     lr = lambda step: t.lr * lr_multiplier(t)(step)  # noqa: E731
     assert lr(0) == pytest.approx(1e-6)
     assert lr(1000) == pytest.approx(1e-6 + (1e-4 - 1e-6) / 2)
@@ -39,6 +41,53 @@ def test_lr_schedule_warmup_then_cosine_to_final():
     mid = 2000 + (25000 - 2000) // 2
     assert lr(mid) == pytest.approx(8e-5 + (1e-4 - 8e-5) * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr(25000) == pytest.approx(8e-5)
+    tiny = load_config("tiny").train  # horizon = max_steps: the run ends at final_lr
+    assert tiny.lr_horizon_steps == tiny.max_steps
+    assert tiny.lr * lr_multiplier(tiny)(tiny.max_steps) == pytest.approx(tiny.final_lr)
+
+
+def test_lr_cosine_runs_to_its_horizon_past_the_last_step():
+    """The paper presets, as the official release: the cosine spans 200,000 steps of which the run
+    trains 25,000, so its rate ends near 1e-4, not at final_lr."""
+    t = load_config("paper-lvlm").train
+    assert (t.max_steps, t.lr_horizon_steps, t.warmup_steps) == (25000, 200000, 2000)
+    assert (t.lr, t.final_lr, t.warmup_start_lr) == (1e-4, 8e-5, 1e-6)
+    lr = lambda step: t.lr * lr_multiplier(t)(step)  # noqa: E731
+
+    def cosine(step: int) -> float:
+        progress = (step - 2000) / (200000 - 2000)
+        return 8e-5 + (1e-4 - 8e-5) * (1 + math.cos(math.pi * progress)) / 2
+
+    assert lr(1000) == pytest.approx(1e-6 + (1e-4 - 1e-6) / 2)
+    for step in (2000, 13500, 25000, 120000):
+        assert lr(step) == pytest.approx(cosine(step), rel=1e-12)
+    assert lr(25000) == pytest.approx(9.9e-5, abs=5e-7)  # the release's rate there: still about 9.9e-5
+    assert lr(200000) == pytest.approx(8e-5) and lr(250000) == pytest.approx(8e-5)
+
+
+@pytest.mark.parametrize(("preset", "init"), [("tiny", "pytorch"), ("tiny-clip", "normal")])
+def test_aligner_init_follows_the_preset(preset, init):
+    """normal (ThinkDiff-CLIP): Linear weights N(0, 0.02), biases exactly zero; pytorch
+    (ThinkDiff-LVLM): nn.Linear's default, uniform within 1/sqrt(fan_in), biases too. Either way the
+    norm is the T5 encoder's, and the same seed gives the same aligner."""
+    from thinkdiff.train.loop import build_aligner
+
+    t = load_config(preset).train
+    assert t.aligner_init == init
+    norm = torch.rand(256) + 0.5
+    aligner = build_aligner(t, 512, 256, norm)
+    assert torch.equal(aligner.norm.weight.detach(), norm)
+    for linear in (aligner.fc1, aligner.fc2):
+        weight, bias = linear.weight.detach(), linear.bias.detach()
+        if init == "normal":
+            assert weight.std().item() == pytest.approx(0.02, rel=0.03) and abs(weight.mean().item()) < 1e-3
+            assert torch.count_nonzero(bias) == 0
+        else:
+            bound = linear.in_features**-0.5
+            assert weight.abs().max() <= bound and weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.03)
+            assert torch.count_nonzero(bias) == bias.numel() and bias.abs().max() <= bound
+    again = build_aligner(t, 512, 256, norm)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in aligner.state_dict().items())
 
 
 def test_weight_decay_only_on_matrices():
@@ -92,9 +141,12 @@ def test_stream_resumes_at_saved_position_across_epochs(tiny_store):
 
 
 def test_resumed_run_equals_uninterrupted_run_bitwise(tiny_store, tmp_path):
+    """With the decoder's dropout on (the preset's): the checkpoint holds the random state its masks
+    are drawn from, and the resumed run draws what the uninterrupted one did."""
     cfg, features_dir = tiny_store
     cfg = load_config("tiny", [f"paths.root={tmp_path}", "train.max_steps=12", "train.warmup_steps=3",
                                "train.checkpoint_every=4", "train.keep_last=2", "train.log_every=2", "train.batch_size=8"])
+    assert cfg.train.t5_dropout
     full = train_aligner(cfg, features_dir, tmp_path / "full")
     first = train_aligner(cfg, features_dir, tmp_path / "resumed", stop_after_steps=6)
     assert first.step == 6 and not (tmp_path / "resumed" / "manifest.json").exists()
@@ -106,6 +158,8 @@ def test_resumed_run_equals_uninterrupted_run_bitwise(tiny_store, tmp_path):
     metrics = tmp_path / "resumed" / "metrics.jsonl"
     assert json.loads(metrics.read_text().splitlines()[-1])["step"] == 6
     metrics.write_text(metrics.read_text() + '{"step": 8, "lo')
+    assert len(load_trainer_state(checkpoints / "step_000004")["rng_cpu"]) == 1  # one per process
+    torch.manual_seed(1234)  # a new process: its global generator is not where the killed one left it
     second = train_aligner(cfg, features_dir, tmp_path / "resumed")
     assert second.step == 12 == full.step
     a, b = Aligner.from_pretrained(full.aligner_dir), Aligner.from_pretrained(second.aligner_dir)
@@ -400,9 +454,17 @@ def test_a_store_with_fewer_rows_than_the_split_is_refused(tiny_store, tmp_path)
 
 def test_flex_decoder_attention_is_refused_on_a_cpu_before_anything_is_written(tiny_store, tmp_path):
     cfg, features_dir = tiny_store
-    flex = load_config("tiny", [f"paths.root={tmp_path}", "train.decoder_attention=flex", "train.compile=true"])
+    flex = load_config("tiny", [f"paths.root={tmp_path}", "train.decoder_attention=flex", "train.compile=true",
+                                "train.t5_dropout=false"])
     with pytest.raises(ConfigError, match="train.decoder_attention=flex needs a CUDA GPU .* use train.decoder_attention=sdpa"):
         train_aligner(flex, features_dir, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    # Dropout asked of the flex kernel, which has none: refused, naming both settings, on any device.
+    with pytest.raises(ConfigError, match=r"train.decoder_attention=flex runs the T5 decoder without dropout .* "
+                                          r"train.t5_dropout=true .* use train.decoder_attention=sdpa, or set "
+                                          r"train.t5_dropout=false"):
+        train_aligner(load_config("tiny", [f"paths.root={tmp_path}", "train.decoder_attention=flex", "train.compile=true"]),
+                      features_dir, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
@@ -421,7 +483,9 @@ def test_compiled_decoder_trains_like_eager_with_one_graph(tiny_store, tmp_path,
         return eager_loss(self, rows, slots, labels, positions)
 
     monkeypatch.setattr(T5DecoderLM, "loss", recording_loss)
-    overrides = [f"paths.root={tmp_path}", "train.max_steps=6", "train.warmup_steps=2", "train.log_every=1", "train.batch_size=4"]
+    # Dropout off: compiled code draws other masks than eager (test_t5_dropout_... has it on).
+    overrides = [f"paths.root={tmp_path}", "train.max_steps=6", "train.warmup_steps=2", "train.log_every=1", "train.batch_size=4",
+                 "train.t5_dropout=false"]
     losses = {}
     for compiled in (False, True):
         torch._dynamo.reset()
@@ -434,3 +498,189 @@ def test_compiled_decoder_trains_like_eager_with_one_graph(tiny_store, tmp_path,
     # both blocks, would make 8).
     assert 2 <= counters["stats"]["unique_graphs"] <= 4
     torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=1e-5)
+
+
+def _decoder_batch():
+    """Packed source rows, their slots and padded labels for the tiny T5 decoder."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+    states = torch.randn(3, 6, 32, generator=g)
+    slots = torch.where(mask.bool(), (mask.flatten().cumsum(0) - 1).view(mask.shape), -1)
+    labels = torch.randint(2, 200, (3, 7), generator=g)
+    labels[1, 3:], labels[2, 5:] = IGNORE_INDEX, IGNORE_INDEX
+    return states[mask.bool()], slots, labels
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_t5_dropout_draws_from_the_torch_seed_only_when_on(compiled, monkeypatch):
+    """train.t5_dropout: the frozen decoder (flan-t5's dropout 0.1 in the tiny T5) in train
+    mode, its attention dropout reaching SDPA, so two torch seeds give two losses on one batch and
+    a seed repeats its loss, eager and compiled (train.compile); off, every seed gives the
+    eval-mode loss. The weights stay frozen either way."""
+    import torch.nn.functional as F
+
+    from thinkdiff.config import ModelSource
+    from thinkdiff.models.t5 import load_t5
+
+    decoder = load_t5(ModelSource(id="tiny", revision="tiny-v1", dtype="float32"), device=torch.device("cpu")).decoder_lm
+    assert decoder.config.dropout_rate == 0.1
+    rows, slots, labels = _decoder_batch()
+    with torch.no_grad():
+        eval_loss = decoder.loss(rows, slots, labels)
+    if compiled:
+        torch._dynamo.reset()
+        decoder.compile_decoder()
+    sdpa, dropout_p = F.scaled_dot_product_attention, []
+
+    def recording_sdpa(*args, **kwargs):
+        dropout_p.append(kwargs.get("dropout_p", 0.0))
+        return sdpa(*args, **kwargs)
+
+    if not compiled:  # what the attention kernels are asked for (compiled code calls no Python)
+        monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+
+    def loss_with_seed(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        source = rows.clone().requires_grad_(True)
+        loss = decoder.loss(source, slots, labels)
+        loss.backward()  # the training step's backward: the gradient reaches the aligned rows only
+        assert source.grad is not None and source.grad.abs().sum() > 0
+        return loss.detach()
+
+    decoder.set_dropout(True)
+    decoder.eval().train()  # a parent's train() / eval() leaves the setting as it is
+    assert decoder.training and all(m.training for m in decoder.modules())
+    on = [loss_with_seed(seed) for seed in (0, 1, 0)]
+    assert torch.equal(on[0], on[2]) and not torch.allclose(on[0], on[1], rtol=1e-4)
+    assert not torch.allclose(on[0], eval_loss, rtol=1e-4)
+    assert not any(p.requires_grad or p.grad is not None for p in decoder.parameters())
+    if compiled:  # compiled in eval mode: test_models.py's test_compiled_decoder_blocks_share_one_graph_and_match_eager
+        return
+    assert dropout_p and set(dropout_p) == {0.1}  # self- and cross-attention, both layers
+    decoder.set_dropout(False)
+    decoder.train()
+    assert not any(m.training for m in decoder.modules())
+    dropout_p.clear()
+    off = [loss_with_seed(seed) for seed in (0, 1)]
+    assert torch.equal(off[0], off[1])
+    torch.testing.assert_close(off[0], eval_loss, rtol=1e-5, atol=1e-6)
+    assert set(dropout_p) == {0.0}
+    assert not any(p.requires_grad or p.grad is not None for p in decoder.parameters())
+
+
+@pytest.mark.parametrize("dropout", [True, False])
+def test_training_runs_the_frozen_decoder_with_dropout_as_set(tiny_store, tmp_path, monkeypatch, dropout):
+    """The loop hands train.t5_dropout to the decoder: train mode while the aligner trains, the
+    weights frozen; and a run with dropout repeats its losses (seeded)."""
+    from thinkdiff.models.t5 import T5DecoderLM
+
+    _, features_dir = tiny_store
+    seen = []
+    scored = T5DecoderLM.loss
+
+    def recording_loss(self, *args, **kwargs):
+        seen.append((self.training, {m.training for m in self.decoder.modules()}, any(p.requires_grad for p in self.parameters())))
+        return scored(self, *args, **kwargs)
+
+    monkeypatch.setattr(T5DecoderLM, "loss", recording_loss)
+    cfg = load_config("tiny", [f"paths.root={tmp_path}", "train.max_steps=3", "train.warmup_steps=1", "train.log_every=1",
+                               "train.batch_size=4", f"train.t5_dropout={dropout}"])
+    losses = []
+    for run in ("a", "b"):
+        train_aligner(cfg, features_dir, tmp_path / run)
+        losses.append([json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()])
+    assert seen == [(dropout, {dropout}, False)] * 6
+    assert losses[0] == losses[1]  # seeded: dropout or not, a run repeats
+
+
+def _target_lengths(batch) -> torch.Tensor:
+    return (batch.labels_BT != IGNORE_INDEX).sum(1)
+
+
+def test_bucketed_batches_weigh_every_token_as_random_batches_do(tiny_store):
+    """A batch's summed token loss is divided by the mean target tokens per global batch of its
+    bucketing pool. Over each pool the step weights then add up to the pool's batches exactly, and
+    over many steps a per-token quantity (here the token's own target length, which bucketing
+    sorts by) weighs as in plain random batches, which take each batch's token mean: the mean over
+    steps matches within sampling noise (under 1% here), where the token mean of each bucketed
+    batch, weighing a short target's tokens more, comes out about 9% lower. `window=1` is each
+    batch's own token mean, exactly."""
+    from thinkdiff.train.data import Batcher, BatcherState
+
+    _, features_dir = tiny_store
+    store = FeatureStore(features_dir)
+    collate = MaskedSplitCollator(build_tiny_qwen_tokenizer(), ByT5Tokenizer(), max_source_rows=16, max_target_tokens=32, seed=0)
+
+    def batches(window, n, batch_size=8, world=1, rank=0):
+        it = iter(Batcher(store, collate, lvlm_usable, seed=0, batch_size=batch_size, world=world, rank=rank, window=window,
+                          state=BatcherState()))
+        return [next(it) for _ in range(n)]
+
+    def step_value(batch) -> float:
+        """What a step descends for a per-token value equal to its target's length: the summed
+        value over the step's normaliser (`train_step`: token mean x loss_weight)."""
+        lengths = _target_lengths(batch).double()
+        return ((lengths * lengths).sum() / lengths.sum()).item() * batch.loss_weight
+
+    plain = batches(window=1, n=480)
+    for batch in plain:  # the release's per-batch token mean, exactly
+        assert batch.loss_tokens == batch.num_target_tokens and batch.loss_weight == 1.0
+    window = 12
+    bucketed = batches(window=window, n=480)
+    for k in range(0, len(bucketed), window):
+        assert sum(b.loss_weight for b in bucketed[k: k + window]) == pytest.approx(window, rel=1e-12)
+    plain_mean = np.mean([step_value(b) for b in plain])
+    bucketed_mean = np.mean([step_value(b) for b in bucketed])
+    own_count_mean = np.mean([step_value(b) / b.loss_weight for b in bucketed])
+    assert bucketed_mean == pytest.approx(plain_mean, rel=0.03)
+    assert own_count_mean < 0.95 * plain_mean  # what bucketing did before: short targets weighed more
+    # Two processes: each divides its share by half the global mean, and the average of their
+    # gradients (accelerate's) is the one process's step on the whole global batch.
+    halves = [batches(window=window, n=2 * window, world=2, rank=rank) for rank in (0, 1)]
+    for whole, half0, half1 in zip(bucketed[: 2 * window], *halves, strict=True):
+        assert half0.loss_tokens == half1.loss_tokens == whole.loss_tokens / 2
+        summed = [(_target_lengths(b).double() ** 2).sum().item() / b.loss_tokens for b in (whole, half0, half1)]
+        assert (summed[1] + summed[2]) / 2 == pytest.approx(summed[0], rel=1e-12)
+
+
+def _train_in_two_processes(features_dir, run_dir, overrides: list[str]) -> None:
+    """`thinkdiff train` in two CPU processes (torchrun; gloo), as `accelerate launch` runs it on two GPUs."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                           "-m", "thinkdiff", "train", "--config", "tiny", "--features", str(features_dir), "--out", str(run_dir),
+                           *overrides, "train.num_processes=2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_two_processes_train_as_one_and_resume_exactly(tiny_store, tmp_path):
+    """Two processes, each on its half of every (bucketed) global batch, gradients averaged: dropout
+    off, the weights of one process's run on the whole batches (each process divides its summed
+    token loss by half the pool's mean tokens per global batch; a token mean per process would be
+    off by about 1e-3 here). Dropout on: each process draws its own masks, and a run resumed from
+    its step-4 checkpoint ends bitwise as the uninterrupted one (the checkpoint holds both
+    processes' random states)."""
+    _, features_dir = tiny_store
+    overrides = [f"paths.root={tmp_path}", "train.max_steps=8", "train.warmup_steps=2", "train.log_every=2",
+                 "train.checkpoint_every=4", "train.keep_last=3", "train.batch_size=8"]
+    one = train_aligner(load_config("tiny", [*overrides, "train.t5_dropout=false"]), features_dir, tmp_path / "one")
+    _train_in_two_processes(features_dir, tmp_path / "two", [*overrides, "train.t5_dropout=false"])
+    two = Aligner.from_pretrained(list_checkpoints(tmp_path / "two" / "checkpoints")[-1] / "aligner")
+    for key, value in Aligner.from_pretrained(one.aligner_dir).state_dict().items():
+        torch.testing.assert_close(two.state_dict()[key], value, rtol=0, atol=1e-6)
+
+    run = tmp_path / "dropout"
+    _train_in_two_processes(features_dir, run, overrides)
+    rng = load_trainer_state(run / "checkpoints" / "step_000004")["rng_cpu"]
+    assert len(rng) == 2 and not torch.equal(rng[0], rng[1])
+    uninterrupted = Aligner.from_pretrained(run / "checkpoints" / "step_000008" / "aligner").state_dict()
+    shutil.rmtree(run / "checkpoints" / "step_000008")
+    (run / "manifest.json").unlink()
+    _train_in_two_processes(features_dir, run, overrides)
+    resumed = Aligner.from_pretrained(run / "checkpoints" / "step_000008" / "aligner").state_dict()
+    assert all(torch.equal(value, resumed[key]) for key, value in uninterrupted.items())

@@ -1,5 +1,5 @@
 """CoBSAT (Zeng et al., arXiv 2402.01293): tasks, items, prompts, judge questions and scoring,
-exactly as the public protocol (shared/COBSAT.md).
+exactly as the public protocol and CoBSAT's code give them (docs/cobsat.md).
 
     thinkdiff cobsat prompts --task 1 --shot 2 --limit 3
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import re
+import typing
 from dataclasses import dataclass
 from functools import cache
 
@@ -130,7 +131,11 @@ class Prompt:
 
     @property
     def save_name(self) -> str:
-        return f"{self.index}_{self.theta}_{'_'.join(self.x_items)}"
+        """CoBSAT's file name (without extension) for this prompt's generated image: the index, theta's
+        file id, then the x items' display words, "_"-joined (so `0_car_wireframe_futuristic_icon`,
+        `1_tiger_space_amusement park_volcano`): load_dataset.py line 102, with the x words mapped
+        by item2word on line 24 and theta not (line 51), CoBSAT a787be5."""
+        return f"{self.index}_{self.theta}_{'_'.join(display(x) for x in self.x_items)}"
 
     def to_json(self) -> dict:
         detail, obj = self.expected
@@ -144,6 +149,16 @@ class Prompt:
             "expected_detail": detail,
             "expected_object": obj,
         }
+
+
+def cobsat_result_path(prompt: Prompt, model: str) -> str:
+    """Where CoBSAT's evaluation_icl.py reads the image generated for `prompt` by `model`, relative to
+    its checkout: results/exps/{model}_image/shot_{N}/default/task_{id}/{save_name}.jpg (helper.py
+    line 145, evaluation_icl.py lines 510-550, CoBSAT a787be5; "image" is the generation mode and
+    "default" the prompt type, the benchmark's own prompts)."""
+    if not model or "/" in model:
+        raise ValueError(f"model={model!r}: give a folder-safe name (CoBSAT's --model), e.g. thinkdiff")
+    return f"results/exps/{model}_image/shot_{prompt.shot}/default/task_{prompt.task.id}/{prompt.save_name}.jpg"
 
 
 def build_prompt(task: Task, shot: int, index: int) -> Prompt:
@@ -165,6 +180,15 @@ def build_prompts(task: Task, shot: int, limit: int | None = None) -> list[Promp
 
 # ---------------------------------------------------------------------------------------------
 # Judging
+
+
+class Verdict(typing.NamedTuple):
+    """A judge's reading of one generated image: the (detail, object) options it chose (1..10, or -1
+    when a reply names none) and its two raw replies, in question order (kept in results.jsonl)."""
+
+    detail: int
+    object: int
+    replies: tuple[str, str]
 
 
 def judge_questions(task: Task) -> tuple[str, str]:

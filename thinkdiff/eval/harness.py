@@ -7,8 +7,11 @@ last complete line); the summary gives accuracy per task in the papers' column o
 per shot, generation and judging cost, a per-task bar chart and a grid of samples as PNG.
 
 Generators are callables `(prompts, dataset) -> images` over a fixed batch of prompts of one task
-and shot; a batch's rows are appended together. The sanity baselines need no model and have
-exact expected accuracies on a labelled set: oracle 1.0, copy-the-last-demo 0.0, random theta
+and shot; a batch's rows are appended together. A generator with a VLM returns `Drawing`s, so each
+row also keeps what the VLM was given and what it said. Every image is saved as CoBSAT's inference
+saves it (JPEG at Pillow's default quality) and the judge reads it back from that file, as CoBSAT's
+evaluation does; each row keeps the judge's two raw replies. The sanity baselines need no model and
+have exact expected accuracies on a labelled set: oracle 1.0, copy-the-last-demo 0.0, random theta
 about 0.1, random about 0.01.
 """
 
@@ -21,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from tqdm import tqdm
@@ -31,7 +35,9 @@ from thinkdiff.eval.cobsat import (
     NUM_PROMPTS,
     Prompt,
     Task,
+    Verdict,
     build_prompt,
+    cobsat_result_path,
     get_task,
     is_correct,
 )
@@ -41,9 +47,21 @@ from thinkdiff.storage import atomic_write_bytes, atomic_write_image, atomic_wri
 
 log = logging.getLogger(__name__)
 
-Generator = Callable[[list[Prompt], CobsatDataset], list[Image.Image]]
-Judge = Callable[[list[Image.Image], list[Task]], list[tuple[int, int]]]
-"""(detail, object) options for each image of a batch, given each one's task."""
+@dataclass
+class Drawing:
+    """A generated image with what the VLM behind it was given (the rendered chat, one placeholder per
+    image) and what it said (its whole answer, special tokens kept)."""
+
+    image: Image.Image
+    vlm_prompt: str
+    vlm_text: str
+
+
+Generator = Callable[[list[Prompt], CobsatDataset], "list[Image.Image] | list[Drawing]"]
+Judge = Callable[[list[Image.Image], list[Task]], list[Verdict]]
+"""The judge's verdict on each image of a batch, given each one's task."""
+ClipScorer = Callable[[list[Image.Image], list[Prompt]], list[dict[str, Any]]]
+"""CoBSAT's secondary metric (thinkdiff.eval.clip_score): the CLIP fields of each image's row."""
 RESULTS = "results.jsonl"
 
 
@@ -92,6 +110,12 @@ class Summary:
     gen_images_per_s: float
     gen_s_per_prompt: float
     judge_s_per_prompt: float
+    judge: str
+    """What judged (thinkdiff.eval.judge.judge_label): whether it is CoBSAT's own judge."""
+    clip_accuracy: dict[int, dict[int, float]]
+    """shot -> task id -> the mean of CoBSAT's CLIP correctness (empty without eval.clip_score)."""
+    clip_similarity: dict[int, dict[int, float]]
+    """shot -> task id -> the mean CLIP similarity to the expected "{detail} {object}" (idem)."""
 
     def table(self) -> str:
         return _table({"": self})
@@ -99,22 +123,35 @@ class Summary:
 
 def _table(summaries: dict[str, Summary]) -> str:
     """Accuracy per task in the papers' column order and the mean, a row per shot (per generator
-    and shot when the generators are named), then how many prompts it covers: a quick check with a
-    small `eval.limit` must not read as the full result."""
-    named = any(summaries)
-    header = ["generator"] * named + ["shot"] + [get_task(t).short for t in COLUMN_ORDER] + ["mean"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, summary in summaries.items():
-        for shot, per_task in sorted(summary.accuracy.items()):
-            cells = [name] * named + [str(shot)] + [f"{per_task[t]:.3f}" if t in per_task else "-" for t in COLUMN_ORDER]
-            lines.append("| " + " | ".join(cells) + f" | {summary.mean[shot]:.3f} |")
+    and shot when the generators are named), then how many prompts it covers and what judged them:
+    a quick check with a small `eval.limit`, or another judge than CoBSAT's, must not read as the
+    paper's result. With CoBSAT's CLIP metric, its accuracy and similarity follow as a second table."""
+    lines = _accuracy_rows(summaries, lambda s: s.accuracy, "{:.3f}")
+    if any(s.clip_accuracy for s in summaries.values()):
+        lines += ["", "CLIP (CoBSAT's secondary metric): CLIP correct, then mean similarity to the expected caption", ""]
+        lines += _accuracy_rows(summaries, lambda s: s.clip_accuracy, "{:.3f}", metric="CLIP correct")
+        lines += _accuracy_rows(summaries, lambda s: s.clip_similarity, "{:.2f}", metric="CLIP similarity")[2:]
     lines += ["", _covered(summaries)]
     return "\n".join(lines)
 
 
+def _accuracy_rows(summaries: dict[str, Summary], values: Callable[[Summary], dict[int, dict[int, float]]], number: str,
+                   metric: str = "") -> list[str]:
+    named = any(summaries)
+    header = ["generator"] * named + ["metric"] * bool(metric) + ["shot"] + [get_task(t).short for t in COLUMN_ORDER] + ["mean"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, summary in summaries.items():
+        for shot, per_task in sorted(values(summary).items()):
+            cells = [name] * named + [metric] * bool(metric) + [str(shot)]
+            cells += [number.format(per_task[t]) if t in per_task else "-" for t in COLUMN_ORDER]
+            lines.append("| " + " | ".join(cells) + f" | {number.format(sum(per_task.values()) / len(per_task))} |")
+    return lines
+
+
 def _covered(summaries: dict[str, Summary]) -> str:
     counts = sorted({s.num_prompts for s in summaries.values()})
-    return f"{'/'.join(map(str, counts))} prompts" + (" per generator" if any(summaries) else "")
+    judges = sorted({s.judge for s in summaries.values()})
+    return f"{'/'.join(map(str, counts))} prompts" + (" per generator" if any(summaries) else "") + f"; judge: {', '.join(judges)}"
 
 
 COMPARISON = ("comparison.md", "comparison.png")
@@ -147,8 +184,15 @@ def evaluate(
     shots: list[int],
     limit: int | None,
     batch_size: int = 1,
+    name: str = "thinkdiff",
+    judge_label: str,
+    clip_scorer: ClipScorer | None = None,
 ) -> Summary:
     """Evaluate `generator` on (tasks x shots x prompts[:limit]), resuming from `out_dir/results.jsonl`.
+
+    Images go where CoBSAT's evaluation_icl.py looks for model `name`'s outputs
+    (`cobsat_result_path`), so CoBSAT's own code can score `out_dir` as a checkout's results.
+    `clip_scorer` adds CoBSAT's CLIP fields to each row.
 
     Prompts go to the generator in fixed batches: batch k of a (shot, task) holds prompts
     k*batch_size .. (k+1)*batch_size - 1 of its full list, whatever the limit or the run's history
@@ -179,22 +223,21 @@ def evaluate(
         with open(results_path, "a") as fh, tqdm(total=total, desc="cobsat", unit="prompt", disable=None) as progress:
             for n, batch in enumerate(batches, start=1):
                 started = time.perf_counter()
-                images = generator(batch, dataset)
+                drawn = generator(batch, dataset)
                 gen_s = (time.perf_counter() - started) / len(batch)
                 # A partly written batch: its earlier rows stay as they are.
-                new = [(p, im) for p, im in zip(batch, images, strict=True) if (p.task.id, p.shot, p.index) not in done]
+                new = [(p, d) for p, d in zip(batch, drawn, strict=True) if (p.task.id, p.shot, p.index) not in done]
+                saved = [_save_image(out_dir, cobsat_result_path(p, name), d.image if isinstance(d, Drawing) else d)
+                         for p, d in new]
                 judge_started = time.perf_counter()
-                answers = judge([im for _, im in new], [p.task for p, _ in new])
+                reread = [_reopen(out_dir / rel) for rel in saved]
+                verdicts = judge(reread, [p.task for p, _ in new])
                 judge_s = (time.perf_counter() - judge_started) / max(len(new), 1)
-                rows = []
-                for (prompt, image), (detail, obj) in zip(new, answers, strict=True):
-                    rel = f"images/{prompt.task.short}-{prompt.shot}shot/{prompt.save_name}.jpg"
-                    atomic_write_image(out_dir / rel, image, quality=90)
-                    rows.append({
-                        "task": prompt.task.id, "shot": prompt.shot, "index": prompt.index,
-                        "detail": detail, "object": obj, "correct": is_correct(prompt.task, prompt, detail, obj),
-                        "image": rel, "gen_s": gen_s, "judge_s": judge_s,
-                    })
+                rows = [_row(prompt, drawing, rel, verdict, gen_s=gen_s, judge_s=judge_s)
+                        for (prompt, drawing), rel, verdict in zip(new, saved, verdicts, strict=True)]
+                if clip_scorer is not None and rows:
+                    for row, fields in zip(rows, clip_scorer(reread, [p for p, _ in new]), strict=True):
+                        row.update(fields)
                 fh.write("".join(json.dumps(row) + "\n" for row in rows))
                 fh.flush()
                 finished += len(batch)
@@ -203,10 +246,35 @@ def evaluate(
                     rate = finished / (time.perf_counter() - started_all)
                     log.info("cobsat: %d/%d prompts, %.2f prompts/s, ETA %.0fs", finished, total, rate, (total - finished) / rate)
         # Only the prompts asked for: a directory may also hold rows of a run with a larger limit.
-        return summarize(out_dir, wanted, dataset)
+        return summarize(out_dir, wanted, dataset, judge_label)
 
 
-def summarize(out_dir: Path, keys: set[tuple[int, int, int]], dataset: CobsatDataset) -> Summary:
+def _save_image(out_dir: Path, rel: str, image: Image.Image) -> str:
+    """Writes `image` at `out_dir/rel` as CoBSAT's inference_icl.py saves its outputs
+    (`img.save(path + '.jpg')`: JPEG at Pillow's default quality, 75); returns `rel`."""
+    atomic_write_image(out_dir / rel, image.convert("RGB"))
+    return rel
+
+
+def _reopen(path: Path) -> Image.Image:
+    """The saved image as the judge reads it: decoded again from the JPEG file."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _row(prompt: Prompt, drawing: Image.Image | Drawing, rel: str, verdict: Verdict, **timings: float) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "task": prompt.task.id, "shot": prompt.shot, "index": prompt.index,
+        "detail": verdict.detail, "object": verdict.object,
+        "correct": is_correct(prompt.task, prompt, verdict.detail, verdict.object),
+        "image": rel, "judge_replies": list(verdict.replies), **timings,
+    }
+    if isinstance(drawing, Drawing):
+        row.update(vlm_prompt=drawing.vlm_prompt, vlm_text=drawing.vlm_text)
+    return row
+
+
+def summarize(out_dir: Path, keys: set[tuple[int, int, int]], dataset: CobsatDataset, judge_label: str) -> Summary:
     """Accuracy per (shot, task) over the results.jsonl rows of `keys` (task, shot, index); writes
     summary.json, summary.md, a bar chart and the sample grid of those rows (a directory holds the
     rows of every prompt set evaluated in it)."""
@@ -214,12 +282,7 @@ def summarize(out_dir: Path, keys: set[tuple[int, int, int]], dataset: CobsatDat
     for r in _read_results(out_dir / RESULTS):  # a prompt written twice (writers without the lock) counts once
         first.setdefault((r["task"], r["shot"], r["index"]), r)
     rows = [r for key, r in first.items() if key in keys]
-    by_key: dict[tuple[int, int], list[bool]] = {}
-    for r in rows:
-        by_key.setdefault((r["shot"], r["task"]), []).append(bool(r["correct"]))
-    accuracy: dict[int, dict[int, float]] = {}
-    for (shot, task), values in by_key.items():
-        accuracy.setdefault(shot, {})[task] = sum(values) / len(values)
+    accuracy = _mean_per_shot_and_task(rows, "correct")
     mean = {shot: sum(v.values()) / len(v) for shot, v in accuracy.items()}
     gen_s = sum(r["gen_s"] for r in rows)
     summary = Summary(
@@ -229,6 +292,9 @@ def summarize(out_dir: Path, keys: set[tuple[int, int, int]], dataset: CobsatDat
         gen_images_per_s=len(rows) / gen_s if gen_s else 0.0,
         gen_s_per_prompt=gen_s / max(len(rows), 1),
         judge_s_per_prompt=sum(r["judge_s"] for r in rows) / max(len(rows), 1),
+        judge=judge_label,
+        clip_accuracy=_mean_per_shot_and_task(rows, "clip_correct"),
+        clip_similarity=_mean_per_shot_and_task(rows, "clip_similarity"),
     )
     previous = out_dir / "summary.json"
     table = out_dir / "summary.md"
@@ -244,9 +310,21 @@ def summarize(out_dir: Path, keys: set[tuple[int, int, int]], dataset: CobsatDat
     return summary
 
 
+def _mean_per_shot_and_task(rows: list[dict], field: str) -> dict[int, dict[int, float]]:
+    """shot -> task -> the mean of `field` over the rows that have it (booleans count 1 and 0)."""
+    by_key: dict[tuple[int, int], list[float]] = {}
+    for r in rows:
+        if field in r:
+            by_key.setdefault((r["shot"], r["task"]), []).append(float(r[field]))
+    means: dict[int, dict[int, float]] = {}
+    for (shot, task), values in sorted(by_key.items()):
+        means.setdefault(shot, {})[task] = sum(values) / len(values)
+    return means
+
+
 def save_samples(out_dir: Path, dataset: CobsatDataset, rows: list[dict], per_shot: int = 4) -> Path:
     """A PNG grid: for the first of `rows` (results.jsonl rows) of each shot, the demo images then
-    the generated image."""
+    the generated image, under the prompt and, for a generator with a VLM, the start of what it said."""
     picked = []
     for shot in sorted({r["shot"] for r in rows}):
         picked += [r for r in rows if r["shot"] == shot][:per_shot]
@@ -256,5 +334,7 @@ def save_samples(out_dir: Path, dataset: CobsatDataset, rows: list[dict], per_sh
         demos = [dataset.image(p) for p in prompt.image_inputs]
         text = " ".join(prompt.text_inputs)
         verdict = "correct" if r["correct"] else "wrong"
-        grid.append((demos + [Image.open(out_dir / r["image"])], f"{prompt.task.short} {text}-> {'/'.join(prompt.expected)}: {verdict}"))
+        said = r.get("vlm_text")
+        caption = f"{prompt.task.short} {text}-> {'/'.join(prompt.expected)}: {verdict}"
+        grid.append((demos + [Image.open(out_dir / r["image"])], caption + (f"\nVLM: {' '.join(said.split())}" if said else "")))
     return save_sample_grid(grid, out_dir / "samples.png")

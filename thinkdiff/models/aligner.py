@@ -3,8 +3,10 @@
     Linear(in_dim, out_dim) -> GELU (exact erf) -> Linear(out_dim, out_dim) -> RMSNorm(out_dim, eps 1e-6)
 
 applied per token, no dropout, no residual. The RMSNorm weight starts as a copy of the T5 encoder's
-`final_layer_norm` (without it training is unstable, paper Fig. 7). Saved as config.json +
-model.safetensors; `import_official_checkpoint` converts the released `.pth`.
+`final_layer_norm` (without it training is unstable, paper Fig. 7); the Linear layers start at
+PyTorch's default or, as the release's ThinkDiff-CLIP, N(0, 0.02) with zero biases
+(`init_linears_normal`). Saved as config.json + model.safetensors; `import_official_checkpoint`
+converts the released `.pth`.
 
 Shape legend: B batch, S source rows (VLM tokens), D_in VLM width, D T5 width.
 """
@@ -55,6 +57,18 @@ class Aligner(nn.Module):
 
     def forward(self, features_BSD: torch.Tensor) -> torch.Tensor:
         return self.norm(self.fc2(self.act(self.fc1(features_BSD))))
+
+    @torch.no_grad()
+    def init_linears_normal(self, std: float = 0.02) -> None:
+        """Both Linear layers' weights from N(0, std), their biases zero (`train.aligner_init: normal`).
+        The release builds ThinkDiff-CLIP as a transformers Blip2PreTrainedModel loaded from BLIP-2
+        with `from_pretrained` (thinkdiff/models/blip_vision_t5_decoder.py at 3ed85e6, `from_config`),
+        which initialises the weights the checkpoint lacks, the projector's, with the model's
+        `_init_weights`: Linear weights N(0, initializer_range = 0.02), biases zero. Draws from
+        torch's global generator."""
+        for linear in (self.fc1, self.fc2):
+            linear.weight.normal_(0.0, std)
+            linear.bias.zero_()
 
     @torch.no_grad()
     def init_norm_from(self, weight: torch.Tensor) -> None:

@@ -90,7 +90,8 @@ def packed_source_flex(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     2.13) cannot lower it at these shapes. The cross-attention's position bias is T5's all-zero one
     and is not read."""
     if dropout:
-        raise ValueError("the frozen T5 decoder runs without dropout; FlexAttention has none")
+        raise ValueError("FlexAttention has no dropout: run the T5 decoder with train.decoder_attention=sdpa for "
+                         "train.t5_dropout=true")
     batch, length_q = query.shape[0], query.shape[2]
     if getattr(module, "reads_packed_rows", False):
         key, value = slotted_keys_values(key, value, source_slots_BS)
@@ -148,7 +149,9 @@ def padded_slots(mask_BS: torch.Tensor, first_row: int = 0) -> torch.Tensor:
 class T5DecoderLM(nn.Module):
     """T5 decoder stack + lm_head, frozen, scoring targets given encoder-side states. Takes over
     `model`'s decoder: its attention becomes `packed_source_sdpa` (or, `set_attention("flex")`,
-    `packed_source_flex`), so its cross-attention then needs packed rows and their slots (`loss`)."""
+    `packed_source_flex`), so its cross-attention then needs packed rows and their slots (`loss`).
+    Its weights never train; its dropout (the T5 config's `dropout_rate`) is off unless
+    `set_dropout(True)` turns it on (`train.t5_dropout`)."""
 
     def __init__(self, model: T5ForConditionalGeneration):
         super().__init__()
@@ -162,6 +165,7 @@ class T5DecoderLM(nn.Module):
         for block in self.decoder.block:
             block.layer[1].EncDecAttention.reads_packed_rows = True
         self.set_attention("sdpa")
+        self.dropout_enabled = False
         self.eval().requires_grad_(False)
 
     def set_attention(self, kind: str) -> None:
@@ -175,9 +179,17 @@ class T5DecoderLM(nn.Module):
     def d_model(self) -> int:
         return self.config.d_model
 
+    def set_dropout(self, enabled: bool) -> None:
+        """Run the decoder with its config's dropout (train mode) or without (eval mode); the weights
+        stay frozen either way. The official release trains with the whole model in train mode
+        (thinkdiff/runners/runner_clip_t5.py at 3ed85e6, `train_epoch`: `self.model.train()`), so
+        flan-t5-xxl's dropout of 0.1 is on while the aligner trains."""
+        self.dropout_enabled = enabled
+        super().train(enabled)
+
     def train(self, mode: bool = True) -> T5DecoderLM:
-        # Frozen: dropout stays off whatever the caller does to parent modules.
-        return super().train(False)
+        # Frozen: dropout only where `set_dropout` turned it on, whatever the caller does to parent modules.
+        return super().train(mode and self.dropout_enabled)
 
     def compile_decoder(self) -> None:
         """torch.compile each decoder block with dynamic shapes.
@@ -309,7 +321,8 @@ def load_t5(src: ModelSource, *, device: torch.device | None = None, keep_encode
 
 
 def build_tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
-    """A Flan-T5-shaped model (gated-gelu, no decoder-output scaling) with small dims and fixed random weights."""
+    """A Flan-T5-shaped model (gated-gelu, no decoder-output scaling, dropout 0.1) with small dims and
+    fixed random weights."""
     config = T5Config(
         vocab_size=len(ByT5Tokenizer()),
         d_model=32,
@@ -320,7 +333,7 @@ def build_tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
         num_heads=4,
         feed_forward_proj="gated-gelu",
         tie_word_embeddings=False,
-        dropout_rate=0.0,
+        dropout_rate=0.1,  # flan-t5's: train.t5_dropout has an effect
         decoder_start_token_id=0,
         pad_token_id=0,
         eos_token_id=1,

@@ -16,6 +16,8 @@ Shape legend: B batch, P padded prompt length, G generated length, L one sample'
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -43,6 +45,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
+from transformers.image_utils import SizeDict
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -155,7 +158,14 @@ class VLM:
 
     @property
     def eos_token_ids(self) -> list[int]:
-        return [self.tokenizer.convert_tokens_to_ids(t) for t in (IM_END, END_OF_TEXT)]
+        """Every stop token: the end of the turn and of the text, the tokenizer's EOS and the generation
+        config's eos ids (for Qwen2-VL-7B-Instruct: <|im_end|> and <|endoftext|>)."""
+        ids = [self.tokenizer.convert_tokens_to_ids(t) for t in (IM_END, END_OF_TEXT)]
+        configured = self.model.generation_config.eos_token_id
+        for token in [self.tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])]:
+            if token is not None and token not in ids:
+                ids.append(int(token))
+        return ids
 
     @property
     def vision_token_ids(self) -> list[int]:
@@ -192,6 +202,17 @@ def load_vlm(src: ModelSource, *, min_pixels: int, max_pixels: int, device: torc
         model_id=src.id,
         revision=src.revision if revision else "local",
     )
+
+
+def with_pixel_limits(vlm: VLM, min_pixels: int, max_pixels: int) -> VLM:
+    """The same model and tokenizer with an image processor that resizes to these pixel limits (the
+    features stage and CoBSAT inference have their own); `vlm` itself when they already hold."""
+    size = vlm.image_processor.size
+    if (size.shortest_edge, size.longest_edge) == (min_pixels, max_pixels):
+        return vlm
+    processor = copy.deepcopy(vlm.image_processor)
+    processor.size = SizeDict(shortest_edge=min_pixels, longest_edge=max_pixels)
+    return dataclasses.replace(vlm, image_processor=processor, static_cache=None, compiled_decode_step=None)
 
 
 def load_vlm_tokenizer(src: ModelSource) -> PreTrainedTokenizerBase:
@@ -284,15 +305,31 @@ def preprocess_images(processor: Qwen2VLImageProcessorPil, images: list[Image.Im
     return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
 
-def encode_chat(vlm: VLM, conversations: list[list[PromptPart]], system_prompt: str,
-                pool: Executor | None = None, device: torch.device | None = None) -> dict[str, torch.Tensor]:
-    """Tokenize a batch of one-turn chats (interleaved text and images) with left padding.
+def render_chat(conversation: list[PromptPart], system_prompt: str, *, picture_labels: bool = False,
+                image_tokens: Sequence[int] | None = None) -> str:
+    """One system + user turn as Qwen2-VL's chat template renders it, ending with the assistant header
+    so generation continues as the assistant. Each image becomes `<|vision_start|>` + `<|image_pad|>`
+    x its merged-patch count (`image_tokens`; one placeholder each when not given) + `<|vision_end|>`;
+    with `picture_labels`, "Picture k: " goes before the k-th image, as the template does with
+    `add_vision_id=True`."""
+    user, k = [], 0
+    for part in conversation:
+        if isinstance(part, Image.Image):
+            label = f"Picture {k + 1}: " if picture_labels else ""
+            user.append(label + VISION_START + IMAGE_PAD * (image_tokens[k] if image_tokens is not None else 1) + VISION_END)
+            k += 1
+        else:
+            user.append(part)
+    return f"{IM_START}system\n{system_prompt}{IM_END}\n{IM_START}user\n{''.join(user)}{IM_END}\n{IM_START}assistant\n"
 
-    The text matches Qwen2-VL's chat template: each image becomes
-    `<|vision_start|>` + one `<|image_pad|>` per merged patch + `<|vision_end|>`, and the prompt ends
-    with the assistant header so generation continues as the assistant. `mm_token_type_ids` is 1 on
-    image-pad tokens: without it Qwen2-VL's M-RoPE positions are wrong. `pool` preprocesses the
-    images on threads; the tensors go to `device` (default: the model's).
+
+def encode_chat(vlm: VLM, conversations: list[list[PromptPart]], system_prompt: str,
+                pool: Executor | None = None, device: torch.device | None = None, *,
+                picture_labels: bool = False) -> dict[str, torch.Tensor]:
+    """Tokenize a batch of one-turn chats (interleaved text and images, `render_chat`) with left padding.
+
+    `mm_token_type_ids` is 1 on image-pad tokens: without it Qwen2-VL's M-RoPE positions are wrong.
+    `pool` preprocesses the images on threads; the tensors go to `device` (default: the model's).
     """
     images = [part for conv in conversations for part in conv if isinstance(part, Image.Image)]
     vision: dict[str, torch.Tensor] = {}
@@ -301,18 +338,12 @@ def encode_chat(vlm: VLM, conversations: list[list[PromptPart]], system_prompt: 
         vision = preprocess_images(vlm.image_processor, images, pool)
         merge = vlm.image_processor.merge_size**2
         tokens_per_image = [int(thw.prod()) // merge for thw in vision["image_grid_thw"]]
-    texts, image_index = [], 0
+    texts, first_image = [], 0
     for conv in conversations:
-        user = []
-        for part in conv:
-            if isinstance(part, Image.Image):
-                user.append(VISION_START + IMAGE_PAD * tokens_per_image[image_index] + VISION_END)
-                image_index += 1
-            else:
-                user.append(part)
-        texts.append(
-            f"{IM_START}system\n{system_prompt}{IM_END}\n{IM_START}user\n{''.join(user)}{IM_END}\n{IM_START}assistant\n"
-        )
+        count = sum(isinstance(part, Image.Image) for part in conv)
+        texts.append(render_chat(conv, system_prompt, picture_labels=picture_labels,
+                                 image_tokens=tokens_per_image[first_image:first_image + count]))
+        first_image += count
     rows = [vlm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), vlm.pad_token_id, dtype=torch.long)
@@ -347,7 +378,7 @@ def generate_with_states(
     temperature: float,
     top_p: float,
     seed: int,
-    ignore_eos: bool = False,
+    ban_eos: bool = False,
     kv_cache: str = "dynamic",
     compile: bool = False,
 ) -> list[GeneratedSample]:
@@ -355,24 +386,29 @@ def generate_with_states(
 
     Sampling uses exactly the given temperature and top_p (no top-k, no repetition penalty, whatever
     the checkpoint's generation_config says) and a seeded RNG, so a rerun is identical; temperature 0
-    decodes greedily. With `ignore_eos` every sample has exactly `max_new_tokens` tokens: EOS may be
-    sampled and generation goes on (ThinkDiff inference, REFERENCE.md section 6; vLLM's ignore_eos).
+    decodes greedily. With `ban_eos` every sample has exactly `max_new_tokens` tokens and none is a
+    stop token: every id of `VLM.eos_token_ids` gets logit -inf at every step, as vLLM does with
+    `min_tokens = max_tokens, ignore_eos=True`, the official ThinkDiff release's inference sampling
+    (configs/test_thinkdiff_lvlm_ccsbu_image_text.yaml at 3ed85e6); the answer never closes its turn.
 
     `kv_cache="dynamic"`: HF generate, then the states from one pass over the generated ids that
     reuses the prompt's KV cache (the plain path). `kv_cache="static"`: `decode_with_states`, which
     keeps each step's state as it decodes (no states pass); with `compile`, its decode step runs as
     a compiled CUDA graph (CUDA only; elsewhere eagerly). Both sample the same ids from the same seed.
     """
-    eos_ids = [] if ignore_eos else vlm.eos_token_ids
+    eos_ids = [] if ban_eos else vlm.eos_token_ids
+    # A generated <|image_pad|> would be taken for an image placeholder by a states pass (and a caption
+    # has no use for vision tokens; a trained Qwen2-VL never emits them).
+    suppressed = vlm.vision_token_ids + (vlm.eos_token_ids if ban_eos else [])
     devices = [vlm.device] if vlm.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         if kv_cache == "static":
             generated_BG, states_BGD = decode_with_states(vlm, batch, max_new_tokens=max_new_tokens, temperature=temperature,
-                                                          top_p=top_p, eos_ids=eos_ids, compile=compile)
+                                                          top_p=top_p, eos_ids=eos_ids, suppressed=suppressed, compile=compile)
         else:
-            generated_BG, states_BGD = _hf_generate_with_states(vlm, batch, max_new_tokens=max_new_tokens,
-                                                                temperature=temperature, top_p=top_p, eos_ids=eos_ids)
+            generated_BG, states_BGD = _hf_generate_with_states(vlm, batch, max_new_tokens=max_new_tokens, temperature=temperature,
+                                                                top_p=top_p, eos_ids=eos_ids, suppressed=suppressed)
     lengths = [_generated_length(row, eos_ids) for row in generated_BG.tolist()]
     # One device-to-host copy for the batch; each sample then keeps only its own rows.
     states_BGD = states_BGD.float().cpu()
@@ -383,7 +419,7 @@ def generate_with_states(
 
 
 def _hf_generate_with_states(vlm: VLM, batch: dict[str, torch.Tensor], *, max_new_tokens: int, temperature: float,
-                             top_p: float, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                             top_p: float, eos_ids: list[int], suppressed: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The plain path: HF generate (dynamic cache, eager), then `states_from_cache`."""
     gen_config = GenerationConfig(
         do_sample=temperature > 0,
@@ -394,9 +430,7 @@ def _hf_generate_with_states(vlm: VLM, batch: dict[str, torch.Tensor], *, max_ne
         max_new_tokens=max_new_tokens,
         eos_token_id=eos_ids,  # an empty list, not None: None would fall back to the model's EOS
         pad_token_id=vlm.pad_token_id,
-        # A generated <|image_pad|> would be taken for an image placeholder by the states pass
-        # (and a caption has no use for vision tokens); a trained Qwen2-VL never emits them.
-        suppress_tokens=vlm.vision_token_ids,
+        suppress_tokens=suppressed,
         disable_compile=True,
         return_dict_in_generate=True,
     )
@@ -405,13 +439,16 @@ def _hf_generate_with_states(vlm: VLM, batch: dict[str, torch.Tensor], *, max_ne
     return generated_BG, states_from_cache(vlm, batch, generated_BG, out.cache)
 
 
-def token_scores(vlm: VLM, temperature: float, top_p: float, *, compile: bool = False) -> LogitsProcessorList:
+def token_scores(vlm: VLM, temperature: float, top_p: float, *, suppressed: list[int] | None = None,
+                 compile: bool = False) -> LogitsProcessorList:
     """What HF generate does to the float32 logits before sampling, in its order and with its
-    processors: vision tokens suppressed, then temperature and top-p when sampling. With `compile`,
+    processors: the `suppressed` ids (default: the vision tokens) at -inf, then temperature and top-p
+    when sampling. With `compile`,
     top-p is `TopPByThreshold` instead (compiled): the same tokens kept, found without sorting the
     vocabulary; uncompiled, each of its 30 passes would be several kernels over the whole
     vocabulary, so the sort stays."""
-    scores = LogitsProcessorList([SuppressTokensLogitsProcessor(vlm.vision_token_ids, device=vlm.device)])
+    suppressed = vlm.vision_token_ids if suppressed is None else suppressed
+    scores = LogitsProcessorList([SuppressTokensLogitsProcessor(suppressed, device=vlm.device)])
     if temperature > 0:
         scores += [TemperatureLogitsWarper(temperature), TopPByThreshold(top_p) if compile else TopPLogitsWarper(top_p)]
     return scores
@@ -423,7 +460,8 @@ EOS_CHECK_EVERY = 16
 
 @torch.no_grad()
 def decode_with_states(vlm: VLM, batch: dict[str, torch.Tensor], *, max_new_tokens: int, temperature: float,
-                       top_p: float, eos_ids: list[int], compile: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                       top_p: float, eos_ids: list[int], suppressed: list[int] | None = None,
+                       compile: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, G) generated ids and (B, G, D) producing states, decoded with a reusable static KV cache.
 
     One eager prefill over image and prompt, then one decode step per token, each returning the
@@ -439,7 +477,8 @@ def decode_with_states(vlm: VLM, batch: dict[str, torch.Tensor], *, max_new_toke
     rows, prompt_len = input_ids.shape
     cache, capacity = reusable_static_cache(vlm, rows, prompt_len + max_new_tokens)
     step = decode_step(vlm, compile)
-    scores = token_scores(vlm, temperature, top_p, compile=compile and decode_compile_options(vlm.device) is not None)
+    scores = token_scores(vlm, temperature, top_p, suppressed=suppressed,
+                          compile=compile and decode_compile_options(vlm.device) is not None)
     model = vlm.model
     # Qwen2-VL's M-RoPE positions come from a walk over the rows with several host reads per row:
     # on GPU tensors each is a sync that idles the GPU (about 2,600 at batch 256); on host copies

@@ -1,8 +1,10 @@
 """Training checkpoints: `checkpoints/step_{step:06d}/` holding
 
     aligner/            config.json + model.safetensors (Aligner.save_pretrained)
-    trainer_state.pt    optimizer, scheduler, RNG, data position; tensors and plain values only,
-                        read back with torch.load(weights_only=True)
+    trainer_state.pt    optimizer, scheduler, data position, and every process's global CPU and GPU
+                        generator states (`rng_cpu`, `rng_cuda`: lists in rank order; the frozen
+                        T5's dropout draws from them); tensors and plain values only, read back
+                        with torch.load(weights_only=True)
     meta.json           resolved config, step, loss, feature-store fingerprint, git revision
 
 A checkpoint is written into a temporary directory and renamed when complete, so a directory named

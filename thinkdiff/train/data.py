@@ -12,6 +12,16 @@ feature rows [:s] are the aligner's input; Qwen ids [s:] decoded to text and re-
 T5 tokenizer (with </s>, at most max_target_tokens) are the target, padded with -100. The split
 RNG is keyed by (seed, step), so a resumed run draws the same splits.
 
+Loss weight: the official release draws plain shuffled batches and takes each one's token-mean
+loss; a random batch holds about the mean number of target tokens, so every target token weighs
+about the same, whatever its sample's length. Length-bucketed batches (`Batcher`) hold targets of
+near-equal length: the token mean of each would weigh a token of a short-target batch more than
+one of a long-target batch. So a batch carries `loss_tokens`, what its summed token loss is
+divided by: the mean target tokens per global batch over its bucketing pool (a random draw of
+`window` global batches: what a random batch holds on average), this process's share of it. Over
+a pool every token then weighs the same, as over plain random batches; `window=1` keeps each
+global batch's own token mean. Deterministic, as the pool is: a resumed run weighs alike.
+
 Shape legend: B batch, S source slots (each sample's rows, padded to the longest), R source rows of
 the batch (packed, no padding), D feature width, T target tokens.
 """
@@ -20,6 +30,7 @@ from __future__ import annotations
 
 import queue
 import random
+import re
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -66,6 +77,10 @@ class Batch:
     target_positions_N: torch.Tensor | None = None
     """Where the real target tokens sit in `labels_BT.flatten()`; made with the batch, on the CPU,
     so neither the loss nor the token count makes the CPU wait for the GPU."""
+    loss_tokens: float | None = None
+    """What this batch's summed token loss is divided by (module docstring, Loss weight): this
+    process's share (1 / processes) of the mean target tokens per global batch over its bucketing
+    pool; None: the batch's own target tokens (its token mean)."""
 
     def __post_init__(self):
         if self.target_positions_N is None:
@@ -79,8 +94,14 @@ class Batch:
     def num_target_tokens(self) -> int:
         return len(self.target_positions_N)
 
+    @property
+    def loss_weight(self) -> float:
+        """The factor that turns the batch's token-mean loss into its summed token loss over
+        `loss_tokens` (exactly 1 when that is the batch's own count)."""
+        return 1.0 if self.loss_tokens is None else self.num_target_tokens / self.loss_tokens
+
     def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
-        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        move = lambda x: x.to(device, non_blocking=non_blocking) if isinstance(x, torch.Tensor) else x  # noqa: E731
         return Batch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
 
 
@@ -121,7 +142,7 @@ class SampleStream:
                     self.position.index = start + offset + 1
                     sample = Sample(token_ids[row], StoredFeatures(blobs[row], num_rows[row], info.dim, info.dtype), texts[row])
                     if not self.usable(sample):
-                        continue  # nothing to split (e.g. one generated token, a one-word caption)
+                        continue  # nothing to split (e.g. one generated token, an empty caption)
                     usable += 1
                     yield sample
                 start += rows
@@ -184,8 +205,8 @@ def pad(prepared: list[Prepared], pad_id: int, pin_memory: bool = False, decoder
             batch.prefix_ids_BP[i, : len(p.prefix_ids)] = torch.tensor(p.prefix_ids)
             batch.prefix_mask_BP[i, : len(p.prefix_ids)] = 1
     if pin_memory:  # the few KB of masks, labels and positions too: a copy from pageable memory can wait
-        tensors = (getattr(batch, name) for name in Batch.__dataclass_fields__)
-        batch = Batch(*(t if t is None or t.is_pinned() else t.pin_memory() for t in tensors))
+        fields = (getattr(batch, name) for name in Batch.__dataclass_fields__)
+        batch = Batch(*(x.pin_memory() if isinstance(x, torch.Tensor) and not x.is_pinned() else x for x in fields))
     return batch
 
 
@@ -227,28 +248,52 @@ def lvlm_usable(sample: Sample) -> bool:
     return len(sample.token_ids) >= 2
 
 
-def clip_usable(sample: Sample) -> bool:
-    return len(sample.text.split()) >= 2
+BLIP_MAX_WORDS = 50
+"""BlipCaptionProcessor's default `max_words`, which the release's training config keeps."""
+
+
+def blip_caption(text: str, max_words: int = BLIP_MAX_WORDS) -> str:
+    """`text` as BLIP's caption processor hands it to the release's ThinkDiff-CLIP training (LAVIS,
+    lavis/processors/blip_processors.py, `BlipCaptionProcessor.pre_caption`; the release's copy in
+    thinkdiff/processors/blip_processors.py at 3ed85e6): lower case, each of . ! " ( ) * # : ; ~
+    replaced by a space, every run of two or more whitespace characters made one space, a trailing
+    newline and the spaces at both ends removed, then at most `max_words` space-separated words."""
+    text = re.sub(r"\s{2,}", " ", re.sub(r'[.!"()*#:;~]', " ", text.lower()))
+    words = text.rstrip("\n").strip(" ").split(" ")
+    return " ".join(words[:max_words])
 
 
 class CaptionSplitCollator:
-    """ThinkDiff-CLIP (REFERENCE.md section 5): the caption split at a uniformly random word; part 1
-    (at most max_prefix_tokens) goes through the frozen T5 encoder after the aligned image tokens,
-    part 2 (at most max_target_tokens, with </s>) is the target."""
+    """ThinkDiff-CLIP (REFERENCE.md section 5): the caption (normalised as BLIP's caption processor
+    does, with `blip_captions`) split at a uniformly random word; part 1 (at most max_prefix_tokens)
+    goes through the frozen T5 encoder after the aligned image tokens, part 2 (at most
+    max_target_tokens, with </s>) is the target. A one-word caption is all part 2, and part 1 the
+    tokenized empty string (T5: </s> alone), as the release's `random_split_string`
+    (thinkdiff/models/blip_vision_t5_decoder.py at 3ed85e6, lines 247-255) splits it."""
 
-    def __init__(self, t5_tokenizer: PreTrainedTokenizerBase, *, max_prefix_tokens: int, max_target_tokens: int, seed: int):
+    def __init__(self, t5_tokenizer: PreTrainedTokenizerBase, *, max_prefix_tokens: int, max_target_tokens: int, seed: int,
+                 blip_captions: bool = False):
         self.t5_tokenizer = t5_tokenizer
         self.max_prefix_tokens = max_prefix_tokens
         self.max_target_tokens = max_target_tokens
         self.seed = seed
+        self.blip_captions = blip_captions
+
+    def caption(self, text: str) -> str:
+        """The caption the split reads (`train.blip_captions`)."""
+        return blip_caption(text) if self.blip_captions else text
+
+    def usable(self, sample: Sample) -> bool:
+        """A caption with a word to predict (the release would train an empty one on </s> alone)."""
+        return bool(self.caption(sample.text).split())
 
     def split(self, text: str, rng: np.random.Generator) -> tuple[str, str]:
         words = text.split()
-        k = int(rng.integers(1, len(words) - 1, endpoint=True))
+        k = int(rng.integers(1, len(words) - 1, endpoint=True)) if len(words) > 1 else 0
         return " ".join(words[:k]), " ".join(words[k:])
 
     def prepare(self, sample: Sample, rng: np.random.Generator) -> Prepared:
-        part1, part2 = self.split(sample.text, rng)
+        part1, part2 = self.split(self.caption(sample.text), rng)
         return Prepared(
             features=sample.features,
             source_rows=sample.features.num_rows,  # every image has the same token count
@@ -278,7 +323,10 @@ class Batcher:
     seed and pool number), grouped by length (`length_buckets`) into global batches whose order is
     shuffled; each of the `world` processes takes its `batch_size / world` slice, so a global batch
     and the data order are the same on any number of processes. Similar lengths in a batch means little
-    padding; `window=1` keeps the stream order (no bucketing). The state (pool start, pool number,
+    padding; `window=1` keeps the stream order (no bucketing). Each batch's `loss_tokens` is its
+    process's share of the pool's mean target tokens per global batch (module docstring, Loss
+    weight): with gradients averaged over the processes, a step's gradient is the global batch's
+    summed token loss over that mean. The state (pool start, pool number,
     batches emitted) is all a checkpoint needs. A batch decodes the features of its own samples
     only, on DECODE_THREADS threads; the rest of the pool stays encoded until its batch comes.
     `pin_memory`: features padded into page-locked memory (for a GPU).
@@ -287,7 +335,7 @@ class Batcher:
     def __init__(self, store: FeatureStore, collator, usable: Callable[[Sample], bool], *, seed: int, batch_size: int,
                  world: int, rank: int, window: int, state: BatcherState, pin_memory: bool = False):
         self.store, self.collator, self.usable = store, collator, usable
-        self.seed, self.batch_size, self.rank, self.window = seed, batch_size, rank, window
+        self.seed, self.batch_size, self.world, self.rank, self.window = seed, batch_size, world, rank, window
         self.state = BatcherState(**state.__dict__)
         self.pin_memory = pin_memory
         if batch_size % world:
@@ -310,10 +358,13 @@ class Batcher:
                 rng.shuffle(groups)
             else:
                 groups = cut(list(range(len(prepared))), self.batch_size)
+            tokens_per_batch = sum(len(p.target_ids) for p in prepared) / len(groups)
             for j in range(start.emitted, len(groups)):
                 self.state = BatcherState(start.epoch, start.index, start.pool, j + 1)
                 mine = groups[j][self.rank * self.per_process: (self.rank + 1) * self.per_process]
-                yield pad([prepared[i] for i in mine], self.collator.t5_tokenizer.pad_token_id, self.pin_memory, decoders)
+                batch = pad([prepared[i] for i in mine], self.collator.t5_tokenizer.pad_token_id, self.pin_memory, decoders)
+                batch.loss_tokens = tokens_per_batch / self.world
+                yield batch
             self.state = BatcherState(stream.position.epoch, stream.position.index, start.pool + 1, 0)
 
 

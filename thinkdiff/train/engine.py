@@ -6,8 +6,9 @@ import logging
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
-__all__ = ["Accelerator", "make_accelerator"]  # accelerate is imported here only
+__all__ = ["Accelerator", "gather_object", "make_accelerator"]  # accelerate is imported here only
 
 from thinkdiff.config import TrainConfig
 

@@ -4,7 +4,11 @@
     accelerate launch -m thinkdiff train --config run.yaml   # N GPUs / nodes
 
 Loop: stream samples -> split (masked split, or caption split for CLIP) -> length-bucketed batches ->
-aligner -> T5 decoder loss -> AdamW step -> log -> checkpoint every K steps. A rerun of the same config resumes from the newest checkpoint and ends
+aligner -> T5 decoder loss (summed over target tokens, divided by the bucketing pool's mean tokens
+per batch: `thinkdiff.train.data`, Loss weight) -> AdamW step -> log -> checkpoint every K steps.
+The frozen T5 runs with its dropout when `train.t5_dropout` is set, drawing from torch's global
+generators, which each process seeds with `train.seed + rank` as the official release does and a
+checkpoint saves per process. A rerun of the same config resumes from the newest checkpoint and ends
 with the same weights as an uninterrupted run (bitwise on CPU; a unit test checks it).
 """
 
@@ -50,11 +54,10 @@ from thinkdiff.train.data import (
     BatcherState,
     CaptionSplitCollator,
     MaskedSplitCollator,
-    clip_usable,
     lvlm_usable,
     prefetched,
 )
-from thinkdiff.train.engine import Accelerator, make_accelerator
+from thinkdiff.train.engine import Accelerator, gather_object, make_accelerator
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,7 @@ class TrainResult:
     """The newest checkpoint; its `aligner/` subdirectory loads with Aligner.from_pretrained."""
     step: int
     loss: float | None
-    """Mean loss over the last logging window (None when the run was already complete)."""
+    """Token-mean loss over the last logging window (None when the run was already complete)."""
 
     @property
     def aligner_dir(self) -> Path:
@@ -77,13 +80,15 @@ class TrainResult:
 
 
 def lr_multiplier(cfg: TrainConfig):
-    """Linear warmup from warmup_start_lr to lr, then cosine from lr toward final_lr at max_steps."""
+    """Linear warmup from warmup_start_lr to lr, then cosine from lr toward final_lr, reached at
+    lr_horizon_steps; training stops at max_steps, before it when the horizon lies beyond (the
+    release's cosine spans max_epoch x iters_per_epoch = 200,000 steps of a 25,000-step run)."""
 
     def multiplier(step: int) -> float:
         if step < cfg.warmup_steps:
             lr = cfg.warmup_start_lr + (cfg.lr - cfg.warmup_start_lr) * step / cfg.warmup_steps
         else:
-            progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+            progress = (step - cfg.warmup_steps) / max(1, cfg.lr_horizon_steps - cfg.warmup_steps)
             lr = cfg.final_lr + (cfg.lr - cfg.final_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         return lr / cfg.lr
 
@@ -110,15 +115,29 @@ def encoder_states(aligner: torch.nn.Module, t5_encoder: torch.nn.Module | None,
             torch.cat([slots, padded_slots(batch.prefix_mask_BP, first_row=rows.shape[0])], dim=1))
 
 
+def build_aligner(cfg: TrainConfig, in_dim: int, out_dim: int, norm_weight: torch.Tensor) -> Aligner:
+    """The aligner a run starts from, drawn from its own generator seeded with `train.seed` (the
+    global one is dropout's): Linear layers at `train.aligner_init`, the output norm a copy of the
+    T5 encoder's final_layer_norm."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        aligner = Aligner(AlignerConfig(in_dim=in_dim, out_dim=out_dim))
+        if cfg.aligner_init == "normal":
+            aligner.init_linears_normal()
+    aligner.init_norm_from(norm_weight)
+    return aligner
+
+
 def train_step(aligner: torch.nn.Module, t5: T5Parts, batch: Batch, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, accelerator: Accelerator) -> torch.Tensor:
-    """One optimizer step on `batch` (already on the device); returns the loss, detached, on the
-    device. Nothing here makes the CPU wait for the GPU, so the CPU queues the next step's work
-    while the GPU runs this one."""
+    """One optimizer step on `batch` (already on the device); returns the batch's token-mean loss,
+    detached, on the device. The gradient is that of the summed token loss over `batch.loss_tokens`
+    (`Batch.loss_weight`). Nothing here makes the CPU wait for the GPU, so the CPU queues the next
+    step's work while the GPU runs this one."""
     with accelerator.autocast():
         rows, slots = encoder_states(aligner, t5.encoder, batch)
         loss = t5.decoder_lm.loss(rows, slots, batch.labels_BT, batch.target_positions_N)
-    accelerator.backward(loss)
+    accelerator.backward(loss * batch.loss_weight)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -151,6 +170,10 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
     if newest is not None:  # before anything loads or is cleaned up in that directory
         _refuse_another_run(run_dir, _recorded_fingerprint(newest), expected)
 
+    if t.decoder_attention == "flex" and t.t5_dropout:
+        raise ConfigError("train.decoder_attention=flex runs the T5 decoder without dropout (FlexAttention has none), "
+                          "but train.t5_dropout=true asks for it: use train.decoder_attention=sdpa, or set "
+                          "train.t5_dropout=false")
     accelerator = make_accelerator(t)
     if t.decoder_attention == "flex" and accelerator.device.type != "cuda":
         raise ConfigError(f"train.decoder_attention=flex needs a CUDA GPU (FlexAttention has no backward on "
@@ -169,38 +192,40 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
     run_dir.mkdir(parents=True, exist_ok=True)  # once its input is known good: a refused run leaves no directory
     t5 = load_t5(cfg.models.t5, device=accelerator.device, keep_encoder=clip)
     t5.decoder_lm.set_attention(t.decoder_attention)
+    t5.decoder_lm.set_dropout(t.t5_dropout)
     if t.compile:
         t5.decoder_lm.compile_decoder()
     if clip:
+        # The release trains with its whole T5 in train mode (`set_dropout`): the encoder of caption part 1 too.
+        t5.encoder.train(t.t5_dropout)
         collate = CaptionSplitCollator(t5.tokenizer, max_prefix_tokens=t.max_prefix_tokens,
-                                       max_target_tokens=t.max_target_tokens, seed=t.seed)
+                                       max_target_tokens=t.max_target_tokens, seed=t.seed, blip_captions=t.blip_captions)
     else:
         collate = MaskedSplitCollator(
             load_vlm_tokenizer(cfg.models.vlm), t5.tokenizer,
             max_source_rows=t.max_source_rows, max_target_tokens=t.max_target_tokens, seed=t.seed,
         )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(t.seed)
-        aligner = Aligner(AlignerConfig(in_dim=store.info.dim, out_dim=t5.decoder_lm.d_model))
-    aligner.init_norm_from(t5.encoder_final_norm)
+    aligner = build_aligner(t, store.info.dim, t5.decoder_lm.d_model, t5.encoder_final_norm)
     optimizer = torch.optim.AdamW(param_groups(aligner, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
     # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it
     # once per process).
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(t))
     aligner, optimizer = accelerator.prepare(aligner, optimizer)
 
+    world, rank = accelerator.num_processes, accelerator.process_index
     step, batcher_state = 0, BatcherState()
     remove_partial_checkpoints(ckpt_root)
     resume_from = latest_checkpoint(ckpt_root)
+    # Dropout draws from torch's global generators: seeded per process as the release's
+    # setup_seeds does (train.py at 3ed85e6: run seed + rank), restored from the checkpoint on resume.
+    torch.manual_seed(t.seed + rank)
     if resume_from is not None:
         state = load_trainer_state(resume_from)
         accelerator.unwrap_model(aligner).load_state_dict(Aligner.from_pretrained(resume_from / ALIGNER_DIR).state_dict())
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if torch.cuda.is_available() and state.get("rng_cuda"):
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
         step, batcher_state = state["step"], BatcherState(**state["batcher"])
+        restore_rng(state, rank, world, accelerator.device, t.seed, step)
         log.info("resuming %s from %s (step %d, epoch %d, sample %d)", run_dir, resume_from.name, step,
                  batcher_state.epoch, batcher_state.index)
     _truncate_metrics(run_dir / METRICS_FILE, step, accelerator.is_main_process)
@@ -213,15 +238,17 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
         "train_fingerprint": expected,
         "git_revision": git_revision(),
     }
-    world, rank = accelerator.num_processes, accelerator.process_index
     # Every process draws the same global batches and keeps its own slice, so the data order does
     # not depend on the number of processes.
     on_gpu = accelerator.device.type == "cuda"
-    batcher = Batcher(store, collate, clip_usable if clip else lvlm_usable, seed=t.seed, batch_size=t.batch_size,
+    batcher = Batcher(store, collate, collate.usable if clip else lvlm_usable, seed=t.seed, batch_size=t.batch_size,
                       world=world, rank=rank, window=t.bucket_window, state=batcher_state, pin_memory=on_gpu)
     target_step = min(t.max_steps, stop_after_steps) if stop_after_steps is not None else t.max_steps
     last_ckpt = resume_from
-    window_loss, window_steps, window_samples, window_tokens = torch.zeros((), device=accelerator.device), 0, 0, 0
+    # The logged loss is the token mean over the logging window of this process's batches: the
+    # summed token losses (on the device) over their target tokens.
+    window_loss, window_loss_tokens = torch.zeros((), device=accelerator.device), 0
+    window_steps, window_samples, window_tokens = 0, 0, 0
     window_start = time.perf_counter()
     loss_value = None
     aligner.train()
@@ -237,12 +264,13 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
             step += 1
             progress.update(1)
             # Summed on the device: reading the loss every step would make the CPU wait for the GPU.
-            window_loss += loss
+            window_loss += loss * cpu_batch.num_target_tokens
+            window_loss_tokens += cpu_batch.num_target_tokens
             window_steps += 1
             window_samples += cpu_batch.labels_BT.shape[0] * world
             window_tokens += cpu_batch.num_target_tokens * world
             if step % t.log_every == 0 or step == target_step:
-                loss_value = window_loss.item() / window_steps
+                loss_value = window_loss.item() / window_loss_tokens
                 elapsed = time.perf_counter() - window_start
                 record = {
                     "step": step,
@@ -259,9 +287,11 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
                 if accelerator.is_main_process:
                     with open(run_dir / METRICS_FILE, "a") as fh:
                         fh.write(json.dumps(record) + "\n")
-                window_loss, window_steps, window_samples, window_tokens = torch.zeros((), device=accelerator.device), 0, 0, 0
+                window_loss, window_loss_tokens = torch.zeros((), device=accelerator.device), 0
+                window_steps, window_samples, window_tokens = 0, 0, 0
                 window_start = time.perf_counter()
             if step % t.checkpoint_every == 0 or step == target_step:
+                rng = gather_object([process_rng(accelerator.device)])  # every process's, in rank order
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     last_ckpt = save_checkpoint(
@@ -273,8 +303,8 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
                             "batcher": dict(batcher_state.__dict__),
                             "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(),
-                            "rng_cpu": torch.get_rng_state(),
-                            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                            "rng_cpu": [r["cpu"] for r in rng],
+                            "rng_cuda": [r["cuda"] for r in rng],
                         },
                         meta={**meta, "loss": loss_value},
                         keep_last=t.keep_last,
@@ -288,6 +318,27 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
         log.info("training complete: %s (loss curve %s)", last_ckpt, run_dir / LOSS_CURVE_FILE)
     accelerator.wait_for_everyone()
     return TrainResult(run_dir=run_dir, checkpoint=last_ckpt, step=step, loss=loss_value)
+
+
+def process_rng(device: torch.device) -> dict[str, torch.Tensor | None]:
+    """This process's global generator states: the CPU's, and its own GPU's (what its dropout draws from)."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def restore_rng(state: dict, rank: int, world: int, device: torch.device, seed: int, step: int) -> None:
+    """Put this process's global generators where the checkpoint left them, so its dropout draws
+    what an uninterrupted run's would. A checkpoint of another process count has no state for
+    this one: it gets a seed of its own (seed, rank, step), and the run goes on, no longer exactly
+    the uninterrupted one."""
+    saved_cpu, saved_cuda = state["rng_cpu"], state["rng_cuda"]
+    if len(saved_cpu) != world:
+        log.warning("the checkpoint holds the random states of %d process(es), this run has %d: dropout draws other "
+                    "masks than an uninterrupted run would", len(saved_cpu), world)
+        torch.manual_seed(hash((seed, rank, step)))
+        return
+    torch.set_rng_state(saved_cpu[rank])
+    if device.type == "cuda" and saved_cuda[rank] is not None:  # None: saved by a run on the CPU
+        torch.cuda.set_rng_state(saved_cuda[rank], device)
 
 
 def _recorded_fingerprint(checkpoint: Path) -> str | None:
