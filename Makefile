@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile $(CONSTRAINTS)
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[all]"
 	# img2dataset pulls the Python 2-era `dataclasses` backport, which shadows the standard library
-	# inside Prefect's temporary API server (STACK.md): remove it again.
+	# inside Prefect's temporary API server (its flows then time out starting): remove it again.
 	$(BIN)/python -m pip uninstall -y -q dataclasses
 	touch $@
 

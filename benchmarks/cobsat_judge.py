@@ -27,14 +27,9 @@ from timing import sync
 
 from thinkdiff.config import load_config
 from thinkdiff.eval.cobsat import TASKS, judge_questions
-from thinkdiff.eval.judge import (
-    TINY_LLAVA_TEXT,
-    TINY_LLAVA_VISION,
-    LlavaJudge,
-    build_random_llava_judge,
-    llava_prompt,
-)
+from thinkdiff.eval.judge import LlavaJudge, llava_prompt
 from thinkdiff.models.common import torch_dtype
+from thinkdiff.models.tiny import TINY_LLAVA_TEXT, TINY_LLAVA_VISION, build_random_llava_judge
 
 LLAVA_15_13B_TEXT = dict(vocab_size=32064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                          num_attention_heads=40, num_key_value_heads=40, rms_norm_eps=1e-5)

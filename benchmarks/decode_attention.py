@@ -1,6 +1,6 @@
 """One decode step's attention, one layer, compiled: K/V repeated to every query head (what
 transformers' SDPA does under torch.compile with a mask) vs the packed query heads that the features
-stage uses (`thinkdiff.models.vlm.packed_gqa_sdpa`).
+stage uses (`thinkdiff.models.attention.packed_gqa_sdpa`).
 
     .venv/bin/python benchmarks/decode_attention.py            # Qwen2-VL-7B heads (28 over 4), 128 dims, 512 cached positions
     .venv/bin/python benchmarks/decode_attention.py --tiny     # small shapes in seconds (a test runs it)
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import repeat_kv
 
-from thinkdiff.models.vlm import packed_gqa_sdpa
+from thinkdiff.models.attention import packed_gqa_sdpa
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from timing import sync
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 
-from thinkdiff.models.t5 import DECODER_SDPA_BACKENDS
+from thinkdiff.models.attention import DECODER_SDPA_BACKENDS
 
 STRESS_WIDTHS = (64, 72)
 COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)

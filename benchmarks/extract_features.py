@@ -17,9 +17,9 @@ about as many tokens as with Qwen's own BPE (about 290: 256 visual, the rest tex
   stage's (random weights at Qwen's vocabulary practically never sample it; the table shows
   tokens per image).
 Images/s counts the whole stage (image preprocessing + generation + states); the generation-only
-rate of the naive path is the issue's reference (STACK.md: 9.4 to 11.4 images/s at batch 32).
-`--cobsat-shots` first times the VLM's part of a CoBSAT evaluation (issue 7 item 3, the nightly
-sizing): `vlm_answers`, the call `thinkdiff cobsat eval` makes, on CoBSAT's own prompts (task 1,
+rate of the naive path is the baseline that benchmarks/README.md compares against.
+`--cobsat-shots` first times the VLM's part of a CoBSAT evaluation (what sizes the nightly
+evaluation): `vlm_answers`, the call `thinkdiff cobsat eval` makes, on CoBSAT's own prompts (task 1,
 2 or 4 demo images rendered at the same size) in batches of eval.batch_size, preprocessing
 included, eval.gen_tokens tokens each, EOS ignored.
 """
@@ -44,16 +44,9 @@ from thinkdiff.data.extract import extract_records, pick_instruction
 from thinkdiff.eval.cobsat import build_prompts, get_task
 from thinkdiff.eval.dataset import CobsatDataset, make_synthetic_dataset
 from thinkdiff.generate import cobsat_parts, vlm_answers
-from thinkdiff.models.vlm import (
-    EOS_CHECK_EVERY,
-    TINY_TEXT,
-    TINY_VISION,
-    VLM,
-    build_random_vlm,
-    encode_chat,
-    final_norm_states,
-    token_scores,
-)
+from thinkdiff.models.decode import EOS_CHECK_EVERY, token_scores
+from thinkdiff.models.tiny import TINY_TEXT, TINY_VISION, build_random_vlm
+from thinkdiff.models.vlm import VLM, encode_chat, final_norm_states
 
 QWEN2_VL_7B_TEXT = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                         num_attention_heads=28, num_key_value_heads=4,

@@ -33,7 +33,7 @@ from thinkdiff.data.features import (
     FeatureStoreInfo,
     write_feature_shard,
 )
-from thinkdiff.models.vlm import build_tiny_qwen_tokenizer
+from thinkdiff.models.tiny import build_tiny_qwen_tokenizer
 from thinkdiff.storage import FEATURES_SCHEMA_VERSION, write_manifest
 from thinkdiff.train.data import (
     DECODE_THREADS,

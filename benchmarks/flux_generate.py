@@ -32,7 +32,8 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from timing import sync
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from thinkdiff.models.flux import Flux, build_tiny_flux_pipeline, wrap_flux
+from thinkdiff.models.flux import Flux, wrap_flux
+from thinkdiff.models.tiny import build_tiny_flux_pipeline
 
 FLUX_DEV_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                             num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
@@ -42,9 +43,8 @@ FLUX_DEV_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out
                     use_quant_conv=False, use_post_quant_conv=False,
                     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 VARIANTS = {
-    # Session 6: alone at FLUX's shape cuDNN's kernel took 0.23 ms against flash's 0.41, but through
-    # diffusers' `_native_cudnn` backend (which first makes q, k and v contiguous) the whole path was
-    # no faster. This keeps diffusers' native backend and only puts cuDNN first in PyTorch's choice.
+    # Alone at FLUX's shape cuDNN's kernel is faster than flash's, but diffusers' `_native_cudnn`
+    # backend first makes q, k and v contiguous, which costs that back (docs/performance.md). This keeps diffusers' native backend and only puts cuDNN first in PyTorch's choice.
     # The other backends stay as fallbacks: the VAE's attention (head dim 512) has neither kernel.
     "cudnn": lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                                   SDPBackend.MATH], set_priority=True),

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/train_step.py               # paper shapes (flan-t5-xxl, 3584 -> 4096): a GPU
     .venv/bin/python benchmarks/train_step.py --tiny        # tiny shapes on a CPU in seconds (a test runs it)
 
-Workload (STACK.md's anchor): per sample a source length uniform in 1..128 and a target length
+Workload: per sample a source length uniform in 1..128 and a target length
 uniform in 8..128, random weights, random features and labels.
 - naive: the whole T5ForConditionalGeneration resident, source and target padded to 128, full
   (B, 128, vocab) logits and transformers' own loss.
@@ -42,7 +42,8 @@ from transformers import T5Config, T5ForConditionalGeneration
 from thinkdiff.config import load_config
 from thinkdiff.data.features import StoredFeatures
 from thinkdiff.models.aligner import Aligner, AlignerConfig
-from thinkdiff.models.t5 import IGNORE_INDEX, T5DecoderLM, T5Parts, build_tiny_t5
+from thinkdiff.models.t5 import IGNORE_INDEX, T5DecoderLM, T5Parts
+from thinkdiff.models.tiny import build_tiny_t5
 from thinkdiff.train.data import Prepared, length_buckets, pad
 from thinkdiff.train.engine import make_accelerator
 from thinkdiff.train.loop import lr_multiplier, param_groups, train_step
@@ -173,7 +174,7 @@ def project_run(decoder: T5DecoderLM, batches, device, aligner_state: dict, refe
     # graphs, not one per shape: on CUDA, inductor guards on whether the target and source lengths
     # keep SDPA's attention bias 8-aligned (else it copies the bias into an aligned buffer), so
     # lengths on each side make their own variant. A training run compiles them once in its first
-    # steps; a warm-up of a few steps may miss one (the H200 run of session 6 did).
+    # steps; a warm-up of a few steps may miss one.
     before_warmup, started = snapshot(), time.perf_counter()
     first_loss = torch.stack([step(b) for b in ready])[0].item()
     loss_difference = abs(first_loss - reference_loss) / reference_loss

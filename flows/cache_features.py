@@ -4,7 +4,7 @@ from prefect import flow, unmapped
 
 from flows import run_from_command_line
 from flows.build_corpus import build_corpus_flow
-from tasks.features import extract_feature_shard_task, finalize_features_task, plan_feature_shards_task
+from tasks.features import cache_feature_shard_task, finalize_features_task, plan_feature_shards_task
 
 
 @flow(name="cache-features")
@@ -16,7 +16,7 @@ def cache_features_flow(config: str = "tiny", overrides: list[str] | None = None
     overrides = overrides or []
     corpus_dir = corpus_dir or build_corpus_flow(config, overrides)
     shards = plan_feature_shards_task(config, overrides, corpus_dir)
-    extract_feature_shard_task.map(unmapped(config), unmapped(overrides), shards).result()
+    cache_feature_shard_task.map(unmapped(config), unmapped(overrides), shards).result()
     return finalize_features_task(config, overrides, corpus_dir)
 
 

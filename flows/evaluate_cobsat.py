@@ -3,7 +3,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows import run_from_command_line
-from tasks.evaluate import evaluate_cobsat_task, nightly_evaluation_task
+from tasks.evaluate import evaluate_cobsat_nightly_task, evaluate_cobsat_task
 
 
 @flow(name="evaluate-cobsat")
@@ -13,7 +13,7 @@ def evaluate_cobsat_flow(
     """CoBSAT: evaluate one aligner (`model`: models:/name@alias, a dir or a .pth; default eval.aligner),
     or, with `nightly`, @champion and a newer @candidate, promoting the candidate when it scores higher."""
     if nightly:
-        return nightly_evaluation_task(config, overrides or [])
+        return evaluate_cobsat_nightly_task(config, overrides or [])
     return evaluate_cobsat_task(config, overrides or [], model)
 
 

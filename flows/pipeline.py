@@ -29,11 +29,10 @@ def thinkdiff_pipeline_flow(config: str = "tiny", overrides: list[str] | None = 
         "model": trained["model"],
     }
     if evaluation["results"]:  # none for ThinkDiff-CLIP, which CoBSAT does not score
-        results = Path(evaluation["results"])
-        outputs |= {"cobsat": str(results), "accuracy": str(results / "accuracy.png"),
-                    "samples": str(results / "samples.png"), "cobsat run": evaluation["mlflow_run"]}
+        outputs |= {"cobsat": evaluation["results"], "accuracy": evaluation["accuracy"],
+                    "samples": evaluation["samples"], "cobsat run": evaluation["mlflow_run"]}
         if evaluation["comparison"]:  # beside eval.baselines, e.g. the text bridge: the chart and the table
-            outputs |= {"comparison": evaluation["comparison"], "comparison table": str(Path(evaluation["comparison"]).with_suffix(".md"))}
+            outputs |= {"comparison": evaluation["comparison"], "comparison table": evaluation["comparison table"]}
     return outputs
 
 

@@ -6,7 +6,7 @@ from prefect import flow
 
 from flows import run_from_command_line
 from flows.cache_features import cache_features_flow
-from tasks.registry import register_checkpoint_task
+from tasks.registry import register_aligner_task
 from tasks.train import train_aligner_task
 
 
@@ -19,7 +19,7 @@ def train_aligner_flow(config: str = "tiny", overrides: list[str] | None = None,
     overrides = overrides or []
     features_dir = features_dir or cache_features_flow(config, overrides)
     checkpoint = train_aligner_task(config, overrides, features_dir)
-    model = register_checkpoint_task(config, overrides, str(Path(checkpoint).parents[1]))  # the run the checkpoint is in
+    model = register_aligner_task(config, overrides, str(Path(checkpoint).parents[1]))  # the run the checkpoint is in
     return {"checkpoint": checkpoint, "model": model}
 
 

@@ -1,5 +1,8 @@
-"""Thin Prefect tasks: each resolves the config, calls one `thinkdiff.pipeline` function and
-returns something small (a path as a string, a list of paths)."""
+"""Thin Prefect tasks: each resolves the config, calls one stage function of the library
+(`thinkdiff.pipeline`, or `thinkdiff.eval.stage` for CoBSAT) and returns something small (a path as
+a string, a list of paths, a dict of strings). A task is named after its flow's verb-noun
+(`train-aligner`) or a step of it (`cache-feature-shard`), and its function after the task
+(`train_aligner_task`)."""
 
 import logging
 

@@ -16,9 +16,9 @@ def plan_feature_shards_task(config: str, overrides: list[str], corpus_dir: str 
 
 # No timeout: mapped, this task runs in a worker thread, where Prefect cannot enforce one (it would
 # only log a warning for every shard).
-@task(name="extract-feature-shard", tags=["gpu"])
-def extract_feature_shard_task(config: str, overrides: list[str], corpus_shard: str) -> str:
-    return str(pipeline.extract_feature_shard(load_config(config, overrides), Path(corpus_shard)))
+@task(name="cache-feature-shard", tags=["gpu"])
+def cache_feature_shard_task(config: str, overrides: list[str], corpus_shard: str) -> str:
+    return str(pipeline.cache_feature_shard(load_config(config, overrides), Path(corpus_shard)))
 
 
 @task(name="finalize-features")

@@ -52,4 +52,4 @@ def tiny_store(demo_corpus):
     from thinkdiff import pipeline
 
     cfg, corpus_dir = demo_corpus
-    return cfg, pipeline.extract_features(cfg, corpus_dir)
+    return cfg, pipeline.cache_features(cfg, corpus_dir)

@@ -19,13 +19,17 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from thinkdiff.errors import BAD_INPUT_ERRORS
 from thinkdiff.storage import atomic_write_image
+
+if TYPE_CHECKING:
+    from thinkdiff.config import RunConfig
 
 log = logging.getLogger("thinkdiff")
 
@@ -57,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="run dir (default: {paths.root}/train/{fingerprint})")
 
     p = sub.add_parser("registry", help="MLflow: log + register a finished training run, promote a version")
-    registry_sub = p.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
+    registry_sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = registry_sub.add_parser("register", help="log the config's finished training run and register its aligner (idempotent)")
     _add_config_args(q)
     q.add_argument("--run", type=Path, help="training run dir, the first line `thinkdiff train` prints (default: the "
@@ -68,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--reason", default="manual promotion", help="recorded on the version")
 
     p = sub.add_parser("cobsat", help="CoBSAT benchmark: prompts, synthetic set, evaluation")
-    cobsat_sub = p.add_subparsers(dest="cobsat_command", required=True, metavar="ACTION")
+    cobsat_sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = cobsat_sub.add_parser("prompts", help="print the official prompts of one task and shot as JSON lines")
     q.add_argument("--task", required=True, help="1..10, a name (Color-I) or a short name (C-I)")
     q.add_argument("--shot", type=int, required=True, help="number of demos (papers: 2 and 4)")
@@ -98,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the image to write (.png or .jpg; never overwritten); a side-by-side sheet goes next to it (.sheet.png)")
 
     p = sub.add_parser("aligner", help="aligner checkpoint tools")
-    aligner_sub = p.add_subparsers(dest="aligner_command", required=True, metavar="ACTION")
+    aligner_sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = aligner_sub.add_parser("import-official", help="convert the released .pth aligner to config.json + model.safetensors")
     q.add_argument("input", type=Path, help="the official checkpoint (.pth, a dict with key 'model')")
     q.add_argument("output", type=Path, help="new directory to write (must not exist)")
@@ -125,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
-        return _dispatch(args)
+        return HANDLERS[args.command, getattr(args, "action", None)](args)
     except BAD_INPUT_ERRORS as err:
         print(f"thinkdiff {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -152,78 +156,151 @@ def _check_new_outputs(out: Path, *more: Path) -> None:
         raise ValueError(f"--out {out}: unknown image type {out.suffix!r}; end the name in .png or .jpg")
 
 
-def _dispatch(args: argparse.Namespace) -> int:
-    # Heavy imports (torch, transformers) only once the arguments and the config are checked, so
-    # --help, `config` and a mistyped override answer at once.
+# Each handler checks its arguments and the config before its heavy imports (torch, transformers),
+# so --help, `config` and a mistyped override answer at once.
+
+
+def _load_config(args: argparse.Namespace) -> RunConfig:
     from thinkdiff.config import load_config
 
-    if args.command == "cobsat" and args.cobsat_command == "prompts":
-        from thinkdiff.eval.cobsat import build_prompts, get_task
+    return load_config(args.config, args.overrides)
 
-        for prompt in build_prompts(get_task(args.task), args.shot, args.limit):
-            print(json.dumps(prompt.to_json()))
-        return 0
-    if args.command == "cobsat" and args.cobsat_command == "make-synthetic":
-        from thinkdiff.eval.dataset import make_synthetic_dataset
 
-        print(make_synthetic_dataset(args.output, args.size).root)
-        return 0
-    if args.command == "aligner":
-        from thinkdiff.models.aligner import import_official_checkpoint
+def _config(args: argparse.Namespace) -> int:
+    print(_load_config(args).to_yaml(), end="")
+    return 0
 
-        print(import_official_checkpoint(args.input, args.output))
-        return 0
-    cfg = load_config(args.config, args.overrides)
-    if args.command == "config":
-        print(cfg.to_yaml(), end="")
-        return 0
-    if args.command == "generate" and not args.parts:
-        raise ValueError("give the prompt as --text and --image parts, in order")
-    # Input images are read before any model loads: a wrong path fails at once.
-    parts = [_open_image(value) if kind == "image" else value for kind, value in args.parts] if args.command == "generate" else []
-    inputs = [_open_image(path) for path in args.images] if args.command == "compose" else []
-    if args.command in ("generate", "compose"):
-        _check_new_outputs(args.out, *([args.out.with_suffix(".sheet.png")] if args.command == "compose" else []))
+
+def _corpus(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
     from thinkdiff import pipeline
 
-    if args.command == "corpus":
-        print(pipeline.build_corpus(cfg))
-    elif args.command == "features":
-        print(pipeline.extract_features(cfg, corpus_dir=args.corpus, out_dir=args.out))
-    elif args.command == "registry" and args.registry_command == "register":
-        print(pipeline.register_checkpoint(cfg, args.run).uri)
-    elif args.command == "registry" and args.registry_command == "promote":
-        print(pipeline.promote(cfg, args.version, args.reason).uri)
-    elif args.command == "cobsat" and args.nightly:
-        print(json.dumps(pipeline.nightly_evaluation(cfg)))
-    elif args.command == "cobsat":
-        result = pipeline.evaluate_cobsat(cfg, model=args.model)
-        print(result["table"])
-        if result.get("skipped"):
-            return 0
-        charts = "comparison.png, accuracy.png" if result["baselines"] else "accuracy.png"
-        print(f"results: {result['dir']} ({charts}, samples.png, summary.json); MLflow run {result['run_id']}")
-    elif args.command == "generate":
-        from thinkdiff.generate import build_generator
-
-        generator = build_generator(cfg, pipeline.aligner_spec(cfg, args.aligner))
-        (drawing,) = generator.draw([parts], vlm_seed=cfg.eval.seed, flux_seeds=[cfg.eval.seed])
-        atomic_write_image(args.out, drawing.image)
-        print(args.out)
-    elif args.command == "compose":
-        from thinkdiff.generate import build_composer
-        from thinkdiff.plots import save_sample_grid
-
-        composer = build_composer(cfg, pipeline.aligner_spec(cfg, args.aligner))
-        image = composer.compose(inputs, args.text, seed=cfg.eval.seed)
-        atomic_write_image(args.out, image)
-        sheet = save_sample_grid([(inputs + [image], f"{' + '.join(p.name for p in args.images)} + {args.text or ''!r}")],
-                                 args.out.with_suffix(".sheet.png"))
-        print(f"{args.out}\n{sheet}")
-    elif args.command == "train":
-        result = pipeline.train_aligner(cfg, features_dir=args.features, run_dir=args.out)
-        print(f"{result.run_dir}\n{result.aligner_dir}")
+    print(pipeline.build_corpus(cfg))
     return 0
+
+
+def _features(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    from thinkdiff import pipeline
+
+    print(pipeline.cache_features(cfg, corpus_dir=args.corpus, out_dir=args.out))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    from thinkdiff import pipeline
+
+    result = pipeline.train_aligner(cfg, features_dir=args.features, run_dir=args.out)
+    print(f"{result.run_dir}\n{result.aligner_dir}")
+    return 0
+
+
+def _registry_register(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    from thinkdiff import pipeline
+
+    print(pipeline.register_aligner(cfg, args.run).uri)
+    return 0
+
+
+def _registry_promote(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    from thinkdiff import pipeline
+
+    print(pipeline.promote_aligner(cfg, args.version, args.reason).uri)
+    return 0
+
+
+def _cobsat_prompts(args: argparse.Namespace) -> int:
+    from thinkdiff.eval.cobsat import build_prompts, get_task
+
+    for prompt in build_prompts(get_task(args.task), args.shot, args.limit):
+        print(json.dumps(prompt.to_json()))
+    return 0
+
+
+def _cobsat_make_synthetic(args: argparse.Namespace) -> int:
+    from thinkdiff.eval.dataset import make_synthetic_dataset
+
+    print(make_synthetic_dataset(args.output, args.size).root)
+    return 0
+
+
+def _cobsat_eval(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    from thinkdiff.eval import stage
+
+    if args.nightly:
+        print(json.dumps(stage.evaluate_cobsat_nightly(cfg).report()))
+        return 0
+    result = stage.evaluate_cobsat(cfg, model=args.model)
+    print(result.table)
+    if result.skipped:
+        return 0
+    charts = ", ".join(path.name for path in (result.comparison_png, result.accuracy_png) if path is not None)
+    print(f"results: {result.results_dir} ({charts}, {result.samples_png.name}, {result.summary_json.name}); "
+          f"MLflow run {result.run_id}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    if not args.parts:
+        raise ValueError("give the prompt as --text and --image parts, in order")
+    # Input images are read before any model loads: a wrong path fails at once.
+    parts = [_open_image(value) if kind == "image" else value for kind, value in args.parts]
+    _check_new_outputs(args.out)
+    from thinkdiff import pipeline
+    from thinkdiff.generate import build_generator
+
+    generator = build_generator(cfg, pipeline.aligner_spec(cfg, args.aligner))
+    (drawing,) = generator.draw([parts], vlm_seed=cfg.eval.seed, flux_seeds=[cfg.eval.seed])
+    atomic_write_image(args.out, drawing.image)
+    print(args.out)
+    return 0
+
+
+def _compose(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    inputs = [_open_image(path) for path in args.images]
+    sheet_path = args.out.with_suffix(".sheet.png")
+    _check_new_outputs(args.out, sheet_path)
+    from thinkdiff import pipeline
+    from thinkdiff.generate import build_composer
+    from thinkdiff.plots import save_sample_grid
+
+    composer = build_composer(cfg, pipeline.aligner_spec(cfg, args.aligner))
+    image = composer.compose(inputs, args.text, seed=cfg.eval.seed)
+    atomic_write_image(args.out, image)
+    sheet = save_sample_grid([(inputs + [image], f"{' + '.join(p.name for p in args.images)} + {args.text or ''!r}")],
+                             sheet_path)
+    print(f"{args.out}\n{sheet}")
+    return 0
+
+
+def _aligner_import_official(args: argparse.Namespace) -> int:
+    from thinkdiff.models.aligner import import_official_checkpoint
+
+    print(import_official_checkpoint(args.input, args.output))
+    return 0
+
+
+# (command, action) -> handler; the action is None for a command without actions.
+HANDLERS: dict[tuple[str, str | None], Callable[[argparse.Namespace], int]] = {
+    ("config", None): _config,
+    ("corpus", None): _corpus,
+    ("features", None): _features,
+    ("train", None): _train,
+    ("registry", "register"): _registry_register,
+    ("registry", "promote"): _registry_promote,
+    ("cobsat", "prompts"): _cobsat_prompts,
+    ("cobsat", "make-synthetic"): _cobsat_make_synthetic,
+    ("cobsat", "eval"): _cobsat_eval,
+    ("generate", None): _generate,
+    ("compose", None): _compose,
+    ("aligner", "import-official"): _aligner_import_official,
+}
 
 
 if __name__ == "__main__":

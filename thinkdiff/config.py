@@ -31,6 +31,14 @@ TINY_MODEL_ID = "tiny"
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+class _Problems(list[str]):
+    """The failed rules of a config section, one message each, naming key, value and fix."""
+
+    def need(self, ok: bool, key: str, value: Any, fix: str) -> None:
+        if not ok:
+            self.append(f"{key}={value!r}: {fix}")
+
+
 @dataclass(kw_only=True)
 class ModelSource:
     id: str
@@ -52,11 +60,25 @@ class ModelsConfig:
     vision: ModelSource
     """ThinkDiff-CLIP only: the vision tower (BLIP-2's EVA-CLIP ViT-g/14, or any CLIP vision model)."""
 
+    def problems(self) -> list[str]:
+        p = _Problems()
+        for name in ("vlm", "t5", "flux", "vision"):
+            src: ModelSource = getattr(self, name)
+            p.need(bool(src.id.strip()), f"models.{name}.id", src.id,
+                   "give a Hugging Face id, a local directory or `tiny`")
+            p.need(src.dtype in DTYPES, f"models.{name}.dtype", src.dtype, f"use one of {', '.join(DTYPES)}")
+        return p
+
 
 @dataclass(kw_only=True)
 class PathsConfig:
     root: str
     """Every stage writes into {root}/{stage}/{fingerprint}/."""
+
+    def problems(self) -> list[str]:
+        p = _Problems()
+        p.need(bool(self.root.strip()), "paths.root", self.root, "give a directory for stage outputs")
+        return p
 
 
 @dataclass(kw_only=True)
@@ -91,6 +113,28 @@ class CorpusConfig:
     """`demo` only: extra urls that are broken on purpose (alternately 404 and a corrupt JPEG)."""
     seed: int
     """`demo` only: seed of the generator."""
+
+    def problems(self) -> list[str]:
+        p = _Problems()
+        formats = ("csv", "csv.gz", "tsv", "tsv.gz", "parquet")
+        p.need(self.input_format in formats, "corpus.input_format", self.input_format,
+               f"use one of {', '.join(formats)}")
+        p.need(bool(self.url_col), "corpus.url_col", self.url_col, "name the url list's url column")
+        p.need(bool(self.caption_col), "corpus.caption_col", self.caption_col, "name the url list's caption column")
+        modes = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
+        p.need(self.resize_mode in modes, "corpus.resize_mode", self.resize_mode, f"use one of {', '.join(modes)}")
+        p.need(self.image_size >= 28, "corpus.image_size", self.image_size,
+               "use at least 28 (one Qwen2-VL merged patch)")
+        p.need(self.shard_size >= 1, "corpus.shard_size", self.shard_size, "use at least 1")
+        p.need(self.processes >= 1, "corpus.processes", self.processes, "use at least 1")
+        p.need(self.threads >= 1, "corpus.threads", self.threads, "use at least 1")
+        p.need(self.retries >= 0, "corpus.retries", self.retries, "use 0 or more")
+        p.need(self.timeout_s >= 1, "corpus.timeout_s", self.timeout_s, "use at least 1 second")
+        p.need(0 <= self.min_success_rate <= 1, "corpus.min_success_rate", self.min_success_rate,
+               "use a fraction in [0, 1]")
+        p.need(self.demo_images >= 1, "corpus.demo_images", self.demo_images, "use at least 1")
+        p.need(self.demo_broken >= 0, "corpus.demo_broken", self.demo_broken, "use 0 or more")
+        return p
 
 
 @dataclass(kw_only=True)
@@ -130,6 +174,29 @@ class FeaturesConfig:
     """ThinkDiff-CLIP only: input side of the vision tower (224 for BLIP-2)."""
     seed: int
     """Seed for instruction choice and sampling (combined with the shard index, so reruns are equal)."""
+
+    def problems(self) -> list[str]:
+        p = _Problems()
+        p.need(len(self.instructions) > 0 and all(s.strip() for s in self.instructions), "features.instructions",
+               self.instructions, "give a non-empty list of non-empty instructions")
+        p.need(self.temperature > 0, "features.temperature", self.temperature, "use a value > 0 (sampling)")
+        p.need(0 < self.top_p <= 1, "features.top_p", self.top_p, "use a value in (0, 1]")
+        p.need(self.max_new_tokens >= 2, "features.max_new_tokens", self.max_new_tokens,
+               "use at least 2: the masked split needs two generated tokens")
+        p.need(self.max_feature_rows >= 1, "features.max_feature_rows", self.max_feature_rows, "use at least 1")
+        storage = (*DTYPES, "float8_e4m3")
+        p.need(self.storage_dtype in storage, "features.storage_dtype", self.storage_dtype,
+               f"use one of {', '.join(storage)}")
+        p.need(28 * 28 <= self.min_pixels <= self.max_pixels, "features.min_pixels", self.min_pixels,
+               "use 784 (28*28) <= min_pixels <= features.max_pixels")
+        p.need(self.batch_size >= 1, "features.batch_size", self.batch_size, "use at least 1")
+        p.need(self.preprocess_workers >= 1, "features.preprocess_workers", self.preprocess_workers, "use at least 1")
+        p.need(self.kv_cache in ("static", "dynamic"), "features.kv_cache", self.kv_cache, "use static or dynamic")
+        p.need(not self.compile or self.kv_cache == "static", "features.compile", self.compile,
+               "compiling the decode step needs features.kv_cache=static")
+        p.need(self.vision_image_size >= 28, "features.vision_image_size", self.vision_image_size,
+               "use at least 28 (two patches of 14)")
+        return p
 
 
 @dataclass(kw_only=True)
@@ -179,7 +246,7 @@ class TrainConfig:
     first step pays the compile."""
     decoder_attention: str
     """The frozen T5 decoder's attention kernel: `sdpa` (PyTorch's SDPA without cuDNN) or `flex`
-    (FlexAttention, CUDA only, fast only with `compile`; under measurement, see benchmarks/RESULTS.md)."""
+    (FlexAttention, CUDA only, fast only with `compile`; under measurement, see docs/performance.md)."""
     mixed_precision: str
     """`bf16` autocast (GPU only; the aligner stays fp32) or `no`."""
     checkpoint_every: int
@@ -195,6 +262,50 @@ class TrainConfig:
     launch_args: list[str]
     """Extra `accelerate launch` flags, e.g. for several nodes (--num_machines, --machine_rank, ...)."""
 
+    def problems(self, max_feature_rows: int | None = None) -> list[str]:
+        """This section's rules; with `max_feature_rows` (features.max_feature_rows, from RunConfig.validate)
+        also the bound it puts on max_source_rows, named next to that key's own rule."""
+        p = _Problems()
+        p.need(self.batch_size >= 1, "train.batch_size", self.batch_size, "use at least 1")
+        p.need(self.max_steps >= 1, "train.max_steps", self.max_steps, "use at least 1")
+        p.need(self.lr > 0, "train.lr", self.lr, "use a value > 0")
+        p.need(0 < self.warmup_start_lr <= self.lr, "train.warmup_start_lr", self.warmup_start_lr,
+               f"use a value in (0, train.lr={self.lr}]")
+        p.need(0 <= self.final_lr <= self.lr, "train.final_lr", self.final_lr,
+               f"use a value in [0, train.lr={self.lr}]")
+        p.need(0 <= self.warmup_steps <= self.max_steps, "train.warmup_steps", self.warmup_steps,
+               f"use a value in [0, train.max_steps={self.max_steps}]")
+        p.need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", self.betas,
+               "give two values in [0, 1)")
+        p.need(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "use a value >= 0")
+        p.need(self.max_source_rows >= 1, "train.max_source_rows", self.max_source_rows, "use at least 1")
+        if max_feature_rows is not None:
+            p.need(self.max_source_rows <= max_feature_rows, "train.max_source_rows", self.max_source_rows,
+                   f"the feature store keeps only features.max_feature_rows={max_feature_rows} rows; "
+                   "lower train.max_source_rows or raise features.max_feature_rows")
+        p.need(self.max_target_tokens >= 2, "train.max_target_tokens", self.max_target_tokens, "use at least 2")
+        p.need(self.bucket_window >= 1, "train.bucket_window", self.bucket_window, "use 1 (no bucketing) or more")
+        p.need(self.max_prefix_tokens >= 1, "train.max_prefix_tokens", self.max_prefix_tokens,
+               "use at least 1 (the paper: 32)")
+        p.need(self.lr_horizon_steps >= self.max_steps, "train.lr_horizon_steps", self.lr_horizon_steps,
+               f"use at least train.max_steps={self.max_steps} (the official release: 200000)")
+        p.need(self.aligner_init in ("pytorch", "normal"), "train.aligner_init", self.aligner_init,
+               "use pytorch (ThinkDiff-LVLM) or normal (ThinkDiff-CLIP)")
+        p.need(self.decoder_attention in ("sdpa", "flex"), "train.decoder_attention", self.decoder_attention,
+               "use `sdpa` or `flex` (CUDA only)")
+        p.need(self.decoder_attention != "flex" or self.compile, "train.decoder_attention", self.decoder_attention,
+               "flex is fast only compiled: set train.compile=true as well (uncompiled it writes every score matrix)")
+        p.need(self.mixed_precision in ("no", "bf16"), "train.mixed_precision", self.mixed_precision,
+               "use `bf16` or `no`")
+        p.need(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every, "use at least 1")
+        p.need(self.keep_last >= 1, "train.keep_last", self.keep_last,
+               "use at least 1 (the latest checkpoint is needed to resume)")
+        p.need(self.log_every >= 1, "train.log_every", self.log_every, "use at least 1")
+        p.need(self.num_processes >= 1, "train.num_processes", self.num_processes, "use at least 1")
+        p.need(self.batch_size % max(self.num_processes, 1) == 0, "train.batch_size", self.batch_size,
+               f"the global batch is split evenly over train.num_processes={self.num_processes}: use a multiple of it")
+        return p
+
 
 @dataclass(kw_only=True)
 class TrackingConfig:
@@ -204,6 +315,13 @@ class TrackingConfig:
     """MLflow experiment of the training runs."""
     registered_model: str
     """Registered model name of the aligner versions."""
+
+    def problems(self) -> list[str]:
+        p = _Problems()
+        p.need(bool(self.experiment.strip()), "tracking.experiment", self.experiment, "name an MLflow experiment")
+        p.need(bool(self.registered_model.strip()), "tracking.registered_model", self.registered_model,
+               "name the registered model (default thinkdiff-aligner)")
+        return p
 
 
 @dataclass(kw_only=True)
@@ -273,6 +391,43 @@ class EvalConfig:
     clip_model: ModelSource
     """CLIP model of `clip_score` (CoBSAT: openai/clip-vit-base-patch32); `tiny` builds one offline."""
 
+    def problems(self) -> list[str]:
+        p = _Problems()
+        p.need(bool(self.tasks) and all(1 <= k <= 10 for k in self.tasks), "eval.tasks", self.tasks,
+               "give CoBSAT task ids in 1..10")
+        p.need(bool(self.shots) and all(1 <= k <= 8 for k in self.shots), "eval.shots", self.shots,
+               "give demo counts in 1..8 (papers: 2 and 4)")
+        p.need(1 <= self.limit <= 1000, "eval.limit", self.limit, "use 1..1000 prompts per task and shot")
+        p.need(1 <= self.nightly_limit <= 1000, "eval.nightly_limit", self.nightly_limit,
+               "use 1..1000 prompts per task and shot")
+        p.need(self.batch_size >= 1, "eval.batch_size", self.batch_size, "use at least 1")
+        generators = ("thinkdiff", "text-bridge", "oracle", "copy-last", "random-theta", "random")
+        p.need(self.generator in generators, "eval.generator", self.generator, f"use one of {', '.join(generators)}")
+        p.need(all(b in generators[1:] for b in self.baselines) and len(set(self.baselines)) == len(self.baselines),
+               "eval.baselines", self.baselines,
+               f"list distinct generators beside thinkdiff: {', '.join(generators[1:])}, or []")
+        p.need(self.judge in ("synthetic", "llava", "qwen2-vl"), "eval.judge", self.judge,
+               "use llava, qwen2-vl or synthetic")
+        p.need(self.judge_model.dtype in DTYPES, "eval.judge_model.dtype", self.judge_model.dtype,
+               f"use one of {', '.join(DTYPES)}")
+        p.need(self.judge != "synthetic" or self.dataset == "synthetic", "eval.judge", self.judge,
+               "the synthetic judge reads only the synthetic set's renders; set eval.dataset=synthetic")
+        p.need(self.gen_tokens >= 1, "eval.gen_tokens", self.gen_tokens, "use at least 1 (the paper: 128)")
+        p.need(self.temperature > 0, "eval.temperature", self.temperature, "use a value > 0 (the paper: 0.6)")
+        p.need(0 < self.top_p <= 1, "eval.top_p", self.top_p, "use a value in (0, 1]")
+        p.need(28 * 28 <= self.min_pixels <= self.max_pixels, "eval.min_pixels", self.min_pixels,
+               "use 784 (28*28) <= min_pixels <= eval.max_pixels")
+        p.need(self.clip_text_tokens >= 1, "eval.clip_text_tokens", self.clip_text_tokens,
+               "use at least 1 (the release: 128)")
+        p.need(self.steps >= 1, "eval.steps", self.steps, "use at least 1 (the paper: 28)")
+        p.need(self.image_size >= 16 and self.image_size % 16 == 0, "eval.image_size", self.image_size,
+               "use a multiple of 16 (CoBSAT: 512)")
+        p.need(self.clip_model.dtype in DTYPES, "eval.clip_model.dtype", self.clip_model.dtype,
+               f"use one of {', '.join(DTYPES)}")
+        p.need(self.synthetic_image_size >= 32, "eval.synthetic_image_size", self.synthetic_image_size,
+               "use at least 32")
+        return p
+
 
 @dataclass(kw_only=True)
 class RunConfig:
@@ -295,115 +450,20 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, width=100)
 
     def validate(self) -> RunConfig:
-        """Check values and cross-field rules; raise ConfigError naming key, value and fix."""
-        problems: list[str] = []
+        """Check values and cross-field rules; raise ConfigError naming key, value and fix.
 
-        def need(ok: bool, key: str, value: Any, fix: str) -> None:
-            if not ok:
-                problems.append(f"{key}={value!r}: {fix}")
-
-        need(self.variant in ("lvlm", "clip"), "variant", self.variant, "use lvlm or clip")
-        for name in ("vlm", "t5", "flux", "vision"):
-            src: ModelSource = getattr(self.models, name)
-            need(bool(src.id.strip()), f"models.{name}.id", src.id, "give a Hugging Face id, a local directory or `tiny`")
-            need(src.dtype in DTYPES, f"models.{name}.dtype", src.dtype, f"use one of {', '.join(DTYPES)}")
-        need(bool(self.paths.root.strip()), "paths.root", self.paths.root, "give a directory for stage outputs")
-
-        c = self.corpus
-        formats = ("csv", "csv.gz", "tsv", "tsv.gz", "parquet")
-        need(c.input_format in formats, "corpus.input_format", c.input_format, f"use one of {', '.join(formats)}")
-        need(bool(c.url_col), "corpus.url_col", c.url_col, "name the url list's url column")
-        need(bool(c.caption_col), "corpus.caption_col", c.caption_col, "name the url list's caption column")
-        modes = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
-        need(c.resize_mode in modes, "corpus.resize_mode", c.resize_mode, f"use one of {', '.join(modes)}")
-        need(c.image_size >= 28, "corpus.image_size", c.image_size, "use at least 28 (one Qwen2-VL merged patch)")
-        need(c.shard_size >= 1, "corpus.shard_size", c.shard_size, "use at least 1")
-        need(c.processes >= 1, "corpus.processes", c.processes, "use at least 1")
-        need(c.threads >= 1, "corpus.threads", c.threads, "use at least 1")
-        need(c.retries >= 0, "corpus.retries", c.retries, "use 0 or more")
-        need(c.timeout_s >= 1, "corpus.timeout_s", c.timeout_s, "use at least 1 second")
-        need(0 <= c.min_success_rate <= 1, "corpus.min_success_rate", c.min_success_rate, "use a fraction in [0, 1]")
-        need(c.demo_images >= 1, "corpus.demo_images", c.demo_images, "use at least 1")
-        need(c.demo_broken >= 0, "corpus.demo_broken", c.demo_broken, "use 0 or more")
-
-        f = self.features
-        need(len(f.instructions) > 0 and all(s.strip() for s in f.instructions), "features.instructions",
-             f.instructions, "give a non-empty list of non-empty instructions")
-        need(f.temperature > 0, "features.temperature", f.temperature, "use a value > 0 (sampling)")
-        need(0 < f.top_p <= 1, "features.top_p", f.top_p, "use a value in (0, 1]")
-        need(f.max_new_tokens >= 2, "features.max_new_tokens", f.max_new_tokens,
-             "use at least 2: the masked split needs two generated tokens")
-        need(f.max_feature_rows >= 1, "features.max_feature_rows", f.max_feature_rows, "use at least 1")
-        storage = (*DTYPES, "float8_e4m3")
-        need(f.storage_dtype in storage, "features.storage_dtype", f.storage_dtype, f"use one of {', '.join(storage)}")
-        need(28 * 28 <= f.min_pixels <= f.max_pixels, "features.min_pixels", f.min_pixels,
-             "use 784 (28*28) <= min_pixels <= features.max_pixels")
-        need(f.batch_size >= 1, "features.batch_size", f.batch_size, "use at least 1")
-        need(f.preprocess_workers >= 1, "features.preprocess_workers", f.preprocess_workers, "use at least 1")
-        need(f.kv_cache in ("static", "dynamic"), "features.kv_cache", f.kv_cache, "use static or dynamic")
-        need(not f.compile or f.kv_cache == "static", "features.compile", f.compile,
-             "compiling the decode step needs features.kv_cache=static")
-        need(f.vision_image_size >= 28, "features.vision_image_size", f.vision_image_size, "use at least 28 (two patches of 14)")
-
-        t = self.train
-        need(t.batch_size >= 1, "train.batch_size", t.batch_size, "use at least 1")
-        need(t.max_steps >= 1, "train.max_steps", t.max_steps, "use at least 1")
-        need(t.lr > 0, "train.lr", t.lr, "use a value > 0")
-        need(0 < t.warmup_start_lr <= t.lr, "train.warmup_start_lr", t.warmup_start_lr, f"use a value in (0, train.lr={t.lr}]")
-        need(0 <= t.final_lr <= t.lr, "train.final_lr", t.final_lr, f"use a value in [0, train.lr={t.lr}]")
-        need(0 <= t.warmup_steps <= t.max_steps, "train.warmup_steps", t.warmup_steps,
-             f"use a value in [0, train.max_steps={t.max_steps}]")
-        need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", t.betas, "give two values in [0, 1)")
-        need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "use a value >= 0")
-        need(t.max_source_rows >= 1, "train.max_source_rows", t.max_source_rows, "use at least 1")
-        need(t.max_source_rows <= f.max_feature_rows, "train.max_source_rows", t.max_source_rows,
-             f"the feature store keeps only features.max_feature_rows={f.max_feature_rows} rows; "
-             "lower train.max_source_rows or raise features.max_feature_rows")
-        need(t.max_target_tokens >= 2, "train.max_target_tokens", t.max_target_tokens, "use at least 2")
-        need(t.bucket_window >= 1, "train.bucket_window", t.bucket_window, "use 1 (no bucketing) or more")
-        need(t.max_prefix_tokens >= 1, "train.max_prefix_tokens", t.max_prefix_tokens, "use at least 1 (the paper: 32)")
-        need(t.lr_horizon_steps >= t.max_steps, "train.lr_horizon_steps", t.lr_horizon_steps,
-             f"use at least train.max_steps={t.max_steps} (the official release: 200000)")
-        need(t.aligner_init in ("pytorch", "normal"), "train.aligner_init", t.aligner_init,
-             "use pytorch (ThinkDiff-LVLM) or normal (ThinkDiff-CLIP)")
-        need(t.decoder_attention in ("sdpa", "flex"), "train.decoder_attention", t.decoder_attention,
-             "use `sdpa` or `flex` (CUDA only)")
-        need(t.decoder_attention != "flex" or t.compile, "train.decoder_attention", t.decoder_attention,
-             "flex is fast only compiled: set train.compile=true as well (uncompiled it writes every score matrix)")
-        need(t.mixed_precision in ("no", "bf16"), "train.mixed_precision", t.mixed_precision, "use `bf16` or `no`")
-        need(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "use at least 1")
-        need(t.keep_last >= 1, "train.keep_last", t.keep_last, "use at least 1 (the latest checkpoint is needed to resume)")
-        need(t.log_every >= 1, "train.log_every", t.log_every, "use at least 1")
-        need(t.num_processes >= 1, "train.num_processes", t.num_processes, "use at least 1")
-        need(t.batch_size % max(t.num_processes, 1) == 0, "train.batch_size", t.batch_size,
-             f"the global batch is split evenly over train.num_processes={t.num_processes}: use a multiple of it")
-        need(bool(self.tracking.experiment.strip()), "tracking.experiment", self.tracking.experiment, "name an MLflow experiment")
-        need(bool(self.tracking.registered_model.strip()), "tracking.registered_model", self.tracking.registered_model,
-             "name the registered model (default thinkdiff-aligner)")
-        e = self.eval
-        need(bool(e.tasks) and all(1 <= k <= 10 for k in e.tasks), "eval.tasks", e.tasks, "give CoBSAT task ids in 1..10")
-        need(bool(e.shots) and all(1 <= k <= 8 for k in e.shots), "eval.shots", e.shots, "give demo counts in 1..8 (papers: 2 and 4)")
-        need(1 <= e.limit <= 1000, "eval.limit", e.limit, "use 1..1000 prompts per task and shot")
-        need(1 <= e.nightly_limit <= 1000, "eval.nightly_limit", e.nightly_limit, "use 1..1000 prompts per task and shot")
-        need(e.batch_size >= 1, "eval.batch_size", e.batch_size, "use at least 1")
-        generators = ("thinkdiff", "text-bridge", "oracle", "copy-last", "random-theta", "random")
-        need(e.generator in generators, "eval.generator", e.generator, f"use one of {', '.join(generators)}")
-        need(all(b in generators[1:] for b in e.baselines) and len(set(e.baselines)) == len(e.baselines), "eval.baselines",
-             e.baselines, f"list distinct generators beside thinkdiff: {', '.join(generators[1:])}, or []")
-        need(e.judge in ("synthetic", "llava", "qwen2-vl"), "eval.judge", e.judge, "use llava, qwen2-vl or synthetic")
-        need(e.judge_model.dtype in DTYPES, "eval.judge_model.dtype", e.judge_model.dtype, f"use one of {', '.join(DTYPES)}")
-        need(e.judge != "synthetic" or e.dataset == "synthetic", "eval.judge", e.judge,
-             "the synthetic judge reads only the synthetic set's renders; set eval.dataset=synthetic")
-        need(e.gen_tokens >= 1, "eval.gen_tokens", e.gen_tokens, "use at least 1 (the paper: 128)")
-        need(e.temperature > 0, "eval.temperature", e.temperature, "use a value > 0 (the paper: 0.6)")
-        need(0 < e.top_p <= 1, "eval.top_p", e.top_p, "use a value in (0, 1]")
-        need(28 * 28 <= e.min_pixels <= e.max_pixels, "eval.min_pixels", e.min_pixels,
-             "use 784 (28*28) <= min_pixels <= eval.max_pixels")
-        need(e.clip_text_tokens >= 1, "eval.clip_text_tokens", e.clip_text_tokens, "use at least 1 (the release: 128)")
-        need(e.steps >= 1, "eval.steps", e.steps, "use at least 1 (the paper: 28)")
-        need(e.image_size >= 16 and e.image_size % 16 == 0, "eval.image_size", e.image_size, "use a multiple of 16 (CoBSAT: 512)")
-        need(e.clip_model.dtype in DTYPES, "eval.clip_model.dtype", e.clip_model.dtype, f"use one of {', '.join(DTYPES)}")
-        need(e.synthetic_image_size >= 32, "eval.synthetic_image_size", e.synthetic_image_size, "use at least 32")
+        Each section checks its own fields; the bound features.max_feature_rows puts on
+        train.max_source_rows is handed to the train section, whose messages name it next to that key.
+        """
+        problems = _Problems()
+        problems.need(self.variant in ("lvlm", "clip"), "variant", self.variant, "use lvlm or clip")
+        problems += self.models.problems()
+        problems += self.paths.problems()
+        problems += self.corpus.problems()
+        problems += self.features.problems()
+        problems += self.train.problems(max_feature_rows=self.features.max_feature_rows)
+        problems += self.tracking.problems()
+        problems += self.eval.problems()
         if problems:
             raise ConfigError(f"invalid config (preset {self.preset!r}):\n  " + "\n  ".join(problems))
         return self

@@ -1,4 +1,4 @@
-"""Image generation: interleaved images and text -> VLM -> aligner -> FLUX (REFERENCE.md section 6).
+"""Image generation: interleaved images and text -> VLM -> aligner -> FLUX (docs/method.md, Inference).
 
     thinkdiff generate --config tiny --text "red: " --image a.jpg --text "blue: " --out out.png
     thinkdiff compose --config tiny-clip --image dog.jpg --image style.jpg --text "on a beach" --out out.png
@@ -43,7 +43,8 @@ from thinkdiff.models.vlm import (
 
 log = logging.getLogger(__name__)
 
-# The instruction ThinkDiff gives Qwen2-VL before the CoBSAT words and pictures (REFERENCE.md 6).
+# The instruction ThinkDiff gives Qwen2-VL before the CoBSAT words and pictures (the official
+# release's scripts/test/test_mllama_t5_decoder_flux_multi_image.py at 3ed85e6; docs/fidelity.md).
 COBSAT_INSTRUCTION = (
     "I give you several words and pictures. First, please analyse what the next picture is. Then give me a "
     "detailed diffusion prompt to describe the next picture. Please only provide me the detailed prompt and "
@@ -66,9 +67,9 @@ def load_aligner_spec(spec: str, cfg: RunConfig) -> Aligner:
     if spec.endswith((".pth", ".pt")):
         with tempfile.TemporaryDirectory() as tmp:
             return Aligner.from_pretrained(import_official_checkpoint(spec, Path(tmp) / "aligner"))
-    from thinkdiff.registry import load_aligner
+    from thinkdiff.registry import Registry
 
-    return load_aligner(spec, cfg)
+    return Registry(cfg).load_aligner(spec)
 
 
 def load_matching_aligner(spec: str, cfg: RunConfig, *, in_dim: int, out_dim: int, source: str) -> Aligner:

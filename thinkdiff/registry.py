@@ -10,6 +10,10 @@ registration is retried later, never retraining. Logging and registering are ide
 is found again by its training fingerprint and the model version by the aligner's sha256.
 
 Aliases: every new version gets `candidate`; `champion` moves only through `promote`.
+
+    reg = Registry(cfg)          # one MLflow client; the server is checked once, on its first use
+    reg.register_checkpoint(run_dir)
+    reg.promote("candidate")
 """
 
 from __future__ import annotations
@@ -114,31 +118,6 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     )
 
 
-def _client(cfg: RunConfig):
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    uri = tracking_uri(cfg)
-    check_reachable(uri)
-    try:
-        return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
-    except MlflowException as err:  # an unknown scheme, named in a traceback otherwise
-        problem = first_line(err, 300).replace(uri, redact(uri))
-        raise ConfigError(f"tracking.uri={redact(uri)!r}: MLflow cannot open it ({problem}); use e.g. http://host:5000, "
-                          "or leave it empty for the sqlite store under paths.root") from None
-
-
-def _experiment_id(client, cfg: RunConfig, uri: str) -> str:
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    if experiment is not None:
-        return experiment.experiment_id
-    # A local store keeps artifacts beside its database; a server decides for itself.
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-    return client.create_experiment(cfg.tracking.experiment, artifact_location=location)
-
-
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested config -> {"train.lr": "0.0001", ...} (MLflow params)."""
     flat: dict[str, str] = {}
@@ -151,87 +130,6 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def log_training_run(cfg: RunConfig, run_dir: Path) -> str:
-    """Log a finished training run directory as one MLflow run (once); returns the run id.
-
-    Raises:
-        FileNotFoundError: the run has not finished (no manifest.json).
-        TrackingUnavailableError: an HTTP tracking server does not answer.
-    """
-    from mlflow.entities import Metric, Param
-
-    # Here, not at the top: the training loop brings transformers and the T5 code, which loading or
-    # promoting an aligner through this module never needs.
-    from thinkdiff.train.loop import METRICS_FILE, read_metrics
-
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"training run {run_dir}: no such directory; train first, or name the run directory "
-                                "`thinkdiff train` printed with --run")
-    manifest = read_manifest(run_dir, "train")
-    if manifest is None:
-        # A checkpoint (it holds meta.json) or its aligner, or the checkpoints folder: name their run.
-        checkpoint = next((p for p in (run_dir, run_dir.parent) if (p / META_FILE).is_file() and p.parent.name == "checkpoints"), None)
-        if checkpoint is not None or (run_dir.name == "checkpoints" and read_manifest(run_dir.parent) is not None):
-            run = checkpoint.parents[1] if checkpoint is not None else run_dir.parent
-            raise FileNotFoundError(f"{run_dir} is inside the training run {run}: give the run directory itself")
-        raise FileNotFoundError(f"{run_dir}/manifest.json not found: the training run has not finished; train first "
-                                "(a rerun resumes from its last checkpoint)")
-    _refuse_other_models(cfg, run_dir, manifest["config"])
-    # A damaged aligner is refused here, not by the evaluation that would load it from the registry.
-    Aligner.from_pretrained(Path(manifest["checkpoint"]) / "aligner")
-    client, uri = _client(cfg)
-    experiment_id = _experiment_id(client, cfg, uri)
-    fingerprint = manifest["train_fingerprint"]
-    found = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{TAG_TRAIN_FP}` = '{fingerprint}' and attributes.status = 'FINISHED'", max_results=1
-    )
-    if found:
-        log.info("training run %s is already logged as MLflow run %s", run_dir, found[0].info.run_id)
-        return found[0].info.run_id
-    records = read_metrics(run_dir / METRICS_FILE)
-    now_ms = int(time.time() * 1000)
-    start_ms = int(records[0]["time"] * 1000) if records else now_ms
-    tags = {
-        "mlflow.runName": f"train-{fingerprint[:8]}",
-        "mlflow.source.git.commit": manifest["git_revision"],
-        TAG_TRAIN_FP: fingerprint,
-        TAG_FEATURES_FP: manifest["features_fingerprint"],
-        # Feature stores made before their manifest recorded it: the config's corpus.
-        TAG_CORPUS_FP: manifest.get("corpus_fingerprint") or corpus_fingerprint(cfg),
-        "thinkdiff.run_dir": str(run_dir.resolve()),
-        "thinkdiff.checkpoint": manifest["checkpoint"],
-        "thinkdiff.preset": manifest["config"].get("preset", cfg.preset),
-    }
-    run = client.create_run(experiment_id, start_time=start_ms, tags=tags)
-    run_id = run.info.run_id
-    try:
-        params = [Param(k, v[:6000]) for k, v in flatten(manifest["config"]).items()]
-        for i in range(0, len(params), 100):
-            client.log_batch(run_id, params=params[i: i + 100])
-        metrics = [
-            Metric(key, float(r[key]), int(r["time"] * 1000), r["step"])
-            for r in records for key in ("loss", "lr", "samples_per_s", "tokens_per_s")
-        ]
-        for i in range(0, len(metrics), 1000):
-            client.log_batch(run_id, metrics=metrics[i: i + 1000])
-        with tempfile.TemporaryDirectory() as tmp:
-            config_file = Path(tmp) / "config.yaml"
-            config_file.write_text(yaml.safe_dump(manifest["config"], sort_keys=False, width=100))
-            client.log_artifact(run_id, str(config_file))
-        for name in ("loss_curve.png", METRICS_FILE, "manifest.json"):
-            if (run_dir / name).is_file():
-                client.log_artifact(run_id, str(run_dir / name))
-        checkpoint = Path(manifest["checkpoint"])
-        client.log_artifacts(run_id, str(checkpoint / "aligner"), "aligner")
-        client.log_artifact(run_id, str(checkpoint / "meta.json"), "aligner")
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
-    client.set_terminated(run_id, status="FINISHED", end_time=int(records[-1]["time"] * 1000) if records else now_ms)
-    log.info("logged training run %s as MLflow run %s (%s)", run_dir, run_id, redact(uri))
-    return run_id
-
-
 def _refuse_other_models(cfg: RunConfig, run_dir: Path, trained: dict[str, Any]) -> None:
     """A run trained for other models than the config's would land in the config's registry, beside
     aligners it cannot stand in for (another VLM's features, another T5's space)."""
@@ -240,194 +138,17 @@ def _refuse_other_models(cfg: RunConfig, run_dir: Path, trained: dict[str, Any])
     def identity(config: dict[str, Any]) -> dict[str, str]:
         # The weights a model source names (id and revision); its dtype is how they were run, not which.
         models = config.get("models", {})
-        named = {f"models.{n}": f"{models.get(n, {}).get('id')} (revision {models.get(n, {}).get('revision')})" for n in sources}
+        named = {f"models.{n}": f"{models.get(n, {}).get('id')} (revision {models.get(n, {}).get('revision')})"
+                 for n in sources}
         return {"variant": repr(config.get("variant")), **named}
 
     run, own = identity(trained), identity(cfg.to_dict())
     differ = [key for key in own if run[key] != own[key]]
     if differ:
         shown = "; ".join(f"{key}: run {run[key]}, config {own[key]}" for key in differ)
-        raise DataContractError(f"{run_dir} was trained for other models than this config's ({shown}): register it with "
-                                f"the config it was trained with (--config {trained.get('preset', '<its preset>')} and its overrides)")
-
-
-def register_checkpoint(cfg: RunConfig, run_dir: Path) -> ModelVersionRef:
-    """Log the run (if needed) and register its final aligner; new versions get `candidate`.
-
-    Registering the same aligner again returns the existing version (matched by sha256).
-    """
-    run_id = log_training_run(cfg, run_dir)
-    client, _ = _client(cfg)
-    name = cfg.tracking.registered_model
-    manifest = read_manifest(run_dir)
-    assert manifest is not None  # log_training_run checked it
-    digest = sha256_file(Path(manifest["checkpoint"]) / "aligner" / WEIGHTS_NAME)
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.create_registered_model(name, description="ThinkDiff aligner: VLM token features -> T5 encoder space")
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    existing = version_with_weights(cfg, digest)
-    if existing is not None:
-        log.info("aligner %s is already registered as %s version %s", digest[:12], name, existing.version)
-        if TAG_CANDIDATE_PENDING in client.get_model_version(name, existing.version).tags:  # an earlier call stopped before the alias
-            _make_candidate(cfg, client, existing.version)
-        return existing
-    run = client.get_run(run_id)
-    version = client.create_model_version(
-        name,
-        source=f"{run.info.artifact_uri}/aligner",
-        run_id=run_id,
-        tags={TAG_ALIGNER_SHA: digest, TAG_TRAIN_FP: manifest["train_fingerprint"], TAG_FEATURES_FP: manifest["features_fingerprint"],
-              TAG_CANDIDATE_PENDING: "true"},
-        description=f"step {manifest['step']}, final loss {manifest['loss']}",
-    )
-    _make_candidate(cfg, client, str(version.version))
-    log.info("registered %s version %s (alias %s)", name, version.version, CANDIDATE)
-    return ModelVersionRef(name=name, version=str(version.version), run_id=run_id)
-
-
-def _make_candidate(cfg: RunConfig, client, version: str) -> None:
-    """Point `candidate` at a newly registered version unless a newer one holds it, then drop the tag
-    that marks the version as owed the alias: a registration stopped in between finishes when run
-    again, and neither it nor an older version found again takes the alias from a newer one."""
-    name = cfg.tracking.registered_model
-    held = current_version(cfg, CANDIDATE)
-    if held is None or int(held.version) < int(version):
-        client.set_registered_model_alias(name, CANDIDATE, version)
-    client.delete_model_version_tag(name, version, TAG_CANDIDATE_PENDING)
-
-
-def version_with_weights(cfg: RunConfig, digest: str) -> ModelVersionRef | None:
-    """The version of `tracking.registered_model` whose aligner weights have this sha256, if any."""
-    client, _ = _client(cfg)
-    name = cfg.tracking.registered_model
-    found = client.search_model_versions(f"name='{name}' and tags.`{TAG_ALIGNER_SHA}` = '{digest}'")
-    return ModelVersionRef(name=name, version=str(found[0].version), run_id=found[0].run_id) if found else None
-
-
-def weights_digest(ref: ModelVersionRef, cfg: RunConfig) -> str | None:
-    """The sha256 of a version's aligner weights, recorded when it was registered (None for a
-    version registered by other means)."""
-    client, _ = _client(cfg)
-    return client.get_model_version(ref.name, ref.version).tags.get(TAG_ALIGNER_SHA)
-
-
-def promote(cfg: RunConfig, version: str, reason: str = "manual promotion") -> ModelVersionRef:
-    """Point `champion` at a version (a number or an alias such as `candidate`); recorded as tags."""
-    client, _ = _client(cfg)
-    name = cfg.tracking.registered_model
-    target = _resolve_version(client, name, version)
-    previous = None
-    try:
-        previous = client.get_model_version_by_alias(name, CHAMPION).version
-    except Exception:  # noqa: BLE001 - no champion yet
-        previous = None
-    if str(previous) == str(target.version):  # idempotent: the first promotion's time and reason stay
-        log.info("%s: version %s is already the champion; nothing changed", name, target.version)
-        return ModelVersionRef(name=name, version=str(target.version), run_id=target.run_id)
-    client.set_registered_model_alias(name, CHAMPION, target.version)
-    client.set_model_version_tag(name, target.version, "thinkdiff.promoted_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    client.set_model_version_tag(name, target.version, "thinkdiff.promotion_reason", reason)
-    client.set_model_version_tag(name, target.version, "thinkdiff.previous_champion", str(previous))
-    log.info("%s: champion %s -> version %s (%s)", name, previous, target.version, reason)
-    return ModelVersionRef(name=name, version=str(target.version), run_id=target.run_id)
-
-
-def _resolve_version(client, name: str, version: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        if str(version).isdigit():
-            return client.get_model_version(name, str(version))
-        return client.get_model_version_by_alias(name, str(version))
-    except MlflowException as err:
-        raise RegistryError(f"{name}: no version or alias {version!r}; {_what_exists(client, name)}") from err
-
-
-def _what_exists(client, name: str) -> str:
-    """The versions and aliases a registered model has, for an error message."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        aliases = client.get_registered_model(name).aliases
-    except MlflowException:
-        return "no model of that name is registered yet (train, then `thinkdiff registry register`)"
-    versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-    shown = ", ".join(f"@{alias} (version {v})" for alias, v in sorted(aliases.items())) or "none"
-    return f"it has versions {', '.join(map(str, versions)) or 'none'} and aliases {shown}"
-
-
-def load_aligner(uri: str, cfg: RunConfig) -> Aligner:
-    """An aligner from `models:/name@alias`, `models:/name/3` or a saved directory."""
-    match = _MODEL_URI.match(uri)
-    if match is None:
-        return Aligner.from_pretrained(uri)
-    import mlflow.artifacts
-
-    client, tracking = _client(cfg)
-    version = _resolve_version(client, match["name"], match["alias"] or match["version"])
-    with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=tmp, tracking_uri=tracking)
-        return Aligner.from_pretrained(local)
-
-
-def resolve_model(uri: str, cfg: RunConfig) -> ModelVersionRef:
-    """`models:/name@alias` or `models:/name/N` -> the version it points to now."""
-    match = _MODEL_URI.match(uri)
-    if match is None:
-        raise RegistryError(f"{uri!r} is not a registry URI (models:/name@alias or models:/name/N)")
-    client, _ = _client(cfg)
-    version = _resolve_version(client, match["name"], match["alias"] or match["version"])
-    return ModelVersionRef(name=match["name"], version=str(version.version), run_id=version.run_id)
-
-
-def log_evaluation(cfg: RunConfig, out_dir: Path, summary: Any, model: ModelVersionRef | None, generator: str) -> str:
-    """Log a finished CoBSAT evaluation as an MLflow run, once per results directory and prompt set
-    (tasks, shots and count: a nightly subset and a full run share the directory, not the run).
-
-    Metrics: accuracy per task and shot (`cobsat.2shot.C-I`), the mean per shot, images/s and
-    seconds per prompt; artifacts: the table, results.jsonl, the bar chart, the sample grid and the
-    generated images. The run of an evaluated model version is a child of the version's training
-    run (nested under it in the MLflow UI), and the version gets `cobsat.mean.{shot}shot` tags from
-    its evaluation over the most prompts (`cobsat.prompts`) of the current schema
-    (`cobsat.eval_schema`), with `cobsat.judge`.
-    """
-    client, uri = _client(cfg)
-    experiment_id = _experiment_id(client, cfg, uri)
-    found = client.search_runs(
-        [experiment_id], max_results=1,
-        filter_string=(f"tags.`thinkdiff.eval_dir` = '{out_dir.name}' and tags.`thinkdiff.eval_set` = '{_prompt_set(summary)}' "
-                       "and attributes.status = 'FINISHED'"),
-    )
-    links = {}
-    if model is not None:
-        links = {"thinkdiff.model": model.name, "thinkdiff.model_version": model.version}
-        if model.run_id:
-            links["mlflow.parentRunId"] = model.run_id
-    if found:
-        run_id = found[0].info.run_id
-        # Logged by the aligner's directory before it was registered: linked to its version now.
-        if "thinkdiff.model_version" not in found[0].data.tags:  # never re-pointed once linked
-            for key, value in links.items():
-                client.set_tag(run_id, key, value)
-    else:
-        run_id = _log_evaluation_run(client, experiment_id, cfg, out_dir, summary, generator, links)
-    if model is not None:
-        tagged = client.get_model_version(model.name, model.version).tags
-        # A nightly subset does not hide a full run, unless that run's verdicts are of an older schema.
-        older = int(tagged.get("cobsat.eval_schema", 1)) < EVAL_SCHEMA_VERSION
-        if older or summary.num_prompts >= int(tagged.get("cobsat.prompts", 0)):
-            for shot, mean in summary.mean.items():
-                client.set_model_version_tag(model.name, model.version, f"cobsat.mean.{shot}shot", f"{mean:.4f}")
-            client.set_model_version_tag(model.name, model.version, "cobsat.prompts", str(summary.num_prompts))
-            # Which judge gave these means: an LLaVA and a Qwen2-VL verdict are not the same score.
-            client.set_model_version_tag(model.name, model.version, "cobsat.judge", summary.judge)
-            client.set_model_version_tag(model.name, model.version, "cobsat.eval_schema", str(EVAL_SCHEMA_VERSION))
-            client.set_model_version_tag(model.name, model.version, "cobsat.eval_run", run_id)
-    return run_id
+        preset = trained.get("preset", "<its preset>")
+        raise DataContractError(f"{run_dir} was trained for other models than this config's ({shown}): register it "
+                                f"with the config it was trained with (--config {preset} and its overrides)")
 
 
 def _prompt_set(summary: Any) -> str:
@@ -437,53 +158,363 @@ def _prompt_set(summary: Any) -> str:
             f"{summary.num_prompts} prompts")
 
 
-def _log_evaluation_run(client, experiment_id: str, cfg: RunConfig, out_dir: Path, summary: Any, generator: str,
-                        links: dict[str, str]) -> str:
-    from mlflow.entities import Metric, Param
+class Registry:
+    """The tracking server and registered model of one config (`tracking.*`).
 
-    from thinkdiff.eval.cobsat import get_task
+    The MLflow client, the tracking URI and the experiment id are made on first use and kept, so
+    the server's health check runs once per Registry however many operations follow, and an
+    operation that fails before it needs the server (a missing run directory, a path that is not a
+    registry URI) never contacts it.
+    """
 
-    tags = {"mlflow.runName": f"cobsat-{generator.split('/')[-1]}-{out_dir.name[:8]}-{summary.num_prompts}", "thinkdiff.kind": "cobsat-eval",
-            "thinkdiff.eval_dir": out_dir.name, "thinkdiff.eval_prompts": str(summary.num_prompts),
-            "thinkdiff.eval_set": _prompt_set(summary),
-            "thinkdiff.generator": generator, "thinkdiff.preset": cfg.preset, "thinkdiff.judge": summary.judge, **links}
-    run_id = client.create_run(experiment_id, tags=tags).info.run_id
-    try:
-        now = int(time.time() * 1000)
-        metrics = [Metric(f"cobsat.{shot}shot.{get_task(t).short}", acc, now, 0)
-                   for shot, per_task in summary.accuracy.items() for t, acc in per_task.items()]
-        metrics += [Metric(f"cobsat.{shot}shot.mean", mean, now, 0) for shot, mean in summary.mean.items()]
-        for name, values in (("clip_correct", summary.clip_accuracy), ("clip_similarity", summary.clip_similarity)):
-            metrics += [Metric(f"cobsat.{shot}shot.{get_task(t).short}.{name}", v, now, 0)
-                        for shot, per_task in values.items() for t, v in per_task.items()]
-        metrics += [Metric(name, getattr(summary, name), now, 0) for name in ("gen_images_per_s", "gen_s_per_prompt", "judge_s_per_prompt")]
-        client.log_batch(run_id, metrics=metrics)
-        client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in flatten({"eval": cfg.eval.__dict__}).items()])
-        for name in ("summary.md", "summary.json", "results.jsonl", "accuracy.png", "samples.png"):
-            if (out_dir / name).is_file():
-                client.log_artifact(run_id, str(out_dir / name))
-        client.log_artifacts(run_id, str(out_dir / "results"), "results")
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
-    client.set_terminated(run_id, status="FINISHED")
-    log.info("logged CoBSAT evaluation %s as MLflow run %s", out_dir, run_id)
-    return run_id
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self._uri: str | None = None
+        self._client: Any = None
+        self._experiment_id: str | None = None
 
+    @property
+    def uri(self) -> str:
+        """The tracking (and registry) URI, as `tracking_uri` resolves it."""
+        if self._uri is None:
+            self._uri = tracking_uri(self.cfg)
+        return self._uri
 
-def log_comparison(cfg: RunConfig, run_id: str, paths: list[Path], *, replace: bool) -> None:
-    """Attach the side-by-side table and chart to an evaluation's run (a finished run takes
-    artifacts): all of them when they were rewritten, else those the run lacks."""
-    client, _ = _client(cfg)
-    logged = {a.path for a in client.list_artifacts(run_id)}
-    for path in paths:
-        if replace or path.name not in logged:
-            client.log_artifact(run_id, str(path))
+    @property
+    def client(self):
+        """The MLflow client, built after the server answers its health check."""
+        if self._client is None:
+            from mlflow import MlflowClient
+            from mlflow.exceptions import MlflowException
 
+            uri = self.uri
+            check_reachable(uri)
+            try:
+                self._client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            except MlflowException as err:  # an unknown scheme, named in a traceback otherwise
+                problem = first_line(err, 300).replace(uri, redact(uri))
+                raise ConfigError(f"tracking.uri={redact(uri)!r}: MLflow cannot open it ({problem}); use e.g. "
+                                  "http://host:5000, or leave it empty for the sqlite store under paths.root") from None
+        return self._client
 
-def current_version(cfg: RunConfig, alias: str) -> ModelVersionRef | None:
-    """The version an alias points to, or None when the alias (or the model) does not exist."""
-    try:
-        return resolve_model(f"models:/{cfg.tracking.registered_model}@{alias}", cfg)
-    except RegistryError:
-        return None
+    @property
+    def experiment_id(self) -> str:
+        """The id of `tracking.experiment`, which is created when it does not exist yet."""
+        if self._experiment_id is None:
+            client, name = self.client, self.cfg.tracking.experiment
+            experiment = client.get_experiment_by_name(name)
+            if experiment is not None:
+                self._experiment_id = experiment.experiment_id
+            else:
+                # A local store keeps artifacts beside its database; a server decides for itself.
+                location = None
+                if self.uri.startswith("sqlite:///"):
+                    location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+                self._experiment_id = client.create_experiment(name, artifact_location=location)
+        return self._experiment_id
+
+    @property
+    def registered_model(self) -> str:
+        return self.cfg.tracking.registered_model
+
+    def log_training_run(self, run_dir: Path) -> str:
+        """Log a finished training run directory as one MLflow run (once); returns the run id.
+
+        Raises:
+            FileNotFoundError: the run has not finished (no manifest.json).
+            TrackingUnavailableError: an HTTP tracking server does not answer.
+        """
+        from mlflow.entities import Metric, Param
+
+        # Here, not at the top: the training loop brings transformers and the T5 code, which loading or
+        # promoting an aligner through this module never needs.
+        from thinkdiff.train.loop import METRICS_FILE, read_metrics
+
+        cfg = self.cfg
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"training run {run_dir}: no such directory; train first, or name the run "
+                                    "directory `thinkdiff train` printed with --run")
+        manifest = read_manifest(run_dir, "train")
+        if manifest is None:
+            # A checkpoint (it holds meta.json) or its aligner, or the checkpoints folder: name their run.
+            checkpoint = next((p for p in (run_dir, run_dir.parent)
+                               if (p / META_FILE).is_file() and p.parent.name == "checkpoints"), None)
+            if checkpoint is not None or (run_dir.name == "checkpoints" and read_manifest(run_dir.parent) is not None):
+                run = checkpoint.parents[1] if checkpoint is not None else run_dir.parent
+                raise FileNotFoundError(f"{run_dir} is inside the training run {run}: give the run directory itself")
+            raise FileNotFoundError(f"{run_dir}/manifest.json not found: the training run has not finished; train "
+                                    "first (a rerun resumes from its last checkpoint)")
+        _refuse_other_models(cfg, run_dir, manifest["config"])
+        # A damaged aligner is refused here, not by the evaluation that would load it from the registry.
+        Aligner.from_pretrained(Path(manifest["checkpoint"]) / "aligner")
+        client, experiment_id = self.client, self.experiment_id
+        fingerprint = manifest["train_fingerprint"]
+        found = client.search_runs(
+            [experiment_id], max_results=1,
+            filter_string=f"tags.`{TAG_TRAIN_FP}` = '{fingerprint}' and attributes.status = 'FINISHED'",
+        )
+        if found:
+            log.info("training run %s is already logged as MLflow run %s", run_dir, found[0].info.run_id)
+            return found[0].info.run_id
+        records = read_metrics(run_dir / METRICS_FILE)
+        now_ms = int(time.time() * 1000)
+        start_ms = int(records[0]["time"] * 1000) if records else now_ms
+        tags = {
+            "mlflow.runName": f"train-{fingerprint[:8]}",
+            "mlflow.source.git.commit": manifest["git_revision"],
+            TAG_TRAIN_FP: fingerprint,
+            TAG_FEATURES_FP: manifest["features_fingerprint"],
+            # Feature stores made before their manifest recorded it: the config's corpus.
+            TAG_CORPUS_FP: manifest.get("corpus_fingerprint") or corpus_fingerprint(cfg),
+            "thinkdiff.run_dir": str(run_dir.resolve()),
+            "thinkdiff.checkpoint": manifest["checkpoint"],
+            "thinkdiff.preset": manifest["config"].get("preset", cfg.preset),
+        }
+        run = client.create_run(experiment_id, start_time=start_ms, tags=tags)
+        run_id = run.info.run_id
+        try:
+            params = [Param(k, v[:6000]) for k, v in flatten(manifest["config"]).items()]
+            for i in range(0, len(params), 100):
+                client.log_batch(run_id, params=params[i: i + 100])
+            metrics = [
+                Metric(key, float(r[key]), int(r["time"] * 1000), r["step"])
+                for r in records for key in ("loss", "lr", "samples_per_s", "tokens_per_s")
+            ]
+            for i in range(0, len(metrics), 1000):
+                client.log_batch(run_id, metrics=metrics[i: i + 1000])
+            with tempfile.TemporaryDirectory() as tmp:
+                config_file = Path(tmp) / "config.yaml"
+                config_file.write_text(yaml.safe_dump(manifest["config"], sort_keys=False, width=100))
+                client.log_artifact(run_id, str(config_file))
+            for name in ("loss_curve.png", METRICS_FILE, "manifest.json"):
+                if (run_dir / name).is_file():
+                    client.log_artifact(run_id, str(run_dir / name))
+            checkpoint = Path(manifest["checkpoint"])
+            client.log_artifacts(run_id, str(checkpoint / "aligner"), "aligner")
+            client.log_artifact(run_id, str(checkpoint / "meta.json"), "aligner")
+        except BaseException:
+            client.set_terminated(run_id, status="FAILED")
+            raise
+        end_ms = int(records[-1]["time"] * 1000) if records else now_ms
+        client.set_terminated(run_id, status="FINISHED", end_time=end_ms)
+        log.info("logged training run %s as MLflow run %s (%s)", run_dir, run_id, redact(self.uri))
+        return run_id
+
+    def register_checkpoint(self, run_dir: Path) -> ModelVersionRef:
+        """Log the run (if needed) and register its final aligner; new versions get `candidate`.
+
+        Registering the same aligner again returns the existing version (matched by sha256).
+        """
+        run_id = self.log_training_run(run_dir)
+        client, name = self.client, self.registered_model
+        manifest = read_manifest(run_dir)
+        assert manifest is not None  # log_training_run checked it
+        digest = sha256_file(Path(manifest["checkpoint"]) / "aligner" / WEIGHTS_NAME)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            client.create_registered_model(name,
+                                           description="ThinkDiff aligner: VLM token features -> T5 encoder space")
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        existing = self.version_with_weights(digest)
+        if existing is not None:
+            log.info("aligner %s is already registered as %s version %s", digest[:12], name, existing.version)
+            # An earlier call stopped before the alias.
+            if TAG_CANDIDATE_PENDING in client.get_model_version(name, existing.version).tags:
+                self._make_candidate(existing.version)
+            return existing
+        run = client.get_run(run_id)
+        version = client.create_model_version(
+            name,
+            source=f"{run.info.artifact_uri}/aligner",
+            run_id=run_id,
+            tags={TAG_ALIGNER_SHA: digest, TAG_TRAIN_FP: manifest["train_fingerprint"],
+                  TAG_FEATURES_FP: manifest["features_fingerprint"], TAG_CANDIDATE_PENDING: "true"},
+            description=f"step {manifest['step']}, final loss {manifest['loss']}",
+        )
+        self._make_candidate(str(version.version))
+        log.info("registered %s version %s (alias %s)", name, version.version, CANDIDATE)
+        return ModelVersionRef(name=name, version=str(version.version), run_id=run_id)
+
+    def _make_candidate(self, version: str) -> None:
+        """Point `candidate` at a newly registered version unless a newer one holds it, then drop the tag
+        that marks the version as owed the alias: a registration stopped in between finishes when run
+        again, and neither it nor an older version found again takes the alias from a newer one."""
+        name = self.registered_model
+        held = self.current_version(CANDIDATE)
+        if held is None or int(held.version) < int(version):
+            self.client.set_registered_model_alias(name, CANDIDATE, version)
+        self.client.delete_model_version_tag(name, version, TAG_CANDIDATE_PENDING)
+
+    def version_with_weights(self, digest: str) -> ModelVersionRef | None:
+        """The version of `tracking.registered_model` whose aligner weights have this sha256, if any."""
+        name = self.registered_model
+        found = self.client.search_model_versions(f"name='{name}' and tags.`{TAG_ALIGNER_SHA}` = '{digest}'")
+        return ModelVersionRef(name=name, version=str(found[0].version), run_id=found[0].run_id) if found else None
+
+    def weights_digest(self, ref: ModelVersionRef) -> str | None:
+        """The sha256 of a version's aligner weights, recorded when it was registered (None for a
+        version registered by other means)."""
+        return self.client.get_model_version(ref.name, ref.version).tags.get(TAG_ALIGNER_SHA)
+
+    def promote(self, version: str, reason: str = "manual promotion") -> ModelVersionRef:
+        """Point `champion` at a version (a number or an alias such as `candidate`); recorded as tags."""
+        client, name = self.client, self.registered_model
+        target = self._resolve_version(name, version)
+        previous = None
+        try:
+            previous = client.get_model_version_by_alias(name, CHAMPION).version
+        except Exception:  # noqa: BLE001 - no champion yet
+            previous = None
+        if str(previous) == str(target.version):  # idempotent: the first promotion's time and reason stay
+            log.info("%s: version %s is already the champion; nothing changed", name, target.version)
+            return ModelVersionRef(name=name, version=str(target.version), run_id=target.run_id)
+        client.set_registered_model_alias(name, CHAMPION, target.version)
+        promoted_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        client.set_model_version_tag(name, target.version, "thinkdiff.promoted_at", promoted_at)
+        client.set_model_version_tag(name, target.version, "thinkdiff.promotion_reason", reason)
+        client.set_model_version_tag(name, target.version, "thinkdiff.previous_champion", str(previous))
+        log.info("%s: champion %s -> version %s (%s)", name, previous, target.version, reason)
+        return ModelVersionRef(name=name, version=str(target.version), run_id=target.run_id)
+
+    def _resolve_version(self, name: str, version: str):
+        from mlflow.exceptions import MlflowException
+
+        client = self.client
+        try:
+            if str(version).isdigit():
+                return client.get_model_version(name, str(version))
+            return client.get_model_version_by_alias(name, str(version))
+        except MlflowException as err:
+            raise RegistryError(f"{name}: no version or alias {version!r}; {self._what_exists(name)}") from err
+
+    def _what_exists(self, name: str) -> str:
+        """The versions and aliases a registered model has, for an error message."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            aliases = self.client.get_registered_model(name).aliases
+        except MlflowException:
+            return "no model of that name is registered yet (train, then `thinkdiff registry register`)"
+        versions = sorted(int(v.version) for v in self.client.search_model_versions(f"name='{name}'"))
+        shown = ", ".join(f"@{alias} (version {v})" for alias, v in sorted(aliases.items())) or "none"
+        return f"it has versions {', '.join(map(str, versions)) or 'none'} and aliases {shown}"
+
+    def load_aligner(self, uri: str) -> Aligner:
+        """An aligner from `models:/name@alias`, `models:/name/3` or a saved directory."""
+        match = _MODEL_URI.match(uri)
+        if match is None:
+            return Aligner.from_pretrained(uri)
+        import mlflow.artifacts
+
+        version = self._resolve_version(match["name"], match["alias"] or match["version"])
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=tmp,
+                                                        tracking_uri=self.uri)
+            return Aligner.from_pretrained(local)
+
+    def resolve_model(self, uri: str) -> ModelVersionRef:
+        """`models:/name@alias` or `models:/name/N` -> the version it points to now."""
+        match = _MODEL_URI.match(uri)
+        if match is None:
+            raise RegistryError(f"{uri!r} is not a registry URI (models:/name@alias or models:/name/N)")
+        version = self._resolve_version(match["name"], match["alias"] or match["version"])
+        return ModelVersionRef(name=match["name"], version=str(version.version), run_id=version.run_id)
+
+    def current_version(self, alias: str) -> ModelVersionRef | None:
+        """The version an alias points to, or None when the alias (or the model) does not exist."""
+        try:
+            return self.resolve_model(f"models:/{self.registered_model}@{alias}")
+        except RegistryError:
+            return None
+
+    def log_evaluation(self, out_dir: Path, summary: Any, model: ModelVersionRef | None, generator: str) -> str:
+        """Log a finished CoBSAT evaluation as an MLflow run, once per results directory and prompt set
+        (tasks, shots and count: a nightly subset and a full run share the directory, not the run).
+
+        Metrics: accuracy per task and shot (`cobsat.2shot.C-I`), the mean per shot, images/s and
+        seconds per prompt; artifacts: the table, results.jsonl, the bar chart, the sample grid and the
+        generated images. The run of an evaluated model version is a child of the version's training
+        run (nested under it in the MLflow UI), and the version gets `cobsat.mean.{shot}shot` tags from
+        its evaluation over the most prompts (`cobsat.prompts`) of the current schema
+        (`cobsat.eval_schema`), with `cobsat.judge`.
+        """
+        client, experiment_id = self.client, self.experiment_id
+        found = client.search_runs(
+            [experiment_id], max_results=1,
+            filter_string=(f"tags.`thinkdiff.eval_dir` = '{out_dir.name}' "
+                           f"and tags.`thinkdiff.eval_set` = '{_prompt_set(summary)}' "
+                           "and attributes.status = 'FINISHED'"),
+        )
+        links = {}
+        if model is not None:
+            links = {"thinkdiff.model": model.name, "thinkdiff.model_version": model.version}
+            if model.run_id:
+                links["mlflow.parentRunId"] = model.run_id
+        if found:
+            run_id = found[0].info.run_id
+            # Logged by the aligner's directory before it was registered: linked to its version now.
+            if "thinkdiff.model_version" not in found[0].data.tags:  # never re-pointed once linked
+                for key, value in links.items():
+                    client.set_tag(run_id, key, value)
+        else:
+            run_id = self._log_evaluation_run(out_dir, summary, generator, links)
+        if model is not None:
+            tagged = client.get_model_version(model.name, model.version).tags
+            # A nightly subset does not hide a full run, unless that run's verdicts are of an older schema.
+            older = int(tagged.get("cobsat.eval_schema", 1)) < EVAL_SCHEMA_VERSION
+            if older or summary.num_prompts >= int(tagged.get("cobsat.prompts", 0)):
+                for shot, mean in summary.mean.items():
+                    client.set_model_version_tag(model.name, model.version, f"cobsat.mean.{shot}shot", f"{mean:.4f}")
+                client.set_model_version_tag(model.name, model.version, "cobsat.prompts", str(summary.num_prompts))
+                # Which judge gave these means: an LLaVA and a Qwen2-VL verdict are not the same score.
+                client.set_model_version_tag(model.name, model.version, "cobsat.judge", summary.judge)
+                client.set_model_version_tag(model.name, model.version, "cobsat.eval_schema", str(EVAL_SCHEMA_VERSION))
+                client.set_model_version_tag(model.name, model.version, "cobsat.eval_run", run_id)
+        return run_id
+
+    def _log_evaluation_run(self, out_dir: Path, summary: Any, generator: str, links: dict[str, str]) -> str:
+        from mlflow.entities import Metric, Param
+
+        from thinkdiff.eval.cobsat import get_task
+
+        client, cfg = self.client, self.cfg
+        tags = {"mlflow.runName": f"cobsat-{generator.split('/')[-1]}-{out_dir.name[:8]}-{summary.num_prompts}",
+                "thinkdiff.kind": "cobsat-eval", "thinkdiff.eval_dir": out_dir.name,
+                "thinkdiff.eval_prompts": str(summary.num_prompts), "thinkdiff.eval_set": _prompt_set(summary),
+                "thinkdiff.generator": generator, "thinkdiff.preset": cfg.preset, "thinkdiff.judge": summary.judge,
+                **links}
+        run_id = client.create_run(self.experiment_id, tags=tags).info.run_id
+        try:
+            now = int(time.time() * 1000)
+            metrics = [Metric(f"cobsat.{shot}shot.{get_task(t).short}", acc, now, 0)
+                       for shot, per_task in summary.accuracy.items() for t, acc in per_task.items()]
+            metrics += [Metric(f"cobsat.{shot}shot.mean", mean, now, 0) for shot, mean in summary.mean.items()]
+            for name, values in (("clip_correct", summary.clip_accuracy), ("clip_similarity", summary.clip_similarity)):
+                metrics += [Metric(f"cobsat.{shot}shot.{get_task(t).short}.{name}", v, now, 0)
+                            for shot, per_task in values.items() for t, v in per_task.items()]
+            metrics += [Metric(name, getattr(summary, name), now, 0)
+                        for name in ("gen_images_per_s", "gen_s_per_prompt", "judge_s_per_prompt")]
+            client.log_batch(run_id, metrics=metrics)
+            params = [Param(k, v[:6000]) for k, v in flatten({"eval": cfg.eval.__dict__}).items()]
+            client.log_batch(run_id, params=params)
+            for name in ("summary.md", "summary.json", "results.jsonl", "accuracy.png", "samples.png"):
+                if (out_dir / name).is_file():
+                    client.log_artifact(run_id, str(out_dir / name))
+            client.log_artifacts(run_id, str(out_dir / "results"), "results")
+        except BaseException:
+            client.set_terminated(run_id, status="FAILED")
+            raise
+        client.set_terminated(run_id, status="FINISHED")
+        log.info("logged CoBSAT evaluation %s as MLflow run %s", out_dir, run_id)
+        return run_id
+
+    def log_comparison(self, run_id: str, paths: list[Path], *, replace: bool) -> None:
+        """Attach the side-by-side table and chart to an evaluation's run (a finished run takes
+        artifacts): all of them when they were rewritten, else those the run lacks."""
+        logged = {a.path for a in self.client.list_artifacts(run_id)}
+        for path in paths:
+            if replace or path.name not in logged:
+                self.client.log_artifact(run_id, str(path))

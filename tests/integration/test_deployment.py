@@ -104,5 +104,5 @@ def test_train_aligner_deployment_registers_a_candidate(tmp_path):
     assert [m.step for m in client.get_metric_history(mlflow_run.info.run_id, "loss")] == [4, 8, 12]
     version = client.get_model_version_by_alias(cfg.tracking.registered_model, "candidate")
     assert version.run_id == mlflow_run.info.run_id
-    aligner = registry.load_aligner(f"models:/{cfg.tracking.registered_model}@candidate", cfg)
+    aligner = registry.Registry(cfg).load_aligner(f"models:/{cfg.tracking.registered_model}@candidate")
     assert aligner.config.in_dim == 64 and aligner.config.out_dim == 32

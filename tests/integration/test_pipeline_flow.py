@@ -67,7 +67,7 @@ def test_pipeline_flow_end_to_end_then_skipped(prefect_harness, tmp_path):
     assert (checkpoint.parents[1] / "config.yaml").is_file() and Path(out["loss curve"]).is_file()
     # Registered in the local MLflow store as the candidate, then evaluated on the synthetic CoBSAT set.
     assert out["model"] == "models:/thinkdiff-aligner-tiny/1"
-    registered = registry.load_aligner(out["model"], load_config("tiny", overrides)).state_dict()
+    registered = registry.Registry(load_config("tiny", overrides)).load_aligner(out["model"]).state_dict()
     trained = Aligner.from_pretrained(out["aligner"]).state_dict()
     assert registered.keys() == trained.keys() and all(torch.equal(registered[k], v) for k, v in trained.items())
     summary = json.loads((Path(out["cobsat"]) / "summary.json").read_text())

@@ -1,4 +1,4 @@
-"""Covers: the aligner architecture of REFERENCE.md section 3 (per-token MLP with exact GELU and
+"""Covers: the aligner architecture of docs/method.md (per-token MLP with exact GELU and
 RMSNorm eps 1e-6, 31.5M parameters at paper shapes), save/load as safetensors, the modes of what
 the atomic writers leave (readable by a team sharing paths.root), and the converter of the
 official .pth checkpoint including its rejection of other layouts."""

@@ -1,5 +1,5 @@
 """Covers: the benchmark scripts keep working (their --tiny mode runs the same code at small shapes);
-their numbers are not asserted here: timing belongs in benchmarks/RESULTS.md."""
+their numbers are not asserted here: timing belongs in benchmarks/README.md."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Covers: the library never imports Prefect (it must run where Prefect is absent), the
-`dataclasses` backport that img2dataset drags in is not installed (it breaks Prefect's server), and
-the installed dependencies are the tested ones pinned in conf/constraints.txt."""
+"""Covers: the library never imports Prefect (it must run where Prefect is absent), Prefect tasks
+are thin (one library call each, small return values, named after their function) and flows only
+compose tasks and flows, the `dataclasses` backport that img2dataset drags in is not installed (it
+breaks Prefect's server), and the installed dependencies are the tested ones pinned in conf/constraints.txt."""
 
 from __future__ import annotations
 
@@ -42,6 +43,59 @@ def test_library_source_never_mentions_prefect_imports():
     assert offenders == []
 
 
+def _decorated(module: ast.Module, decorator: str) -> list[tuple[ast.FunctionDef, str]]:
+    """The functions decorated with `@decorator(name=...)`, with that name."""
+    found = []
+    for node in module.body:
+        for deco in getattr(node, "decorator_list", []):
+            if isinstance(deco, ast.Call) and isinstance(deco.func, ast.Name) and deco.func.id == decorator:
+                name = next(k.value.value for k in deco.keywords if k.arg == "name")
+                found.append((node, name))
+    return found
+
+
+def test_tasks_are_thin_and_named_after_their_function():
+    """Each task resolves the config and makes one call into the library; it reads no library
+    constant (a file name, a layout), which the library's results carry instead, and returns strings."""
+    small = {"str", "list[str]", "dict", "dict[str, str]"}
+    tasks = 0
+    for path in sorted((REPO / "tasks").glob("*.py")):
+        module = ast.parse(path.read_text())
+        imported = {alias.asname or alias.name for node in module.body if isinstance(node, ast.ImportFrom)
+                    and (node.module or "").startswith("thinkdiff") for alias in node.names} - {"load_config"}
+        for fn, name in _decorated(module, "task"):
+            tasks += 1
+            where = f"{path.name}:{fn.name}"
+            expected = name.replace("-", "_") + "_task"
+            assert fn.name == expected, f"{where}: the task {name!r} would be {expected}"
+            calls = [n for n in ast.walk(fn) if isinstance(n, ast.Call) and (
+                isinstance(n.func, ast.Name) and n.func.id in imported
+                or isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name)
+                and n.func.value.id in imported)]
+            assert len(calls) == 1, f"{where}: {len(calls)} library calls"
+            read = [n for n in ast.walk(fn) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+                    and n.value.id in imported and n is not calls[0].func]
+            assert not read, f"{where} reads {ast.unparse(read[0])}: return it from the library call instead"
+            assert ast.unparse(fn.returns) in small, f"{where} returns {ast.unparse(fn.returns)}"
+    assert tasks >= 9
+
+
+def test_flows_only_compose():
+    """Flows call tasks and other flows; the library is reached through tasks only (flows/__init__.py's
+    command line checks the config before a flow starts)."""
+    flows = 0
+    for path in sorted((REPO / "flows").glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        module = ast.parse(path.read_text())
+        modules = {node.module for node in module.body if isinstance(node, ast.ImportFrom)}
+        assert not {m for m in modules if m and m.startswith("thinkdiff")}, f"{path.name} imports the library"
+        for fn, name in _decorated(module, "flow"):
+            flows += 1
+            assert name.replace("-", "_") + "_flow" == fn.name, f"{path.name}: the flow {name!r} is {fn.name}"
+    assert flows == 5
+
+
 def test_stdlib_dataclasses_is_not_shadowed():
     spec = importlib.util.find_spec("dataclasses")
     assert spec is not None and spec.origin is not None
@@ -51,7 +105,7 @@ def test_stdlib_dataclasses_is_not_shadowed():
 
 
 def test_mlflow_img2dataset_and_accelerate_each_enter_through_one_module():
-    """DESIGN.md: each heavy dependency has one door, so upgrading it touches one file."""
+    """Each heavy dependency has one door, so upgrading it touches one file."""
     root = Path(thinkdiff.__file__).parent
     importers: dict[str, set[str]] = {"mlflow": set(), "img2dataset": set(), "accelerate": set()}
     for path in root.rglob("*.py"):

@@ -1,9 +1,10 @@
-"""Covers: `thinkdiff --help` lists the commands; `config` prints the resolved config; bad input
-exits with code 2 and a message naming the key, not a traceback, from `thinkdiff` and from the
-flows' `python -m flows.X` alike."""
+"""Covers: `thinkdiff --help` lists the commands, each (command, action) has one handler; `config`
+prints the resolved config; bad input exits with code 2 and a message naming the key, not a
+traceback, from `thinkdiff` and from the flows' `python -m flows.X` alike."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -11,13 +12,23 @@ import sys
 import pytest
 import yaml
 
-from thinkdiff.cli import main, parse_command_line
+from thinkdiff.cli import HANDLERS, build_parser, main, parse_command_line
 
 
 def test_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "thinkdiff", "--help"], capture_output=True, text=True, check=True).stdout
     for command in ("corpus", "features", "train", "config", "aligner"):
         assert command in out
+
+
+def test_every_command_and_action_has_one_handler():
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    wanted = set()
+    for command, sub in commands.items():
+        actions = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
+        wanted |= {(command, action) for action in actions[0].choices} if actions else {(command, None)}
+    assert set(HANDLERS) == wanted
 
 
 def test_config_prints_resolved_yaml(capsys):

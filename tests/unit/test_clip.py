@@ -15,10 +15,13 @@ from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2QForme
 from thinkdiff import pipeline
 from thinkdiff.config import ModelSource, load_config
 from thinkdiff.data.features import FEATURE_KIND_CLIP, FeatureStore, StoredFeatures
+from thinkdiff.eval import stage
 from thinkdiff.generate import build_composer
 from thinkdiff.models.aligner import Aligner, AlignerConfig
-from thinkdiff.models.t5 import IGNORE_INDEX, gather_slots, load_t5
-from thinkdiff.models.vision import build_tiny_vision, load_vision
+from thinkdiff.models.attention import gather_slots
+from thinkdiff.models.t5 import IGNORE_INDEX, load_t5
+from thinkdiff.models.tiny import build_tiny_vision
+from thinkdiff.models.vision import load_vision
 from thinkdiff.train.data import CaptionSplitCollator, Sample, blip_caption
 from thinkdiff.train.loop import encoder_states
 
@@ -145,7 +148,7 @@ def test_encoder_states_layout():
 def test_clip_variant_trains_and_composes(demo_corpus, tmp_path):
     _, corpus_dir = demo_corpus
     cfg = load_config("tiny-clip", [f"paths.root={tmp_path}", "train.max_steps=30", "train.warmup_steps=3", "train.log_every=10"])
-    features = pipeline.extract_features(cfg, corpus_dir)
+    features = pipeline.cache_features(cfg, corpus_dir)
     store = FeatureStore(features, expect_model_id="tiny")
     assert store.info.feature_kind == FEATURE_KIND_CLIP and store.info.dim == 48
     rows = list(store.iter_records(("text", "num_rows", "token_ids")))
@@ -173,4 +176,4 @@ def test_clip_variant_trains_and_composes(demo_corpus, tmp_path):
     image = composer.compose([RED, BLUE], "on a beach", seed=0)
     assert image.size == (cfg.eval.image_size, cfg.eval.image_size)
     # CoBSAT is the LVLM's benchmark: the pipeline skips it for this variant.
-    assert pipeline.evaluate_cobsat(cfg)["skipped"]
+    assert stage.evaluate_cobsat(cfg).skipped

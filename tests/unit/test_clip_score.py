@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from thinkdiff.eval.clip_score import FIELDS, build_tiny_clip_scorer, clip_texts
+from thinkdiff.eval.clip_score import FIELDS, clip_texts
 from thinkdiff.eval.cobsat import ITEMS, build_prompt, get_task
+from thinkdiff.models.tiny import build_tiny_clip_scorer
 
 SCORER = build_tiny_clip_scorer()
 IMAGES = [Image.effect_noise((40, 30), 60).convert("RGB"), Image.new("RGB", (64, 64), (200, 30, 30)),

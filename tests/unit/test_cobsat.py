@@ -12,11 +12,10 @@ import time
 
 import pytest
 
-from thinkdiff import pipeline
 from thinkdiff.cli import main
 from thinkdiff.config import load_config
 from thinkdiff.errors import DataContractError
-from thinkdiff.eval import harness
+from thinkdiff.eval import harness, stage
 from thinkdiff.eval.cobsat import (
     ITEMS,
     TASKS,
@@ -268,12 +267,12 @@ def test_results_directory_follows_what_changes_a_result(tmp_path):
     prompt limit does not: the same directory, so a larger run reuses the drawn prompts."""
     def run(*overrides):
         cfg = load_config("tiny", [f"paths.root={tmp_path}", "eval.generator=oracle", "eval.tasks=[1]", "eval.shots=[2]", *overrides])
-        return pipeline.evaluate_cobsat(cfg)
+        return stage.evaluate_cobsat(cfg)
 
     base = run("eval.limit=1")
-    assert run("eval.limit=2")["dir"] == base["dir"]
-    assert run("eval.limit=1", "eval.max_pixels=6272")["dir"] != base["dir"]
-    assert run("eval.limit=1", "features.system_prompt=You are terse.")["dir"] != base["dir"]
+    assert run("eval.limit=2").results_dir == base.results_dir
+    assert run("eval.limit=1", "eval.max_pixels=6272").results_dir != base.results_dir
+    assert run("eval.limit=1", "features.system_prompt=You are terse.").results_dir != base.results_dir
 
 
 def test_comparison_shows_generators_side_by_side_and_is_not_rewritten(synthetic, tmp_path):
@@ -333,18 +332,19 @@ def test_clip_score_is_a_second_table_and_row_fields(tmp_path):
 
     cfg = load_config("tiny", [f"paths.root={tmp_path}", "eval.generator=oracle", "eval.baselines=[]", "eval.clip_score=true",
                                "eval.limit=2", "eval.batch_size=2", "eval.tasks=[1, 4]", "eval.shots=[2]"])
-    result = pipeline.evaluate_cobsat(cfg)
-    rows = [json.loads(line) for line in (result["dir"] / harness.RESULTS).read_text().splitlines()]
+    result = stage.evaluate_cobsat(cfg)
+    rows = [json.loads(line) for line in result.results_jsonl.read_text().splitlines()]
     assert len(rows) == 4 and all(set(FIELDS) <= set(row) for row in rows)
     assert all(row["image"] == cobsat_result_path(build_prompt(get_task(row["task"]), 2, row["index"]), "oracle") for row in rows)
-    summary = result["summary"]
+    summary = result.summary
     for task in (1, 4):
         mine = [r for r in rows if r["task"] == task]
         assert summary.clip_accuracy[2][task] == sum(r["clip_correct"] for r in mine) / 2
         assert summary.clip_similarity[2][task] == pytest.approx(sum(r["clip_similarity"] for r in mine) / 2)
-    table = (result["dir"] / "summary.md").read_text()
+    table = result.summary_md.read_text()
     assert "| CLIP correct | 2 |" in table and "| CLIP similarity | 2 |" in table
     # Off (the presets' default): no CLIP fields and no second table.
-    plain = pipeline.evaluate_cobsat(load_config("tiny", [f"paths.root={tmp_path}", "eval.generator=oracle", "eval.baselines=[]",
-                                                          "eval.limit=1", "eval.tasks=[1]", "eval.shots=[2]"]))
-    assert "clip_correct" not in (plain["dir"] / harness.RESULTS).read_text() and "CLIP" not in plain["table"]
+    plain = stage.evaluate_cobsat(load_config("tiny", [f"paths.root={tmp_path}", "eval.generator=oracle",
+                                                       "eval.baselines=[]", "eval.limit=1", "eval.tasks=[1]",
+                                                       "eval.shots=[2]"]))
+    assert "clip_correct" not in plain.results_jsonl.read_text() and "CLIP" not in plain.table

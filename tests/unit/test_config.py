@@ -1,6 +1,6 @@
 """Covers: every preset loads and validates; dotted overrides with type coercion; unknown, missing
 and mistyped keys rejected with messages naming key, value and fix; the paper preset carries the
-numbers of REFERENCE.md section 5; fingerprints follow what a stage computes."""
+numbers of docs/method.md; fingerprints follow what a stage computes."""
 
 from __future__ import annotations
 
@@ -168,6 +168,35 @@ def test_validation_names_key_value_and_fix():
     message = str(err.value)
     assert "features.top_p=1.5: use a value in (0, 1]" in message
     assert "train.max_source_rows=64" in message and "features.max_feature_rows=16" in message
+
+
+def test_each_section_names_its_own_problems_and_the_config_lists_them_in_order():
+    cfg = load_config("tiny")
+    assert [cfg.models.problems(), cfg.paths.problems(), cfg.corpus.problems(), cfg.features.problems(),
+            cfg.train.problems(), cfg.tracking.problems(), cfg.eval.problems()] == [[]] * 7
+    cfg.eval.top_p, cfg.eval.judge, cfg.eval.dataset = 2.0, "synthetic", "/data/cobsat"
+    assert cfg.eval.problems() == [
+        "eval.judge='synthetic': the synthetic judge reads only the synthetic set's renders; "
+        "set eval.dataset=synthetic",
+        "eval.top_p=2.0: use a value in (0, 1]",
+    ]
+    # The bound the feature store puts on the split is the config's to give: alone, the section cannot see it.
+    cfg.train.max_source_rows = 64
+    assert cfg.train.problems() == []
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", ["eval.steps=0", "train.max_target_tokens=1", "train.max_source_rows=64", "variant=x",
+                             "features.top_p=1.5", "models.t5.dtype=fp8", "tracking.experiment=' '"])
+    assert str(err.value).splitlines() == [
+        "invalid config (preset 'tiny'):",
+        "  variant='x': use lvlm or clip",
+        "  models.t5.dtype='fp8': use one of float32, bfloat16, float16",
+        "  features.top_p=1.5: use a value in (0, 1]",
+        "  train.max_source_rows=64: the feature store keeps only features.max_feature_rows=16 rows; "
+        "lower train.max_source_rows or raise features.max_feature_rows",
+        "  train.max_target_tokens=1: use at least 2",
+        "  tracking.experiment=' ': name an MLflow experiment",
+        "  eval.steps=0: use at least 1 (the paper: 28)",
+    ]
 
 
 def test_unknown_preset_lists_available():

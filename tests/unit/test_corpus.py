@@ -169,7 +169,7 @@ def test_features_refuse_the_configs_corpus_until_its_stage_completed(make_cfg, 
     (own / "00000_stats.json").write_text(json.dumps({"count": 4, "successes": 0}))
     for given in (None, tmp_path / ".." / tmp_path.name / "data" / own.relative_to(tmp_path / "data")):  # also named by hand
         with pytest.raises(FileNotFoundError, match=r"the corpus at .* has not completed .* run `thinkdiff corpus` with the same --config"):
-            pipeline.extract_features(cfg, corpus_dir=given)
+            pipeline.cache_features(cfg, corpus_dir=given)
     _, corpus_dir = demo_corpus
     external = tmp_path / "img2dataset-out"
     external.mkdir()

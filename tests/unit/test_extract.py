@@ -25,14 +25,9 @@ from thinkdiff.data import extract
 from thinkdiff.data.corpus import read_corpus_shard
 from thinkdiff.data.features import FeatureStore, decode_features, read_shard_failures
 from thinkdiff.errors import DataContractError
-from thinkdiff.models.vlm import (
-    IMAGE_PAD,
-    PACKED_GQA_SDPA,
-    build_tiny_vlm,
-    encode_chat,
-    final_norm_states,
-    generate_with_states,
-)
+from thinkdiff.models.attention import PACKED_GQA_SDPA
+from thinkdiff.models.tiny import build_tiny_vlm
+from thinkdiff.models.vlm import IMAGE_PAD, encode_chat, final_norm_states, generate_with_states
 from thinkdiff.storage import exclusive, stage_dir, write_manifest
 
 SYSTEM = "You are a helpful assistant."
@@ -70,17 +65,16 @@ def test_sampled_ids_and_states_equal_hf_generate(vlm, path, monkeypatch):
     """Both paths (HF generate + states from its cache; the static-cache decode loop, with top-p
     by sorting as uncompiled or by threshold as compiled) sample the ids HF generate samples from
     the same seed, with the states generate() itself saw; both stop once every row has ended."""
-    from thinkdiff.models import sampling
-    from thinkdiff.models import vlm as vlm_module
+    from thinkdiff.models import decode, sampling
 
     kv_cache = path.split(",")[0]
     if path.endswith("threshold"):
-        real_scores = vlm_module.token_scores
-        monkeypatch.setattr(vlm_module, "token_scores", lambda *args, **kwargs: real_scores(*args, compile=True))
+        real_scores = decode.token_scores
+        monkeypatch.setattr(decode, "token_scores", lambda *args, **kwargs: real_scores(*args, compile=True))
         monkeypatch.setattr(sampling, "compiled_top_p_keep", lambda: sampling.top_p_keep)  # compiled: test_sampling
     decode_steps = []
-    real_step = vlm_module._decode_step
-    monkeypatch.setattr(vlm_module, "_decode_step", lambda *args: decode_steps.append(1) or real_step(*args))
+    real_step = decode._decode_step
+    monkeypatch.setattr(decode, "_decode_step", lambda *args: decode_steps.append(1) or real_step(*args))
     batch = encode_chat(vlm, two_prompts(), SYSTEM)
     samples = generate_with_states(vlm, batch, max_new_tokens=40, temperature=0.6, top_p=0.9, seed=8, kv_cache=kv_cache)
     # The same sampling, with the hidden states generate() itself saw at every step.
@@ -95,7 +89,7 @@ def test_sampled_ids_and_states_equal_hf_generate(vlm, path, monkeypatch):
     seen = torch.stack([out.hidden_states[0][-1][:, -1]] + [h[-1][:, -1] for h in out.hidden_states[1:]], dim=1)
     assert [len(s.token_ids) for s in samples] == [23, 25]  # both rows end at EOS, before the limit
     if kv_cache == "static":  # its end-of-rows check comes every EOS_CHECK_EVERY steps
-        assert 25 <= len(decode_steps) < 25 + vlm_module.EOS_CHECK_EVERY
+        assert 25 <= len(decode_steps) < 25 + decode.EOS_CHECK_EVERY
     for i, sample in enumerate(samples):
         n = len(sample.token_ids)
         assert sample.token_ids == out.sequences[i, prompt_len: prompt_len + n].tolist()
@@ -187,7 +181,7 @@ def test_feature_store_rows_are_the_producing_states(tiny_store):
 
 def test_features_stage_resumes_missing_shard_identically(demo_corpus, tmp_path):
     cfg, corpus_dir = demo_corpus
-    out = pipeline.extract_features(cfg, corpus_dir, tmp_path / "features")
+    out = pipeline.cache_features(cfg, corpus_dir, tmp_path / "features")
     shards = sorted(out.glob("part-*.parquet"))
     assert len(shards) == 3
     before = {p.name: p.read_bytes() for p in shards}
@@ -196,7 +190,7 @@ def test_features_stage_resumes_missing_shard_identically(demo_corpus, tmp_path)
     (out / "manifest.json").unlink()
     shards[1].unlink()
     (out / ".part-00001.parquet.abc.tmp").write_bytes(b"partial")
-    pipeline.extract_features(cfg, corpus_dir, out)
+    pipeline.cache_features(cfg, corpus_dir, out)
     assert shards[1].read_bytes() == before[shards[1].name]  # same seeds, same bytes
     assert shards[0].stat().st_mtime_ns == stamps[shards[0].name]  # untouched
     assert not list(out.glob(".*.tmp"))
@@ -215,7 +209,7 @@ def test_workers_on_one_store_split_the_shards(demo_corpus, tmp_path):
     other_worker = contextlib.ExitStack()
     assert other_worker.enter_context(exclusive(out / ".part-00000.parquet.lock", ""))  # held as another worker holds it
     assert extract.extract_feature_shard(cfg, corpus_dir / "00000.parquet", out, wait=False) is None
-    stage = threading.Thread(target=pipeline.extract_features, args=(cfg, corpus_dir, out))
+    stage = threading.Thread(target=pipeline.cache_features, args=(cfg, corpus_dir, out))
     stage.start()
     deadline = time.monotonic() + 120
     while not all((out / f"part-0000{i}.parquet").exists() for i in (1, 2)) and time.monotonic() < deadline:
@@ -237,7 +231,7 @@ def test_complete_stage_is_skipped_without_loading_models(tiny_store, monkeypatc
         raise AssertionError("the VLM must not be loaded for a complete stage")
 
     monkeypatch.setattr(extract, "load_vlm", fail)
-    assert pipeline.extract_features(cfg) == features_dir
+    assert pipeline.cache_features(cfg) == features_dir
 
 
 def test_another_corpus_gets_a_features_directory_of_its_own(tiny_store, tmp_path, caplog):
@@ -252,7 +246,7 @@ def test_another_corpus_gets_a_features_directory_of_its_own(tiny_store, tmp_pat
     pending = pipeline.pending_feature_shards(cfg, other)
     assert [p.name for p in pending] == ["00000.parquet", "00001.parquet", "00002.parquet"]
     with caplog.at_level(logging.INFO, logger="thinkdiff.data.extract"):
-        written = pipeline.extract_feature_shard(cfg, pending[0])  # what the flow's mapped task runs
+        written = pipeline.cache_feature_shard(cfg, pending[0])  # what the flow's mapped task runs
     rows = pq.ParquetFile(written).metadata.num_rows
     assert any(re.fullmatch(rf"features: wrote part-00000.parquet \({rows} images in \S+s\); 2 shards left, \S+ img/s, ETA \d+s",
                             r.getMessage()) for r in caplog.records)
@@ -272,7 +266,7 @@ def test_corrupt_images_are_recorded_and_skipped(demo_corpus, tmp_path):
     jpg[ok[4]] = jpg[ok[4]][:40]  # truncated
     table = table.set_column(table.schema.get_field_index("jpg"), "jpg", pa.array(jpg, pa.binary()))
     pq.write_table(table, shard)
-    out = pipeline.extract_features(cfg, copy, tmp_path / "features")
+    out = pipeline.cache_features(cfg, copy, tmp_path / "features")
     store = FeatureStore(out)
     assert store.num_samples == 38
     failures = read_shard_failures(store.shards[0])
@@ -288,12 +282,12 @@ def test_an_out_directory_of_another_stage_is_refused(demo_corpus, tmp_path):
     run = tmp_path / "run"
     write_manifest(run, {"stage": "train", "step": 5})
     with pytest.raises(DataContractError, match=rf"{run} holds the output of the train stage; give the directory of a features"):
-        pipeline.extract_features(cfg, corpus_dir=corpus_dir, out_dir=run)
+        pipeline.cache_features(cfg, corpus_dir=corpus_dir, out_dir=run)
 
 
 def test_missing_corpus_is_a_clear_error(make_cfg):
     with pytest.raises(FileNotFoundError, match="run `thinkdiff corpus` with the same --config and overrides"):
-        pipeline.extract_features(make_cfg())
+        pipeline.cache_features(make_cfg())
 
 
 def test_compiled_extraction_keeps_one_batch_size(demo_corpus, tmp_path, monkeypatch):
@@ -309,7 +303,7 @@ def test_compiled_extraction_keeps_one_batch_size(demo_corpus, tmp_path, monkeyp
         return real_generate(vlm, batch, **kwargs)
 
     monkeypatch.setattr(extract, "generate_with_states", recording)
-    out = pipeline.extract_features(cfg, corpus_dir, tmp_path / "features")
+    out = pipeline.cache_features(cfg, corpus_dir, tmp_path / "features")
     per_shard = [pq.read_table(p, columns=["key"])["key"].to_pylist() for p in sorted(out.glob("part-*.parquet"))]
     assert any(len(keys) % 6 for keys in per_shard)  # some shard does end on a short batch
     assert set(sizes) == {6} and len(sizes) == sum(-(-len(keys) // 6) for keys in per_shard)
@@ -323,7 +317,7 @@ def test_compiled_decode_step_gives_the_eager_ids_and_states_with_one_graph(monk
     states, one graph and one reused cache for two batches whose prompt lengths differ."""
     from torch._dynamo.utils import counters
 
-    from thinkdiff.models import vlm as vlm_module
+    from thinkdiff.models import decode
 
     vlm = build_tiny_vlm(min_pixels=28 * 28, max_pixels=112 * 112)
     short = [[Image.new("RGB", (56, 56), (9, 9, 9)), "Hi."], two_prompts()[0]]
@@ -332,7 +326,7 @@ def test_compiled_decode_step_gives_the_eager_ids_and_states_with_one_graph(monk
     assert batches[0]["input_ids"].shape[1] < batches[1]["input_ids"].shape[1]
     greedy = dict(max_new_tokens=12, temperature=0, top_p=1.0, seed=0, kv_cache="static")
     eager = [generate_with_states(vlm, b, **greedy) for b in batches]
-    monkeypatch.setattr(vlm_module, "decode_compile_options", lambda device: dict(mode="default", dynamic=False))
+    monkeypatch.setattr(decode, "decode_compile_options", lambda device: dict(mode="default", dynamic=False))
     torch._dynamo.reset()
     counters.clear()
     compiled, caches = [], []

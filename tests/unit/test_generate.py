@@ -29,7 +29,8 @@ from thinkdiff.generate import (
 )
 from thinkdiff.models.aligner import Aligner, AlignerConfig
 from thinkdiff.models.flux import load_flux
-from thinkdiff.models.vlm import build_tiny_vlm, encode_chat, generate_with_states, render_chat
+from thinkdiff.models.tiny import build_tiny_vlm
+from thinkdiff.models.vlm import encode_chat, generate_with_states, render_chat
 
 CPU = torch.device("cpu")
 
@@ -260,7 +261,8 @@ def test_models_are_loaded_once_per_process(tmp_path):
 def test_compiled_flux_draws_the_eager_pictures():
     """eval.compile: FLUX with fused query/key/value projections and compiled repeated blocks
     draws the eager, unfused path's images."""
-    from thinkdiff.models.flux import build_tiny_flux_pipeline, wrap_flux
+    from thinkdiff.models.flux import wrap_flux
+    from thinkdiff.models.tiny import build_tiny_flux_pipeline
 
     eager = wrap_flux(build_tiny_flux_pipeline(), "tiny", device=CPU, compile=False)
     compiled = wrap_flux(build_tiny_flux_pipeline(), "tiny", device=CPU, compile=True)

@@ -12,19 +12,18 @@ import json
 import torch
 from PIL import Image
 
-from thinkdiff import pipeline
 from thinkdiff.config import load_config
+from thinkdiff.eval import stage
 from thinkdiff.eval.cobsat import ITEMS, Verdict, get_task, judge_questions
 from thinkdiff.eval.dataset import render_item
 from thinkdiff.eval.judge import (
     LLAVA_IMAGE,
     MAX_ANSWER_TOKENS,
     Qwen2VLJudge,
-    build_tiny_llava_judge,
     judge_label,
     synthetic_judge,
 )
-from thinkdiff.models.vlm import build_tiny_vlm
+from thinkdiff.models.tiny import build_tiny_llava_judge, build_tiny_vlm
 
 IMAGE = Image.new("RGB", (64, 64), (200, 30, 30))
 # Different pictures and tasks whose questions differ in length, so the batch is padded.
@@ -155,8 +154,8 @@ def test_judge_labels():
 def test_evaluation_with_the_llava_judge(tmp_path):
     cfg = load_config("tiny", [f"paths.root={tmp_path}", "eval.generator=oracle", "eval.judge=llava",
                                "eval.limit=2", "eval.tasks=[1]", "eval.shots=[2]"])
-    result = pipeline.evaluate_cobsat(cfg)
-    rows = [json.loads(line) for line in (result["dir"] / "results.jsonl").read_text().splitlines()]
+    result = stage.evaluate_cobsat(cfg)
+    rows = [json.loads(line) for line in result.results_jsonl.read_text().splitlines()]
     # One fixed batch of eval.batch_size prompts ran; the summary scores the first eval.limit of them.
-    assert [r["index"] for r in rows] == list(range(cfg.eval.batch_size)) and result["summary"].num_prompts == 2
-    assert result["summary"].judge_s_per_prompt > 0
+    assert [r["index"] for r in rows] == list(range(cfg.eval.batch_size)) and result.summary.num_prompts == 2
+    assert result.summary.judge_s_per_prompt > 0

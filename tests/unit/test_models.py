@@ -12,8 +12,9 @@ from transformers import Qwen2VLForConditionalGeneration, T5ForConditionalGenera
 
 from thinkdiff.config import ModelSource
 from thinkdiff.errors import DataContractError
-from thinkdiff.models.t5 import build_tiny_t5, load_t5, padded_slots, target_positions
-from thinkdiff.models.vlm import build_tiny_vlm, load_vlm
+from thinkdiff.models.t5 import load_t5, padded_slots, target_positions
+from thinkdiff.models.tiny import build_tiny_t5, build_tiny_vlm
+from thinkdiff.models.vlm import load_vlm
 
 TINY = ModelSource(id="tiny", revision="tiny-v1", dtype="float32")
 CPU = torch.device("cpu")
@@ -31,7 +32,8 @@ def test_tiny_vlm_is_the_real_class_and_deterministic():
 def test_tiny_qwen_tokenizer_learns_word_level_merges_from_a_corpus():
     """The benchmarks' prompts come out in about as many tokens as with Qwen's BPE; without a
     corpus, one token per byte (byte b is id b); special tokens stay whole either way."""
-    from thinkdiff.models.vlm import IM_START, build_tiny_qwen_tokenizer
+    from thinkdiff.models.tiny import build_tiny_qwen_tokenizer
+    from thinkdiff.models.vlm import IM_START
 
     corpus = ["You are a helpful assistant.", "Describe the image concisely.", "Summarize the visual content of the image."]
     plain, merged = build_tiny_qwen_tokenizer(), build_tiny_qwen_tokenizer(corpus)
@@ -98,6 +100,7 @@ def test_flex_decoder_attention_scores_like_sdpa(monkeypatch):
     the causal mask, the packed cross-attention's key mask), and it really runs on FlexAttention.
     Eager and forward only: on a CPU FlexAttention has no backward and does not compile at these
     shapes (`train_step.py --decoder-attention flex` checks the compiled training step on a GPU)."""
+    import thinkdiff.models.attention as attention
     import thinkdiff.models.t5 as t5
 
     config = build_tiny_t5().config
@@ -114,8 +117,8 @@ def test_flex_decoder_attention_scores_like_sdpa(monkeypatch):
         expected = decoder.loss(rows, slots, labels)
         decoder.set_attention("flex")
         calls = []
-        flex = t5.flex_attention
-        monkeypatch.setattr(t5, "flex_attention", lambda *a, **k: calls.append(1) or flex(*a, **k))
+        flex = attention.flex_attention
+        monkeypatch.setattr(attention, "flex_attention", lambda *a, **k: calls.append(1) or flex(*a, **k))
         torch.testing.assert_close(decoder.loss(rows, slots, labels), expected, rtol=1e-5, atol=1e-5)
         assert len(calls) == 2 * config.num_decoder_layers
     with pytest.raises(ValueError, match="decoder attention 'cudnn': choose one of sdpa, flex"):
@@ -125,7 +128,7 @@ def test_flex_decoder_attention_scores_like_sdpa(monkeypatch):
 def test_flex_self_attention_takes_a_boolean_mask_as_sdpa_does():
     """Under torch.compile transformers may hand the causal mask over as a (B, 1, T, T) boolean
     instead of None (the path the test above takes): the same output as the SDPA path with it."""
-    import thinkdiff.models.t5 as t5
+    import thinkdiff.models.attention as attention
 
     g = torch.Generator().manual_seed(0)
     module = torch.nn.Module()
@@ -134,10 +137,10 @@ def test_flex_self_attention_takes_a_boolean_mask_as_sdpa_does():
     bias = torch.randn(1, 4, 6, 6, generator=g)
     mask = torch.ones(6, 6, dtype=torch.bool).tril().expand(2, 1, 6, 6).clone()
     mask[1, 0, :, 1] = False  # a key masked in one sample only (no row left empty): its batch index is read
-    expected, _ = t5.packed_source_sdpa(module, query, key, value, mask, scaling=1.0, position_bias=bias)
-    out, _ = t5.packed_source_flex(module, query, key, value, mask, scaling=1.0, position_bias=bias)
+    expected, _ = attention.packed_source_sdpa(module, query, key, value, mask, scaling=1.0, position_bias=bias)
+    out, _ = attention.packed_source_flex(module, query, key, value, mask, scaling=1.0, position_bias=bias)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    unmasked, _ = t5.packed_source_flex(module, query, key, value, None, scaling=1.0, position_bias=bias)
+    unmasked, _ = attention.packed_source_flex(module, query, key, value, None, scaling=1.0, position_bias=bias)
     assert not torch.allclose(unmasked[1], out[1], atol=1e-3) and torch.allclose(unmasked[0], out[0], atol=1e-5)
 
 
@@ -255,7 +258,7 @@ def test_packed_gqa_decode_attention_reads_each_kv_head_once(mask_kind, monkeypa
     A mask that differs per head goes to transformers' SDPA, with the same output."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
-    from thinkdiff.models import vlm as vlm_module
+    from thinkdiff.models import attention
 
     g = torch.Generator().manual_seed(0)
     batch, heads, kv_heads, length, dim = 3, 6, 2, 7, 8
@@ -276,8 +279,8 @@ def test_packed_gqa_decode_attention_reads_each_kv_head_once(mask_kind, monkeypa
         seen_heads.append(k.shape[1])
         return sdpa(q, k, v, **kwargs)
 
-    monkeypatch.setattr(vlm_module.F, "scaled_dot_product_attention", recording_sdpa)
-    out, _ = vlm_module.packed_gqa_sdpa(module, query, key, value, mask, scaling=0.3)
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording_sdpa)
+    out, _ = attention.packed_gqa_sdpa(module, query, key, value, mask, scaling=0.3)
     if mask_kind != "per_head":
         assert seen_heads == [kv_heads]
     torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
@@ -291,8 +294,9 @@ def test_vision_tower_attends_per_image_in_one_sdpa_call(sizes, monkeypatch):
     import numpy as np
     from PIL import Image
 
-    from thinkdiff.models import vlm as vlm_module
-    from thinkdiff.models.vlm import PER_IMAGE_SDPA, preprocess_images
+    from thinkdiff.models import attention
+    from thinkdiff.models.attention import PER_IMAGE_SDPA
+    from thinkdiff.models.vlm import preprocess_images
 
     vlm = build_tiny_vlm(min_pixels=56 * 56, max_pixels=112 * 112)
     assert vlm.model.config.vision_config._attn_implementation == PER_IMAGE_SDPA
@@ -306,7 +310,7 @@ def test_vision_tower_attends_per_image_in_one_sdpa_call(sizes, monkeypatch):
         calls.append(q.shape[0])
         return sdpa(q, *args, **kwargs)
 
-    monkeypatch.setattr(vlm_module.F, "scaled_dot_product_attention", recording_sdpa)
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording_sdpa)
     with torch.no_grad():
         ours = torch.cat(vlm.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
     depth = vlm.model.config.vision_config.depth

@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import socket
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from mlflow import MlflowClient
 from thinkdiff import generate, pipeline, registry
 from thinkdiff.config import load_config
 from thinkdiff.errors import ConfigError, DataContractError
-from thinkdiff.eval import judge
+from thinkdiff.eval import judge, stage
 from thinkdiff.models.aligner import Aligner
 from thinkdiff.storage import EVAL_SCHEMA_VERSION, read_manifest, stage_dir, train_fingerprint, write_manifest
 from thinkdiff.train.loop import train_aligner
@@ -51,14 +52,14 @@ def test_unreachable_server_fails_fast_and_registration_retries_later(trained):
     down = load_config("tiny", [f"paths.root={cfg.paths.root}", f"tracking.uri=http://user:s3cret@127.0.0.1:{closed_port()}",
                                 "train.max_steps=6", "train.warmup_steps=2", "train.log_every=2", "train.batch_size=4"])
     with pytest.raises(registry.TrackingUnavailableError) as err:
-        pipeline.register_checkpoint(down)
+        pipeline.register_aligner(down)
     message = str(err.value)
     assert "http://***@127.0.0.1:" in message and "s3cret" not in message
     assert "Checkpoints are kept" in message
     assert (result.aligner_dir / "model.safetensors").is_file()
     # The server is "back" (the local store): the same checkpoint registers, nothing retrains.
     stamp = (result.aligner_dir / "model.safetensors").stat().st_mtime_ns
-    ref = pipeline.register_checkpoint(cfg)
+    ref = pipeline.register_aligner(cfg)
     assert ref.version == "1"
     assert (result.aligner_dir / "model.safetensors").stat().st_mtime_ns == stamp
 
@@ -66,7 +67,7 @@ def test_unreachable_server_fails_fast_and_registration_retries_later(trained):
 def test_run_is_logged_with_params_metrics_artifacts_and_tags(trained, tiny_store):
     cfg, result = trained
     _, features_dir = tiny_store
-    ref = pipeline.register_checkpoint(cfg)
+    ref = pipeline.register_aligner(cfg)
     client = client_for(cfg)
     run = client.get_run(ref.run_id)
     assert run.info.status == "FINISHED"
@@ -88,19 +89,19 @@ def test_run_is_logged_with_params_metrics_artifacts_and_tags(trained, tiny_stor
 
 def test_version_has_candidate_alias_and_loads(trained):
     cfg, result = trained
-    ref = pipeline.register_checkpoint(cfg)
+    ref = pipeline.register_aligner(cfg)
     client = client_for(cfg)
     assert str(client.get_model_version_by_alias(cfg.tracking.registered_model, "candidate").version) == ref.version
     expected = Aligner.from_pretrained(result.aligner_dir).state_dict()
     for uri in (f"models:/{cfg.tracking.registered_model}@candidate", ref.uri):
-        loaded = registry.load_aligner(uri, cfg).state_dict()
+        loaded = registry.Registry(cfg).load_aligner(uri).state_dict()
         assert all(torch.equal(loaded[k], v) for k, v in expected.items())
 
 
 def test_registering_twice_creates_no_duplicates(trained):
     cfg, _ = trained
-    first = pipeline.register_checkpoint(cfg)
-    second = pipeline.register_checkpoint(cfg)
+    first = pipeline.register_aligner(cfg)
+    second = pipeline.register_aligner(cfg)
     assert first == second
     client = client_for(cfg)
     assert len(client.search_model_versions(f"name='{cfg.tracking.registered_model}'")) == 1
@@ -136,50 +137,70 @@ def test_a_registration_stopped_before_the_alias_gets_it_when_run_again(trained,
     def register_stopped(run_dir):
         failing.append(True)
         with pytest.raises(RuntimeError, match="server went away"):
-            pipeline.register_checkpoint(own, run_dir)
+            pipeline.register_aligner(own, run_dir)
 
     monkeypatch.setattr(MlflowClient, "set_registered_model_alias", fails_when_asked)
-    candidate = lambda: registry.current_version(own, registry.CANDIDATE)  # noqa: E731
+    candidate = lambda: registry.Registry(own).current_version(registry.CANDIDATE)  # noqa: E731
     register_stopped(result.run_dir)
     assert candidate() is None
-    first = pipeline.register_checkpoint(own, result.run_dir)
+    first = pipeline.register_aligner(own, result.run_dir)
     assert candidate().version == first.version == "1"
     assert registry.TAG_CANDIDATE_PENDING not in client_for(own).get_model_version(own.tracking.registered_model, "1").tags
     # Version 2 stops before the alias and version 3 becomes the candidate: finishing 2 leaves it on 3.
     second_run, third_run = another_run(2), another_run(3)
     register_stopped(second_run)
     assert candidate().version == "1"
-    assert pipeline.register_checkpoint(own, third_run).version == "3" == candidate().version
-    assert pipeline.register_checkpoint(own, second_run).version == "2" and candidate().version == "3"
-    assert pipeline.register_checkpoint(own, result.run_dir) == first and candidate().version == "3"
+    assert pipeline.register_aligner(own, third_run).version == "3" == candidate().version
+    assert pipeline.register_aligner(own, second_run).version == "2" and candidate().version == "3"
+    assert pipeline.register_aligner(own, result.run_dir) == first and candidate().version == "3"
     assert registry.TAG_CANDIDATE_PENDING not in client_for(own).get_model_version(own.tracking.registered_model, "2").tags
 
 
 def test_champion_moves_only_by_promotion(trained):
     cfg, _ = trained
-    ref = pipeline.register_checkpoint(cfg)
+    ref = pipeline.register_aligner(cfg)
     client = client_for(cfg)
     with pytest.raises(Exception, match="champion"):
         client.get_model_version_by_alias(cfg.tracking.registered_model, "champion")
-    promoted = pipeline.promote(cfg, "candidate", reason="test")
+    promoted = pipeline.promote_aligner(cfg, "candidate", reason="test")
     assert promoted.version == ref.version == str(client.get_model_version_by_alias(cfg.tracking.registered_model, "champion").version)
     version = client.get_model_version_by_alias(cfg.tracking.registered_model, "champion")
     assert version.tags["thinkdiff.promotion_reason"] == "test" and version.tags["thinkdiff.promoted_at"]
     with pytest.raises(registry.RegistryError, match=rf"no version or alias '42'; it has versions {ref.version} and "
                                                      rf"aliases @candidate \(version {ref.version}\), @champion"):
-        pipeline.promote(cfg, "42")
+        pipeline.promote_aligner(cfg, "42")
     # Promoting the champion again changes nothing: its promotion's reason and time stay.
-    assert pipeline.promote(cfg, ref.version, reason="again").version == ref.version
+    assert pipeline.promote_aligner(cfg, ref.version, reason="again").version == ref.version
     again = client.get_model_version_by_alias(cfg.tracking.registered_model, "champion")
     assert again.tags["thinkdiff.promotion_reason"] == "test"
     assert again.tags["thinkdiff.promoted_at"] == version.tags["thinkdiff.promoted_at"]
+
+
+def test_a_registry_checks_the_server_once_and_only_when_it_needs_it(trained, monkeypatch):
+    """One health check serves all of a Registry's operations; loading an aligner from a directory
+    and refusing a run that has not finished need no server, so a server that is down stops neither."""
+    cfg, result = trained
+    checked = []
+    monkeypatch.setattr(registry, "check_reachable", lambda uri, timeout_s=5.0: checked.append(uri))
+    reg = registry.Registry(cfg)
+    ref = reg.register_checkpoint(result.run_dir)
+    assert reg.current_version(registry.CANDIDATE) == ref == reg.resolve_model(ref.uri)
+    assert reg.version_with_weights(reg.weights_digest(ref)) == ref
+    assert reg.load_aligner(ref.uri) is not None
+    assert checked == [registry.tracking_uri(cfg)]
+    monkeypatch.undo()
+    down = registry.Registry(load_config("tiny", [f"paths.root={cfg.paths.root}",
+                                                  f"tracking.uri=http://127.0.0.1:{closed_port()}"]))
+    assert down.load_aligner(str(result.aligner_dir)) is not None
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        down.register_checkpoint(result.run_dir / "nope")
 
 
 def test_unfinished_run_is_not_logged(tmp_path):
     cfg = load_config("tiny", [f"paths.root={tmp_path / 'checkpoints' / 'root'}"])  # a folder of that name above: still a run
     stage_dir(cfg, "train").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="has not finished"):
-        pipeline.register_checkpoint(cfg)
+        pipeline.register_aligner(cfg)
 
 
 def test_a_path_named_aligner_is_drawn_while_the_tracking_server_is_down(trained, tmp_path):
@@ -189,7 +210,7 @@ def test_a_path_named_aligner_is_drawn_while_the_tracking_server_is_down(trained
     down = load_config("tiny", [f"paths.root={tmp_path}", f"tracking.uri=http://127.0.0.1:{closed_port()}",
                                 "eval.limit=1", "eval.tasks=[1]", "eval.shots=[2]", "eval.baselines=[]"])
     with pytest.raises(registry.TrackingUnavailableError):
-        pipeline.evaluate_cobsat(down, model=str(result.aligner_dir))
+        stage.evaluate_cobsat(down, model=str(result.aligner_dir))
     drawn = list((tmp_path / "eval").glob("*/results.jsonl"))
     assert len(drawn) == 1 and len(drawn[0].read_text().splitlines()) == down.eval.batch_size
 
@@ -198,11 +219,11 @@ def test_register_names_a_run_directory_given_wrong(trained, tiny_store, tmp_pat
     cfg, result = trained
     _, features_dir = tiny_store
     with pytest.raises(FileNotFoundError, match=r"training run .*/nope: no such directory"):
-        pipeline.register_checkpoint(cfg, tmp_path / "nope")
+        pipeline.register_aligner(cfg, tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match=rf"is inside the training run {result.run_dir}: give the run directory itself"):
-        pipeline.register_checkpoint(cfg, result.aligner_dir)
+        pipeline.register_aligner(cfg, result.aligner_dir)
     with pytest.raises(DataContractError, match=r"holds the output of the features stage; give the directory of a train stage output"):
-        pipeline.register_checkpoint(cfg, features_dir)
+        pipeline.register_aligner(cfg, features_dir)
 
 
 def test_register_refuses_a_run_of_other_models_or_a_damaged_aligner(trained, tmp_path):
@@ -212,16 +233,16 @@ def test_register_refuses_a_run_of_other_models_or_a_damaged_aligner(trained, tm
     other = load_config("tiny", [f"paths.root={cfg.paths.root}", "models.t5.id=google/flan-t5-xxl"])
     with pytest.raises(DataContractError, match=r"trained for other models .*models.t5: run tiny \(revision tiny-v1\), config google/flan-t5-xxl .*"
                                                 r"--config tiny"):
-        pipeline.register_checkpoint(other, result.run_dir)
+        pipeline.register_aligner(other, result.run_dir)
     # The same weights run in another dtype are the same models.
-    assert pipeline.register_checkpoint(load_config("tiny", [f"paths.root={cfg.paths.root}", "models.t5.dtype=bfloat16"]),
+    assert pipeline.register_aligner(load_config("tiny", [f"paths.root={cfg.paths.root}", "models.t5.dtype=bfloat16"]),
                                         result.run_dir).version
     damaged = shutil.copytree(result.run_dir, tmp_path / "damaged")
     aligner = damaged / result.aligner_dir.relative_to(result.run_dir)
     write_manifest(damaged, {**read_manifest(damaged), "checkpoint": str(aligner.parent), "train_fingerprint": "d" * 16})
     (aligner / "model.safetensors").write_bytes((aligner / "model.safetensors").read_bytes()[:700])
     with pytest.raises(DataContractError, match=rf"{aligner}/model.safetensors is unreadable .* restore it"):
-        pipeline.register_checkpoint(cfg, damaged)
+        pipeline.register_aligner(cfg, damaged)
     client = client_for(cfg)
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()],
                                   filter_string="tags.`thinkdiff.train_fingerprint` = 'dddddddddddddddd'")
@@ -229,40 +250,44 @@ def test_register_refuses_a_run_of_other_models_or_a_damaged_aligner(trained, tm
 
 def test_cobsat_evaluation_is_logged_against_the_version(trained, monkeypatch):
     cfg, training = trained
-    ref = pipeline.register_checkpoint(cfg)
+    ref = pipeline.register_aligner(cfg)
     eval_cfg = load_config("tiny", [f"paths.root={cfg.paths.root}", "train.max_steps=6", "train.warmup_steps=2",
                                     "train.log_every=2", "train.batch_size=4", "eval.limit=1", "eval.tasks=[1, 4]", "eval.shots=[2]"])
-    result = pipeline.evaluate_cobsat(eval_cfg, model=f"models:/{cfg.tracking.registered_model}@candidate")
-    assert result["model"] == ref
+    result = stage.evaluate_cobsat(eval_cfg, model=f"models:/{cfg.tracking.registered_model}@candidate")
+    assert result.model == ref
     client = client_for(cfg)
-    run = client.get_run(result["run_id"])
+    run = client.get_run(result.run_id)
     assert run.data.tags["thinkdiff.model_version"] == ref.version
     assert {"cobsat.2shot.C-I", "cobsat.2shot.B-II", "cobsat.2shot.mean", "gen_images_per_s"} <= set(run.data.metrics)
-    artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
-    assert {"accuracy.png", "samples.png", "summary.md", "results.jsonl", "results", "comparison.md", "comparison.png"} <= artifacts
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    files = (result.accuracy_png, result.samples_png, result.summary_md, result.results_jsonl, result.comparison_md,
+             result.comparison_png)
+    assert all(path.parent == result.results_dir and path.is_file() for path in files)
+    assert {"results", *(path.name for path in files)} <= artifacts
     # The text bridge, evaluated beside it with the same settings, in its own directory and run.
-    bridge = result["baselines"]["text-bridge"]
-    assert bridge.num_prompts == result["summary"].num_prompts == 2
-    lines = result["table"].splitlines()
+    bridge = result.baselines["text-bridge"]
+    assert bridge.num_prompts == result.summary.num_prompts == 2
+    assert result.table == result.comparison_md.read_text().rstrip("\n")
+    lines = result.table.splitlines()
     assert [line.split(" | ")[:2] for line in lines[2:4]] == [["| thinkdiff", "2"], ["| text-bridge", "2"]]
     assert lines[3].endswith(f"| {bridge.mean[2]:.3f} |")
     assert lines[4:] == ["", "2 prompts per generator; judge: synthetic reader (not CoBSAT's judge)"]
     assert run.data.tags["thinkdiff.judge"] == "synthetic reader (not CoBSAT's judge)"
     # The images in CoBSAT's own layout (a folder per task under the shot), for its evaluation code.
     shot_dir = "results/exps/thinkdiff_image/shot_2/default"
-    assert [a.path for a in client.list_artifacts(result["run_id"], shot_dir)] == [f"{shot_dir}/task_1", f"{shot_dir}/task_4"]
+    assert [a.path for a in client.list_artifacts(result.run_id, shot_dir)] == [f"{shot_dir}/task_{t}" for t in (1, 4)]
     version = client.get_model_version(cfg.tracking.registered_model, ref.version)
-    assert float(version.tags["cobsat.mean.2shot"]) == result["summary"].mean[2]
+    assert float(version.tags["cobsat.mean.2shot"]) == result.summary.mean[2]
     # Rerun: the results directory is complete and already logged; no model is loaded for it.
     def fail(*args):
         raise AssertionError("nothing to draw or judge: no model may be loaded")
 
     monkeypatch.setattr(generate, "build_generator", fail)
     monkeypatch.setattr(judge, "load_judge", fail)
-    assert pipeline.evaluate_cobsat(eval_cfg, model=ref.uri)["run_id"] == result["run_id"]
+    assert stage.evaluate_cobsat(eval_cfg, model=ref.uri).run_id == result.run_id
     # The same weights named by their path: the same results and run, linked to the version.
-    by_path = pipeline.evaluate_cobsat(eval_cfg, model=str(training.aligner_dir))
-    assert (by_path["dir"], by_path["run_id"], by_path["model"]) == (result["dir"], result["run_id"], ref)
+    by_path = stage.evaluate_cobsat(eval_cfg, model=str(training.aligner_dir))
+    assert (by_path.results_dir, by_path.run_id, by_path.model) == (result.results_dir, result.run_id, ref)
 
 
 @pytest.fixture
@@ -273,13 +298,12 @@ def two_versions(tiny_store, tmp_path):
         cfg = load_config("tiny", [f"paths.root={tmp_path}", "train.max_steps=4", "train.warmup_steps=1",
                                    "train.log_every=2", "train.batch_size=4", f"train.seed={seed}"])
         train_aligner(cfg, features_dir, stage_dir(cfg, "train"))
-        refs.append(pipeline.register_checkpoint(cfg))
+        refs.append(pipeline.register_aligner(cfg))
     return cfg, refs
 
 
-class _Summary:
-    def __init__(self, mean):
-        self.mean = {2: mean, 4: mean}
+def _scored(mean: float) -> stage.CobsatEvaluation:
+    return stage.CobsatEvaluation(table="", summary=SimpleNamespace(mean={2: mean, 4: mean}))
 
 
 def test_a_store_file_that_is_not_sqlite_is_named(trained, tmp_path):
@@ -287,20 +311,20 @@ def test_a_store_file_that_is_not_sqlite_is_named(trained, tmp_path):
     elsewhere = load_config("tiny", [f"paths.root={tmp_path}"])
     (tmp_path / "mlflow.db").write_text("not a database")
     with pytest.raises(DataContractError, match=rf"MLflow store {tmp_path}/mlflow.db is not an SQLite database: move it away"):
-        pipeline.register_checkpoint(elsewhere, result.run_dir)
+        pipeline.register_aligner(elsewhere, result.run_dir)
     assert (tmp_path / "mlflow.db").read_text() == "not a database"
     bogus = load_config("tiny", [f"paths.root={tmp_path}", "tracking.uri=bogus://user:s3cret@host/x"])
     with pytest.raises(ConfigError, match=r"tracking.uri='bogus://\*\*\*@host/x': MLflow cannot open it .*http://host:5000") as err:
-        pipeline.register_checkpoint(bogus, result.run_dir)
+        pipeline.register_aligner(bogus, result.run_dir)
     assert "s3cret" not in str(err.value)
 
 
 def test_a_nightly_with_nothing_registered_says_so(trained, caplog):
     cfg, _ = trained
     typo = load_config("tiny", [f"paths.root={cfg.paths.root}", "tracking.registered_model=thinkdiff-aligner-tiyn"])
-    with caplog.at_level(logging.WARNING, logger="thinkdiff.pipeline"):
-        report = pipeline.nightly_evaluation(typo)
-    assert report == {"champion": None, "candidate": None, "promoted": None}
+    with caplog.at_level(logging.WARNING, logger="thinkdiff.eval.stage"):
+        result = stage.evaluate_cobsat_nightly(typo)
+    assert result.report() == {"champion": None, "candidate": None, "promoted": None} and result.evaluations == {}
     assert any("thinkdiff-aligner-tiyn has no @champion and no @candidate version" in r.getMessage() for r in caplog.records)
 
 
@@ -316,23 +340,26 @@ def test_nightly_promotes_only_a_better_candidate(two_versions, monkeypatch):
         assert cfg.eval.limit == cfg.eval.nightly_limit != 1000  # the nightly subset, not the full set
         assert cfg.eval.baselines == []  # the two versions only
         evaluated.append(model)
-        return {"summary": _Summary(scores[model])}
+        return _scored(scores[model])
 
-    monkeypatch.setattr(pipeline, "evaluate_cobsat", fake_evaluate)
+    monkeypatch.setattr(stage, "evaluate_cobsat", fake_evaluate)
     # No champion yet: the candidate becomes the first one.
-    report = pipeline.nightly_evaluation(cfg)
-    assert report["promoted"] == second.version and evaluated == [second.uri]
+    result = stage.evaluate_cobsat_nightly(cfg)
+    assert result.promoted == second.version and evaluated == [second.uri]
+    assert result.report() == {"champion": None, "candidate": second.version, "candidate_mean": 0.1,
+                               "promoted": second.version}
     # Champion v2 (0.1); make v1 the candidate again, better: it is not newer, so not evaluated.
     client.set_registered_model_alias(name, "candidate", first.version)
     evaluated.clear()
-    assert pipeline.nightly_evaluation(cfg)["promoted"] is None and evaluated == [second.uri]
+    assert stage.evaluate_cobsat_nightly(cfg).promoted is None and evaluated == [second.uri]
     # A newer candidate that scores lower is evaluated and not promoted; one that scores higher is.
-    pipeline.promote(cfg, first.version, "reset")
+    pipeline.promote_aligner(cfg, first.version, "reset")
     client.set_registered_model_alias(name, "candidate", second.version)
-    assert pipeline.nightly_evaluation(cfg)["promoted"] is None
+    assert stage.evaluate_cobsat_nightly(cfg).promoted is None
     scores[second.uri] = 0.3
-    report = pipeline.nightly_evaluation(cfg)
-    assert report["promoted"] == second.version and report["candidate_mean"] == 0.3
+    report = stage.evaluate_cobsat_nightly(cfg).report()
+    assert report == {"champion": first.version, "candidate": second.version, "champion_mean": 0.2,
+                      "candidate_mean": 0.3, "promoted": second.version}
     version = client.get_model_version_by_alias(name, "champion")
     assert str(version.version) == second.version
     assert "candidate mean 0.3000 > champion mean 0.2000" in version.tags["thinkdiff.promotion_reason"]
@@ -349,34 +376,36 @@ def test_each_version_and_prompt_set_gets_its_own_evaluation_run(two_versions):
         eval_cfg = load_config("tiny", [f"paths.root={cfg.paths.root}", "train.max_steps=4", "train.warmup_steps=1",
                                         "train.log_every=2", "train.batch_size=4", f"eval.limit={limit}",
                                         f"eval.tasks={tasks}", "eval.shots=[2]", "eval.batch_size=2", "eval.baselines=[]"])
-        return pipeline.evaluate_cobsat(eval_cfg, model=ref.uri)
+        return stage.evaluate_cobsat(eval_cfg, model=ref.uri)
 
     one, two = evaluate(first, 1), evaluate(second, 1)
-    assert one["dir"] != two["dir"] and one["run_id"] != two["run_id"]
+    assert one.results_dir != two.results_dir and one.run_id != two.run_id
     for ref, result in ((first, one), (second, two)):
-        tags = client.get_run(result["run_id"]).data.tags
+        tags = client.get_run(result.run_id).data.tags
         assert tags["thinkdiff.model_version"] == ref.version and tags["mlflow.parentRunId"] == ref.run_id
 
     larger = evaluate(first, 3)
-    assert larger["dir"] == one["dir"] and larger["run_id"] != one["run_id"] and larger["summary"].num_prompts == 3
+    assert larger.results_dir == one.results_dir and larger.run_id != one.run_id and larger.summary.num_prompts == 3
     subset = evaluate(first, 2)  # a prompt count not logged before: a run of its own, after the larger one
-    assert subset["run_id"] not in (one["run_id"], larger["run_id"]) and subset["summary"].num_prompts == 2
-    assert evaluate(first, 1)["run_id"] == one["run_id"]  # already logged: no new run
-    drawn = (one["dir"] / "results.jsonl").read_text()
+    assert subset.run_id not in (one.run_id, larger.run_id) and subset.summary.num_prompts == 2
+    assert evaluate(first, 1).run_id == one.run_id  # already logged: no new run
+    drawn = one.results_jsonl.read_text()
     both = evaluate(first, 1, tasks="[1, 4]")  # one more task: only its prompts are drawn
-    assert both["dir"] == one["dir"] and both["run_id"] not in (one["run_id"], larger["run_id"], subset["run_id"])
-    assert (one["dir"] / "results.jsonl").read_text().startswith(drawn)
-    rows = [json.loads(line) for line in (one["dir"] / "results.jsonl").read_text().splitlines()]
+    assert both.results_dir == one.results_dir and both.run_id not in (one.run_id, larger.run_id, subset.run_id)
+    assert one.results_jsonl.read_text().startswith(drawn)
+    rows = [json.loads(line) for line in one.results_jsonl.read_text().splitlines()]
     assert sorted((r["task"], r["index"]) for r in rows) == [(1, 0), (1, 1), (1, 2), (1, 3), (4, 0), (4, 1)]
-    assert client.get_run(both["run_id"]).data.tags["thinkdiff.eval_set"] == "tasks 1,4; shots 2; 2 prompts"
+    assert client.get_run(both.run_id).data.tags["thinkdiff.eval_set"] == "tasks 1,4; shots 2; 2 prompts"
     tags = client.get_model_version(cfg.tracking.registered_model, first.version).tags
-    assert tags["cobsat.prompts"] == "3" and tags["cobsat.eval_run"] == larger["run_id"] and tags["cobsat.judge"] == "synthetic reader (not CoBSAT's judge)"
-    assert tags["cobsat.mean.2shot"] == f"{larger['summary'].mean[2]:.4f}"
+    assert tags["cobsat.prompts"] == "3" and tags["cobsat.eval_run"] == larger.run_id
+    assert tags["cobsat.judge"] == "synthetic reader (not CoBSAT's judge)"
+    assert tags["cobsat.mean.2shot"] == f"{larger.summary.mean[2]:.4f}"
     # Tags from verdicts of an older schema give way to the next evaluation, whatever its size.
     client.set_model_version_tag(cfg.tracking.registered_model, first.version, "cobsat.eval_schema", "1")
-    assert evaluate(first, 1)["run_id"] == one["run_id"]
+    assert evaluate(first, 1).run_id == one.run_id
     tags = client.get_model_version(cfg.tracking.registered_model, first.version).tags
-    assert tags["cobsat.prompts"] == "1" and tags["cobsat.eval_run"] == one["run_id"] and tags["cobsat.eval_schema"] == str(EVAL_SCHEMA_VERSION)
+    assert tags["cobsat.prompts"] == "1" and tags["cobsat.eval_run"] == one.run_id
+    assert tags["cobsat.eval_schema"] == str(EVAL_SCHEMA_VERSION)
 
 
 def test_an_evaluation_made_before_registration_is_linked_to_the_version_later(tiny_store, tmp_path):
@@ -385,13 +414,14 @@ def test_an_evaluation_made_before_registration_is_linked_to_the_version_later(t
                  "eval.limit=1", "eval.tasks=[1]", "eval.shots=[2]", "eval.baselines=[]"]
     cfg = load_config("tiny", overrides)
     trained = train_aligner(cfg, features_dir, stage_dir(cfg, "train"))
-    by_path = pipeline.evaluate_cobsat(cfg, model=str(trained.aligner_dir))
-    assert by_path["model"] is None  # not registered yet
-    ref = pipeline.register_checkpoint(cfg)
-    by_version = pipeline.evaluate_cobsat(cfg, model=ref.uri)
-    assert (by_version["dir"], by_version["run_id"]) == (by_path["dir"], by_path["run_id"])  # nothing drawn or logged again
+    by_path = stage.evaluate_cobsat(cfg, model=str(trained.aligner_dir))
+    assert by_path.model is None  # not registered yet
+    ref = pipeline.register_aligner(cfg)
+    by_version = stage.evaluate_cobsat(cfg, model=ref.uri)
+    # Nothing drawn or logged again.
+    assert (by_version.results_dir, by_version.run_id) == (by_path.results_dir, by_path.run_id)
     client = client_for(cfg)
-    tags = client.get_run(by_path["run_id"]).data.tags
+    tags = client.get_run(by_path.run_id).data.tags
     assert (tags["thinkdiff.model_version"], tags["mlflow.parentRunId"]) == (ref.version, ref.run_id)
     version = client.get_model_version(cfg.tracking.registered_model, ref.version)
-    assert version.tags["cobsat.eval_run"] == by_path["run_id"] and version.tags["cobsat.prompts"] == "1"
+    assert version.tags["cobsat.eval_run"] == by_path.run_id and version.tags["cobsat.prompts"] == "1"

@@ -1,5 +1,5 @@
 """Covers: the learning-rate schedule (its cosine horizon past max_steps) and weight-decay groups of
-REFERENCE.md section 5; the aligner's initial weights (train.aligner_init); the masked-split
+docs/method.md; the aligner's initial weights (train.aligner_init); the masked-split
 collate; the streaming sample order and its resume position; length buckets (less padding than one
 sort, ranks' slices) and their loss weight (every token weighs as in plain random batches); the
 frozen decoder's dropout (train.t5_dropout: seeded by torch, eager and compiled, refused with
@@ -24,8 +24,9 @@ from thinkdiff.config import load_config
 from thinkdiff.data.features import FeatureStore, StoredFeatures
 from thinkdiff.errors import ConfigError, DataContractError
 from thinkdiff.models.aligner import Aligner, AlignerConfig
-from thinkdiff.models.t5 import IGNORE_INDEX, gather_slots
-from thinkdiff.models.vlm import build_tiny_qwen_tokenizer
+from thinkdiff.models.attention import gather_slots
+from thinkdiff.models.t5 import IGNORE_INDEX
+from thinkdiff.models.tiny import build_tiny_qwen_tokenizer
 from thinkdiff.storage import read_manifest, stage_dir, write_manifest
 from thinkdiff.train.checkpoint import list_checkpoints, load_trainer_state, read_meta
 from thinkdiff.train.data import MaskedSplitCollator, Sample, SampleStream, StreamPosition, lvlm_usable, take
@@ -233,7 +234,7 @@ def test_a_store_of_another_corpus_trains_into_a_run_of_its_own(tiny_store, tmp_
     assert (meta["features_fingerprint"], meta["corpus_fingerprint"]) == ("f" * 16, "c" * 16)
     # Registered from the command line by naming the run (the config alone points at its own).
     assert main(["registry", "register", "--config", "tiny", "--run", str(result.run_dir), *overrides]) == 0
-    ref = registry.resolve_model(capsys.readouterr().out.strip(), cfg)
+    ref = registry.Registry(cfg).resolve_model(capsys.readouterr().out.strip())
     tags = MlflowClient(tracking_uri=registry.tracking_uri(cfg)).get_run(ref.run_id).data.tags
     assert (tags[registry.TAG_FEATURES_FP], tags[registry.TAG_CORPUS_FP]) == ("f" * 16, "c" * 16)
 
@@ -255,7 +256,7 @@ def test_float8_store_trains_within_one_percent_of_bf16(demo_corpus, tiny_store,
     overrides = [f"paths.root={tmp_path}", "corpus.demo_images=40", "corpus.shard_size=16", "corpus.demo_broken=3",
                  "train.max_steps=60", "train.warmup_steps=5", "train.log_every=20", "train.batch_size=8"]
     fp8_cfg = load_config("tiny", [*overrides, "features.storage_dtype=float8_e4m3"])
-    fp8_dir = pipeline.extract_features(fp8_cfg, corpus_dir)
+    fp8_dir = pipeline.cache_features(fp8_cfg, corpus_dir)
     assert FeatureStore(fp8_dir).info.dtype == "float8_e4m3"
     train_cfg = load_config("tiny", overrides)
     final = {}
@@ -269,7 +270,8 @@ def test_training_path_equals_the_naive_padded_path():
     """The project's step (decoder only, source rows packed, targets padded to the batch's longest,
     logits for real tokens only) gives the loss and aligner gradients of transformers' full model
     padded to 128 on the same samples."""
-    from thinkdiff.models.t5 import T5DecoderLM, build_tiny_t5
+    from thinkdiff.models.t5 import T5DecoderLM
+    from thinkdiff.models.tiny import build_tiny_t5
     from thinkdiff.train.data import Prepared, pad
     from thinkdiff.train.loop import encoder_states
 

@@ -254,7 +254,7 @@ def img2dataset_args(cfg: CorpusConfig, url_list: Path, input_format: str, url_c
 def run_img2dataset(cfg: CorpusConfig, url_list: Path, input_format: str, url_col: str, caption_col: str, out_dir: Path,
                     expected_rows: int) -> None:
     """img2dataset as a subprocess: it installs signal handlers and spawns workers, neither of which
-    is safe inside a Prefect worker thread (STACK.md). Progress (shards done, rate, ETA) is logged
+    is safe inside a Prefect worker thread (docs/choices.md). Progress (shards done, rate, ETA) is logged
     from the stats file it writes per finished shard; its output goes to a temporary file (a long
     download would otherwise pile it up in memory) and its tail to the log."""
     entry = "import sys; from img2dataset.main import main; sys.exit(main())"

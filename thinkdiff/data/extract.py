@@ -5,7 +5,7 @@
 ThinkDiff-LVLM, for each image: a chat prompt with an instruction drawn by a seeded RNG keyed by
 the image key, sampled generation (temperature, top_p, max_new_tokens from config; a static KV cache and a compiled
 decode step on CUDA), then one pass over the generated ids, reusing the prompt's KV cache, for the
-final-norm states (REFERENCE.md section 4). ThinkDiff-CLIP: the vision
+final-norm states (docs/method.md, Features). ThinkDiff-CLIP: the vision
 tower's CLS + downsampled patch tokens, stored with the url list's caption. One corpus shard becomes one feature shard;
 finished shards are skipped, so a killed run resumes at the first missing one.
 """

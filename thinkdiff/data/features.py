@@ -14,7 +14,7 @@ One row per image, keyed by the corpus `key`:
 
 The file metadata (`thinkdiff.*` keys) records schema version, feature kind, dtype, dim, model id
 and revision, max_feature_rows and the images that failed to decode. Features are raw bytes in a
-binary column, uncompressed: read zero-copy this outruns any GPU consumer (STACK.md measurements).
+binary column, uncompressed: read zero-copy this outruns any GPU consumer (docs/performance.md).
 
 A store directory holds `part-{corpus shard}.parquet` files, each written under a temporary name
 and renamed when complete, and `manifest.json`, written last.

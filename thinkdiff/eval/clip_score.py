@@ -25,13 +25,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPModel, CLIPProcessor
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, CLIPProcessor
 
 from thinkdiff.config import TINY_MODEL_ID, ModelSource
 from thinkdiff.eval.cobsat import ITEMS, Prompt, display
 from thinkdiff.models.common import default_device, torch_dtype
-from thinkdiff.models.flux import build_tiny_clip_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +93,8 @@ def load_clip_scorer(src: ModelSource, device: torch.device | None = None) -> Cl
     """The CLIP of `eval.clip_model` (CoBSAT: openai/clip-vit-base-patch32, float32); `tiny` builds one."""
     device = device or default_device()
     if src.id == TINY_MODEL_ID:
+        from thinkdiff.models.tiny import build_tiny_clip_scorer
+
         scorer = build_tiny_clip_scorer()
         scorer.model.to(device)
         return scorer
@@ -106,24 +106,3 @@ def load_clip_scorer(src: ModelSource, device: torch.device | None = None) -> Cl
     processor = CLIPProcessor(image_processor=AutoImageProcessor.from_pretrained(src.id, revision=revision, backend="pil"),
                               tokenizer=AutoTokenizer.from_pretrained(src.id, revision=revision))
     return ClipScorer(model=model.to(device).eval(), processor=processor)
-
-
-def build_tiny_clip_scorer(seed: int = 0) -> ClipScorer:
-    """CLIPModel with small dims and fixed random weights, the offline byte-level CLIP tokenizer."""
-    tokenizer = build_tiny_clip_tokenizer()
-    side = 28
-    processor = CLIPProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": side},
-                                                                    crop_size={"height": side, "width": side}),
-                              tokenizer=tokenizer)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=CLIP_TEXT_TOKENS, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=side,
-                           patch_size=14),
-        projection_dim=32,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPModel(config)
-    return ClipScorer(model=model.eval().requires_grad_(False), processor=processor)

@@ -24,28 +24,18 @@ of the cost: at LLaVA-1.5-13B size a judge call is mostly weight reads and per-s
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import (
-    AutoImageProcessor,
-    AutoProcessor,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-)
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers import AutoImageProcessor, AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
 from thinkdiff.config import TINY_MODEL_ID, ModelSource, RunConfig
 from thinkdiff.eval.cobsat import Task, Verdict, judge_questions, parse_answer
 from thinkdiff.eval.dataset import read_factors
 from thinkdiff.models.common import default_device, shared, torch_dtype
-from thinkdiff.models.vlm import VLM, build_tiny_qwen_tokenizer, encode_chat, load_vlm, with_pixel_limits
+from thinkdiff.models.vlm import VLM, encode_chat, load_vlm, with_pixel_limits
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +172,8 @@ def load_judge(cfg: RunConfig):
 def load_llava_judge(src: ModelSource, device: torch.device | None = None) -> LlavaJudge:
     device = device or default_device()
     if src.id == TINY_MODEL_ID:
+        from thinkdiff.models.tiny import build_tiny_llava_judge
+
         judge = build_tiny_llava_judge()
         judge.model.to(device)
         return judge
@@ -194,53 +186,3 @@ def load_llava_judge(src: ModelSource, device: torch.device | None = None) -> Ll
     processor.image_processor = AutoImageProcessor.from_pretrained(src.id, revision=revision, backend="pil")
     processor.tokenizer.padding_side = "left"
     return LlavaJudge(model=model.to(device).eval(), processor=processor)
-
-
-TINY_LLAVA_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                       # Larger random weights than the default 0.02, so that the tiny judge's
-                       # replies depend on the image and the question (tests compare them).
-                       initializer_range=0.2)
-TINY_LLAVA_VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, image_size=28,
-                         patch_size=14, projection_dim=32)
-
-
-# Random weights seldom pick EOS, so every tiny reply would run to the full 512 tokens: EOS's output
-# row scaled up this much ends the tiny judge's replies after tens of tokens (varying by image and
-# question), which keeps tests at CoBSAT's answer length fast and lets them see replies end at EOS.
-TINY_LLAVA_EOS_SCALE = 1.5
-
-
-def build_tiny_llava_judge(seed: int = 0) -> LlavaJudge:
-    """LlavaForConditionalGeneration with small dims and fixed random weights, offline tokenizer; its
-    replies end at EOS after tens of tokens (`TINY_LLAVA_EOS_SCALE`)."""
-    judge = build_random_llava_judge(TINY_LLAVA_TEXT, TINY_LLAVA_VISION, seed=seed)
-    with torch.no_grad():
-        judge.model.lm_head.weight[judge.processor.tokenizer.eos_token_id] *= TINY_LLAVA_EOS_SCALE
-    return judge
-
-
-def build_random_llava_judge(text: dict, vision: dict, *, seed: int = 0, tokenizer_corpus: Sequence[str] = ()) -> LlavaJudge:
-    """LLaVA-1.5 (CLIP vision tower, "default" feature selection, Llama) with the given dims, fixed
-    random weights and the offline byte-level tokenizer (merges learned from `tokenizer_corpus`, see
-    `build_tiny_qwen_tokenizer`). Built on the current default device and dtype."""
-    tokenizer = build_tiny_qwen_tokenizer(tokenizer_corpus)
-    tokenizer.add_tokens([LLAVA_IMAGE], special_tokens=True)
-    tokenizer.padding_side = "left"
-    side = vision["image_size"]
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vision["patch_size"],
-                               vision_feature_select_strategy="default", image_token=LLAVA_IMAGE,
-                               num_additional_image_tokens=1)  # the CLS token, dropped by the "default" strategy
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**vision),
-        text_config=LlamaConfig(vocab_size=max(len(tokenizer), text.get("vocab_size", 0)), max_position_embeddings=4096,
-                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                **{k: v for k, v in text.items() if k != "vocab_size"}),
-        image_token_index=tokenizer.convert_tokens_to_ids(LLAVA_IMAGE),
-        image_seq_length=(side // vision["patch_size"]) ** 2,
-        vision_feature_select_strategy="default",
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
-    return LlavaJudge(model=model.eval().requires_grad_(False), processor=processor)

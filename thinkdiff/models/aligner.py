@@ -1,4 +1,4 @@
-"""The aligner: the only trainable module of ThinkDiff (REFERENCE.md section 3).
+"""The aligner: the only trainable module of ThinkDiff (docs/method.md, The aligner).
 
     Linear(in_dim, out_dim) -> GELU (exact erf) -> Linear(out_dim, out_dim) -> RMSNorm(out_dim, eps 1e-6)
 

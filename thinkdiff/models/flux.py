@@ -1,4 +1,4 @@
-"""FLUX: the diffusion model that draws from aligned features (REFERENCE.md section 6).
+"""FLUX: the diffusion model that draws from aligned features (docs/method.md, Inference).
 
 ThinkDiff hands FLUX the aligner output as `prompt_embeds` (1 x L x 4096) and the pooled CLIP
 embedding of "" (or of a text); FLUX's own T5 is not used then. The text-bridge baseline uses the
@@ -14,10 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import FluxPipeline
 from PIL import Image
-from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from thinkdiff.config import TINY_MODEL_ID, ModelSource
 from thinkdiff.models.common import default_device, torch_dtype
@@ -81,6 +79,8 @@ def _row_generators(seeds: list[int]) -> list[torch.Generator]:
 def load_flux(src: ModelSource, *, device: torch.device | None = None, compile: bool = False) -> Flux:
     """FluxPipeline by Hugging Face id or local directory (`tiny`: the same classes, random-init)."""
     if src.id == TINY_MODEL_ID:
+        from thinkdiff.models.tiny import build_tiny_flux_pipeline
+
         pipe = build_tiny_flux_pipeline()
         if src.dtype != "float32":
             pipe.to(dtype=torch_dtype(src.dtype))
@@ -105,46 +105,3 @@ def wrap_flux(pipe: FluxPipeline, model_id: str, *, device: torch.device, compil
         pipe.transformer.fuse_qkv_projections()
         pipe.transformer.compile_repeated_blocks(fullgraph=True)
     return Flux(pipe=pipe, model_id=model_id)
-
-
-def build_tiny_clip_tokenizer() -> CLIPTokenizer:
-    """A byte-level CLIP tokenizer with no merges (word-final bytes carry `</w>`); needs no files."""
-    chars = [bytes_to_unicode()[b] for b in range(256)]
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({f"{c}</w>": 256 + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = 512
-    vocab["<|endoftext|>"] = 513
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-
-
-def build_tiny_flux_pipeline(seed: int = 0, joint_dim: int = 32) -> FluxPipeline:
-    """FLUX with small dims and fixed random weights; `joint_dim` matches the tiny T5 (aligner output)."""
-    clip_tokenizer = build_tiny_clip_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=joint_dim, pooled_projection_dim=32, axes_dims_rope=[4, 6, 6],
-        )
-        vae = AutoencoderKL(
-            sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4, 8), layers_per_block=1,
-            latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-            shift_factor=0.0609, scaling_factor=1.5035,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        )
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(clip_tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-            num_attention_heads=2, max_position_embeddings=77, projection_dim=32,
-            bos_token_id=clip_tokenizer.bos_token_id, eos_token_id=clip_tokenizer.eos_token_id,
-            pad_token_id=clip_tokenizer.pad_token_id,
-        ))
-        t5_tokenizer = ByT5Tokenizer()
-        text_encoder_2 = T5EncoderModel(T5Config(
-            vocab_size=len(t5_tokenizer), d_model=joint_dim, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-            feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-        ))
-    return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, transformer=transformer,
-        text_encoder=text_encoder.eval(), tokenizer=clip_tokenizer,
-        text_encoder_2=text_encoder_2.eval(), tokenizer_2=t5_tokenizer,
-    )

@@ -1,4 +1,4 @@
-"""The frozen vision encoder of ThinkDiff-CLIP (REFERENCE.md sections 2 and 4).
+"""The frozen vision encoder of ThinkDiff-CLIP (docs/method.md, ThinkDiff-CLIP).
 
 The vision tower of BLIP-2 (`Salesforce/blip2-flan-t5-xxl`: EVA-CLIP ViT-g/14, width 1408, 224 px)
 or any CLIP vision model. Per image: the CLS token plus the patch grid bilinearly downsampled by
@@ -36,8 +36,6 @@ from thinkdiff.models.common import default_device, torch_dtype
 
 log = logging.getLogger(__name__)
 
-TINY_REVISION = "tiny-v1"
-
 
 @dataclass
 class VisionEncoder:
@@ -70,6 +68,8 @@ def load_vision(src: ModelSource, *, image_size: int, device: torch.device | Non
     """A BLIP-2 (vision weights only) or CLIP vision tower by Hugging Face id or local directory."""
     device = device or default_device()
     if src.id == TINY_MODEL_ID:
+        from thinkdiff.models.tiny import build_tiny_vision
+
         encoder = build_tiny_vision(image_size=image_size)
     else:
         revision = None if Path(src.id).is_dir() else src.revision
@@ -105,14 +105,3 @@ def _blip2_vision_only(model_id: str, revision: str | None, config: Blip2VisionC
     model = Blip2VisionModel(config)
     model.load_state_dict(state, strict=True)
     return model
-
-
-def build_tiny_vision(image_size: int = 56, seed: int = 0) -> VisionEncoder:
-    """Blip2VisionModel with small dims and fixed random weights: a 4x4 grid -> 1 + 2x2 = 5 tokens."""
-    config = Blip2VisionConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                               image_size=image_size, patch_size=14)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Blip2VisionModel(config)
-    processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
-    return VisionEncoder(model=model.eval(), processor=processor, model_id=TINY_MODEL_ID, revision=TINY_REVISION)

@@ -1,5 +1,5 @@
 """Training batches: a streaming, deterministic, resumable order over a feature store, and the
-masked-split collate of REFERENCE.md section 5.
+masked-split collate (docs/method.md, Training).
 
 Order: per epoch, the store's row groups are shuffled (seed, epoch) and the rows inside each group
 are shuffled too; the stream reads one row group at a time, and samples keep their features
@@ -264,7 +264,7 @@ def blip_caption(text: str, max_words: int = BLIP_MAX_WORDS) -> str:
 
 
 class CaptionSplitCollator:
-    """ThinkDiff-CLIP (REFERENCE.md section 5): the caption (normalised as BLIP's caption processor
+    """ThinkDiff-CLIP (docs/method.md, ThinkDiff-CLIP): the caption (normalised as BLIP's caption processor
     does, with `blip_captions`) split at a uniformly random word; part 1 (at most max_prefix_tokens)
     goes through the frozen T5 encoder after the aligned image tokens, part 2 (at most
     max_target_tokens, with </s>) is the target. A one-word caption is all part 2, and part 1 the

@@ -1,4 +1,4 @@
-"""Train the aligner against the frozen T5 decoder from a feature store (REFERENCE.md section 5).
+"""Train the aligner against the frozen T5 decoder from a feature store (docs/method.md, Training).
 
     thinkdiff train --config tiny                       # one process (CPU or one GPU)
     accelerate launch -m thinkdiff train --config run.yaml   # N GPUs / nodes
@@ -18,8 +18,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -54,15 +56,20 @@ from thinkdiff.train.data import (
     BatcherState,
     CaptionSplitCollator,
     MaskedSplitCollator,
+    Sample,
     lvlm_usable,
     prefetched,
 )
 from thinkdiff.train.engine import Accelerator, gather_object, make_accelerator
+from thinkdiff.train.state import LogWindow, TrainState
 
 log = logging.getLogger(__name__)
 
+CHECKPOINTS_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
+
+Collator = CaptionSplitCollator | MaskedSplitCollator
 
 
 @dataclass
@@ -144,7 +151,52 @@ def train_step(aligner: torch.nn.Module, t5: T5Parts, batch: Batch, optimizer: t
     return loss.detach()
 
 
-def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_after_steps: int | None = None) -> TrainResult:
+@dataclass
+class TrainSetup:
+    """A run's fixed parts, built once per call whether it starts or resumes (`TrainState` holds what moves)."""
+
+    train: TrainConfig
+    run_dir: Path
+    accelerator: Accelerator
+    store: FeatureStore
+    t5: T5Parts
+    collate: Collator
+    usable: Callable[[Sample], bool]
+    """Which samples the collator can split (`Batcher`)."""
+    aligner: torch.nn.Module
+    """As `accelerator.prepare` returned it: wrapped when several processes train."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    meta: dict[str, Any]
+    """What every checkpoint's meta.json and the run's manifest record of its inputs and settings."""
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / CHECKPOINTS_DIR
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    def batches_from(self, position: BatcherState) -> Batcher:
+        """The batches from `position` on. Every process draws the same global batches and keeps its
+        own slice, so the data order does not depend on the number of processes."""
+        t = self.train
+        return Batcher(self.store, self.collate, self.usable, seed=t.seed, batch_size=t.batch_size,
+                       world=self.world, rank=self.accelerator.process_index, window=t.bucket_window, state=position,
+                       pin_memory=self.on_gpu)
+
+
+def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *,
+                  stop_after_steps: int | None = None) -> TrainResult:
     """Train (or resume training) the aligner into `run_dir`; returns the newest checkpoint.
 
     Args:
@@ -158,18 +210,55 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
         FileNotFoundError / DataContractError: the feature store is missing, incomplete, was
             made by another model than `models.vlm`, or keeps fewer rows than train.max_source_rows.
     """
-    t = cfg.train
-    ckpt_root = run_dir / "checkpoints"
     manifest = read_manifest(run_dir, "train")
-    expected = train_fingerprint(cfg, features_dir)
+    fingerprint = train_fingerprint(cfg, features_dir)
+    completed = _completed_run(run_dir, manifest, fingerprint)
+    if completed is not None:
+        return completed
+    setup = _set_up(cfg, features_dir, run_dir, fingerprint)
+    state = _start_or_resume(setup)
+    t = setup.train
+    target_step = min(t.max_steps, stop_after_steps) if stop_after_steps is not None else t.max_steps
+    setup.aligner.train()
+    # Bars only on a terminal (disable=None); logs and pipes get the periodic log line with rate and ETA.
+    progress = tqdm(total=t.max_steps, initial=state.step, desc="train", unit="step",
+                    disable=None if setup.accelerator.is_main_process else True, dynamic_ncols=True)
+    log.info("training %s: step %d -> %d, batch %d (%d per process x %d), %d samples in store", run_dir, state.step,
+             target_step, t.batch_size, t.batch_size // setup.world, setup.world, setup.store.num_samples)
+    # A bucketing pool's worth of batches ahead (the batcher reads and splits a pool at once), plus one.
+    with prefetched(setup.batches_from(state.batcher), depth=t.bucket_window + 1, device=setup.device) as batches:
+        while state.step < target_step:
+            cpu_batch, state.batcher = next(batches)
+            loss = train_step(setup.aligner, setup.t5, cpu_batch.to(setup.device, non_blocking=setup.on_gpu),
+                              setup.optimizer, setup.scheduler, setup.accelerator)
+            state.step += 1
+            progress.update(1)
+            state.window.add(loss, cpu_batch, setup.world)
+            if state.step % t.log_every == 0 or state.step == target_step:
+                _log_window(setup, state, progress)
+            if state.step % t.checkpoint_every == 0 or state.step == target_step:
+                _save_checkpoint(setup, state)
+    progress.close()
+    return _finish(setup, state)
+
+
+def _completed_run(run_dir: Path, manifest: dict[str, Any] | None, fingerprint: str) -> TrainResult | None:
+    """The result of this config's complete run in `run_dir` (its train `manifest`), or None when it
+    is not complete. A run of other settings there, complete or not, is refused."""
     if manifest is not None:
-        _refuse_another_run(run_dir, manifest.get("train_fingerprint"), expected)
+        _refuse_another_run(run_dir, manifest.get("train_fingerprint"), fingerprint)
         log.info("training run %s is complete (step %d); skipping", run_dir, manifest["step"])
         return TrainResult(run_dir=run_dir, checkpoint=Path(manifest["checkpoint"]), step=manifest["step"], loss=None)
-    newest = latest_checkpoint(ckpt_root)
+    newest = latest_checkpoint(run_dir / CHECKPOINTS_DIR)
     if newest is not None:  # before anything loads or is cleaned up in that directory
-        _refuse_another_run(run_dir, _recorded_fingerprint(newest), expected)
+        _refuse_another_run(run_dir, _recorded_fingerprint(newest), fingerprint)
+    return None
 
+
+def _set_up(cfg: RunConfig, features_dir: Path, run_dir: Path, fingerprint: str) -> TrainSetup:
+    """Check the settings against the processes launched and the feature store, then load and build
+    what trains."""
+    t = cfg.train
     if t.decoder_attention == "flex" and t.t5_dropout:
         raise ConfigError("train.decoder_attention=flex runs the T5 decoder without dropout (FlexAttention has none), "
                           "but train.t5_dropout=true asks for it: use train.decoder_attention=sdpa, or set "
@@ -178,10 +267,35 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
     if t.decoder_attention == "flex" and accelerator.device.type != "cuda":
         raise ConfigError(f"train.decoder_attention=flex needs a CUDA GPU (FlexAttention has no backward on "
                           f"{accelerator.device.type}): use train.decoder_attention=sdpa")
-    if t.batch_size % accelerator.num_processes:  # `accelerate launch` may start another count than train.num_processes
-        raise ConfigError(f"train.batch_size={t.batch_size} (the global batch) does not split over the {accelerator.num_processes} "
-                          f"processes launched: use a multiple of {accelerator.num_processes}, or launch as many processes as divide it")
-    clip = cfg.variant == "clip"
+    world = accelerator.num_processes
+    if t.batch_size % world:  # `accelerate launch` may start another count than train.num_processes
+        raise ConfigError(f"train.batch_size={t.batch_size} (the global batch) does not split over the {world} "
+                          f"processes launched: use a multiple of {world}, or launch as many processes as divide it")
+    store = _open_store(cfg, features_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)  # once its input is known good: a refused run leaves no directory
+    t5, collate = _frozen_t5_and_collator(cfg, accelerator.device)
+    aligner = build_aligner(t, store.info.dim, t5.decoder_lm.d_model, t5.encoder_final_norm)
+    optimizer = torch.optim.AdamW(param_groups(aligner, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
+    # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it
+    # once per process).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(t))
+    aligner, optimizer = accelerator.prepare(aligner, optimizer)
+    meta = {
+        "config": cfg.to_dict(),
+        "features_dir": str(features_dir),
+        "features_fingerprint": upstream_fingerprint(cfg, "features", features_dir),
+        "corpus_fingerprint": store.manifest.get("corpus_fingerprint"),
+        "train_fingerprint": fingerprint,
+        "git_revision": git_revision(),
+    }
+    usable = collate.usable if isinstance(collate, CaptionSplitCollator) else lvlm_usable
+    return TrainSetup(train=t, run_dir=run_dir, accelerator=accelerator, store=store, t5=t5, collate=collate,
+                      usable=usable, aligner=aligner, optimizer=optimizer, scheduler=scheduler, meta=meta)
+
+
+def _open_store(cfg: RunConfig, features_dir: Path) -> FeatureStore:
+    """The feature store, made by the variant's feature model and keeping the rows the split needs."""
+    t, clip = cfg.train, cfg.variant == "clip"
     store = FeatureStore(features_dir, expect_model_id=(cfg.models.vision if clip else cfg.models.vlm).id)
     stored_rows = store.info.max_feature_rows
     if not clip and stored_rows < t.max_source_rows:  # a split past the stored rows would have no features
@@ -189,8 +303,14 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
             f"{features_dir}: the store keeps {stored_rows} feature rows per sample, fewer than "
             f"train.max_source_rows={t.max_source_rows}: set train.max_source_rows={stored_rows}, or extract the "
             f"features again with features.max_feature_rows={t.max_source_rows}")
-    run_dir.mkdir(parents=True, exist_ok=True)  # once its input is known good: a refused run leaves no directory
-    t5 = load_t5(cfg.models.t5, device=accelerator.device, keep_encoder=clip)
+    return store
+
+
+def _frozen_t5_and_collator(cfg: RunConfig, device: torch.device) -> tuple[T5Parts, Collator]:
+    """The frozen T5 as `cfg.train` runs it, and the collator that splits samples into its inputs and
+    targets: the caption split for ThinkDiff-CLIP, the masked split for ThinkDiff-LVLM."""
+    t, clip = cfg.train, cfg.variant == "clip"
+    t5 = load_t5(cfg.models.t5, device=device, keep_encoder=clip)
     t5.decoder_lm.set_attention(t.decoder_attention)
     t5.decoder_lm.set_dropout(t.t5_dropout)
     if t.compile:
@@ -198,126 +318,100 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *, stop_aft
     if clip:
         # The release trains with its whole T5 in train mode (`set_dropout`): the encoder of caption part 1 too.
         t5.encoder.train(t.t5_dropout)
-        collate = CaptionSplitCollator(t5.tokenizer, max_prefix_tokens=t.max_prefix_tokens,
-                                       max_target_tokens=t.max_target_tokens, seed=t.seed, blip_captions=t.blip_captions)
-    else:
-        collate = MaskedSplitCollator(
-            load_vlm_tokenizer(cfg.models.vlm), t5.tokenizer,
-            max_source_rows=t.max_source_rows, max_target_tokens=t.max_target_tokens, seed=t.seed,
-        )
-    aligner = build_aligner(t, store.info.dim, t5.decoder_lm.d_model, t5.encoder_final_norm)
-    optimizer = torch.optim.AdamW(param_groups(aligner, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
-    # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it
-    # once per process).
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(t))
-    aligner, optimizer = accelerator.prepare(aligner, optimizer)
+        return t5, CaptionSplitCollator(t5.tokenizer, max_prefix_tokens=t.max_prefix_tokens,
+                                        max_target_tokens=t.max_target_tokens, seed=t.seed,
+                                        blip_captions=t.blip_captions)
+    return t5, MaskedSplitCollator(
+        load_vlm_tokenizer(cfg.models.vlm), t5.tokenizer,
+        max_source_rows=t.max_source_rows, max_target_tokens=t.max_target_tokens, seed=t.seed,
+    )
 
-    world, rank = accelerator.num_processes, accelerator.process_index
+
+def _start_or_resume(setup: TrainSetup) -> TrainState:
+    """Step 0, or where the newest complete checkpoint left off: weights, optimizer, schedule, data
+    position and this process's random generators. Metric lines past that step are dropped."""
+    accelerator, rank = setup.accelerator, setup.accelerator.process_index
     step, batcher_state = 0, BatcherState()
-    remove_partial_checkpoints(ckpt_root)
-    resume_from = latest_checkpoint(ckpt_root)
+    remove_partial_checkpoints(setup.checkpoints)
+    resume_from = latest_checkpoint(setup.checkpoints)
     # Dropout draws from torch's global generators: seeded per process as the release's
     # setup_seeds does (train.py at 3ed85e6: run seed + rank), restored from the checkpoint on resume.
-    torch.manual_seed(t.seed + rank)
+    torch.manual_seed(setup.train.seed + rank)
     if resume_from is not None:
-        state = load_trainer_state(resume_from)
-        accelerator.unwrap_model(aligner).load_state_dict(Aligner.from_pretrained(resume_from / ALIGNER_DIR).state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, batcher_state = state["step"], BatcherState(**state["batcher"])
-        restore_rng(state, rank, world, accelerator.device, t.seed, step)
-        log.info("resuming %s from %s (step %d, epoch %d, sample %d)", run_dir, resume_from.name, step,
+        saved = load_trainer_state(resume_from)
+        saved_weights = Aligner.from_pretrained(resume_from / ALIGNER_DIR).state_dict()
+        accelerator.unwrap_model(setup.aligner).load_state_dict(saved_weights)
+        setup.optimizer.load_state_dict(saved["optimizer"])
+        setup.scheduler.load_state_dict(saved["scheduler"])
+        step, batcher_state = saved["step"], BatcherState(**saved["batcher"])
+        restore_rng(saved, rank, setup.world, setup.device, setup.train.seed, step)
+        log.info("resuming %s from %s (step %d, epoch %d, sample %d)", setup.run_dir, resume_from.name, step,
                  batcher_state.epoch, batcher_state.index)
-    _truncate_metrics(run_dir / METRICS_FILE, step, accelerator.is_main_process)
+    _truncate_metrics(setup.run_dir / METRICS_FILE, step, accelerator.is_main_process)
+    return TrainState(step=step, batcher=batcher_state, window=LogWindow.open(setup.device),
+                      last_checkpoint=resume_from)
 
-    meta = {
-        "config": cfg.to_dict(),
-        "features_dir": str(features_dir),
-        "features_fingerprint": upstream_fingerprint(cfg, "features", features_dir),
-        "corpus_fingerprint": store.manifest.get("corpus_fingerprint"),
-        "train_fingerprint": expected,
-        "git_revision": git_revision(),
+
+def _log_window(setup: TrainSetup, state: TrainState, progress: tqdm) -> None:
+    """Close the logging window into the log line, the progress bar's loss and (main process) a
+    metrics.jsonl line, and open the next."""
+    t, window = setup.train, state.window
+    # Read before the clock: reading the loss waits for the GPU to finish the window's steps.
+    state.loss = window.loss_sum.item() / window.loss_tokens
+    elapsed = time.perf_counter() - window.start
+    record = {
+        "step": state.step,
+        "time": time.time(),
+        "loss": state.loss,
+        "lr": setup.scheduler.get_last_lr()[0],
+        "samples_per_s": window.samples / elapsed,
+        "tokens_per_s": window.tokens / elapsed,
     }
-    # Every process draws the same global batches and keeps its own slice, so the data order does
-    # not depend on the number of processes.
-    on_gpu = accelerator.device.type == "cuda"
-    batcher = Batcher(store, collate, collate.usable if clip else lvlm_usable, seed=t.seed, batch_size=t.batch_size,
-                      world=world, rank=rank, window=t.bucket_window, state=batcher_state, pin_memory=on_gpu)
-    target_step = min(t.max_steps, stop_after_steps) if stop_after_steps is not None else t.max_steps
-    last_ckpt = resume_from
-    # The logged loss is the token mean over the logging window of this process's batches: the
-    # summed token losses (on the device) over their target tokens.
-    window_loss, window_loss_tokens = torch.zeros((), device=accelerator.device), 0
-    window_steps, window_samples, window_tokens = 0, 0, 0
-    window_start = time.perf_counter()
-    loss_value = None
-    aligner.train()
-    # Bars only on a terminal (disable=None); logs and pipes get the periodic log line with rate and ETA.
-    progress = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=None if accelerator.is_main_process else True, dynamic_ncols=True)
-    log.info("training %s: step %d -> %d, batch %d (%d per process x %d), %d samples in store", run_dir, step, target_step,
-             t.batch_size, t.batch_size // world, world, store.num_samples)
-    # A bucketing pool's worth of batches ahead (the batcher reads and splits a pool at once), plus one.
-    with prefetched(batcher, depth=t.bucket_window + 1, device=accelerator.device) as batches:
-        while step < target_step:
-            cpu_batch, batcher_state = next(batches)
-            loss = train_step(aligner, t5, cpu_batch.to(accelerator.device, non_blocking=on_gpu), optimizer, scheduler, accelerator)
-            step += 1
-            progress.update(1)
-            # Summed on the device: reading the loss every step would make the CPU wait for the GPU.
-            window_loss += loss * cpu_batch.num_target_tokens
-            window_loss_tokens += cpu_batch.num_target_tokens
-            window_steps += 1
-            window_samples += cpu_batch.labels_BT.shape[0] * world
-            window_tokens += cpu_batch.num_target_tokens * world
-            if step % t.log_every == 0 or step == target_step:
-                loss_value = window_loss.item() / window_loss_tokens
-                elapsed = time.perf_counter() - window_start
-                record = {
-                    "step": step,
-                    "time": time.time(),
-                    "loss": loss_value,
-                    "lr": scheduler.get_last_lr()[0],
-                    "samples_per_s": window_samples / elapsed,
-                    "tokens_per_s": window_tokens / elapsed,
-                }
-                eta = (t.max_steps - step) * elapsed / window_steps
-                log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s %.0f tokens/s ETA %.0fs",
-                         step, t.max_steps, loss_value, record["lr"], record["samples_per_s"], record["tokens_per_s"], eta)
-                progress.set_postfix(loss=f"{loss_value:.3f}")
-                if accelerator.is_main_process:
-                    with open(run_dir / METRICS_FILE, "a") as fh:
-                        fh.write(json.dumps(record) + "\n")
-                window_loss, window_loss_tokens = torch.zeros((), device=accelerator.device), 0
-                window_steps, window_samples, window_tokens = 0, 0, 0
-                window_start = time.perf_counter()
-            if step % t.checkpoint_every == 0 or step == target_step:
-                rng = gather_object([process_rng(accelerator.device)])  # every process's, in rank order
-                accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    last_ckpt = save_checkpoint(
-                        ckpt_root,
-                        step=step,
-                        aligner=accelerator.unwrap_model(aligner),
-                        trainer_state={
-                            "step": step,
-                            "batcher": dict(batcher_state.__dict__),
-                            "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(),
-                            "rng_cpu": [r["cpu"] for r in rng],
-                            "rng_cuda": [r["cuda"] for r in rng],
-                        },
-                        meta={**meta, "loss": loss_value},
-                        keep_last=t.keep_last,
-                    )
-                accelerator.wait_for_everyone()
-    progress.close()
-    last_ckpt = latest_checkpoint(ckpt_root) or last_ckpt
-    if step >= t.max_steps and accelerator.is_main_process:
-        plot_loss_curve(read_metrics(run_dir / METRICS_FILE), run_dir / LOSS_CURVE_FILE)
-        write_manifest(run_dir, {**meta, "stage": "train", "step": step, "loss": loss_value, "checkpoint": str(last_ckpt)})
-        log.info("training complete: %s (loss curve %s)", last_ckpt, run_dir / LOSS_CURVE_FILE)
+    eta = (t.max_steps - state.step) * elapsed / window.steps
+    log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s %.0f tokens/s ETA %.0fs", state.step, t.max_steps, state.loss,
+             record["lr"], record["samples_per_s"], record["tokens_per_s"], eta)
+    progress.set_postfix(loss=f"{state.loss:.3f}")
+    if setup.accelerator.is_main_process:
+        with open(setup.run_dir / METRICS_FILE, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+    state.window = LogWindow.open(setup.device)
+
+
+def _save_checkpoint(setup: TrainSetup, state: TrainState) -> None:
+    """Checkpoint the step: the main process writes it, with every process's random generators."""
+    accelerator = setup.accelerator
+    rng = gather_object([process_rng(setup.device)])  # every process's, in rank order
     accelerator.wait_for_everyone()
-    return TrainResult(run_dir=run_dir, checkpoint=last_ckpt, step=step, loss=loss_value)
+    if accelerator.is_main_process:
+        state.last_checkpoint = save_checkpoint(
+            setup.checkpoints,
+            step=state.step,
+            aligner=accelerator.unwrap_model(setup.aligner),
+            trainer_state={
+                "step": state.step,
+                "batcher": dict(state.batcher.__dict__),
+                "optimizer": setup.optimizer.state_dict(),
+                "scheduler": setup.scheduler.state_dict(),
+                "rng_cpu": [r["cpu"] for r in rng],
+                "rng_cuda": [r["cuda"] for r in rng],
+            },
+            meta={**setup.meta, "loss": state.loss},
+            keep_last=setup.train.keep_last,
+        )
+    accelerator.wait_for_everyone()
+
+
+def _finish(setup: TrainSetup, state: TrainState) -> TrainResult:
+    """The result, at the newest checkpoint (written by the main process). A run that reached
+    train.max_steps is complete: its loss curve and manifest are written."""
+    last_checkpoint = latest_checkpoint(setup.checkpoints) or state.last_checkpoint
+    if state.step >= setup.train.max_steps and setup.accelerator.is_main_process:
+        plot_loss_curve(read_metrics(setup.run_dir / METRICS_FILE), setup.run_dir / LOSS_CURVE_FILE)
+        write_manifest(setup.run_dir, {**setup.meta, "stage": "train", "step": state.step, "loss": state.loss,
+                                       "checkpoint": str(last_checkpoint)})
+        log.info("training complete: %s (loss curve %s)", last_checkpoint, setup.run_dir / LOSS_CURVE_FILE)
+    setup.accelerator.wait_for_everyone()
+    return TrainResult(run_dir=setup.run_dir, checkpoint=last_checkpoint, step=state.step, loss=state.loss)
 
 
 def process_rng(device: torch.device) -> dict[str, torch.Tensor | None]:
