@@ -50,10 +50,12 @@ def timed(device: torch.device, fn, batches) -> tuple[float, list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--batch", type=int, default=None, help="images per judge call (default: paper-lvlm's eval.batch_size)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="images per judge call (default: paper-lvlm's eval.batch_size)")
     parser.add_argument("--batches", type=int, default=2, help="timed batches per path, after one warm-up batch")
     parser.add_argument("--answer-tokens", type=int, default=8,
-                        help="tokens each reply decodes (random weights never stop early; a trained judge's answer fits in 8)")
+                        help="tokens each reply decodes (random weights never stop early; "
+                             "a trained judge's answer fits in 8)")
     args = parser.parse_args()
     paper = load_config("paper-lvlm").eval
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -62,8 +64,9 @@ def main() -> None:
     corpus = [llava_prompt(q, image="") for task in TASKS for q in judge_questions(task)]
     torch.set_default_dtype(dtype)
     with torch.device(device):
-        judge: LlavaJudge = (build_random_llava_judge(TINY_LLAVA_TEXT, TINY_LLAVA_VISION, tokenizer_corpus=corpus) if args.tiny
-                             else build_random_llava_judge(LLAVA_15_13B_TEXT, LLAVA_15_13B_VISION, tokenizer_corpus=corpus))
+        judge: LlavaJudge = (
+            build_random_llava_judge(TINY_LLAVA_TEXT, TINY_LLAVA_VISION, tokenizer_corpus=corpus) if args.tiny
+            else build_random_llava_judge(LLAVA_15_13B_TEXT, LLAVA_15_13B_VISION, tokenizer_corpus=corpus))
     torch.set_default_dtype(torch.float32)
     judge.max_new_tokens = args.answer_tokens
     params = sum(p.numel() for p in judge.model.parameters()) / 1e9
@@ -78,7 +81,8 @@ def main() -> None:
     judge.replies([warmup[0][0]], [warmup[0][1]])
     naive_s, naive_replies = timed(device, judge.replies, [[pair] for pair in timed_work])
     print(f"naive done: {naive_s:.3f} s/image", flush=True)
-    project_s, project_replies = timed(device, judge.replies, [timed_work[k: k + size] for k in range(0, len(timed_work), size)])
+    project_s, project_replies = timed(device, judge.replies,
+                                       [timed_work[k: k + size] for k in range(0, len(timed_work), size)])
     same = sum(a == b for a, b in zip(naive_replies, project_replies, strict=True))
     print("| path | images per call | s/image | images/s | 20,000 images (a full CoBSAT run) |")
     print("|---|---|---|---|---|")

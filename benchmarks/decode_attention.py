@@ -2,7 +2,8 @@
 transformers' SDPA does under torch.compile with a mask) vs the packed query heads that the features
 stage uses (`thinkdiff.models.attention.packed_gqa_sdpa`).
 
-    .venv/bin/python benchmarks/decode_attention.py            # Qwen2-VL-7B heads (28 over 4), 128 dims, 512 cached positions
+    .venv/bin/python benchmarks/decode_attention.py            # Qwen2-VL-7B heads (28 over 4), 128 dims,
+                                                               # 512 cached positions
     .venv/bin/python benchmarks/decode_attention.py --tiny     # small shapes in seconds (a test runs it)
 
 Batch 256 on a GPU in bf16, batch 64 on a CPU in fp32 (default). Both paths are checked equal.
@@ -24,7 +25,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--length", type=int, default=512, help="cached positions (the features stage's static cache for about 290 prompt + 128 generated tokens, rounded up to 256s)")
+    parser.add_argument("--length", type=int, default=512,
+                        help="cached positions (the features stage's static cache for about 290 prompt "
+                             "+ 128 generated tokens, rounded up to 256s)")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -41,7 +44,8 @@ def main() -> None:
     module.num_key_value_groups = groups
 
     def repeated(q, k, v, m):
-        return F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=m).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups),
+                                              attn_mask=m).transpose(1, 2)
 
     def packed(q, k, v, m):
         return packed_gqa_sdpa(module, q, k, v, m)[0]
@@ -59,7 +63,8 @@ def main() -> None:
             torch.cuda.synchronize()
         times[name] = (time.perf_counter() - started) / args.repeats
     torch.testing.assert_close(outputs["packed"], outputs["repeat_kv"])
-    print(f"device {device}, {dtype}, batch {batch}, {heads} query / {kv_heads} key-value heads, {length} cached positions")
+    print(f"device {device}, {dtype}, batch {batch}, {heads} query / {kv_heads} key-value heads, "
+          f"{length} cached positions")
     print("| path | ms per layer and step |")
     print("|---|---|")
     for name, seconds in times.items():

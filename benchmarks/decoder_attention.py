@@ -32,7 +32,8 @@ STRESS_WIDTHS = (64, 72)
 COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
 
 
-def attention_inputs(batch: int, heads: int, dim: int, target: int, source: int, device, dtype, *, stress: bool = False):
+def attention_inputs(batch: int, heads: int, dim: int, target: int, source: int, device, dtype, *,
+                     stress: bool = False):
     """(query, key, value, mask) for the self-attention and for the cross-attention."""
     g = torch.Generator().manual_seed(0)
 
@@ -46,7 +47,8 @@ def attention_inputs(batch: int, heads: int, dim: int, target: int, source: int,
     causal = torch.ones(target, target, dtype=torch.bool).tril()
     bias = torch.randn(1, heads, target, target, generator=g).masked_fill(~causal, torch.finfo(dtype).min)
     rows = torch.randint(1, source + 1, (batch, 1), generator=g)
-    key_mask = torch.ones(batch, 1, 1, source, dtype=torch.bool) if stress else (torch.arange(source) < rows)[:, None, None, :]
+    key_mask = (torch.ones(batch, 1, 1, source, dtype=torch.bool) if stress
+                else (torch.arange(source) < rows)[:, None, None, :])
     return {"self": (*qkv(target), bias.to(device, dtype)), "cross": (*qkv(source), key_mask.to(device))}
 
 
@@ -85,7 +87,8 @@ def main() -> None:
     heads, dim, target, source = (4, 8, 64, 128) if args.tiny else (64, 64, 64, 128)
     batch = args.batch or (2 if args.tiny else 128)
     inputs = attention_inputs(batch, heads, dim, target, source, device, dtype)
-    stress = {width: attention_inputs(batch, heads, dim, width, width, device, dtype, stress=True) for width in STRESS_WIDTHS}
+    stress = {width: attention_inputs(batch, heads, dim, width, width, device, dtype, stress=True)
+              for width in STRESS_WIDTHS}
     candidates = {"training path (sdpa)": DECODER_SDPA_BACKENDS}
     if device.type == "cuda":
         candidates |= {"efficient": [SDPBackend.EFFICIENT_ATTENTION], "cudnn": [SDPBackend.CUDNN_ATTENTION]}

@@ -50,7 +50,8 @@ from thinkdiff.models.vlm import VLM, encode_chat, final_norm_states
 
 QWEN2_VL_7B_TEXT = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                         num_attention_heads=28, num_key_value_heads=4,
-                        rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0})
+                        rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24],
+                                         "rope_theta": 1000000.0})
 QWEN2_VL_7B_VISION = dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4)
 
 
@@ -121,7 +122,8 @@ def project_phases(cfg: RunConfig, vlm: VLM, items: list[CorpusImage]) -> dict[s
     return {"prep": ms(t1 - t0), "vision tower": ms(t2 - t1), "prefill (vision included)": ms(t3 - t2),
             "generate": ms(t4 - t3),
             f"of which sampling ({f.max_new_tokens} steps)": ms(sampling_seconds(stage, logits_BV) * f.max_new_tokens),
-            "sampling with the sort-based top-p instead": ms(sampling_seconds(sorted_top_p, logits_BV) * f.max_new_tokens)}
+            "sampling with the sort-based top-p instead":
+                ms(sampling_seconds(sorted_top_p, logits_BV) * f.max_new_tokens)}
 
 
 def cobsat_run(cfg: RunConfig, vlm: VLM, dataset: CobsatDataset, shot: int, n_batches: int) -> dict[str, float]:
@@ -155,7 +157,8 @@ def corpus_batches(n_batches: int, batch: int, side: int, seed: int) -> list[lis
 
 def measure_naive(cfg: RunConfig, vlm: VLM, batch: int, n_batches: int, side: int, tokens: int) -> dict:
     naive_batch(cfg, vlm, corpus_batches(1, batch, side, seed=99)[0], tokens, seed=99)  # warm-up: allocator, kernels
-    rows = [naive_batch(cfg, vlm, items, tokens, seed=k) for k, items in enumerate(corpus_batches(n_batches, batch, side, seed=0))]
+    rows = [naive_batch(cfg, vlm, items, tokens, seed=k)
+            for k, items in enumerate(corpus_batches(n_batches, batch, side, seed=0))]
     total = {k: sum(r[k] for r in rows) for k in rows[0]}
     n = batch * n_batches
     result = {"images_per_s": n / sum(total.values()), "gen_only_images_per_s": n / total["gen_s"]}
@@ -168,11 +171,13 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--naive-batch", type=int, default=None, help="default 32 (tiny 4)")
     parser.add_argument("--batch", type=int, nargs="+", default=None,
-                        help="the project path's batches: the first gets the ratio and the phases (default 256; tiny 8)")
+                        help="the project path's batches: the first gets the ratio and the phases "
+                             "(default 256; tiny 8)")
     parser.add_argument("--tokens", type=int, default=None, help="generated tokens per image (default 128; tiny 16)")
     parser.add_argument("--batches", type=int, default=2, help="timed batches per path, after one warm-up batch")
     parser.add_argument("--cobsat-shots", type=int, nargs="*", default=[], choices=(2, 4),
-                        help="also time the VLM's part of a CoBSAT evaluation at these shots (eval.batch_size prompts a batch)")
+                        help="also time the VLM's part of a CoBSAT evaluation at these shots "
+                             "(eval.batch_size prompts a batch)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tiny = args.tiny
@@ -212,11 +217,13 @@ def main() -> None:
                 print(f"CoBSAT's VLM part (vlm_answers) at eval.batch_size {cfg.eval.batch_size}, {shot} shots "
                       f"({run['prompt_tokens']}-token prompts): {run['s_per_prompt']:.3f} s/prompt", flush=True)
     naive = measure_naive(cfg, vlm, naive_bs, args.batches, side, tokens)
-    print(f"naive done: {naive['images_per_s']:.2f} images/s (generate only {naive['gen_only_images_per_s']:.2f})", flush=True)
+    print(f"naive done: {naive['images_per_s']:.2f} images/s "
+          f"(generate only {naive['gen_only_images_per_s']:.2f})", flush=True)
     projects, phases = {}, {}
     for bs in batches:
         cold = snapshot()
-        project_run(stage_config(bs), vlm, corpus_batches(1, bs, side, seed=99))  # warm-up: allocator, kernels, the compile
+        # warm-up: allocator, kernels, the compile
+        project_run(stage_config(bs), vlm, corpus_batches(1, bs, side, seed=99))
         warm = snapshot()
         print(f"batch {bs}: compile counters changed over the warm-up batch: {changed_since(cold)}")
         projects[bs] = project_run(stage_config(bs), vlm, corpus_batches(args.batches, bs, side, seed=0))
@@ -233,7 +240,8 @@ def main() -> None:
     for bs, project in projects.items():
         print(f"| project | {bs} | {project['images_per_s']:.2f} | - | overlapped | {project['ms_per_image']:.1f} "
               f"(all, {project['tokens_per_image']:.0f} tokens/image) | kept while decoding |")
-    print(f"ratio project (whole stage, batch {batches[0]}) / naive generate-only: {projects[batches[0]]['ratio']:.2f}x (target 5x)")
+    print(f"ratio project (whole stage, batch {batches[0]}) / naive generate-only: "
+          f"{projects[batches[0]]['ratio']:.2f}x (target 5x)")
     print(f"project phases at batch {batches[0]}, ms/image (one more batch, synced): "
           + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()) + " (generate = prefill + decode steps)", flush=True)
 

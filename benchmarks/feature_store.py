@@ -51,9 +51,10 @@ CAPTION_IDS = list(b"A red fox sits on a mossy log in a misty pine forest at daw
                    b"soft light filtering through the branches behind it.")
 
 
-def build_store(directory: Path, *, samples: int, rows: int, dim: int, dtype: str, shard_size: int = 256) -> FeatureStore:
-    info = FeatureStoreInfo(schema_version=FEATURES_SCHEMA_VERSION, feature_kind=FEATURE_KIND_LVLM, dtype=dtype, dim=dim,
-                            model_id="benchmark", model_revision="random", max_feature_rows=rows)
+def build_store(directory: Path, *, samples: int, rows: int, dim: int, dtype: str,
+                shard_size: int = 256) -> FeatureStore:
+    info = FeatureStoreInfo(schema_version=FEATURES_SCHEMA_VERSION, feature_kind=FEATURE_KIND_LVLM, dtype=dtype,
+                            dim=dim, model_id="benchmark", model_revision="random", max_feature_rows=rows)
     g = torch.Generator().manual_seed(0)
     shards = []
     for start in range(0, samples, shard_size):
@@ -83,7 +84,8 @@ def measure(store: FeatureStore, samples: int, repeats: int = 3) -> float:
 
 def measure_batches(store: FeatureStore, samples: int, batch_size: int = 32, window: int = 16) -> float:
     """Samples/s of the training loop's batch making (one pass; the page cache is warm by now)."""
-    collate = MaskedSplitCollator(build_tiny_qwen_tokenizer(), ByT5Tokenizer(), max_source_rows=128, max_target_tokens=128, seed=0)
+    collate = MaskedSplitCollator(build_tiny_qwen_tokenizer(), ByT5Tokenizer(), max_source_rows=128,
+                                  max_target_tokens=128, seed=0)
     batcher = iter(Batcher(store, collate, lvlm_usable, seed=0, batch_size=batch_size, world=1, rank=0,
                            window=min(window, max(1, samples // batch_size)), state=BatcherState()))
     started = time.perf_counter()
@@ -100,10 +102,10 @@ def main() -> None:
     args = parser.parse_args()
     rows, dim = (16, 64) if args.tiny else (128, 3584)
     samples = args.samples or (64 if args.tiny else 1024)
-    print(f"feature store: {samples} samples of {rows} x {dim}, torch {torch.__version__}, {len(os.sched_getaffinity(0))} cores, "
-          f"{DECODE_THREADS} decode threads")
-    print("| storage dtype | KB/sample on disk | reader samples/s, 1 core | reader GB/s, 1 core | batches samples/s, 1 core "
-          "| batches samples/s |")
+    print(f"feature store: {samples} samples of {rows} x {dim}, torch {torch.__version__}, "
+          f"{len(os.sched_getaffinity(0))} cores, {DECODE_THREADS} decode threads")
+    print("| storage dtype | KB/sample on disk | reader samples/s, 1 core | reader GB/s, 1 core "
+          "| batches samples/s, 1 core | batches samples/s |")
     print("|---|---|---|---|---|---|")
     cores = os.sched_getaffinity(0)
     for dtype in ("bfloat16", "float8_e4m3"):

@@ -39,15 +39,16 @@ FLUX_DEV_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_sin
                             num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
                             guidance_embeds=True, axes_dims_rope=[16, 56, 56])
 FLUX_DEV_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
-                    layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
-                    use_quant_conv=False, use_post_quant_conv=False,
+                    layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611,
+                    shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
                     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 VARIANTS = {
     # Alone at FLUX's shape cuDNN's kernel is faster than flash's, but diffusers' `_native_cudnn`
-    # backend first makes q, k and v contiguous, which costs that back (docs/performance.md). This keeps diffusers' native backend and only puts cuDNN first in PyTorch's choice.
+    # backend first makes q, k and v contiguous, which costs that back (docs/performance.md). This
+    # keeps diffusers' native backend and only puts cuDNN first in PyTorch's choice.
     # The other backends stay as fallbacks: the VAE's attention (head dim 512) has neither kernel.
-    "cudnn": lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                                  SDPBackend.MATH], set_priority=True),
+    "cudnn": lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                                  SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True),
     # Inductor tunes the launch parameters of the kernels it generates (norms, modulation, GELU);
     # costs compile time only.
     "coordinate-descent": lambda: torch._inductor.config.patch(coordinate_descent_tuning=True),
@@ -62,8 +63,9 @@ def paper_pipeline(device: torch.device) -> FluxPipeline:
         transformer = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
         vae = AutoencoderKL(**FLUX_DEV_VAE)
     torch.set_default_dtype(torch.float32)
-    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER), vae=vae, transformer=transformer,
-                        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER), vae=vae,
+                        transformer=transformer, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None)
 
 
 def timed(flux: Flux, embeds: torch.Tensor, pooled: torch.Tensor, batch: int, n_batches: int, draw: dict):
@@ -112,7 +114,8 @@ def attention_backends(device: torch.device, dtype: torch.dtype, shape: tuple[in
             lines.append(f"{backend.name}: unavailable ({str(error).splitlines()[0][:80]})")
             continue
         reference = out if reference is None else reference
-        lines.append(f"{backend.name}: {ms:.3f} ms, max |diff| {(out.float() - reference.float()).abs().max().item():.2e}")
+        lines.append(f"{backend.name}: {ms:.3f} ms, "
+                     f"max |diff| {(out.float() - reference.float()).abs().max().item():.2e}")
     return lines
 
 

@@ -56,7 +56,8 @@ ATTENTION_KERNEL = re.compile("attention|fmha|sdpa", re.IGNORECASE)
 """SDPA's kernels: efficient (fmha_cutlass*), flash, cuDNN (*_sdpa_*), and their CPU operators."""
 
 
-def make_batches(n: int, batch: int, d_in: int, vocab: int, seed: int = 0) -> list[tuple[list[int], list[int], torch.Tensor, list[torch.Tensor]]]:
+def make_batches(n: int, batch: int, d_in: int, vocab: int,
+                 seed: int = 0) -> list[tuple[list[int], list[int], torch.Tensor, list[torch.Tensor]]]:
     """`n` batches of random lengths and labels; every batch shares one random feature tensor (the
     values do not matter for timing, and a pool of 64 batches of 128 would hold 15 GB)."""
     g = torch.Generator().manual_seed(seed)
@@ -74,7 +75,8 @@ def bucketed(batches):
     """The project path's batching: the same samples, all the batches one pool, grouped by length
     as the training loop's batcher groups a pool of `train.bucket_window` batches (`length_buckets`),
     padding only to each batch's longest."""
-    samples = [(s, t, f, lab) for src, tgt, feats, labels in batches for s, t, f, lab in zip(src, tgt, feats, labels, strict=True)]
+    samples = [(s, t, f, lab) for src, tgt, feats, labels in batches
+               for s, t, f, lab in zip(src, tgt, feats, labels, strict=True)]
     groups = length_buckets([(x[1], x[0]) for x in samples], len(batches[0][0]))
     return [([samples[i][0] for i in g], [samples[i][1] for i in g], torch.stack([samples[i][2] for i in g]),
              [samples[i][3] for i in g]) for g in groups]
@@ -115,8 +117,9 @@ def padding_share(cfg: T5Config, aligner_params: int, batches, *, naive: bool = 
     attention over each batch's longest source, targets padded to their longest), or the naive
     path's (everything at 128, full logits)."""
     useful = sum(step_flops(cfg, aligner_params, src, tgt) for src, tgt, _, _ in batches)
-    run = sum(step_flops(cfg, aligner_params, src, tgt, rows=128, keys=128, targets=128, head_over_padding=True) if naive
-              else step_flops(cfg, aligner_params, src, tgt, keys=max(src), targets=max(tgt)) for src, tgt, _, _ in batches)
+    run = sum(step_flops(cfg, aligner_params, src, tgt, rows=128, keys=128, targets=128, head_over_padding=True)
+              if naive else step_flops(cfg, aligner_params, src, tgt, keys=max(src), targets=max(tgt))
+              for src, tgt, _, _ in batches)
     return 1 - useful / run
 
 
@@ -148,7 +151,8 @@ def naive_run(model: T5ForConditionalGeneration, aligner: Aligner, batches, devi
             "padding": padding_share(model.config, aligner_params, batches, naive=True)}
 
 
-def project_run(decoder: T5DecoderLM, batches, device, aligner_state: dict, reference_loss: float, profile: bool = False) -> dict:
+def project_run(decoder: T5DecoderLM, batches, device, aligner_state: dict, reference_loss: float,
+                profile: bool = False) -> dict:
     """`thinkdiff train`'s step (`train_step`: accelerate autocast, the loss over real target tokens,
     AdamW, the LR schedule) on bucketed batches, handed over pinned and copied asynchronously as the
     loop's prefetch thread hands them over. The loop makes the CPU wait for the GPU only when it
@@ -162,12 +166,14 @@ def project_run(decoder: T5DecoderLM, batches, device, aligner_state: dict, refe
     optimizer = torch.optim.AdamW(param_groups(aligner, train_cfg.weight_decay), lr=train_cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(train_cfg))
     model, optimizer = accelerator.prepare(aligner, optimizer)
-    t5 = T5Parts(decoder_lm=decoder, tokenizer=None, encoder_final_norm=None, encoder=None, model_id="random", revision="random")
+    t5 = T5Parts(decoder_lm=decoder, tokenizer=None, encoder_final_norm=None, encoder=None, model_id="random",
+                 revision="random")
     on_gpu = device.type == "cuda"
     # The loop's own padding, from the bf16 store bytes of the paper preset into page-locked memory
     # on a GPU, as its prefetch thread does it.
     stored = lambda f: StoredFeatures.encode(f, "bfloat16")  # noqa: E731
-    ready = [pad([Prepared(features=stored(f[:s]), source_rows=s, target_ids=lab.tolist()) for s, f, lab in zip(src, feats, labels, strict=True)],
+    ready = [pad([Prepared(features=stored(f[:s]), source_rows=s, target_ids=lab.tolist())
+                  for s, f, lab in zip(src, feats, labels, strict=True)],
                  decoder.config.pad_token_id, pin_memory=on_gpu) for src, _, feats, labels in batches]
     step = lambda b: train_step(model, t5, b.to(device, non_blocking=on_gpu), optimizer, scheduler, accelerator)  # noqa: E731
     # Warm-up: one untimed pass over the very batches timed below. The compiled blocks need a few
@@ -189,10 +195,12 @@ def project_run(decoder: T5DecoderLM, batches, device, aligner_state: dict, refe
     losses = torch.stack([step(b) for b in ready])
     finite = bool(losses.isfinite().all())  # also the wait for the last step
     seconds = sync(device) - started
-    print(f"batch {len(batches[0][0])}: compile counters changed over the timed steps: {changed_since(warm)}", flush=True)
+    print(f"batch {len(batches[0][0])}: compile counters changed over the timed steps: {changed_since(warm)}",
+          flush=True)
     flops = sum(step_flops(decoder.config, aligner_params, src, tgt) for src, tgt, _, _ in batches)
     result = {"samples_per_s": sum(len(b[0]) for b in batches) / seconds, "useful_tflops": flops / seconds / 1e12,
-              "peak_gib": peak_gib(device), "host_syncs": syncs, "padding": padding_share(decoder.config, aligner_params, batches),
+              "peak_gib": peak_gib(device), "host_syncs": syncs,
+              "padding": padding_share(decoder.config, aligner_params, batches),
               "loss_difference": loss_difference, "finite": finite}
     # Printed before the profile, which a call's timeout may cut off.
     print(f"project batch {len(batches[0][0])} done: {result['samples_per_s']:.1f} samples/s, host syncs in one step: "
@@ -229,8 +237,8 @@ def print_profile(fn, device: torch.device) -> None:
     print(f"attention (forward and backward): {attention / total:.0%} of the {'kernel' if on_gpu else 'operator'} time",
           flush=True)
     if on_gpu:
-        print(f"profiled pass: kernels {total / 1e6:.2f} s in {wall:.2f} s of wall time (GPU busy {total / 1e6 / wall:.0%}, "
-              f"profiler overhead included)", flush=True)
+        print(f"profiled pass: kernels {total / 1e6:.2f} s in {wall:.2f} s of wall time "
+              f"(GPU busy {total / 1e6 / wall:.0%}, profiler overhead included)", flush=True)
 
 
 def reset_peak(device: torch.device) -> None:
@@ -253,8 +261,9 @@ def main() -> None:
     parser.add_argument("--decoder-attention", choices=("sdpa", "flex"), default="sdpa",
                         help="the project path's train.decoder_attention (flex: CUDA only)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="steps per path, one bucketing pool (default: the paper preset's train.bucket_window; tiny 5): "
-                             "the naive path times all but its first 2, the project path all of them after an untimed pass")
+                        help="steps per path, one bucketing pool (default: the paper preset's "
+                             "train.bucket_window; tiny 5): the naive path times all but its first 2, "
+                             "the project path all of them after an untimed pass")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -274,13 +283,15 @@ def main() -> None:
     initial = {k: v.clone() for k, v in aligner.state_dict().items()}
     batches = make_batches(steps, batch, d_in, full.config.vocab_size)
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), dtype {dtype}, "
-          f"batch {batch}, {steps} steps, d_model {full.config.d_model}, decoder layers {full.config.num_decoder_layers}, "
+          f"batch {batch}, {steps} steps, d_model {full.config.d_model}, "
+          f"decoder layers {full.config.num_decoder_layers}, "
           f"project decoder attention {args.decoder_attention}")
     naive = naive_run(full, aligner, batches, device, dtype)
     print(f"naive done: {naive['samples_per_s']:.1f} samples/s, {naive['useful_tflops']:.3g} useful TFLOP/s, "
           f"{naive['peak_gib']:.1f} GiB peak", flush=True)
     sizes = args.project_batch or [batch]
-    pools = {size: bucketed(batches if size == batch else make_batches(steps, size, d_in, full.config.vocab_size)) for size in sizes}
+    pools = {size: bucketed(batches if size == batch else make_batches(steps, size, d_in, full.config.vocab_size))
+             for size in sizes}
     # Each pool's first batch through transformers' own path from the initial aligner, before
     # T5DecoderLM sets the decoder's attention to its own.
     aligner.load_state_dict(initial)
@@ -300,10 +311,12 @@ def main() -> None:
                                                       args.profile and size == sizes[-1])))
         except torch.OutOfMemoryError:  # batch 128 at target length 128 is tight on an 80 GB card: keep the other rows
             print(f"project batch {size}: out of GPU memory", flush=True)
-    print("| path | batch | samples/s | useful TFLOP/s | FLOPs on padding | peak GiB | ratio to naive | first loss vs naive |")
+    print("| path | batch | samples/s | useful TFLOP/s | FLOPs on padding | peak GiB | ratio to naive "
+          "| first loss vs naive |")
     print("|---|---|---|---|---|---|---|---|")
     for name, size, r in rows:
-        agreement = "-" if "loss_difference" not in r else f"{r['loss_difference']:.1e}" + ("" if r["finite"] else ", then a non-finite loss")
+        agreement = ("-" if "loss_difference" not in r
+                     else f"{r['loss_difference']:.1e}" + ("" if r["finite"] else ", then a non-finite loss"))
         print(f"| {name} | {size} | {r['samples_per_s']:.1f} | {r['useful_tflops']:.3g} | {100 * r['padding']:.1f}% | "
               f"{r['peak_gib']:.1f} | {r['samples_per_s'] / naive['samples_per_s']:.2f}x | {agreement} |")
 

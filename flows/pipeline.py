@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow
 
 from flows import run_from_command_line
@@ -24,8 +22,8 @@ def thinkdiff_pipeline_flow(config: str = "tiny", overrides: list[str] | None = 
         "corpus": corpus_dir,
         "features": features_dir,
         "checkpoint": trained["checkpoint"],
-        "aligner": str(Path(trained["checkpoint"]) / "aligner"),
-        "loss curve": str(Path(trained["checkpoint"]).parents[1] / "loss_curve.png"),
+        "aligner": trained["aligner"],
+        "loss curve": trained["loss curve"],
         "model": trained["model"],
     }
     if evaluation["results"]:  # none for ThinkDiff-CLIP, which CoBSAT does not score

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow
 
 from flows import run_from_command_line
@@ -11,16 +9,17 @@ from tasks.train import train_aligner_task
 
 
 @flow(name="train-aligner")
-def train_aligner_flow(config: str = "tiny", overrides: list[str] | None = None, features_dir: str | None = None) -> dict[str, str]:
+def train_aligner_flow(
+    config: str = "tiny", overrides: list[str] | None = None, features_dir: str | None = None
+) -> dict[str, str]:
     """Train the aligner through `accelerate launch` and register it in MLflow as a `candidate`.
 
     Without `features_dir`, the cache-features flow runs first (a no-op when its output is complete).
     """
     overrides = overrides or []
     features_dir = features_dir or cache_features_flow(config, overrides)
-    checkpoint = train_aligner_task(config, overrides, features_dir)
-    model = register_aligner_task(config, overrides, str(Path(checkpoint).parents[1]))  # the run the checkpoint is in
-    return {"checkpoint": checkpoint, "model": model}
+    trained = train_aligner_task(config, overrides, features_dir)
+    return {**trained, "model": register_aligner_task(config, overrides, trained["run"])}
 
 
 if __name__ == "__main__":

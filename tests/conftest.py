@@ -42,7 +42,8 @@ def demo_corpus(tmp_path_factory):
     from thinkdiff import pipeline
 
     root = tmp_path_factory.mktemp("corpus")
-    cfg = load_config("tiny", [f"paths.root={root}", "corpus.demo_images=40", "corpus.shard_size=16", "corpus.demo_broken=3"])
+    cfg = load_config("tiny", [f"paths.root={root}", "corpus.demo_images=40", "corpus.shard_size=16",
+                               "corpus.demo_broken=3"])
     return cfg, pipeline.build_corpus(cfg)
 
 

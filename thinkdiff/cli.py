@@ -40,7 +40,8 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="thinkdiff", description="ThinkDiff: align VLM token features to a T5 decoder / FLUX.")
+    parser = argparse.ArgumentParser(prog="thinkdiff",
+                                     description="ThinkDiff: align VLM token features to a T5 decoder / FLUX.")
     parser.add_argument("--quiet", "-q", action="store_true", help="log warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -52,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("features", help="caption images with the VLM and cache generated-token states to Parquet")
     _add_config_args(p)
-    p.add_argument("--corpus", type=Path, help="img2dataset parquet output dir (default: the config's corpus stage dir)")
+    p.add_argument("--corpus", type=Path,
+                   help="img2dataset parquet output dir (default: the config's corpus stage dir)")
     p.add_argument("--out", type=Path, help="feature store dir (default: {paths.root}/features/{fingerprint})")
 
     p = sub.add_parser("train", help="train the aligner in this process (resumes from the newest checkpoint)")
@@ -62,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("registry", help="MLflow: log + register a finished training run, promote a version")
     registry_sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    q = registry_sub.add_parser("register", help="log the config's finished training run and register its aligner (idempotent)")
+    q = registry_sub.add_parser("register",
+                                help="log the config's finished training run and register its aligner (idempotent)")
     _add_config_args(q)
     q.add_argument("--run", type=Path, help="training run dir, the first line `thinkdiff train` prints (default: the "
                                             "config's own; a run trained with --features or --out has another)")
@@ -84,26 +87,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(q)
     q.add_argument("--model", help="aligner to evaluate: models:/name@alias, models:/name/N, a dir or a .pth "
                                    "(default: eval.aligner, else this config's own trained aligner)")
-    q.add_argument("--nightly", action="store_true", help="evaluate @champion (and a newer @candidate), promote the better")
+    q.add_argument("--nightly", action="store_true",
+                   help="evaluate @champion (and a newer @candidate), promote the better")
 
     p = sub.add_parser("generate", help="interleaved images and text -> VLM -> aligner -> FLUX image")
     _add_config_args(p)
     p.add_argument("--text", dest="parts", action="append", type=lambda v: ("text", v), help="a text part (repeatable)")
-    p.add_argument("--image", dest="parts", action="append", type=lambda v: ("image", v), help="an image part (repeatable)")
-    p.add_argument("--aligner", help="models:/name@alias, a directory or an official .pth (default: eval.aligner, then this config's own)")
+    p.add_argument("--image", dest="parts", action="append", type=lambda v: ("image", v),
+                   help="an image part (repeatable)")
+    p.add_argument("--aligner", help="models:/name@alias, a directory or an official .pth "
+                                     "(default: eval.aligner, then this config's own)")
     p.add_argument("--out", type=Path, required=True, help="the image to write (.png or .jpg; never overwritten)")
 
     p = sub.add_parser("compose", help="ThinkDiff-CLIP: any number of images and an optional text -> one FLUX image")
     _add_config_args(p)
-    p.add_argument("--image", dest="images", action="append", type=Path, required=True, help="an input image (repeatable)")
+    p.add_argument("--image", dest="images", action="append", type=Path, required=True,
+                   help="an input image (repeatable)")
     p.add_argument("--text", help="optional text, embedded by FLUX's own T5 after the image tokens")
-    p.add_argument("--aligner", help="models:/name@alias or a directory (default: eval.aligner, then this config's own)")
+    p.add_argument("--aligner",
+                   help="models:/name@alias or a directory (default: eval.aligner, then this config's own)")
     p.add_argument("--out", type=Path, required=True,
-                   help="the image to write (.png or .jpg; never overwritten); a side-by-side sheet goes next to it (.sheet.png)")
+                   help="the image to write (.png or .jpg; never overwritten); "
+                        "a side-by-side sheet goes next to it (.sheet.png)")
 
     p = sub.add_parser("aligner", help="aligner checkpoint tools")
     aligner_sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    q = aligner_sub.add_parser("import-official", help="convert the released .pth aligner to config.json + model.safetensors")
+    q = aligner_sub.add_parser("import-official",
+                               help="convert the released .pth aligner to config.json + model.safetensors")
     q.add_argument("input", type=Path, help="the official checkpoint (.pth, a dict with key 'model')")
     q.add_argument("output", type=Path, help="new directory to write (must not exist)")
     return parser
@@ -114,7 +124,8 @@ def parse_command_line(argv: Sequence[str] | None = None) -> argparse.Namespace:
     where argparse alone would stop taking positionals."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and (not hasattr(args, "overrides") or not all(re.fullmatch(r"[A-Za-z_][\w.]*=.*", a, re.S) for a in extra)):
+    if extra and (not hasattr(args, "overrides")
+                  or not all(re.fullmatch(r"[A-Za-z_][\w.]*=.*", a, re.S) for a in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
@@ -143,7 +154,8 @@ def _open_image(path: str | Path) -> Image.Image:
     except FileNotFoundError:
         raise FileNotFoundError(f"--image {path}: no such file") from None
     except (Image.UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"--image {path}: not an image Pillow can read ({err}); give a JPEG, PNG or WebP file") from None
+        raise ValueError(f"--image {path}: not an image Pillow can read ({err}); "
+                         "give a JPEG, PNG or WebP file") from None
 
 
 def _check_new_outputs(out: Path, *more: Path) -> None:

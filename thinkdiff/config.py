@@ -327,8 +327,8 @@ class TrackingConfig:
 @dataclass(kw_only=True)
 class EvalConfig:
     dataset: str
-    """`synthetic` (generated offline under {paths.root}/cobsat-synthetic-{synthetic_image_size}px) or a directory holding the real
-    CoBSAT `datasets/` folder."""
+    """`synthetic` (generated offline under {paths.root}/cobsat-synthetic-{synthetic_image_size}px) or a directory
+    holding the real CoBSAT `datasets/` folder."""
     tasks: list[int]
     """CoBSAT task ids (1..10)."""
     shots: list[int]
@@ -605,7 +605,8 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     return cls(**values)
 
 
-_WRITE_AS = {bool: "write true or false", int: "write a whole number, e.g. 100", float: "write a finite number, e.g. 2e-4",
+_WRITE_AS = {bool: "write true or false", int: "write a whole number, e.g. 100",
+             float: "write a finite number, e.g. 2e-4",
              str: "write a plain text value, not a list, a mapping or nothing"}
 
 

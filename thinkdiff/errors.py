@@ -13,7 +13,8 @@ class DataContractError(ThinkDiffError):
     """A stored file (feature shard, manifest, checkpoint) does not match what the reader expects."""
 
 
-BAD_INPUT_ERRORS = (ThinkDiffError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, ValueError)
+BAD_INPUT_ERRORS = (ThinkDiffError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+                    ValueError)
 """What a command line reports as one `error:` line rather than a traceback: bad inputs, not bugs."""
 
 

@@ -97,7 +97,8 @@ def vlm_drawings(vlm: VLM, cfg: RunConfig, conversations: list[list[PromptPart]]
                  images: list[Image.Image]) -> list[Drawing]:
     """Each image with the chat the VLM was given (one placeholder per image) and its whole answer,
     special tokens kept."""
-    return [Drawing(image, vlm_prompt=render_chat(conv, cfg.features.system_prompt, picture_labels=cfg.eval.picture_labels),
+    return [Drawing(image,
+                    vlm_prompt=render_chat(conv, cfg.features.system_prompt, picture_labels=cfg.eval.picture_labels),
                     vlm_text=vlm.tokenizer.decode(sample.token_ids, skip_special_tokens=False))
             for conv, sample, image in zip(conversations, samples, images, strict=True)]
 
@@ -164,8 +165,10 @@ def build_generator(cfg: RunConfig, aligner_spec: str | None):
     if cfg.eval.generator == "text-bridge":
         return TextBridgeGenerator(vlm=vlm, flux=flux, cfg=cfg)
     if not aligner_spec:
-        raise ValueError("eval.generator=thinkdiff needs an aligner: a directory, an official .pth or models:/name@alias")
-    aligner = load_matching_aligner(aligner_spec, cfg, in_dim=vlm.hidden_size, out_dim=flux.joint_dim, source="models.vlm")
+        raise ValueError("eval.generator=thinkdiff needs an aligner: "
+                         "a directory, an official .pth or models:/name@alias")
+    aligner = load_matching_aligner(aligner_spec, cfg, in_dim=vlm.hidden_size, out_dim=flux.joint_dim,
+                                    source="models.vlm")
     return ThinkDiffGenerator(vlm=vlm, aligner=aligner, flux=flux, cfg=cfg)
 
 
@@ -196,11 +199,13 @@ class Composer:
     def compose(self, images: list[Image.Image], text: str | None, seed: int) -> Image.Image:
         e = self.cfg.eval
         embeds, pooled = self.prompt_embeds(images, text)
-        return self.flux.draw_embeds(embeds, pooled, steps=e.steps, guidance=e.guidance, size=e.image_size, seeds=[seed])[0]
+        return self.flux.draw_embeds(embeds, pooled, steps=e.steps, guidance=e.guidance, size=e.image_size,
+                                     seeds=[seed])[0]
 
 
 def build_composer(cfg: RunConfig, aligner_spec: str) -> Composer:
     vision = shared(load_vision, cfg.models.vision, image_size=cfg.features.vision_image_size)
     flux = shared(load_flux, cfg.models.flux, compile=False)
-    aligner = load_matching_aligner(aligner_spec, cfg, in_dim=vision.hidden_size, out_dim=flux.joint_dim, source="models.vision")
+    aligner = load_matching_aligner(aligner_spec, cfg, in_dim=vision.hidden_size, out_dim=flux.joint_dim,
+                                    source="models.vision")
     return Composer(vision=vision, aligner=aligner, flux=flux, cfg=cfg)

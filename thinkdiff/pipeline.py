@@ -37,17 +37,20 @@ def _corpus_dir(cfg: RunConfig, corpus_dir: Path | None) -> Path:
     else:
         rerun = "run `thinkdiff corpus` with the same --config and overrides"
         if own and corpus_dir.is_dir():
-            raise FileNotFoundError(f"the corpus at {corpus_dir} has not completed (no manifest.json: its download stopped or "
-                                    f"failed the corpus.min_success_rate check): {rerun}; it resumes where it stopped, and "
-                                    "a lower corpus.min_success_rate accepts the shards already downloaded")
+            raise FileNotFoundError(f"the corpus at {corpus_dir} has not completed (no manifest.json: its download "
+                                    f"stopped or failed the corpus.min_success_rate check): {rerun}; it resumes where "
+                                    "it stopped, and a lower corpus.min_success_rate accepts the shards already "
+                                    "downloaded")
         if own or not list(corpus_dir.glob("*_stats.json")):
-            raise FileNotFoundError(f"no corpus at {corpus_dir}: {rerun}, or pass --corpus DIR (img2dataset parquet output)")
+            raise FileNotFoundError(f"no corpus at {corpus_dir}: {rerun}, "
+                                    "or pass --corpus DIR (img2dataset parquet output)")
     return corpus_dir
 
 
 def cache_features(cfg: RunConfig, corpus_dir: Path | None = None, out_dir: Path | None = None) -> Path:
     """The whole features stage in this process."""
-    return extract.extract_features(cfg, _corpus_dir(cfg, corpus_dir), out_dir or stage_dir(cfg, "features", corpus_dir))
+    return extract.extract_features(cfg, _corpus_dir(cfg, corpus_dir),
+                                    out_dir or stage_dir(cfg, "features", corpus_dir))
 
 
 def pending_feature_shards(cfg: RunConfig, corpus_dir: Path | None = None) -> list[Path]:
@@ -65,12 +68,14 @@ def finalize_features(cfg: RunConfig, corpus_dir: Path | None = None) -> Path:
 
 def train_aligner(cfg: RunConfig, features_dir: Path | None = None, run_dir: Path | None = None) -> loop.TrainResult:
     """Train in this process (what each `accelerate launch` process runs)."""
-    return loop.train_aligner(cfg, features_dir or stage_dir(cfg, "features"), run_dir or stage_dir(cfg, "train", features_dir))
+    return loop.train_aligner(cfg, features_dir or stage_dir(cfg, "features"),
+                              run_dir or stage_dir(cfg, "train", features_dir))
 
 
-def launch_training(cfg: RunConfig, features_dir: Path | None = None) -> Path:
-    """Train through `accelerate launch` subprocesses; returns the final checkpoint directory."""
-    return launch.launch_training(cfg, features_dir or stage_dir(cfg, "features"), stage_dir(cfg, "train", features_dir))
+def launch_training(cfg: RunConfig, features_dir: Path | None = None) -> loop.TrainResult:
+    """Train through `accelerate launch` subprocesses; returns the complete run's result."""
+    return launch.launch_training(cfg, features_dir or stage_dir(cfg, "features"),
+                                  stage_dir(cfg, "train", features_dir))
 
 
 def register_aligner(cfg: RunConfig, run_dir: Path | None = None) -> registry.ModelVersionRef:
@@ -102,13 +107,16 @@ def aligner_spec(cfg: RunConfig, explicit: str | None = None) -> str:
     if spec.startswith("models:/"):
         return spec
     path = Path(spec)
-    named_by = "--model / --aligner" if explicit else "eval.aligner" if cfg.eval.aligner else "this config's training run"
-    forms = "give models:/NAME@ALIAS, models:/NAME/N, an aligner directory (config.json + model.safetensors) or the official .pth"
+    named_by = ("--model / --aligner" if explicit else "eval.aligner" if cfg.eval.aligner
+                else "this config's training run")
+    forms = ("give models:/NAME@ALIAS, models:/NAME/N, an aligner directory (config.json + model.safetensors) "
+             "or the official .pth")
     if not path.exists():
         raise FileNotFoundError(f"aligner {spec} ({named_by}): no such file or directory; {forms}")
     if path.is_dir() and not (path / WEIGHTS_NAME).is_file():
         run = read_manifest(path)
-        inside = f"; this training run's aligner is {Path(run['checkpoint']) / loop.ALIGNER_DIR}" if run and run.get("stage") == "train" else ""
+        inside = (f"; this training run's aligner is {Path(run['checkpoint']) / loop.ALIGNER_DIR}"
+                  if run and run.get("stage") == "train" else "")
         raise FileNotFoundError(f"aligner {spec} ({named_by}): no {WEIGHTS_NAME} in this directory{inside}; {forms}")
     if path.is_file() and path.suffix not in (".pth", ".pt"):
         raise ValueError(f"aligner {spec} ({named_by}): not an official .pth checkpoint; {forms}")

@@ -30,7 +30,8 @@ def plot_loss_curve(records: list[dict], out_png: Path) -> Path:
     return _save(fig, out_png)
 
 
-def plot_cobsat_accuracy(series: dict[str, dict[int, float]], out_png: Path, title: str = "CoBSAT accuracy per task") -> Path:
+def plot_cobsat_accuracy(series: dict[str, dict[int, float]], out_png: Path,
+                         title: str = "CoBSAT accuracy per task") -> Path:
     """Grouped bars: accuracy per CoBSAT task (papers' column order), one group member per series
     (a shot, or a generator and a shot), labelled with its mean."""
     from thinkdiff.eval.cobsat import COLUMN_ORDER, get_task

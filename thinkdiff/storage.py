@@ -76,7 +76,8 @@ def file_digest(path: Path) -> str:
     except FileNotFoundError:
         raise FileNotFoundError(f"corpus.url_list={str(path)!r}: no such file (give a url list, or `demo`)") from None
     if not path.is_file():
-        raise IsADirectoryError(f"corpus.url_list={str(path)!r} is a directory: give the url list file in it (or `demo`)")
+        raise IsADirectoryError(f"corpus.url_list={str(path)!r} is a directory: "
+                                "give the url list file in it (or `demo`)")
     return _file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
@@ -139,7 +140,8 @@ def stage_dir(cfg: RunConfig, stage: str, upstream: Path | None = None) -> Path:
     given one (a corpus for features, a feature store for train), else the config's own."""
     if stage == "corpus":
         return Path(cfg.paths.root) / stage / corpus_fingerprint(cfg)
-    fingerprints: dict[str, Callable[[RunConfig, Path | None], str]] = {"features": features_fingerprint, "train": train_fingerprint}
+    fingerprints: dict[str, Callable[[RunConfig, Path | None], str]] = {"features": features_fingerprint,
+                                                                        "train": train_fingerprint}
     return Path(cfg.paths.root) / stage / fingerprints[stage](cfg, upstream)
 
 
@@ -231,9 +233,11 @@ def read_manifest(directory: Path, stage: str | None = None) -> dict[str, Any] |
     except json.JSONDecodeError as err:
         raise DataContractError(f"{path} is not valid JSON ({err}); delete it to let the stage rerun") from err
     if not isinstance(manifest, dict):
-        raise DataContractError(f"{path} holds a JSON {type(manifest).__name__}, not a manifest object; delete it to let the stage rerun")
+        raise DataContractError(f"{path} holds a JSON {type(manifest).__name__}, not a manifest object; "
+                                "delete it to let the stage rerun")
     if stage is not None and manifest.get("stage") != stage:
-        held = f"the output of the {manifest['stage']} stage" if "stage" in manifest else "a manifest that names no stage"
+        held = (f"the output of the {manifest['stage']} stage" if "stage" in manifest
+                else "a manifest that names no stage")
         raise DataContractError(f"{directory} holds {held}; give the directory of a {stage} stage output")
     return manifest
 
@@ -286,8 +290,10 @@ def git_revision() -> str:
     """The checkout's commit (with `-dirty` when it has local changes), or `unknown` outside git."""
     repo = Path(__file__).resolve().parent.parent
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
+                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{rev}-dirty" if dirty else rev

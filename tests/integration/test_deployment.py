@@ -85,8 +85,9 @@ def test_train_aligner_deployment_registers_a_candidate(tmp_path):
         started.append(subprocess.Popen([PREFECT, "worker", "start", "--pool", "thinkdiff-process", "--limit", "1"],
                                         env=env, cwd=REPO, start_new_session=True,
                                         stdout=open(tmp_path / "worker.log", "w"), stderr=subprocess.STDOUT))
-        params = {"overrides": [f"paths.root={root}", "corpus.demo_images=24", "corpus.shard_size=12", "corpus.min_success_rate=0.8",
-                                "train.max_steps=12", "train.warmup_steps=2", "train.log_every=4"]}
+        params = {"overrides": [f"paths.root={root}", "corpus.demo_images=24", "corpus.shard_size=12",
+                                "corpus.min_success_rate=0.8", "train.max_steps=12", "train.warmup_steps=2",
+                                "train.log_every=4"]}
         run = prefect("deployment", "run", "train-aligner/train-aligner", "--params", json.dumps(params),
                       "--watch", "--watch-timeout", "800")
         assert "Completed" in run.stdout

@@ -34,7 +34,8 @@ def prefect_harness():
 
 def snapshot(root: Path) -> dict[str, int]:
     """Every stage output file and its mtime (MLflow's own database is a store, not an output)."""
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and p.name != "mlflow.db"}
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns
+            for p in root.rglob("*") if p.is_file() and p.name != "mlflow.db"}
 
 
 def test_pipeline_flow_end_to_end_then_skipped(prefect_harness, tmp_path):
@@ -55,7 +56,8 @@ def test_pipeline_flow_end_to_end_then_skipped(prefect_harness, tmp_path):
 
     # Features: one shard per corpus shard, the documented schema, a manifest written last.
     store = FeatureStore(out["features"], expect_model_id="tiny")
-    assert store.num_samples == 40 and [p.name for p in store.shards] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert store.num_samples == 40 and [p.name for p in store.shards] == [
+        "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     assert pq.read_schema(store.shards[0]).remove_metadata() == ARROW_SCHEMA
 
     # Training through accelerate launch: the final checkpoint loads, its meta ties it to the features.
@@ -76,7 +78,8 @@ def test_pipeline_flow_end_to_end_then_skipped(prefect_harness, tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
     eval_run = client.get_run(out["cobsat run"])
     assert eval_run.data.tags["thinkdiff.model_version"] == "1" and "cobsat.4shot.mean" in eval_run.data.metrics
-    assert {a.path for a in client.list_artifacts(out["cobsat run"])} >= {"results", "samples.png", "accuracy.png", "comparison.md"}
+    assert {a.path for a in client.list_artifacts(out["cobsat run"])} >= {
+        "results", "samples.png", "accuracy.png", "comparison.md"}
     # The text bridge beside it, as the table and the chart the summary names.
     assert "| text-bridge | 4 |" in Path(out["comparison table"]).read_text() and Path(out["comparison"]).is_file()
 

@@ -70,7 +70,8 @@ def test_save_and_load_round_trip(tmp_path):
     loaded = Aligner.from_pretrained(out)
     for key, value in aligner.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
-    assert set(load_file(out / "model.safetensors")) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "norm.weight"}
+    assert set(load_file(out / "model.safetensors")) == {
+        "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "norm.weight"}
 
 
 def test_written_files_and_directories_get_the_umask_modes(tmp_path):
@@ -128,8 +129,10 @@ def test_import_official_via_cli(tmp_path, capsys):
     [
         (lambda s: s, "expected a dict whose key 'model'"),
         (lambda s: {"state_dict": s}, "expected a dict whose key 'model'"),
-        (lambda s: {"model": {k: v for k, v in s.items() if k != "mm_projector.3.weight"}}, r"missing \['mm_projector.3.weight'\]"),
-        (lambda s: {"model": {**s, "mm_projector.4.weight": s["mm_projector.3.weight"]}}, r"unexpected \['mm_projector.4.weight'\]"),
+        (lambda s: {"model": {k: v for k, v in s.items() if k != "mm_projector.3.weight"}},
+         r"missing \['mm_projector.3.weight'\]"),
+        (lambda s: {"model": {**s, "mm_projector.4.weight": s["mm_projector.3.weight"]}},
+         r"unexpected \['mm_projector.4.weight'\]"),
         (lambda s: {"model": {**s, "mm_projector.2.bias": torch.zeros(3)}}, r"mm_projector.2.bias has shape \(3,\)"),
     ],
 )

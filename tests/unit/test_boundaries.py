@@ -25,14 +25,16 @@ CONSTRAINTS = REPO / "conf" / "constraints.txt"
 
 
 def test_library_imports_without_prefect():
-    modules = sorted(m.name for m in pkgutil.walk_packages(thinkdiff.__path__, "thinkdiff.") if not m.name.endswith("__main__"))
+    modules = sorted(m.name for m in pkgutil.walk_packages(thinkdiff.__path__, "thinkdiff.")
+                     if not m.name.endswith("__main__"))
     assert "thinkdiff.train.loop" in modules and "thinkdiff.cli" in modules
     code = (
         "import sys\n"
         "sys.modules['prefect'] = None  # any import of prefect now raises ImportError\n"
         f"for name in {modules!r}:\n"
         "    __import__(name)\n"
-        "assert not any(m == 'prefect' or m.startswith('prefect.') for m in sys.modules if sys.modules[m] is not None)\n"
+        "assert not any(m == 'prefect' or m.startswith('prefect.') "
+        "for m in sys.modules if sys.modules[m] is not None)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
@@ -121,7 +123,8 @@ def test_mlflow_img2dataset_and_accelerate_each_enter_through_one_module():
                 importers[top].add(path.relative_to(root).as_posix())
         if "from img2dataset" in source:  # run in a subprocess, named in a code string
             importers["img2dataset"].add(path.relative_to(root).as_posix())
-    assert importers == {"mlflow": {"registry.py"}, "img2dataset": {"data/corpus.py"}, "accelerate": {"train/engine.py"}}
+    assert importers == {"mlflow": {"registry.py"}, "img2dataset": {"data/corpus.py"},
+                         "accelerate": {"train/engine.py"}}
 
 
 def _project_requirements() -> list[Requirement]:

@@ -16,7 +16,8 @@ from thinkdiff.cli import HANDLERS, build_parser, main, parse_command_line
 
 
 def test_help_lists_commands():
-    out = subprocess.run([sys.executable, "-m", "thinkdiff", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "thinkdiff", "--help"],
+                         capture_output=True, text=True, check=True).stdout
     for command in ("corpus", "features", "train", "config", "aligner"):
         assert command in out
 
@@ -73,16 +74,19 @@ def test_flow_command_line_refuses_a_bad_override_before_starting_prefect(tmp_pa
 def test_unreadable_input_images_are_named_before_any_model_loads(capsys, tmp_path):
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_text("not an image")
-    assert main(["generate", "--config", "tiny", "--text", "red: ", "--image", str(not_an_image), "--out", str(tmp_path / "o.png")]) == 2
+    assert main(["generate", "--config", "tiny", "--text", "red: ", "--image", str(not_an_image),
+                 "--out", str(tmp_path / "o.png")]) == 2
     assert f"--image {not_an_image}: not an image Pillow can read" in capsys.readouterr().err
-    assert main(["compose", "--config", "tiny-clip", "--image", str(tmp_path / "missing.jpg"), "--out", str(tmp_path / "o.png")]) == 2
+    assert main(["compose", "--config", "tiny-clip", "--image", str(tmp_path / "missing.jpg"),
+                 "--out", str(tmp_path / "o.png")]) == 2
     assert f"--image {tmp_path / 'missing.jpg'}: no such file" in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
 
 
 def test_config_and_its_errors_answer_without_loading_torch():
     code = ("import sys\nfrom thinkdiff.cli import main, parse_command_line\n"
-            "assert main(['config', '--config', 'tiny']) == 0 and main(['config', '--config', 'tiny', 'train.lrr=1']) == 2\n"
+            "assert main(['config', '--config', 'tiny']) == 0 "
+            "and main(['config', '--config', 'tiny', 'train.lrr=1']) == 2\n"
             "assert 'torch' not in sys.modules, 'config imported torch'\n")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=60)
 
@@ -99,14 +103,16 @@ def test_a_missing_aligner_is_named_before_an_evaluation_starts(capsys, tmp_path
     assert not (tmp_path / "root").exists()
     # CoBSAT skips ThinkDiff-CLIP: it says so, with no empty results line.
     assert main(["cobsat", "eval", "--config", "tiny-clip", f"paths.root={tmp_path / 'root'}"]) == 0
-    assert capsys.readouterr().out.strip() == "CoBSAT scores ThinkDiff-LVLM; skipped for variant clip (use `thinkdiff compose`)"
+    assert capsys.readouterr().out.strip() == ("CoBSAT scores ThinkDiff-LVLM; skipped for variant clip "
+                                               "(use `thinkdiff compose`)")
 
 
 def test_flow_command_line_ends_a_failed_run_on_its_message(monkeypatch, capsys):
     from flows import run_from_command_line
 
     def failing_flow(config: str, overrides: list[str]) -> None:
-        raise FileNotFoundError(f"corpus.url_list={overrides[0].split('=')[1]!r}: no such file (give a url list, or `demo`)")
+        raise FileNotFoundError(f"corpus.url_list={overrides[0].split('=')[1]!r}: no such file "
+                                "(give a url list, or `demo`)")
 
     monkeypatch.setattr(sys, "argv", ["prog", "--config", "tiny", "corpus.url_list=/no/such.tsv"])
     with pytest.raises(SystemExit) as exited:
@@ -138,8 +144,9 @@ def test_an_aligner_given_in_the_wrong_form_is_named_before_anything_is_made(tmp
     write_manifest(run, {"stage": "train", "checkpoint": str(run / "checkpoints" / "step_000020")})
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     cfg = load_config("tiny", [f"paths.root={tmp_path / 'root'}"])
-    with pytest.raises(FileNotFoundError, match=rf"no model.safetensors in this directory; this training run's aligner is "
-                                                rf"{run}/checkpoints/step_000020/aligner"):
+    with pytest.raises(FileNotFoundError,
+                       match=rf"no model.safetensors in this directory; this training run's aligner is "
+                             rf"{run}/checkpoints/step_000020/aligner"):
         pipeline.aligner_spec(cfg, str(run))
     with pytest.raises(ValueError, match=r"notes.txt \(--model / --aligner\): not an official .pth checkpoint"):
         pipeline.aligner_spec(cfg, str(tmp_path / "notes.txt"))

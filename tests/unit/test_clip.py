@@ -44,14 +44,15 @@ def test_vision_tokens_are_cls_plus_downsampled_grid():
 def test_blip2_vision_weights_load_alone(tmp_path):
     config = Blip2Config(
         vision_config=build_tiny_vision().model.config.to_dict(),
-        qformer_config=Blip2QFormerConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
-                                          encoder_hidden_size=48, vocab_size=99).to_dict(),
+        qformer_config=Blip2QFormerConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=37, encoder_hidden_size=48, vocab_size=99).to_dict(),
         text_config=T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=2,
                              decoder_start_token_id=0, pad_token_id=0).to_dict(),
         num_query_tokens=2)
     full = Blip2ForConditionalGeneration(config)
     full.save_pretrained(tmp_path / "blip2")
-    vision = load_vision(ModelSource(id=str(tmp_path / "blip2"), revision="main", dtype="float32"), image_size=56, device=CPU)
+    vision = load_vision(ModelSource(id=str(tmp_path / "blip2"), revision="main", dtype="float32"),
+                         image_size=56, device=CPU)
     reference = full.vision_model.state_dict()
     assert vision.model.state_dict().keys() == reference.keys()
     assert all(torch.equal(v, reference[k]) for k, v in vision.model.state_dict().items())
@@ -94,7 +95,8 @@ def test_blip_captions_are_normalised_as_lavis_does():
         collate = CaptionSplitCollator(t5, max_prefix_tokens=64, max_target_tokens=64, seed=0, blip_captions=blip)
         batch = collate([Sample([], StoredFeatures.encode(torch.randn(5, 48)), caption)], 0)
         labels = batch.labels_BT[0]
-        parts = [t5.decode(ids, skip_special_tokens=True) for ids in (batch.prefix_ids_BP[0], labels[labels != IGNORE_INDEX])]
+        parts = [t5.decode(ids, skip_special_tokens=True)
+                 for ids in (batch.prefix_ids_BP[0], labels[labels != IGNORE_INDEX])]
         assert " ".join(parts) == (blip_caption(caption) if blip else caption)
 
 
@@ -137,7 +139,8 @@ def test_encoder_states_layout():
     aligner = Aligner(AlignerConfig(in_dim=48, out_dim=32))
     rows, slots = encoder_states(aligner, t5.encoder, batch)
     width = batch.prefix_ids_BP.shape[1]
-    assert slots.shape == (2, 5 + width) and torch.equal(slots[:, 5:] >= 0, batch.prefix_mask_BP.bool()) and (slots[:, :5] >= 0).all()
+    assert (slots.shape == (2, 5 + width) and torch.equal(slots[:, 5:] >= 0, batch.prefix_mask_BP.bool())
+            and (slots[:, :5] >= 0).all())
     states = gather_slots(rows, slots)
     torch.testing.assert_close(states[:, :5], aligner(batch.features_RD).view(2, 5, 32))
     expected = t5.encoder(input_ids=batch.prefix_ids_BP, attention_mask=batch.prefix_mask_BP).last_hidden_state
@@ -147,7 +150,8 @@ def test_encoder_states_layout():
 
 def test_clip_variant_trains_and_composes(demo_corpus, tmp_path):
     _, corpus_dir = demo_corpus
-    cfg = load_config("tiny-clip", [f"paths.root={tmp_path}", "train.max_steps=30", "train.warmup_steps=3", "train.log_every=10"])
+    cfg = load_config("tiny-clip", [f"paths.root={tmp_path}", "train.max_steps=30", "train.warmup_steps=3",
+                                    "train.log_every=10"])
     features = pipeline.cache_features(cfg, corpus_dir)
     store = FeatureStore(features, expect_model_id="tiny")
     assert store.info.feature_kind == FEATURE_KIND_CLIP and store.info.dim == 48
@@ -158,7 +162,8 @@ def test_clip_variant_trains_and_composes(demo_corpus, tmp_path):
     composer = build_composer(cfg, str(result.aligner_dir))
     embeds, pooled = composer.prompt_embeds([RED, BLUE], "on a beach")
     # FLUX's T5 embedding of the text at eval.clip_text_tokens (the release: 128), not diffusers' 512.
-    text_embeds, text_pooled, _ = composer.flux.pipe.encode_prompt(prompt="on a beach", prompt_2="on a beach", device=CPU,
+    text_embeds, text_pooled, _ = composer.flux.pipe.encode_prompt(prompt="on a beach", prompt_2="on a beach",
+                                                                   device=CPU,
                                                                    max_sequence_length=cfg.eval.clip_text_tokens)
     assert embeds.shape == (1, 5 + 5 + cfg.eval.clip_text_tokens, 32)
     with torch.no_grad():

@@ -65,7 +65,8 @@ def test_task_ii_and_display_words():
     assert prompt.expected == ("lego", "box")
     wire = next(build_prompt(get_task(5), 2, i) for i in range(1000) if "3d" in build_prompt(get_task(5), 2, i).x_items)
     assert "wireframe: " in wire.text_inputs
-    park = next(build_prompt(get_task(3), 2, i) for i in range(1000) if "park" in build_prompt(get_task(3), 2, i).x_items)
+    park = next(build_prompt(get_task(3), 2, i) for i in range(1000)
+                if "park" in build_prompt(get_task(3), 2, i).x_items)
     assert "amusement park: " in park.text_inputs
 
 
@@ -84,7 +85,8 @@ def test_save_names_and_paths_as_cobsat_writes_them():
         assert f"{index}_{theta}_{'_'.join(x_words)}" == name
         prompt = build_prompt(task, shot=2, index=index)
         assert prompt.save_name == name
-        assert cobsat_result_path(prompt, "thinkdiff") == f"results/exps/thinkdiff_image/shot_2/default/task_{task.id}/{name}.jpg"
+        assert cobsat_result_path(prompt, "thinkdiff") == (
+            f"results/exps/thinkdiff_image/shot_2/default/task_{task.id}/{name}.jpg")
     with pytest.raises(ValueError, match="folder-safe"):
         cobsat_result_path(build_prompt(get_task(1), 2, 0), "runs/thinkdiff")
 
@@ -115,7 +117,8 @@ def test_judge_questions_are_exact():
     assert "(1)zebra" in judge_questions(get_task(3))[1] and "(5)amusement park" in judge_questions(get_task(3))[0]
 
 
-@pytest.mark.parametrize(("reply", "option"), [("3", 3), ("(10)", 10), ("The answer is 1 0", 10), ("0", -1), ("11", -1), ("none", -1)])
+@pytest.mark.parametrize(("reply", "option"),
+                         [("3", 3), ("(10)", 10), ("The answer is 1 0", 10), ("0", -1), ("11", -1), ("none", -1)])
 def test_answer_parsing_concatenates_digits(reply, option):
     assert parse_answer(reply) == option
 
@@ -153,12 +156,14 @@ def test_a_synthetic_set_is_never_extended_at_another_size(tmp_path):
     root = tmp_path / "set"
     make_synthetic_dataset(root, 32)
     stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
-    with pytest.raises(DataContractError, match=rf"{root} holds the synthetic CoBSAT set at 32 px, not 40: give another directory"):
+    with pytest.raises(DataContractError,
+                       match=rf"{root} holds the synthetic CoBSAT set at 32 px, not 40: give another directory"):
         make_synthetic_dataset(root, 40)
     (root / "SYNTHETIC.txt").unlink()  # as an interrupted run leaves it
     with pytest.raises(DataContractError, match="at 32 px, not 40"):
         make_synthetic_dataset(root, 40)
-    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == {p: t for p, t in stamps.items() if p.name != "SYNTHETIC.txt"}
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == {
+        p: t for p, t in stamps.items() if p.name != "SYNTHETIC.txt"}
     assert make_synthetic_dataset(root, 32).image(all_item_paths()[0]).size == (32, 32)  # its own size completes it
     with pytest.raises(NotADirectoryError, match="is a file: give a directory"):
         make_synthetic_dataset(root / "color_object.csv", 32)
@@ -169,8 +174,10 @@ def test_a_synthetic_set_is_never_extended_at_another_size(tmp_path):
 
 def test_sanity_baselines_exact_on_synthetic(synthetic, tmp_path):
     tasks = [t.id for t in TASKS]
-    oracle = evaluate(synthetic, BASELINES["oracle"], synthetic_judge, tmp_path / "oracle", judge_label=SYNTHETIC, tasks=tasks, shots=[2, 4], limit=5)
-    copy = evaluate(synthetic, BASELINES["copy-last"], synthetic_judge, tmp_path / "copy", judge_label=SYNTHETIC, tasks=tasks, shots=[2, 4], limit=5)
+    oracle = evaluate(synthetic, BASELINES["oracle"], synthetic_judge, tmp_path / "oracle", judge_label=SYNTHETIC,
+                      tasks=tasks, shots=[2, 4], limit=5)
+    copy = evaluate(synthetic, BASELINES["copy-last"], synthetic_judge, tmp_path / "copy", judge_label=SYNTHETIC,
+                    tasks=tasks, shots=[2, 4], limit=5)
     assert oracle.mean == {2: 1.0, 4: 1.0} and all(v == 1.0 for per in oracle.accuracy.values() for v in per.values())
     assert copy.mean == {2: 0.0, 4: 0.0}
     assert oracle.num_prompts == 100 and "| shot | C-I | B-I | S-I | A-I | T-I | C-II |" in oracle.table()
@@ -180,9 +187,11 @@ def test_sanity_baselines_exact_on_synthetic(synthetic, tmp_path):
 
 def test_random_baselines_are_near_chance(synthetic, tmp_path):
     tasks = [t.id for t in TASKS]
-    theta = evaluate(synthetic, BASELINES["random-theta"], synthetic_judge, tmp_path / "theta", judge_label=SYNTHETIC, tasks=tasks, shots=[2], limit=40)
+    theta = evaluate(synthetic, BASELINES["random-theta"], synthetic_judge, tmp_path / "theta", judge_label=SYNTHETIC,
+                     tasks=tasks, shots=[2], limit=40)
     assert 0.03 <= theta.mean[2] <= 0.2  # about 1/10
-    uniform = evaluate(synthetic, BASELINES["random"], synthetic_judge, tmp_path / "random", judge_label=SYNTHETIC, tasks=tasks, shots=[2], limit=40)
+    uniform = evaluate(synthetic, BASELINES["random"], synthetic_judge, tmp_path / "random", judge_label=SYNTHETIC,
+                       tasks=tasks, shots=[2], limit=40)
     assert uniform.mean[2] <= 0.04 < theta.mean[2]  # about 1/100: both factors drawn at random
 
 
@@ -191,7 +200,8 @@ def test_results_resume_after_a_torn_line(synthetic, tmp_path):
     evaluate(synthetic, BASELINES["oracle"], synthetic_judge, out, judge_label=SYNTHETIC, tasks=[1], shots=[2], limit=3)
     lines = (out / "results.jsonl").read_text().splitlines()
     (out / "results.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:10])  # killed mid-write
-    summary = evaluate(synthetic, BASELINES["oracle"], synthetic_judge, out, judge_label=SYNTHETIC, tasks=[1], shots=[2], limit=3)
+    summary = evaluate(synthetic, BASELINES["oracle"], synthetic_judge, out, judge_label=SYNTHETIC,
+                       tasks=[1], shots=[2], limit=3)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1, 2] and summary.num_prompts == 3
     # A last row whole but cut before its newline: the next row starts a line of its own.
@@ -203,7 +213,8 @@ def test_results_resume_after_a_torn_line(synthetic, tmp_path):
     damaged = "\n".join([lines[0], lines[1][:10], lines[2]]) + "\n"
     (out / "results.jsonl").write_text(damaged)
     with pytest.raises(DataContractError, match=r"results.jsonl, line 2: not a JSON line .*delete that line"):
-        evaluate(synthetic, BASELINES["oracle"], synthetic_judge, out, judge_label=SYNTHETIC, tasks=[1], shots=[2], limit=3)
+        evaluate(synthetic, BASELINES["oracle"], synthetic_judge, out, judge_label=SYNTHETIC,
+                 tasks=[1], shots=[2], limit=3)
     assert (out / "results.jsonl").read_text() == damaged
 
 
@@ -212,7 +223,8 @@ def test_a_directory_shared_by_prompt_sets_shows_each_its_own_samples(synthetic,
     prompts, and a rerun with nothing new draws no grid."""
     grids = []
     real = harness.save_sample_grid
-    monkeypatch.setattr(harness, "save_sample_grid", lambda rows, path: grids.append([c for _, c in rows]) or real(rows, path))
+    monkeypatch.setattr(harness, "save_sample_grid",
+                        lambda rows, path: grids.append([c for _, c in rows]) or real(rows, path))
     out = tmp_path / "run"
     evaluate(synthetic, BASELINES["oracle"], synthetic_judge, out, judge_label=SYNTHETIC, tasks=[1], shots=[2], limit=4)
     evaluate(synthetic, BASELINES["oracle"], synthetic_judge, out, judge_label=SYNTHETIC, tasks=[4], shots=[2], limit=2)
@@ -232,7 +244,8 @@ def test_prompts_go_in_fixed_batches_of_one_task_and_shot(synthetic, tmp_path):
         return oracle_batch
 
     fresh: list = []
-    summary = evaluate(synthetic, recording(fresh), synthetic_judge, tmp_path / "fresh", judge_label=SYNTHETIC, tasks=[1, 2], shots=[2, 4], limit=5, batch_size=2)
+    summary = evaluate(synthetic, recording(fresh), synthetic_judge, tmp_path / "fresh", judge_label=SYNTHETIC,
+                       tasks=[1, 2], shots=[2, 4], limit=5, batch_size=2)
     assert [[i for _, _, i in b] for b in fresh] == [[0, 1], [2, 3], [4, 5]] * 4
     assert all(len({(t, s) for t, s, _ in b}) == 1 for b in fresh)
     assert summary.num_prompts == 20 and summary.mean == {2: 1.0, 4: 1.0}  # row 5 (past the limit) left out
@@ -240,8 +253,10 @@ def test_prompts_go_in_fixed_batches_of_one_task_and_shot(synthetic, tmp_path):
     assert sorted((r["task"], r["shot"], r["index"]) for r in rows) == sorted(k for b in fresh for k in b)
 
     staged: list = []
-    evaluate(synthetic, recording(staged), synthetic_judge, tmp_path / "staged", judge_label=SYNTHETIC, tasks=[1, 2], shots=[2, 4], limit=3, batch_size=2)
-    evaluate(synthetic, recording(staged), synthetic_judge, tmp_path / "staged", judge_label=SYNTHETIC, tasks=[1, 2], shots=[2, 4], limit=5, batch_size=2)
+    evaluate(synthetic, recording(staged), synthetic_judge, tmp_path / "staged", judge_label=SYNTHETIC,
+             tasks=[1, 2], shots=[2, 4], limit=3, batch_size=2)
+    evaluate(synthetic, recording(staged), synthetic_judge, tmp_path / "staged", judge_label=SYNTHETIC,
+             tasks=[1, 2], shots=[2, 4], limit=5, batch_size=2)
     assert sorted(staged) == sorted(fresh)
 
 
@@ -254,10 +269,12 @@ def test_a_smaller_limit_scores_only_its_own_prompts(synthetic, tmp_path):
         calls.append(len(prompts))
         return [BASELINES["oracle" if p.index < 2 else "copy-last"]([p], dataset)[0] for p in prompts]
 
-    full = evaluate(synthetic, good_then_bad, synthetic_judge, tmp_path / "run", judge_label=SYNTHETIC, tasks=[1], shots=[2], limit=5)
+    full = evaluate(synthetic, good_then_bad, synthetic_judge, tmp_path / "run", judge_label=SYNTHETIC,
+                    tasks=[1], shots=[2], limit=5)
     assert full.num_prompts == 5 and full.mean == {2: 0.4}
     calls.clear()
-    subset = evaluate(synthetic, good_then_bad, synthetic_judge, tmp_path / "run", judge_label=SYNTHETIC, tasks=[1], shots=[2], limit=2)
+    subset = evaluate(synthetic, good_then_bad, synthetic_judge, tmp_path / "run", judge_label=SYNTHETIC,
+                      tasks=[1], shots=[2], limit=2)
     assert subset.num_prompts == 2 and subset.mean == {2: 1.0} and calls == []
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["num_prompts"] == 2  # what MLflow gets
 
@@ -266,7 +283,8 @@ def test_results_directory_follows_what_changes_a_result(tmp_path):
     """The VLM's image size and system prompt change the pictures: a new results directory. The
     prompt limit does not: the same directory, so a larger run reuses the drawn prompts."""
     def run(*overrides):
-        cfg = load_config("tiny", [f"paths.root={tmp_path}", "eval.generator=oracle", "eval.tasks=[1]", "eval.shots=[2]", *overrides])
+        cfg = load_config("tiny", [f"paths.root={tmp_path}", "eval.generator=oracle", "eval.tasks=[1]",
+                                   "eval.shots=[2]", *overrides])
         return stage.evaluate_cobsat(cfg)
 
     base = run("eval.limit=1")
@@ -276,14 +294,17 @@ def test_results_directory_follows_what_changes_a_result(tmp_path):
 
 
 def test_comparison_shows_generators_side_by_side_and_is_not_rewritten(synthetic, tmp_path):
-    run = lambda name: evaluate(synthetic, BASELINES[name], synthetic_judge, tmp_path / name, judge_label=SYNTHETIC, tasks=[1, 2], shots=[2, 4], limit=2)  # noqa: E731
+    run = lambda name: evaluate(synthetic, BASELINES[name], synthetic_judge, tmp_path / name,  # noqa: E731
+                                judge_label=SYNTHETIC, tasks=[1, 2], shots=[2, 4], limit=2)
     assert compare(tmp_path / "oracle", {"oracle": run("oracle"), "copy-last": run("copy-last")})
     table = tmp_path / "oracle" / "comparison.md"
     lines = table.read_text().splitlines()
     assert lines[0].startswith("| generator | shot | C-I | B-I |")
-    assert [line.split(" | ")[:2] for line in lines[2:6]] == [["| oracle", "2"], ["| oracle", "4"], ["| copy-last", "2"], ["| copy-last", "4"]]
+    assert [line.split(" | ")[:2] for line in lines[2:6]] == [
+        ["| oracle", "2"], ["| oracle", "4"], ["| copy-last", "2"], ["| copy-last", "4"]]
     assert lines[6:] == ["", f"8 prompts per generator; judge: {SYNTHETIC}"]  # 2 tasks x 2 shots x 2
-    scored = [[c for c in line.strip("| ").split(" | ")[2:] if c != "-"] for line in lines[2:6]]  # tasks 1 and 2, then the mean
+    # tasks 1 and 2, then the mean
+    scored = [[c for c in line.strip("| ").split(" | ")[2:] if c != "-"] for line in lines[2:6]]
     assert scored == [["1.000"] * 3] * 2 + [["0.000"] * 3] * 2
     chart = tmp_path / "oracle" / "comparison.png"
     assert chart.read_bytes()[:4] == b"\x89PNG"
@@ -303,7 +324,8 @@ def test_two_evaluations_of_one_directory_draw_each_prompt_once(synthetic, tmp_p
         return BASELINES["oracle"](prompts, dataset)
 
     def run():
-        return evaluate(synthetic, slow_oracle, synthetic_judge, tmp_path / "shared", judge_label=SYNTHETIC, tasks=[1], shots=[2], limit=4, batch_size=2)
+        return evaluate(synthetic, slow_oracle, synthetic_judge, tmp_path / "shared", judge_label=SYNTHETIC,
+                        tasks=[1], shots=[2], limit=4, batch_size=2)
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         summaries = [f.result() for f in [pool.submit(run), pool.submit(run)]]
@@ -314,12 +336,14 @@ def test_two_evaluations_of_one_directory_draw_each_prompt_once(synthetic, tmp_p
 
 
 def test_a_summary_table_in_an_older_form_is_rewritten_once(synthetic, tmp_path):
-    run = lambda: evaluate(synthetic, BASELINES["oracle"], synthetic_judge, tmp_path / "run", judge_label=SYNTHETIC, tasks=[1], shots=[2], limit=2)  # noqa: E731
+    run = lambda: evaluate(synthetic, BASELINES["oracle"], synthetic_judge, tmp_path / "run",  # noqa: E731
+                           judge_label=SYNTHETIC, tasks=[1], shots=[2], limit=2)
     summary = run()
     table = tmp_path / "run" / "summary.md"
     table.write_text(summary.table().rsplit("\n\n", 1)[0] + "\n")  # as written before tables gave their prompt count
     run()
-    assert table.read_text() == summary.table() + "\n" and table.read_text().endswith(f"\n2 prompts; judge: {SYNTHETIC}\n")
+    assert (table.read_text() == summary.table() + "\n"
+            and table.read_text().endswith(f"\n2 prompts; judge: {SYNTHETIC}\n"))
     stamp = table.stat().st_mtime_ns
     run()
     assert table.stat().st_mtime_ns == stamp
@@ -330,12 +354,14 @@ def test_clip_score_is_a_second_table_and_row_fields(tmp_path):
     and similarity per task and shot in a second table, and the images lie in CoBSAT's layout."""
     from thinkdiff.eval.clip_score import FIELDS
 
-    cfg = load_config("tiny", [f"paths.root={tmp_path}", "eval.generator=oracle", "eval.baselines=[]", "eval.clip_score=true",
-                               "eval.limit=2", "eval.batch_size=2", "eval.tasks=[1, 4]", "eval.shots=[2]"])
+    cfg = load_config("tiny", [f"paths.root={tmp_path}", "eval.generator=oracle", "eval.baselines=[]",
+                               "eval.clip_score=true", "eval.limit=2", "eval.batch_size=2", "eval.tasks=[1, 4]",
+                               "eval.shots=[2]"])
     result = stage.evaluate_cobsat(cfg)
     rows = [json.loads(line) for line in result.results_jsonl.read_text().splitlines()]
     assert len(rows) == 4 and all(set(FIELDS) <= set(row) for row in rows)
-    assert all(row["image"] == cobsat_result_path(build_prompt(get_task(row["task"]), 2, row["index"]), "oracle") for row in rows)
+    assert all(row["image"] == cobsat_result_path(build_prompt(get_task(row["task"]), 2, row["index"]), "oracle")
+               for row in rows)
     summary = result.summary
     for task in (1, 4):
         mine = [r for r in rows if r["task"] == task]

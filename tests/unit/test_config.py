@@ -70,7 +70,8 @@ def test_tiny_preset_is_offline():
 
 
 def test_override_coerces_to_field_type():
-    cfg = load_config("tiny", ["train.lr=2e-4", "train.max_steps=70", "features.instructions=[a, b]", "train.betas=[0.8, 0.9]"])
+    cfg = load_config("tiny", ["train.lr=2e-4", "train.max_steps=70", "features.instructions=[a, b]",
+                               "train.betas=[0.8, 0.9]"])
     assert cfg.train.lr == pytest.approx(2e-4) and isinstance(cfg.train.lr, float)
     assert cfg.train.max_steps == 70
     assert cfg.features.instructions == ["a", "b"]
@@ -101,8 +102,8 @@ def test_text_overrides_are_taken_as_typed_and_bad_yaml_is_named():
 
 
 def test_wrong_type_names_key_and_value():
-    with pytest.raises(ConfigError, match=r"^override 'train.max_steps=many': `train.max_steps`='many' is not a valid int; "
-                                          r"write a whole number"):
+    with pytest.raises(ConfigError, match=r"^override 'train.max_steps=many': `train.max_steps`='many' is not a "
+                                          r"valid int; write a whole number"):
         load_config("tiny", ["train.max_steps=many"])
     with pytest.raises(ConfigError, match=r"`train.max_steps`=2.5 is not a valid int"):
         load_config("tiny", ["train.max_steps=2.5"])
@@ -120,7 +121,8 @@ def test_override_of_a_section_or_inside_a_value_is_refused():
 
 def test_baselines_are_other_generators_than_thinkdiff():
     assert load_config("tiny", ["eval.baselines=[]"]).eval.baselines == []
-    with pytest.raises(ConfigError, match=r"eval.baselines=\['thinkdiff'\]: list distinct generators beside thinkdiff: text-bridge"):
+    with pytest.raises(ConfigError,
+                       match=r"eval.baselines=\['thinkdiff'\]: list distinct generators beside thinkdiff: text-bridge"):
         load_config("tiny", ["eval.baselines=[thinkdiff]"])
     with pytest.raises(ConfigError, match=r"eval.baselines=\['oracle', 'oracle'\]"):
         load_config("tiny", ["eval.baselines=[oracle, oracle]"])
@@ -206,7 +208,8 @@ def test_unknown_preset_lists_available():
 
 def test_the_global_batch_splits_evenly_over_the_processes():
     assert load_config("paper-lvlm", ["train.num_processes=8"]).train.batch_size == 96
-    with pytest.raises(ConfigError, match=r"train.batch_size=96: the global batch is split evenly over train.num_processes=5"):
+    with pytest.raises(ConfigError,
+                       match=r"train.batch_size=96: the global batch is split evenly over train.num_processes=5"):
         load_config("paper-lvlm", ["train.num_processes=5"])
 
 
@@ -215,7 +218,8 @@ def test_fingerprints_follow_what_a_stage_computes():
     # Observation-only settings keep the training directory; what changes results moves it.
     assert train_fingerprint(load_config("tiny", ["train.log_every=3"])) == train_fingerprint(base)
     assert train_fingerprint(load_config("tiny", ["train.compile=true"])) == train_fingerprint(base)
-    assert train_fingerprint(load_config("tiny", ["train.decoder_attention=flex", "train.compile=true"])) == train_fingerprint(base)
+    assert train_fingerprint(load_config("tiny", ["train.decoder_attention=flex", "train.compile=true"])) == (
+        train_fingerprint(base))
     assert features_fingerprint(load_config("tiny", ["features.preprocess_workers=7"])) == features_fingerprint(base)
     assert train_fingerprint(load_config("tiny", ["train.lr=2e-3"])) != train_fingerprint(base)
     # Training settings do not invalidate cached features; the VLM and sampling settings do.

@@ -41,7 +41,8 @@ from thinkdiff.storage import corpus_fingerprint, stage_dir
 def test_missing_columns_named_with_fix(tmp_path):
     path = tmp_path / "urls.tsv"
     path.write_text("link\ttext\nhttp://x/a.jpg\ta\n")
-    with pytest.raises(CorpusError, match=r"column\(s\) \['url', 'caption'\] not found; its columns are \['link', 'text'\]. Set corpus.url_col"):
+    with pytest.raises(CorpusError, match=r"column\(s\) \['url', 'caption'\] not found; "
+                                          r"its columns are \['link', 'text'\]. Set corpus.url_col"):
         check_url_list(path, "tsv", "url", "caption")
 
 
@@ -58,7 +59,8 @@ def test_empty_and_unreadable_and_missing_lists(tmp_path):
         check_url_list(tmp_path / "nope.tsv", "tsv", "url", "caption")
     with pytest.raises(CorpusError, match="corpus.input_format='txt'"):
         check_url_list(empty, "txt", "url", "caption")
-    with pytest.raises(IsADirectoryError, match=rf"corpus.url_list='{tmp_path}' is a directory: give the url list file in it"):
+    with pytest.raises(IsADirectoryError,
+                       match=rf"corpus.url_list='{tmp_path}' is a directory: give the url list file in it"):
         corpus_fingerprint(load_config("tiny", [f"corpus.url_list={tmp_path}", "corpus.input_format=tsv"]))
 
 
@@ -115,7 +117,8 @@ def test_user_url_list_with_failures_then_resume(make_cfg, tmp_path, caplog):
     assert (out / "00000_stats.json").stat().st_mtime_ns == stamp
     # The bar is not in the fingerprint: a config with a higher one refuses the corpus accepted under 0.5.
     cfg.min_success_rate = 0.9
-    with pytest.raises(CorpusError, match=r"accepted with 66.7% of its images downloaded, below this config's corpus.min_success_rate=90%"):
+    with pytest.raises(CorpusError, match=r"accepted with 66.7% of its images downloaded, "
+                                          r"below this config's corpus.min_success_rate=90%"):
         build_corpus(cfg, out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["successes"] == 6 and manifest["shards"][2]["failed_to_download"] == 2
@@ -130,14 +133,16 @@ def test_the_corpus_fingerprint_covers_what_is_downloaded_not_how(make_cfg, tmp_
     urls.write_text("url\tcaption\nhttp://127.0.0.1:9/a.jpg\ta\n")
     real = (f"corpus.url_list={urls}", "corpus.input_format=tsv")
     base = corpus_fingerprint(make_cfg(*real))
-    for how in ("corpus.min_success_rate=0.5", "corpus.processes=7", "corpus.threads=3", "corpus.demo_images=5", "corpus.seed=9"):
+    for how in ("corpus.min_success_rate=0.5", "corpus.processes=7", "corpus.threads=3", "corpus.demo_images=5",
+                "corpus.seed=9"):
         assert corpus_fingerprint(make_cfg(*real, how)) == base, how
     for what in ("corpus.image_size=64", "corpus.shard_size=7", "corpus.resize_mode=keep_ratio"):
         assert corpus_fingerprint(make_cfg(*real, what)) != base, what
     urls.write_text("url\tcaption\nhttp://127.0.0.1:9/b.jpg\tb\n")
     assert corpus_fingerprint(make_cfg(*real)) != base
     demo = corpus_fingerprint(make_cfg())
-    assert corpus_fingerprint(make_cfg("corpus.threads=3")) == demo != corpus_fingerprint(make_cfg("corpus.demo_images=5"))
+    assert corpus_fingerprint(make_cfg("corpus.threads=3")) == demo != corpus_fingerprint(
+        make_cfg("corpus.demo_images=5"))
 
 
 def test_a_damaged_corpus_shard_is_named_with_the_fix(demo_corpus, tmp_path):
@@ -154,7 +159,8 @@ def test_a_damaged_stats_file_is_named_with_the_fix(demo_corpus, tmp_path):
     cfg, corpus_dir = demo_corpus
     copy = shutil.copytree(corpus_dir, tmp_path / "corpus")
     (copy / "00001_stats.json").write_text('{"count": 16,')
-    with pytest.raises(DataContractError, match=r"00001_stats.json is not valid JSON .*: delete it and its shard 00001.parquet"):
+    with pytest.raises(DataContractError,
+                       match=r"00001_stats.json is not valid JSON .*: delete it and its shard 00001.parquet"):
         check_shard_stats(copy, 43, cfg.corpus)
 
 
@@ -167,8 +173,10 @@ def test_features_refuse_the_configs_corpus_until_its_stage_completed(make_cfg, 
     own = stage_dir(cfg, "corpus")
     own.mkdir(parents=True)
     (own / "00000_stats.json").write_text(json.dumps({"count": 4, "successes": 0}))
-    for given in (None, tmp_path / ".." / tmp_path.name / "data" / own.relative_to(tmp_path / "data")):  # also named by hand
-        with pytest.raises(FileNotFoundError, match=r"the corpus at .* has not completed .* run `thinkdiff corpus` with the same --config"):
+    # also named by hand
+    for given in (None, tmp_path / ".." / tmp_path.name / "data" / own.relative_to(tmp_path / "data")):
+        with pytest.raises(FileNotFoundError, match=r"the corpus at .* has not completed .* "
+                                                    r"run `thinkdiff corpus` with the same --config"):
             pipeline.cache_features(cfg, corpus_dir=given)
     _, corpus_dir = demo_corpus
     external = tmp_path / "img2dataset-out"
@@ -177,7 +185,8 @@ def test_features_refuse_the_configs_corpus_until_its_stage_completed(make_cfg, 
         (external / f.name).write_bytes(f.read_bytes())
     assert pipeline.pending_feature_shards(cfg, external) == [external / "00000.parquet"]
     # A completed corpus (40 of 43 images) is refused by a config with a higher bar than it passed.
-    with pytest.raises(CorpusError, match=r"accepted with 93.0% of its images downloaded, below this config's corpus.min_success_rate=99%"):
+    with pytest.raises(CorpusError, match=r"accepted with 93.0% of its images downloaded, "
+                                          r"below this config's corpus.min_success_rate=99%"):
         pipeline.pending_feature_shards(make_cfg("corpus.min_success_rate=0.99"), corpus_dir)
 
 
@@ -218,10 +227,12 @@ def test_an_interrupted_download_leaves_no_img2dataset_process(tmp_path):
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     urls = tmp_path / "urls.tsv"
-    urls.write_text("url\tcaption\n" + "".join(f"http://127.0.0.1:{server.server_port}/{i}.jpg\tslow {i}\n" for i in range(8)))
+    urls.write_text("url\tcaption\n"
+                    + "".join(f"http://127.0.0.1:{server.server_port}/{i}.jpg\tslow {i}\n" for i in range(8)))
     out = tmp_path / "corpus-being-downloaded"
     # The runner logs what it does and prints its threads' stacks on SIGUSR1: a hang shows where it is.
-    script = ("import faulthandler, logging, signal\nfrom pathlib import Path\nfrom thinkdiff.config import load_config\n"
+    script = ("import faulthandler, logging, signal\nfrom pathlib import Path\n"
+              "from thinkdiff.config import load_config\n"
               "from thinkdiff.data.corpus import build_corpus\n"
               "faulthandler.register(signal.SIGUSR1)\nlogging.basicConfig(level=logging.INFO)\n"
               f"cfg = load_config('tiny', ['corpus.url_list={urls}', 'corpus.timeout_s=60'])\n"

@@ -41,7 +41,8 @@ def vlm():
 def two_prompts():
     return [
         [Image.new("RGB", (56, 56), (200, 10, 10)), "Describe the image concisely."],
-        [Image.new("RGB", (112, 56), (10, 200, 10)), "Write a clear prompt to guide a 2D diffusion model in recreating the image."],
+        [Image.new("RGB", (112, 56), (10, 200, 10)),
+         "Write a clear prompt to guide a 2D diffusion model in recreating the image."],
     ]
 
 
@@ -80,7 +81,8 @@ def test_sampled_ids_and_states_equal_hf_generate(vlm, path, monkeypatch):
     # The same sampling, with the hidden states generate() itself saw at every step.
     config = GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9, top_k=0, repetition_penalty=1.0,
                               max_new_tokens=40, eos_token_id=vlm.eos_token_ids, pad_token_id=vlm.pad_token_id,
-                              suppress_tokens=vlm.vision_token_ids, output_hidden_states=True, return_dict_in_generate=True)
+                              suppress_tokens=vlm.vision_token_ids, output_hidden_states=True,
+                              return_dict_in_generate=True)
     with torch.random.fork_rng():
         torch.manual_seed(8)
         out = vlm.model.generate(**batch, generation_config=config)
@@ -131,7 +133,8 @@ def test_production_path_equals_plain_path_under_greedy_decoding(kv_cache, dtype
                              pad_token_id=vlm.pad_token_id, suppress_tokens=vlm.vision_token_ids)
     sequences = vlm.model.generate(**batch, generation_config=plain)
     generated = sequences[:, batch["input_ids"].shape[1]:]
-    assert [s.token_ids for s in fast] == [row[: len(s.token_ids)] for s, row in zip(fast, generated.tolist(), strict=True)]
+    assert [s.token_ids for s in fast] == [row[: len(s.token_ids)]
+                                           for s, row in zip(fast, generated.tolist(), strict=True)]
     assert all(len(s.token_ids) == 16 or s.token_ids[-1] in vlm.eos_token_ids for s in fast)
     expected = final_norm_states(vlm, batch, generated, [len(s.token_ids) for s in fast])
     tol = {"rtol": 1.6e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
@@ -207,14 +210,16 @@ def test_workers_on_one_store_split_the_shards(demo_corpus, tmp_path):
     in_flight = out / ".part-00000.parquet.live.tmp"
     in_flight.write_bytes(b"the other worker is writing this")
     other_worker = contextlib.ExitStack()
-    assert other_worker.enter_context(exclusive(out / ".part-00000.parquet.lock", ""))  # held as another worker holds it
+    # held as another worker holds it
+    assert other_worker.enter_context(exclusive(out / ".part-00000.parquet.lock", ""))
     assert extract.extract_feature_shard(cfg, corpus_dir / "00000.parquet", out, wait=False) is None
     stage = threading.Thread(target=pipeline.cache_features, args=(cfg, corpus_dir, out))
     stage.start()
     deadline = time.monotonic() + 120
     while not all((out / f"part-0000{i}.parquet").exists() for i in (1, 2)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert all((out / f"part-0000{i}.parquet").exists() for i in (1, 2)), "the shards nobody claimed are extracted first"
+    assert all((out / f"part-0000{i}.parquet").exists() for i in (1, 2)), (
+        "the shards nobody claimed are extracted first")
     stage.join(timeout=1)
     assert stage.is_alive(), "the stage waits for the claimed shard"
     assert not (out / "part-00000.parquet").exists() and in_flight.exists()
@@ -248,7 +253,8 @@ def test_another_corpus_gets_a_features_directory_of_its_own(tiny_store, tmp_pat
     with caplog.at_level(logging.INFO, logger="thinkdiff.data.extract"):
         written = pipeline.cache_feature_shard(cfg, pending[0])  # what the flow's mapped task runs
     rows = pq.ParquetFile(written).metadata.num_rows
-    assert any(re.fullmatch(rf"features: wrote part-00000.parquet \({rows} images in \S+s\); 2 shards left, \S+ img/s, ETA \d+s",
+    assert any(re.fullmatch(rf"features: wrote part-00000.parquet \({rows} images in \S+s\); "
+                            rf"2 shards left, \S+ img/s, ETA \d+s",
                             r.getMessage()) for r in caplog.records)
     assert written.parent == stage_dir(cfg, "features", other) != features_dir
     assert [p.name for p in pipeline.pending_feature_shards(cfg, other)] == ["00001.parquet", "00002.parquet"]
@@ -281,7 +287,8 @@ def test_an_out_directory_of_another_stage_is_refused(demo_corpus, tmp_path):
     cfg, corpus_dir = demo_corpus
     run = tmp_path / "run"
     write_manifest(run, {"stage": "train", "step": 5})
-    with pytest.raises(DataContractError, match=rf"{run} holds the output of the train stage; give the directory of a features"):
+    with pytest.raises(DataContractError,
+                       match=rf"{run} holds the output of the train stage; give the directory of a features"):
         pipeline.cache_features(cfg, corpus_dir=corpus_dir, out_dir=run)
 
 

@@ -103,7 +103,8 @@ def test_wrong_feature_width_is_rejected(tmp_path):
 
 
 def test_reader_accepts_matching_store_and_streams_columns(tmp_path):
-    store = FeatureStore(make_store(tmp_path, {"a.parquet": INFO, "b.parquet": INFO}), expect_model_id="tiny", expect_dim=6)
+    store = FeatureStore(make_store(tmp_path, {"a.parquet": INFO, "b.parquet": INFO}), expect_model_id="tiny",
+                         expect_dim=6)
     assert store.num_samples == 6
     assert [r["key"] for r in store.iter_records(("key",))] == ["k0", "k1", "k2"] * 2
     shard, group, rows = store.units[0]
@@ -113,13 +114,15 @@ def test_reader_accepts_matching_store_and_streams_columns(tmp_path):
 
 def test_reader_rejects_other_model(tmp_path):
     make_store(tmp_path, {"a.parquet": INFO})
-    with pytest.raises(DataContractError, match=r"a.parquet: does not match: model_id: shard has 'tiny', config models.vlm.id is 'Qwen/Qwen2-VL-7B-Instruct'"):
+    with pytest.raises(DataContractError, match=r"a.parquet: does not match: model_id: shard has 'tiny', "
+                                                r"config models.vlm.id is 'Qwen/Qwen2-VL-7B-Instruct'"):
         FeatureStore(tmp_path, expect_model_id="Qwen/Qwen2-VL-7B-Instruct")
 
 
 def test_reader_rejects_mixed_shards(tmp_path):
     make_store(tmp_path, {"a.parquet": INFO, "b.parquet": dataclasses.replace(INFO, dim=5, model_revision="other")})
-    with pytest.raises(DataContractError, match=r"b.parquet: does not match: dim: shard has 5, store has 6; model_revision"):
+    with pytest.raises(DataContractError,
+                       match=r"b.parquet: does not match: dim: shard has 5, store has 6; model_revision"):
         FeatureStore(tmp_path)
 
 
@@ -134,8 +137,11 @@ def test_reader_rejects_other_schema_version(tmp_path):
 
 
 def test_reader_rejects_foreign_parquet(tmp_path):
-    pq.write_table(pq.read_table(write_feature_shard(tmp_path / "x.parquet", records(), INFO)).replace_schema_metadata({}), tmp_path / "a.parquet")
-    write_manifest(tmp_path, {"stage": "features", "info": dataclasses.asdict(INFO), "shards": [{"name": "a.parquet", "num_samples": 3}]})
+    pq.write_table(
+        pq.read_table(write_feature_shard(tmp_path / "x.parquet", records(), INFO)).replace_schema_metadata({}),
+        tmp_path / "a.parquet")
+    write_manifest(tmp_path, {"stage": "features", "info": dataclasses.asdict(INFO),
+                              "shards": [{"name": "a.parquet", "num_samples": 3}]})
     with pytest.raises(DataContractError, match="a.parquet: not a thinkdiff feature shard"):
         FeatureStore(tmp_path)
 
@@ -145,11 +151,13 @@ def test_damaged_shards_and_manifests_are_named_with_the_fix(tmp_path):
     store = make_store(tmp_path / "cut", {"a.parquet": INFO, "b.parquet": INFO})
     shard = store / "b.parquet"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    with pytest.raises(DataContractError, match=rf"{shard} is not a readable Parquet file \(.*\): delete it and the store's manifest.json"):
+    with pytest.raises(DataContractError, match=rf"{shard} is not a readable Parquet file \(.*\): "
+                                                r"delete it and the store's manifest.json"):
         FeatureStore(store)
     store = make_store(tmp_path / "manifest", {"a.parquet": INFO})
     write_manifest(store, {"stage": "features", "shards": [{"name": "a.parquet", "num_samples": 3}]})
-    with pytest.raises(DataContractError, match=r"manifest.json is not a feature-store manifest \(KeyError: 'info'\); delete it"):
+    with pytest.raises(DataContractError,
+                       match=r"manifest.json is not a feature-store manifest \(KeyError: 'info'\); delete it"):
         FeatureStore(store)
 
 
@@ -188,8 +196,11 @@ def test_binary_values_are_the_column_values(tmp_path):
 
 
 def test_a_directory_that_is_not_a_feature_store_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"feature store .*/nowhere: no such directory; run `thinkdiff features` with the same"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"feature store .*/nowhere: no such directory; run `thinkdiff features` with the same"):
         FeatureStore(tmp_path / "nowhere")
-    write_manifest(tmp_path / "corpus", {"stage": "corpus", "count": 3})  # what `train --features <corpus dir>` would read
-    with pytest.raises(DataContractError, match=r"corpus holds the output of the corpus stage; give the directory of a features"):
+    # what `train --features <corpus dir>` would read
+    write_manifest(tmp_path / "corpus", {"stage": "corpus", "count": 3})
+    with pytest.raises(DataContractError,
+                       match=r"corpus holds the output of the corpus stage; give the directory of a features"):
         FeatureStore(tmp_path / "corpus")

@@ -74,14 +74,17 @@ def test_stop_tokens_are_banned_on_both_decode_paths():
     agree on ids and states."""
     vlm = build_tiny_vlm(min_pixels=3136, max_pixels=3136)
     assert {vlm.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} <= set(vlm.eos_token_ids)
-    assert vlm.tokenizer.eos_token_id in vlm.eos_token_ids and vlm.model.generation_config.eos_token_id in vlm.eos_token_ids
+    assert (vlm.tokenizer.eos_token_id in vlm.eos_token_ids
+            and vlm.model.generation_config.eos_token_id in vlm.eos_token_ids)
     hook = favour_stop_tokens(vlm)
-    batch = encode_chat(vlm, [[Image.new("RGB", (56, 56)), "hi"], [Image.new("RGB", (56, 56), "red"), "a longer question"]], "sys")
+    batch = encode_chat(vlm, [[Image.new("RGB", (56, 56)), "hi"],
+                              [Image.new("RGB", (56, 56), "red"), "a longer question"]], "sys")
     sample = dict(max_new_tokens=128, temperature=0.6, top_p=0.9, seed=0)
     try:
         stopped = generate_with_states(vlm, batch, **sample)
         assert all(len(s.token_ids) < 128 and s.token_ids[-1] in vlm.eos_token_ids for s in stopped)  # the boost works
-        paths = {path: generate_with_states(vlm, batch, **sample, ban_eos=True, kv_cache=path) for path in ("static", "dynamic")}
+        paths = {path: generate_with_states(vlm, batch, **sample, ban_eos=True, kv_cache=path)
+                 for path in ("static", "dynamic")}
     finally:
         hook.remove()
     for static, dynamic in zip(paths["static"], paths["dynamic"], strict=True):
@@ -98,7 +101,8 @@ def test_thinkdiff_generator_bans_stop_tokens(parts_env, monkeypatch):
     vlm = build_tiny_vlm(min_pixels=cfg.eval.min_pixels, max_pixels=cfg.eval.max_pixels)
     generator = ThinkDiffGenerator(vlm=vlm, aligner=aligner, flux=flux, cfg=cfg)
     answers = []
-    monkeypatch.setattr(generate, "generate_with_states", lambda *a, **k: answers.extend(generate_with_states(*a, **k)) or answers)
+    monkeypatch.setattr(generate, "generate_with_states",
+                        lambda *a, **k: answers.extend(generate_with_states(*a, **k)) or answers)
     hook = favour_stop_tokens(vlm)
     try:
         drawing, = generator([build_prompt(get_task(1), 2, 0)], data)
@@ -144,10 +148,12 @@ def test_inference_images_have_their_own_pixel_limits(tmp_path):
     wide = Image.new("RGB", (224, 112))
     inference = encode_chat(vlm, [[wide, "hi"]], "sys")["image_grid_thw"]
     features = encode_chat(shared_extractor(cfg), [[wide, "hi"]], "sys")["image_grid_thw"]
-    expected = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12544)(images=[wide], return_tensors="pt")["image_grid_thw"]
-    assert torch.equal(inference, expected) and features.tolist() == [[1, 2, 4]] and inference.prod() > 4 * features.prod()
-    assert build_generator(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, generator="text-bridge")), None).vlm \
-        .image_processor.size.longest_edge == 12544
+    expected = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12544)(images=[wide],
+                                                                          return_tensors="pt")["image_grid_thw"]
+    assert (torch.equal(inference, expected) and features.tolist() == [[1, 2, 4]]
+            and inference.prod() > 4 * features.prod())
+    assert build_generator(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, generator="text-bridge")),
+                           None).vlm.image_processor.size.longest_edge == 12544
 
 
 def test_results_keep_what_the_vlm_was_given_and_said(parts_env, tmp_path):
@@ -166,12 +172,14 @@ def test_results_keep_what_the_vlm_was_given_and_said(parts_env, tmp_path):
         judged.extend(images)
         return [Verdict(1, 2, ("(1)", "2")) for _ in images]
 
-    harness.evaluate(data, generator, judge, tmp_path, tasks=[1], shots=[2], limit=2, batch_size=2, judge_label="test judge")
+    harness.evaluate(data, generator, judge, tmp_path, tasks=[1], shots=[2], limit=2, batch_size=2,
+                     judge_label="test judge")
     rows = [json.loads(line) for line in (tmp_path / harness.RESULTS).read_text().splitlines()]
     prompts = [build_prompt(get_task(1), 2, i) for i in range(2)]
     drawn = generator(prompts, data)
     for row, prompt, drawing, image in zip(rows, prompts, drawn, judged, strict=True):
-        assert row["vlm_prompt"] == render_chat(cobsat_parts(prompt, data), cfg.features.system_prompt, picture_labels=True)
+        assert row["vlm_prompt"] == render_chat(cobsat_parts(prompt, data), cfg.features.system_prompt,
+                                                picture_labels=True)
         assert row["vlm_text"] == drawing.vlm_text and len(drawing.vlm_text) > 0
         assert row["judge_replies"] == ["(1)", "2"] and (row["detail"], row["object"]) == (1, 2)
         saved = Image.open(tmp_path / row["image"])
@@ -209,7 +217,8 @@ def test_flux_batch_draws_each_row_as_alone(dtype):
     pooled = flux.pooled_clip("")
     draw = dict(steps=3, guidance=3.5, size=64)
     batch = [np.asarray(im, dtype=np.int16) for im in flux.draw_embeds(embeds, pooled, seeds=[5, 6, 7], **draw)]
-    alone = [np.asarray(flux.draw_embeds(embeds[i: i + 1], pooled, seeds=[5 + i], **draw)[0], dtype=np.int16) for i in range(3)]
+    alone = [np.asarray(flux.draw_embeds(embeds[i: i + 1], pooled, seeds=[5 + i], **draw)[0], dtype=np.int16)
+             for i in range(3)]
     for b, a in zip(batch, alone, strict=True):
         assert np.abs(b - a).max() <= (3 if dtype == torch.bfloat16 else 1)
     reseeded = np.asarray(flux.draw_embeds(embeds[:1], pooled, seeds=[6], **draw)[0], dtype=np.int16)
@@ -269,7 +278,8 @@ def test_compiled_flux_draws_the_eager_pictures():
     torch.manual_seed(0)
     embeds, pooled = torch.randn(2, 16, eager.joint_dim), torch.randn(1, 32)
     draw = dict(steps=3, guidance=3.5, size=64, seeds=[1, 2])
-    for a, b in zip(eager.draw_embeds(embeds, pooled, **draw), compiled.draw_embeds(embeds, pooled, **draw), strict=True):
+    for a, b in zip(eager.draw_embeds(embeds, pooled, **draw), compiled.draw_embeds(embeds, pooled, **draw),
+                    strict=True):
         assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 1
     assert compiled.pipe.transformer.transformer_blocks[0]._compiled_call_impl is not None
     blocks = compiled.pipe.transformer.transformer_blocks[0], compiled.pipe.transformer.single_transformer_blocks[0]
@@ -285,7 +295,8 @@ def test_generate_command_writes_its_image_once(parts_env, tmp_path, capsys):
     red = data.item(get_task(1), "red", "leaf")
     red.save(tmp_path / "red.png")
     argv = ["generate", "--config", "tiny", f"paths.root={cfg.paths.root}", "--aligner", str(tmp_path / "aligner"),
-            "--text", "red: ", "--image", str(tmp_path / "red.png"), "--text", "blue: ", "--out", str(tmp_path / "out.png")]
+            "--text", "red: ", "--image", str(tmp_path / "red.png"), "--text", "blue: ",
+            "--out", str(tmp_path / "out.png")]
     assert main(argv) == 0
     written = (tmp_path / "out.png").read_bytes()
     assert Image.open(tmp_path / "out.png").size == (cfg.eval.image_size, cfg.eval.image_size)

@@ -51,8 +51,9 @@ def test_llava_judge_asks_both_exact_questions():
     texts = judge.processor.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=False)
     for text, question in zip(texts, judge_questions(task), strict=True):
         # CoBSAT's judge prompt: LLaVA's llava_v1 conversation (system line, one user turn).
-        assert text.endswith("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
-                             f"detailed, and polite answers to the human's questions. USER: {LLAVA_IMAGE * 4}\n{question} ASSISTANT:")
+        assert text.endswith("A chat between a curious human and an artificial intelligence assistant. "
+                             "The assistant gives helpful, detailed, and polite answers to the human's questions. "
+                             f"USER: {LLAVA_IMAGE * 4}\n{question} ASSISTANT:")
     assert batch["pixel_values"].shape[0] == 2
 
 
@@ -122,7 +123,8 @@ def test_qwen2vl_judge_batch_replies_as_image_by_image():
 def test_llava_judge_parses_replies():
     judge = build_tiny_llava_judge()
     scripted(judge.processor.tokenizer, judge.model, [" (3)", "1 0", "none", "11"])
-    assert judge([IMAGE, IMAGE], [get_task(1), get_task(2)]) == [Verdict(3, 10, ("(3)", "1 0")), Verdict(-1, -1, ("none", "11"))]
+    assert judge([IMAGE, IMAGE], [get_task(1), get_task(2)]) == [Verdict(3, 10, ("(3)", "1 0")),
+                                                                 Verdict(-1, -1, ("none", "11"))]
 
 
 def test_qwen2vl_judge():

@@ -35,7 +35,8 @@ def test_tiny_qwen_tokenizer_learns_word_level_merges_from_a_corpus():
     from thinkdiff.models.tiny import build_tiny_qwen_tokenizer
     from thinkdiff.models.vlm import IM_START
 
-    corpus = ["You are a helpful assistant.", "Describe the image concisely.", "Summarize the visual content of the image."]
+    corpus = ["You are a helpful assistant.", "Describe the image concisely.",
+              "Summarize the visual content of the image."]
     plain, merged = build_tiny_qwen_tokenizer(), build_tiny_qwen_tokenizer(corpus)
     text = "Describe the image concisely."
     assert plain(text, add_special_tokens=False)["input_ids"] == list(text.encode())
@@ -87,12 +88,14 @@ def test_decoder_loss_equals_transformers_loss(monkeypatch):
     assert masks[1::2] == [((2, 1, 1, 5), torch.bool)] * 2  # the two layers' cross-attention
     torch.testing.assert_close(parts.decoder_lm.loss(states.flatten(0, 1), padded_slots(mask), labels), expected)
     # Padded source rows are never read: other values there give the same loss.
-    torch.testing.assert_close(parts.decoder_lm.loss((states + 9 * (1 - mask)[..., None]).flatten(0, 1), padded_slots(mask), labels),
+    torch.testing.assert_close(parts.decoder_lm.loss((states + 9 * (1 - mask)[..., None]).flatten(0, 1),
+                                                     padded_slots(mask), labels),
                                expected)
     # With the target positions made beforehand (as the training batches carry them): the same loss.
     positions = target_positions(labels)
     assert positions.tolist() == [0, 1, 2, 3, 4, 5]
-    assert torch.equal(parts.decoder_lm.loss(rows, slots, labels, positions), parts.decoder_lm.loss(rows, slots, labels))
+    assert torch.equal(parts.decoder_lm.loss(rows, slots, labels, positions),
+                       parts.decoder_lm.loss(rows, slots, labels))
 
 
 def test_flex_decoder_attention_scores_like_sdpa(monkeypatch):
@@ -181,20 +184,24 @@ def test_loaders_read_local_directories(tmp_path):
     assert isinstance(t5, T5ForConditionalGeneration)
     # The encoder's blocks are never read: a checkpoint without them loads to the same decoder.
     weights = load_file(tmp_path / "t5" / "model.safetensors")
-    save_file({k: v for k, v in weights.items() if not k.startswith("encoder.block.")}, tmp_path / "t5" / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file({k: v for k, v in weights.items() if not k.startswith("encoder.block.")},
+              tmp_path / "t5" / "model.safetensors", metadata={"format": "pt"})
     lean = load_t5(ModelSource(id=str(tmp_path / "t5"), revision="main", dtype="float32"), device=CPU)
-    for (name, p), (_, q) in zip(parts.decoder_lm.state_dict().items(), lean.decoder_lm.state_dict().items(), strict=True):
+    for (name, p), (_, q) in zip(parts.decoder_lm.state_dict().items(), lean.decoder_lm.state_dict().items(),
+                                 strict=True):
         assert torch.equal(p, q), name
     assert torch.equal(lean.encoder_final_norm, t5.encoder.final_layer_norm.weight)
     assert lean.encoder is None and not any(k.startswith("encoder") for k in lean.decoder_lm.state_dict())
     # ThinkDiff-CLIP keeps the encoder, read from the (full) checkpoint.
     t5.save_pretrained(tmp_path / "t5-full")
     load_t5(TINY, device=CPU).tokenizer.save_pretrained(tmp_path / "t5-full")
-    clip = load_t5(ModelSource(id=str(tmp_path / "t5-full"), revision="main", dtype="float32"), device=CPU, keep_encoder=True)
-    assert torch.equal(clip.encoder.block[0].layer[0].SelfAttention.q.weight, t5.encoder.block[0].layer[0].SelfAttention.q.weight)
+    clip = load_t5(ModelSource(id=str(tmp_path / "t5-full"), revision="main", dtype="float32"), device=CPU,
+                   keep_encoder=True)
+    assert torch.equal(clip.encoder.block[0].layer[0].SelfAttention.q.weight,
+                       t5.encoder.block[0].layer[0].SelfAttention.q.weight)
     # A checkpoint missing weights that are needed is an error, not a silently random model.
-    with pytest.raises(DataContractError, match=r"lacks \d+ weight\(s\) needed by the encoder and decoder \(encoder\.block\.0"):
+    with pytest.raises(DataContractError,
+                       match=r"lacks \d+ weight\(s\) needed by the encoder and decoder \(encoder\.block\.0"):
         load_t5(ModelSource(id=str(tmp_path / "t5"), revision="main", dtype="float32"), device=CPU, keep_encoder=True)
 
     vlm = build_tiny_vlm(min_pixels=3136, max_pixels=3136)
@@ -229,7 +236,8 @@ def test_compiled_decoder_blocks_share_one_graph_and_match_eager():
     batches = []
     for b, s, t in shapes:
         # Padding in all but the last batch: no other graph.
-        mask = (torch.arange(s) < torch.randint(1, s, (b, 1), generator=g)).long() if s != 12 else torch.ones(b, s, dtype=torch.long)
+        mask = ((torch.arange(s) < torch.randint(1, s, (b, 1), generator=g)).long() if s != 12
+                else torch.ones(b, s, dtype=torch.long))
         labels = torch.randint(2, config.vocab_size, (b, t), generator=g)
         labels[0, t // 2:] = -100
         batches.append((*packed(torch.randn(b, s, config.d_model, generator=g), mask), labels))
@@ -268,7 +276,8 @@ def test_packed_gqa_decode_attention_reads_each_kv_head_once(mask_kind, monkeypa
     keep[..., 0] = True
     per_head = torch.rand(batch, heads, 1, length, generator=g) > 0.3
     per_head[..., 0] = True
-    mask = {"none": None, "bool": keep, "additive": torch.where(keep, 0.0, float("-inf")), "per_head": per_head}[mask_kind]
+    mask = {"none": None, "bool": keep, "additive": torch.where(keep, 0.0, float("-inf")),
+            "per_head": per_head}[mask_kind]
     module = torch.nn.Module()
     module.num_key_value_groups = heads // kv_heads
     expected = F.scaled_dot_product_attention(query, repeat_kv(key, 3), repeat_kv(value, 3), attn_mask=mask, scale=0.3)
@@ -317,9 +326,11 @@ def test_vision_tower_attends_per_image_in_one_sdpa_call(sizes, monkeypatch):
     assert calls == ([len(sizes)] * depth if len(set(sizes)) == 1 else [1] * len(sizes) * depth)
     vlm.model.set_attn_implementation({"vision_config": "sdpa"})
     with torch.no_grad():
-        reference = torch.cat(vlm.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
+        reference = torch.cat(vlm.model.get_image_features(inputs["pixel_values"],
+                                                           inputs["image_grid_thw"]).pooler_output)
         # Each image alone: nothing of another image leaks into its features.
         first = int(inputs["image_grid_thw"][0].prod())
-        alone = torch.cat(vlm.model.get_image_features(inputs["pixel_values"][:first], inputs["image_grid_thw"][:1]).pooler_output)
+        alone = torch.cat(vlm.model.get_image_features(inputs["pixel_values"][:first],
+                                                       inputs["image_grid_thw"][:1]).pooler_output)
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours[: alone.shape[0]], alone, rtol=1e-5, atol=1e-5)

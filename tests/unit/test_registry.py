@@ -84,7 +84,8 @@ def test_run_is_logged_with_params_metrics_artifacts_and_tags(trained, tiny_stor
         assert len(client.get_metric_history(ref.run_id, key)) == 3
     artifacts = {a.path for a in client.list_artifacts(ref.run_id)}
     assert {"loss_curve.png", "config.yaml", "aligner", "metrics.jsonl"} <= artifacts
-    assert {a.path for a in client.list_artifacts(ref.run_id, "aligner")} >= {"aligner/model.safetensors", "aligner/config.json"}
+    assert {a.path for a in client.list_artifacts(ref.run_id, "aligner")} >= {"aligner/model.safetensors",
+                                                                              "aligner/config.json"}
 
 
 def test_version_has_candidate_alias_and_loads(trained):
@@ -145,7 +146,8 @@ def test_a_registration_stopped_before_the_alias_gets_it_when_run_again(trained,
     assert candidate() is None
     first = pipeline.register_aligner(own, result.run_dir)
     assert candidate().version == first.version == "1"
-    assert registry.TAG_CANDIDATE_PENDING not in client_for(own).get_model_version(own.tracking.registered_model, "1").tags
+    assert registry.TAG_CANDIDATE_PENDING not in client_for(own).get_model_version(
+        own.tracking.registered_model, "1").tags
     # Version 2 stops before the alias and version 3 becomes the candidate: finishing 2 leaves it on 3.
     second_run, third_run = another_run(2), another_run(3)
     register_stopped(second_run)
@@ -153,7 +155,8 @@ def test_a_registration_stopped_before_the_alias_gets_it_when_run_again(trained,
     assert pipeline.register_aligner(own, third_run).version == "3" == candidate().version
     assert pipeline.register_aligner(own, second_run).version == "2" and candidate().version == "3"
     assert pipeline.register_aligner(own, result.run_dir) == first and candidate().version == "3"
-    assert registry.TAG_CANDIDATE_PENDING not in client_for(own).get_model_version(own.tracking.registered_model, "2").tags
+    assert registry.TAG_CANDIDATE_PENDING not in client_for(own).get_model_version(
+        own.tracking.registered_model, "2").tags
 
 
 def test_champion_moves_only_by_promotion(trained):
@@ -163,7 +166,8 @@ def test_champion_moves_only_by_promotion(trained):
     with pytest.raises(Exception, match="champion"):
         client.get_model_version_by_alias(cfg.tracking.registered_model, "champion")
     promoted = pipeline.promote_aligner(cfg, "candidate", reason="test")
-    assert promoted.version == ref.version == str(client.get_model_version_by_alias(cfg.tracking.registered_model, "champion").version)
+    assert promoted.version == ref.version == str(
+        client.get_model_version_by_alias(cfg.tracking.registered_model, "champion").version)
     version = client.get_model_version_by_alias(cfg.tracking.registered_model, "champion")
     assert version.tags["thinkdiff.promotion_reason"] == "test" and version.tags["thinkdiff.promoted_at"]
     with pytest.raises(registry.RegistryError, match=rf"no version or alias '42'; it has versions {ref.version} and "
@@ -197,7 +201,8 @@ def test_a_registry_checks_the_server_once_and_only_when_it_needs_it(trained, mo
 
 
 def test_unfinished_run_is_not_logged(tmp_path):
-    cfg = load_config("tiny", [f"paths.root={tmp_path / 'checkpoints' / 'root'}"])  # a folder of that name above: still a run
+    # a folder of that name above: still a run
+    cfg = load_config("tiny", [f"paths.root={tmp_path / 'checkpoints' / 'root'}"])
     stage_dir(cfg, "train").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="has not finished"):
         pipeline.register_aligner(cfg)
@@ -220,9 +225,11 @@ def test_register_names_a_run_directory_given_wrong(trained, tiny_store, tmp_pat
     _, features_dir = tiny_store
     with pytest.raises(FileNotFoundError, match=r"training run .*/nope: no such directory"):
         pipeline.register_aligner(cfg, tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match=rf"is inside the training run {result.run_dir}: give the run directory itself"):
+    with pytest.raises(FileNotFoundError,
+                       match=rf"is inside the training run {result.run_dir}: give the run directory itself"):
         pipeline.register_aligner(cfg, result.aligner_dir)
-    with pytest.raises(DataContractError, match=r"holds the output of the features stage; give the directory of a train stage output"):
+    with pytest.raises(DataContractError,
+                       match=r"holds the output of the features stage; give the directory of a train stage output"):
         pipeline.register_aligner(cfg, features_dir)
 
 
@@ -231,7 +238,8 @@ def test_register_refuses_a_run_of_other_models_or_a_damaged_aligner(trained, tm
     registry), and a run whose aligner weights are damaged (the evaluation would fail on it later)."""
     cfg, result = trained
     other = load_config("tiny", [f"paths.root={cfg.paths.root}", "models.t5.id=google/flan-t5-xxl"])
-    with pytest.raises(DataContractError, match=r"trained for other models .*models.t5: run tiny \(revision tiny-v1\), config google/flan-t5-xxl .*"
+    with pytest.raises(DataContractError, match=r"trained for other models .*models.t5: run tiny \(revision tiny-v1\), "
+                                                r"config google/flan-t5-xxl .*"
                                                 r"--config tiny"):
         pipeline.register_aligner(other, result.run_dir)
     # The same weights run in another dtype are the same models.
@@ -239,7 +247,8 @@ def test_register_refuses_a_run_of_other_models_or_a_damaged_aligner(trained, tm
                                         result.run_dir).version
     damaged = shutil.copytree(result.run_dir, tmp_path / "damaged")
     aligner = damaged / result.aligner_dir.relative_to(result.run_dir)
-    write_manifest(damaged, {**read_manifest(damaged), "checkpoint": str(aligner.parent), "train_fingerprint": "d" * 16})
+    write_manifest(damaged, {**read_manifest(damaged), "checkpoint": str(aligner.parent),
+                             "train_fingerprint": "d" * 16})
     (aligner / "model.safetensors").write_bytes((aligner / "model.safetensors").read_bytes()[:700])
     with pytest.raises(DataContractError, match=rf"{aligner}/model.safetensors is unreadable .* restore it"):
         pipeline.register_aligner(cfg, damaged)
@@ -252,7 +261,8 @@ def test_cobsat_evaluation_is_logged_against_the_version(trained, monkeypatch):
     cfg, training = trained
     ref = pipeline.register_aligner(cfg)
     eval_cfg = load_config("tiny", [f"paths.root={cfg.paths.root}", "train.max_steps=6", "train.warmup_steps=2",
-                                    "train.log_every=2", "train.batch_size=4", "eval.limit=1", "eval.tasks=[1, 4]", "eval.shots=[2]"])
+                                    "train.log_every=2", "train.batch_size=4", "eval.limit=1", "eval.tasks=[1, 4]",
+                                    "eval.shots=[2]"])
     result = stage.evaluate_cobsat(eval_cfg, model=f"models:/{cfg.tracking.registered_model}@candidate")
     assert result.model == ref
     client = client_for(cfg)
@@ -310,11 +320,13 @@ def test_a_store_file_that_is_not_sqlite_is_named(trained, tmp_path):
     cfg, result = trained
     elsewhere = load_config("tiny", [f"paths.root={tmp_path}"])
     (tmp_path / "mlflow.db").write_text("not a database")
-    with pytest.raises(DataContractError, match=rf"MLflow store {tmp_path}/mlflow.db is not an SQLite database: move it away"):
+    with pytest.raises(DataContractError,
+                       match=rf"MLflow store {tmp_path}/mlflow.db is not an SQLite database: move it away"):
         pipeline.register_aligner(elsewhere, result.run_dir)
     assert (tmp_path / "mlflow.db").read_text() == "not a database"
     bogus = load_config("tiny", [f"paths.root={tmp_path}", "tracking.uri=bogus://user:s3cret@host/x"])
-    with pytest.raises(ConfigError, match=r"tracking.uri='bogus://\*\*\*@host/x': MLflow cannot open it .*http://host:5000") as err:
+    with pytest.raises(ConfigError, match=r"tracking.uri='bogus://\*\*\*@host/x': "
+                                          r"MLflow cannot open it .*http://host:5000") as err:
         pipeline.register_aligner(bogus, result.run_dir)
     assert "s3cret" not in str(err.value)
 
@@ -325,7 +337,8 @@ def test_a_nightly_with_nothing_registered_says_so(trained, caplog):
     with caplog.at_level(logging.WARNING, logger="thinkdiff.eval.stage"):
         result = stage.evaluate_cobsat_nightly(typo)
     assert result.report() == {"champion": None, "candidate": None, "promoted": None} and result.evaluations == {}
-    assert any("thinkdiff-aligner-tiyn has no @champion and no @candidate version" in r.getMessage() for r in caplog.records)
+    assert any("thinkdiff-aligner-tiyn has no @champion and no @candidate version" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_nightly_promotes_only_a_better_candidate(two_versions, monkeypatch):
@@ -375,7 +388,8 @@ def test_each_version_and_prompt_set_gets_its_own_evaluation_run(two_versions):
     def evaluate(ref, limit, tasks="[1]"):
         eval_cfg = load_config("tiny", [f"paths.root={cfg.paths.root}", "train.max_steps=4", "train.warmup_steps=1",
                                         "train.log_every=2", "train.batch_size=4", f"eval.limit={limit}",
-                                        f"eval.tasks={tasks}", "eval.shots=[2]", "eval.batch_size=2", "eval.baselines=[]"])
+                                        f"eval.tasks={tasks}", "eval.shots=[2]", "eval.batch_size=2",
+                                        "eval.baselines=[]"])
         return stage.evaluate_cobsat(eval_cfg, model=ref.uri)
 
     one, two = evaluate(first, 1), evaluate(second, 1)

@@ -103,7 +103,8 @@ def test_masked_split_collate():
     qwen, t5 = build_tiny_qwen_tokenizer(), ByT5Tokenizer()
     text = "a small red circle on a blue background"
     ids = qwen(text)["input_ids"] + [qwen.convert_tokens_to_ids("<|im_end|>")]
-    samples = [Sample(ids, StoredFeatures.encode(torch.randn(min(len(ids), 16), 8))), Sample(ids[:3], StoredFeatures.encode(torch.randn(3, 8)))]
+    samples = [Sample(ids, StoredFeatures.encode(torch.randn(min(len(ids), 16), 8))),
+               Sample(ids[:3], StoredFeatures.encode(torch.randn(3, 8)))]
     collate = MaskedSplitCollator(qwen, t5, max_source_rows=16, max_target_tokens=12, seed=0)
     for step in range(50):
         s = collate.split_points([len(ids), 3], step)
@@ -112,7 +113,8 @@ def test_masked_split_collate():
         assert batch.features_RD.shape == (sum(s), 8) and batch.source_slots_BS.shape == (2, max(s))
         assert batch.source_mask_BS.sum(1).tolist() == s
         for i in (0, 1):
-            assert torch.equal(batch.features_RD[batch.source_slots_BS[i, : s[i]]], samples[i].features.decode()[: s[i]])
+            assert torch.equal(batch.features_RD[batch.source_slots_BS[i, : s[i]]],
+                               samples[i].features.decode()[: s[i]])
         # Target: the rest of the caption re-tokenized by T5 with </s>, truncated, padded with -100.
         expected = t5(qwen.decode(ids[s[0]:], skip_special_tokens=True), max_length=12, truncation=True)["input_ids"]
         labels = batch.labels_BT[0]
@@ -146,7 +148,8 @@ def test_resumed_run_equals_uninterrupted_run_bitwise(tiny_store, tmp_path):
     are drawn from, and the resumed run draws what the uninterrupted one did."""
     cfg, features_dir = tiny_store
     cfg = load_config("tiny", [f"paths.root={tmp_path}", "train.max_steps=12", "train.warmup_steps=3",
-                               "train.checkpoint_every=4", "train.keep_last=2", "train.log_every=2", "train.batch_size=8"])
+                               "train.checkpoint_every=4", "train.keep_last=2", "train.log_every=2",
+                               "train.batch_size=8"])
     assert cfg.train.t5_dropout
     full = train_aligner(cfg, features_dir, tmp_path / "full")
     first = train_aligner(cfg, features_dir, tmp_path / "resumed", stop_after_steps=6)
@@ -168,7 +171,8 @@ def test_resumed_run_equals_uninterrupted_run_bitwise(tiny_store, tmp_path):
         assert torch.equal(value, b.state_dict()[key]), key
     # The resumed run's metrics are one clean history, the same as the uninterrupted one.
     read = lambda p: [json.loads(line) for line in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    assert [(r["step"], r["loss"]) for r in read(tmp_path / "resumed")] == [(r["step"], r["loss"]) for r in read(tmp_path / "full")]
+    assert [(r["step"], r["loss"]) for r in read(tmp_path / "resumed")] == [(r["step"], r["loss"])
+                                                                           for r in read(tmp_path / "full")]
     assert not list(checkpoints.glob(".step_*.tmp"))
 
 
@@ -177,13 +181,15 @@ def test_a_run_directory_of_other_settings_is_neither_resumed_nor_reused(tiny_st
     resumed under settings it was not trained with) and complete (its result would be returned as
     this config's); the run is left as it was."""
     _, features_dir = tiny_store
-    base = [f"paths.root={tmp_path}", "train.max_steps=4", "train.warmup_steps=1", "train.checkpoint_every=2", "train.batch_size=4"]
+    base = [f"paths.root={tmp_path}", "train.max_steps=4", "train.warmup_steps=1", "train.checkpoint_every=2",
+            "train.batch_size=4"]
     cfg, other = load_config("tiny", base), load_config("tiny", [*base, "train.lr=5e-4"])
     run = tmp_path / "run"
     train_aligner(cfg, features_dir, run, stop_after_steps=2)
     for when in ("mid-run", "complete"):
         before = sorted(p.relative_to(run) for p in run.rglob("*"))
-        with pytest.raises(DataContractError, match=rf"{run} holds a training run of other settings .* give a new --out"):
+        with pytest.raises(DataContractError,
+                           match=rf"{run} holds a training run of other settings .* give a new --out"):
             train_aligner(other, features_dir, run)
         assert sorted(p.relative_to(run) for p in run.rglob("*")) == before, when
         train_aligner(cfg, features_dir, run)  # its own config resumes, then finds it complete
@@ -195,7 +201,8 @@ def test_an_unreadable_trainer_state_names_the_checkpoint_to_delete(tmp_path, da
     checkpoint = tmp_path / "checkpoints" / "step_000004"
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.pt").write_bytes(damage)
-    with pytest.raises(DataContractError, match=rf"trainer_state.pt is unreadable \(.+\): delete {checkpoint} to resume"):
+    with pytest.raises(DataContractError,
+                       match=rf"trainer_state.pt is unreadable \(.+\): delete {checkpoint} to resume"):
         load_trainer_state(checkpoint)
 
 
@@ -309,11 +316,12 @@ def test_length_buckets_cut_padding_and_split_ranks(tiny_store):
 
     cfg, features_dir = tiny_store
     store = FeatureStore(features_dir)
-    collate = MaskedSplitCollator(build_tiny_qwen_tokenizer(), ByT5Tokenizer(), max_source_rows=16, max_target_tokens=32, seed=0)
+    collate = MaskedSplitCollator(build_tiny_qwen_tokenizer(), ByT5Tokenizer(), max_source_rows=16,
+                                  max_target_tokens=32, seed=0)
 
     def batches(window, batch_size=4, world=1, rank=0, n=40):
-        it = iter(Batcher(store, collate, lvlm_usable, seed=0, batch_size=batch_size, world=world, rank=rank, window=window,
-                          state=BatcherState()))
+        it = iter(Batcher(store, collate, lvlm_usable, seed=0, batch_size=batch_size, world=world, rank=rank,
+                          window=window, state=BatcherState()))
         return [next(it) for _ in range(n)]
 
     plain = [_target_padding(b) for b in batches(window=1)]
@@ -357,8 +365,10 @@ def test_prefetched_batches_are_the_batchers_with_their_states(tiny_store, tmp_p
 
     cfg, features_dir = tiny_store
     store = FeatureStore(features_dir)
-    collate = MaskedSplitCollator(build_tiny_qwen_tokenizer(), ByT5Tokenizer(), max_source_rows=16, max_target_tokens=32, seed=0)
-    make = lambda state: Batcher(store, collate, lvlm_usable, seed=0, batch_size=4, world=1, rank=0, window=3, state=state)  # noqa: E731
+    collate = MaskedSplitCollator(build_tiny_qwen_tokenizer(), ByT5Tokenizer(), max_source_rows=16,
+                                  max_target_tokens=32, seed=0)
+    make = lambda state: Batcher(store, collate, lvlm_usable, seed=0, batch_size=4, world=1, rank=0,  # noqa: E731
+                                 window=3, state=state)
     plain = make(BatcherState())
     expected = []
     for batch in plain:
@@ -415,8 +425,10 @@ def test_a_batch_decodes_only_its_own_source_rows(tiny_store, monkeypatch):
         return full_decode(self, rows, out)
 
     monkeypatch.setattr(StoredFeatures, "decode", recording)
-    collate = MaskedSplitCollator(build_tiny_qwen_tokenizer(), ByT5Tokenizer(), max_source_rows=8, max_target_tokens=12, seed=0)
-    batches = iter(Batcher(store, collate, lvlm_usable, seed=0, batch_size=6, world=2, rank=1, window=4, state=BatcherState()))
+    collate = MaskedSplitCollator(build_tiny_qwen_tokenizer(), ByT5Tokenizer(), max_source_rows=8,
+                                  max_target_tokens=12, seed=0)
+    batches = iter(Batcher(store, collate, lvlm_usable, seed=0, batch_size=6, world=2, rank=1, window=4,
+                           state=BatcherState()))
     for _ in range(8):  # two pools
         start = len(decoded)
         batch = next(batches)
@@ -432,7 +444,8 @@ def test_threaded_batching_puts_each_sample_in_its_rows():
     from thinkdiff.train.data import Prepared, pad
 
     g = torch.Generator().manual_seed(0)
-    prepared = [Prepared(StoredFeatures.encode(torch.randn(9, 5, generator=g), "bfloat16"), source_rows=s, target_ids=[7] * (s + 1))
+    prepared = [Prepared(StoredFeatures.encode(torch.randn(9, 5, generator=g), "bfloat16"), source_rows=s,
+                         target_ids=[7] * (s + 1))
                 for s in (3, 9, 1, 6, 6, 2)]
     with ThreadPoolExecutor(4) as pool:
         batch = pad(prepared, 0, decoders=pool)
@@ -442,13 +455,15 @@ def test_threaded_batching_puts_each_sample_in_its_rows():
     for i, p in enumerate(prepared):
         assert torch.equal(laid_out[i, : p.source_rows], p.features.decode()[: p.source_rows])
         assert (batch.source_slots_BS[i, p.source_rows:] == -1).all()
-        assert batch.source_mask_BS[i].sum() == p.source_rows and (batch.labels_BT[i] != IGNORE_INDEX).sum() == p.source_rows + 1
+        assert (batch.source_mask_BS[i].sum() == p.source_rows
+                and (batch.labels_BT[i] != IGNORE_INDEX).sum() == p.source_rows + 1)
 
 
 def test_a_store_with_fewer_rows_than_the_split_is_refused(tiny_store, tmp_path):
     cfg, features_dir = tiny_store
     stored = FeatureStore(features_dir).info.max_feature_rows
-    more = load_config("tiny", [f"paths.root={tmp_path}", f"features.max_feature_rows={stored + 8}", f"train.max_source_rows={stored + 8}"])
+    more = load_config("tiny", [f"paths.root={tmp_path}", f"features.max_feature_rows={stored + 8}",
+                                f"train.max_source_rows={stored + 8}"])
     with pytest.raises(DataContractError, match=rf"keeps {stored} feature rows .* set train.max_source_rows={stored}"):
         train_aligner(more, features_dir, tmp_path / "run")
     assert not (tmp_path / "run").exists()
@@ -458,14 +473,16 @@ def test_flex_decoder_attention_is_refused_on_a_cpu_before_anything_is_written(t
     cfg, features_dir = tiny_store
     flex = load_config("tiny", [f"paths.root={tmp_path}", "train.decoder_attention=flex", "train.compile=true",
                                 "train.t5_dropout=false"])
-    with pytest.raises(ConfigError, match="train.decoder_attention=flex needs a CUDA GPU .* use train.decoder_attention=sdpa"):
+    with pytest.raises(ConfigError,
+                       match="train.decoder_attention=flex needs a CUDA GPU .* use train.decoder_attention=sdpa"):
         train_aligner(flex, features_dir, tmp_path / "run")
     assert not (tmp_path / "run").exists()
     # Dropout asked of the flex kernel, which has none: refused, naming both settings, on any device.
     with pytest.raises(ConfigError, match=r"train.decoder_attention=flex runs the T5 decoder without dropout .* "
                                           r"train.t5_dropout=true .* use train.decoder_attention=sdpa, or set "
                                           r"train.t5_dropout=false"):
-        train_aligner(load_config("tiny", [f"paths.root={tmp_path}", "train.decoder_attention=flex", "train.compile=true"]),
+        train_aligner(load_config("tiny", [f"paths.root={tmp_path}", "train.decoder_attention=flex",
+                                           "train.compile=true"]),
                       features_dir, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
@@ -486,14 +503,16 @@ def test_compiled_decoder_trains_like_eager_with_one_graph(tiny_store, tmp_path,
 
     monkeypatch.setattr(T5DecoderLM, "loss", recording_loss)
     # Dropout off: compiled code draws other masks than eager (test_t5_dropout_... has it on).
-    overrides = [f"paths.root={tmp_path}", "train.max_steps=6", "train.warmup_steps=2", "train.log_every=1", "train.batch_size=4",
-                 "train.t5_dropout=false"]
+    overrides = [f"paths.root={tmp_path}", "train.max_steps=6", "train.warmup_steps=2", "train.log_every=1",
+                 "train.batch_size=4", "train.t5_dropout=false"]
     losses = {}
     for compiled in (False, True):
         torch._dynamo.reset()
         counters.clear()
-        train_aligner(load_config("tiny", [*overrides, f"train.compile={compiled}"]), features_dir, tmp_path / f"run-{compiled}")
-        losses[compiled] = [json.loads(line)["loss"] for line in (tmp_path / f"run-{compiled}" / "metrics.jsonl").read_text().splitlines()]
+        train_aligner(load_config("tiny", [*overrides, f"train.compile={compiled}"]), features_dir,
+                      tmp_path / f"run-{compiled}")
+        losses[compiled] = [json.loads(line)["loss"]
+                            for line in (tmp_path / f"run-{compiled}" / "metrics.jsonl").read_text().splitlines()]
     assert len(shapes) >= 4
     # Per kind of decoder block (first, later), plus one where dynamo specialises a size (a batch of
     # 4 equals the tiny T5's head count), not per batch shape (at least 4 shapes, each compiled for
@@ -524,7 +543,8 @@ def test_t5_dropout_draws_from_the_torch_seed_only_when_on(compiled, monkeypatch
     from thinkdiff.config import ModelSource
     from thinkdiff.models.t5 import load_t5
 
-    decoder = load_t5(ModelSource(id="tiny", revision="tiny-v1", dtype="float32"), device=torch.device("cpu")).decoder_lm
+    decoder = load_t5(ModelSource(id="tiny", revision="tiny-v1", dtype="float32"),
+                      device=torch.device("cpu")).decoder_lm
     assert decoder.config.dropout_rate == 0.1
     rows, slots, labels = _decoder_batch()
     with torch.no_grad():
@@ -581,16 +601,18 @@ def test_training_runs_the_frozen_decoder_with_dropout_as_set(tiny_store, tmp_pa
     scored = T5DecoderLM.loss
 
     def recording_loss(self, *args, **kwargs):
-        seen.append((self.training, {m.training for m in self.decoder.modules()}, any(p.requires_grad for p in self.parameters())))
+        seen.append((self.training, {m.training for m in self.decoder.modules()},
+                     any(p.requires_grad for p in self.parameters())))
         return scored(self, *args, **kwargs)
 
     monkeypatch.setattr(T5DecoderLM, "loss", recording_loss)
-    cfg = load_config("tiny", [f"paths.root={tmp_path}", "train.max_steps=3", "train.warmup_steps=1", "train.log_every=1",
-                               "train.batch_size=4", f"train.t5_dropout={dropout}"])
+    cfg = load_config("tiny", [f"paths.root={tmp_path}", "train.max_steps=3", "train.warmup_steps=1",
+                               "train.log_every=1", "train.batch_size=4", f"train.t5_dropout={dropout}"])
     losses = []
     for run in ("a", "b"):
         train_aligner(cfg, features_dir, tmp_path / run)
-        losses.append([json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()])
+        losses.append([json.loads(line)["loss"]
+                       for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()])
     assert seen == [(dropout, {dropout}, False)] * 6
     assert losses[0] == losses[1]  # seeded: dropout or not, a run repeats
 
@@ -611,11 +633,12 @@ def test_bucketed_batches_weigh_every_token_as_random_batches_do(tiny_store):
 
     _, features_dir = tiny_store
     store = FeatureStore(features_dir)
-    collate = MaskedSplitCollator(build_tiny_qwen_tokenizer(), ByT5Tokenizer(), max_source_rows=16, max_target_tokens=32, seed=0)
+    collate = MaskedSplitCollator(build_tiny_qwen_tokenizer(), ByT5Tokenizer(), max_source_rows=16,
+                                  max_target_tokens=32, seed=0)
 
     def batches(window, n, batch_size=8, world=1, rank=0):
-        it = iter(Batcher(store, collate, lvlm_usable, seed=0, batch_size=batch_size, world=world, rank=rank, window=window,
-                          state=BatcherState()))
+        it = iter(Batcher(store, collate, lvlm_usable, seed=0, batch_size=batch_size, world=world, rank=rank,
+                          window=window, state=BatcherState()))
         return [next(it) for _ in range(n)]
 
     def step_value(batch) -> float:
@@ -654,8 +677,9 @@ def _train_in_two_processes(features_dir, run_dir, overrides: list[str]) -> None
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                           "-m", "thinkdiff", "train", "--config", "tiny", "--features", str(features_dir), "--out", str(run_dir),
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(port), "-m", "thinkdiff", "train", "--config", "tiny",
+                           "--features", str(features_dir), "--out", str(run_dir),
                            *overrides, "train.num_processes=2"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 

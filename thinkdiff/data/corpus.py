@@ -219,11 +219,12 @@ def check_accepted_rate(out_dir: Path, manifest: dict, cfg: CorpusConfig) -> Non
     if rate < cfg.min_success_rate:
         raise CorpusError(f"{out_dir} was accepted with {rate:.1%} of its images downloaded, below this config's "
                           f"corpus.min_success_rate={cfg.min_success_rate:.0%}: lower the bar to use it, or delete its "
-                          "manifest.json, its worst shards and their _stats.json files, then run the corpus stage again "
-                          "to retry their urls")
+                          "manifest.json, its worst shards and their _stats.json files, then run the corpus stage "
+                          "again to retry their urls")
 
 
-def img2dataset_args(cfg: CorpusConfig, url_list: Path, input_format: str, url_col: str, caption_col: str, out_dir: Path) -> list[str]:
+def img2dataset_args(cfg: CorpusConfig, url_list: Path, input_format: str, url_col: str, caption_col: str,
+                     out_dir: Path) -> list[str]:
     """Every img2dataset argument that matters, explicit (datacomp style)."""
     args = {
         "url_list": str(url_list),
@@ -258,7 +259,8 @@ def run_img2dataset(cfg: CorpusConfig, url_list: Path, input_format: str, url_co
     from the stats file it writes per finished shard; its output goes to a temporary file (a long
     download would otherwise pile it up in memory) and its tail to the log."""
     entry = "import sys; from img2dataset.main import main; sys.exit(main())"
-    command = [sys.executable, "-c", entry, *img2dataset_args(cfg, url_list, input_format, url_col, caption_col, out_dir)]
+    command = [sys.executable, "-c", entry,
+               *img2dataset_args(cfg, url_list, input_format, url_col, caption_col, out_dir)]
     total = math.ceil(expected_rows / cfg.shard_size)
     already = reported = len(list(out_dir.glob("*_stats.json")))  # an interrupted run's shards are not fetched again
     log.info("corpus: img2dataset %s -> %s (%d processes x %d threads), %d/%d shards already done", url_list, out_dir,
@@ -267,7 +269,8 @@ def run_img2dataset(cfg: CorpusConfig, url_list: Path, input_format: str, url_co
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
     with tempfile.TemporaryFile("w+") as output:
         # Its own session, so that stopping it stops its worker pool too (and Ctrl-C reaches only us).
-        proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+        proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
         try:
             while True:
                 try:
@@ -287,7 +290,8 @@ def run_img2dataset(cfg: CorpusConfig, url_list: Path, input_format: str, url_co
             raise
         output.seek(0)
         tail = "\n".join(line.rstrip() for line in collections.deque(output, maxlen=15) if line.strip())
-    log.info("corpus: img2dataset finished in %.1fs (exit %d); output tail:\n%s", time.perf_counter() - started, proc.returncode, tail)
+    log.info("corpus: img2dataset finished in %.1fs (exit %d); output tail:\n%s", time.perf_counter() - started,
+             proc.returncode, tail)
     if proc.returncode != 0:
         raise IncompleteDownloadError(f"img2dataset exited with {proc.returncode} for {url_list}; last output:\n{tail}")
 
@@ -323,12 +327,14 @@ def check_shard_stats(out_dir: Path, expected_rows: int, cfg: CorpusConfig) -> d
     for i in range(expected_shards):
         stats_path = out_dir / f"{i:05d}_stats.json"
         if not stats_path.is_file() or not (out_dir / f"{i:05d}.parquet").is_file():
-            raise IncompleteDownloadError(f"{out_dir}: shard {i:05d} is missing (img2dataset wrote no stats for it); rerun the stage to retry it")
+            raise IncompleteDownloadError(f"{out_dir}: shard {i:05d} is missing (img2dataset wrote no stats for it); "
+                                          "rerun the stage to retry it")
         try:
             stats = json.loads(stats_path.read_text())
         except json.JSONDecodeError as err:
             raise DataContractError(f"{stats_path} is not valid JSON ({err}): delete it and its shard "
-                                    f"{stats_path.name.replace('_stats.json', '.parquet')}, then run the corpus stage again") from None
+                                    f"{stats_path.name.replace('_stats.json', '.parquet')}, "
+                                    "then run the corpus stage again") from None
         shard_errors = {k: v for k, v in stats.get("status_dict", {}).items() if k != "success"}
         errors.update(shard_errors)
         count += stats["count"]
@@ -342,9 +348,11 @@ def check_shard_stats(out_dir: Path, expected_rows: int, cfg: CorpusConfig) -> d
             "errors": shard_errors,
         })
         if stats["successes"] < stats["count"]:
-            log.warning("corpus: shard %05d: %d/%d images ok; failures: %s", i, stats["successes"], stats["count"], shard_errors)
+            log.warning("corpus: shard %05d: %d/%d images ok; failures: %s", i, stats["successes"], stats["count"],
+                        shard_errors)
     if count != expected_rows:
-        raise IncompleteDownloadError(f"{out_dir}: img2dataset processed {count} of {expected_rows} listed urls; rerun the stage to finish it")
+        raise IncompleteDownloadError(f"{out_dir}: img2dataset processed {count} of {expected_rows} listed urls; "
+                                      "rerun the stage to finish it")
     rate = successes / count
     log.info("corpus: %d/%d images downloaded (%.1f%%) in %d shards", successes, count, 100 * rate, len(shards))
     if rate < cfg.min_success_rate:
@@ -359,7 +367,8 @@ def check_shard_stats(out_dir: Path, expected_rows: int, cfg: CorpusConfig) -> d
             "not part of the corpus's fingerprint: nothing is downloaded again); to retry the failed urls, "
             "delete the worst shards and their _stats.json files first"
         )
-    return {"count": count, "successes": successes, "success_rate": rate, "errors": dict(errors.most_common()), "shards": shards}
+    return {"count": count, "successes": successes, "success_rate": rate, "errors": dict(errors.most_common()),
+            "shards": shards}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,7 +383,8 @@ def corpus_shards(corpus_dir: Path) -> list[Path]:
     """
     shards = sorted(p for p in corpus_dir.glob("*.parquet") if (corpus_dir / f"{p.stem}_stats.json").is_file())
     if not shards:
-        raise FileNotFoundError(f"{corpus_dir}: no complete corpus shards (img2dataset parquet output with _stats.json)")
+        raise FileNotFoundError(f"{corpus_dir}: no complete corpus shards "
+                                "(img2dataset parquet output with _stats.json)")
     return shards
 
 
@@ -387,7 +397,8 @@ def read_corpus_shard(path: Path) -> Iterator[CorpusImage]:
     names = set(parquet.schema_arrow.names)
     needed = {"key", "jpg", "status"}
     if not needed <= names:
-        raise DataContractError(f"{path}: corpus shard lacks columns {sorted(needed - names)}; expected img2dataset parquet output")
+        raise DataContractError(f"{path}: corpus shard lacks columns {sorted(needed - names)}; "
+                                "expected img2dataset parquet output")
     columns = ["key", "status", "jpg"] + (["caption"] if "caption" in names else [])
     batches = parquet.iter_batches(columns=columns, batch_size=64)
     while True:

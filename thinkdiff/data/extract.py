@@ -108,9 +108,11 @@ def _lvlm_records(cfg: RunConfig, vlm: VLM, batch: PreparedBatch, seed: int) -> 
     with _GENERATE_LOCK:
         inputs = {k: v.to(vlm.device) for k, v in batch.inputs.items()}
         samples = generate_with_states(vlm, inputs, max_new_tokens=f.max_new_tokens, temperature=f.temperature,
-                                       top_p=f.top_p, seed=seed, kv_cache=f.kv_cache, compile=f.compile)[: len(batch.items)]
+                                       top_p=f.top_p, seed=seed, kv_cache=f.kv_cache,
+                                       compile=f.compile)[: len(batch.items)]
     return [
-        FeatureRecord(key=item.key, instruction=instruction, text=vlm.tokenizer.decode(sample.token_ids, skip_special_tokens=True),
+        FeatureRecord(key=item.key, instruction=instruction,
+                      text=vlm.tokenizer.decode(sample.token_ids, skip_special_tokens=True),
                       token_ids=sample.token_ids, features_LD=sample.states_LD)
         for item, instruction, sample in zip(batch.items, batch.instructions, samples, strict=True)
     ]
@@ -143,7 +145,8 @@ def _decodable_batches(corpus_shard: Path, size: int, failures: list[dict]) -> I
         yield pending
 
 
-def extract_shard(cfg: RunConfig, model: Extractor, corpus_shard: Path, out_path: Path, progress: tqdm | None = None) -> Path:
+def extract_shard(cfg: RunConfig, model: Extractor, corpus_shard: Path, out_path: Path,
+                  progress: tqdm | None = None) -> Path:
     """Every decodable image of one corpus shard -> one feature shard, written atomically."""
     failures: list[dict] = []
     batches = _decodable_batches(corpus_shard, cfg.features.batch_size, failures)
@@ -209,8 +212,8 @@ def extract_feature_shard(cfg: RunConfig, corpus_shard: Path, out_dir: Path, pro
     if out_path.exists():
         return out_path
     out_dir.mkdir(parents=True, exist_ok=True)
-    claim = exclusive(out_dir / f".{out_path.name}.lock", f"features: another worker is extracting {out_path.name}; waiting for it",
-                      wait=wait)
+    claim = exclusive(out_dir / f".{out_path.name}.lock",
+                      f"features: another worker is extracting {out_path.name}; waiting for it", wait=wait)
     with claim as held:
         if not held:
             return None
@@ -220,7 +223,8 @@ def extract_feature_shard(cfg: RunConfig, corpus_shard: Path, out_dir: Path, pro
         return _extract_claimed_shard(cfg, corpus_shard, out_dir, out_path, progress)
 
 
-def _extract_claimed_shard(cfg: RunConfig, corpus_shard: Path, out_dir: Path, out_path: Path, progress: tqdm | None) -> Path:
+def _extract_claimed_shard(cfg: RunConfig, corpus_shard: Path, out_dir: Path, out_path: Path,
+                           progress: tqdm | None) -> Path:
     model = shared_extractor(cfg)  # loading it is not extraction time
     started = time.perf_counter()
     with _PROGRESS_LOCK:
@@ -250,11 +254,14 @@ def finalize_features(cfg: RunConfig, corpus_dir: Path, out_dir: Path) -> Path:
     shards = [feature_shard_path(out_dir, s) for s in corpus_shards(corpus_dir)]
     missing = [p.name for p in shards if not p.exists()]
     if missing:
-        raise DataContractError(f"{out_dir}: feature shards {missing[:5]} are missing; rerun the features stage to make them")
+        raise DataContractError(f"{out_dir}: feature shards {missing[:5]} are missing; "
+                                "rerun the features stage to make them")
     infos = {read_shard_info(p) for p in shards}
     if len(infos) != 1:
-        raise DataContractError(f"{out_dir}: shards were made with different settings: {sorted(map(str, infos))}; delete the odd ones")
-    entries = [{"name": p.name, "num_samples": pq.ParquetFile(p).metadata.num_rows, "num_failed": len(read_shard_failures(p))} for p in shards]
+        raise DataContractError(f"{out_dir}: shards were made with different settings: {sorted(map(str, infos))}; "
+                                "delete the odd ones")
+    entries = [{"name": p.name, "num_samples": pq.ParquetFile(p).metadata.num_rows,
+                "num_failed": len(read_shard_failures(p))} for p in shards]
     write_manifest(out_dir, {
         "stage": "features",
         "fingerprint": features_fingerprint(cfg, corpus_dir),

@@ -85,7 +85,8 @@ class FeatureStoreInfo:
         for name in cls.__dataclass_fields__:
             raw = meta.get(f"{_META_PREFIX}{name}")
             if raw is None:
-                raise DataContractError(f"{path}: not a thinkdiff feature shard (metadata key {_META_PREFIX}{name} missing)")
+                raise DataContractError(f"{path}: not a thinkdiff feature shard "
+                                        f"(metadata key {_META_PREFIX}{name} missing)")
             values[name] = json.loads(raw)
         return cls(**values)
 
@@ -174,7 +175,8 @@ def binary_values(column: pa.ChunkedArray) -> list[np.ndarray]:
     """Every value of a large_binary column as a zero-copy uint8 view into the column's buffers:
     about 1 us per value, where a pyarrow scalar per value costs about 100 us (900 KB values)."""
     if not pa.types.is_large_binary(column.type):
-        raise DataContractError(f"the features column is {column.type}, expected large_binary (ARROW_SCHEMA); re-extract the features")
+        raise DataContractError(f"the features column is {column.type}, expected large_binary (ARROW_SCHEMA); "
+                                "re-extract the features")
     views: list[np.ndarray] = []
     for chunk in column.chunks:
         _, offsets_buffer, data_buffer = chunk.buffers()
@@ -198,7 +200,8 @@ def write_feature_shard(
     columns: dict[str, list] = {name: [] for name in ARROW_SCHEMA.names}
     for rec in records:
         if rec.features_LD.ndim != 2 or rec.features_LD.shape[1] != info.dim:
-            raise ValueError(f"{path}: record {rec.key} has features of shape {tuple(rec.features_LD.shape)}, expected (L, {info.dim})")
+            raise ValueError(f"{path}: record {rec.key} has features of shape {tuple(rec.features_LD.shape)}, "
+                             f"expected (L, {info.dim})")
         rows = rec.features_LD[: info.max_feature_rows]
         columns["key"].append(rec.key)
         columns["instruction"].append(rec.instruction)
@@ -246,8 +249,9 @@ class FeatureStore:
     def __init__(self, directory: str | Path, *, expect_model_id: str | None = None, expect_dim: int | None = None):
         self.directory = Path(directory)
         if not self.directory.is_dir():
-            raise FileNotFoundError(f"feature store {self.directory}: no such directory; run `thinkdiff features` with the same "
-                                    "--config and overrides, or pass the directory it printed with --features")
+            raise FileNotFoundError(f"feature store {self.directory}: no such directory; run `thinkdiff features` "
+                                    "with the same --config and overrides, or pass the directory it printed with "
+                                    "--features")
         manifest = read_manifest(self.directory, "features")
         if manifest is None:
             raise FileNotFoundError(
@@ -259,8 +263,9 @@ class FeatureStore:
             self.info = FeatureStoreInfo(**manifest["info"])
             listed = [(self.directory / s["name"], s["num_samples"]) for s in manifest["shards"]]
         except (KeyError, TypeError) as err:
-            raise DataContractError(f"{self.directory}/manifest.json is not a feature-store manifest ({type(err).__name__}: "
-                                    f"{err}); delete it and run `thinkdiff features` again (it finds the shards done)") from None
+            raise DataContractError(f"{self.directory}/manifest.json is not a feature-store manifest "
+                                    f"({type(err).__name__}: {err}); delete it and run `thinkdiff features` again "
+                                    "(it finds the shards done)") from None
         if self.info.schema_version != FEATURES_SCHEMA_VERSION:
             raise DataContractError(
                 f"{self.directory}/manifest.json: schema version {self.info.schema_version}, this code reads "
@@ -281,13 +286,15 @@ class FeatureStore:
             if getattr(info, name) != getattr(self.info, name)
         ]
         if info.schema_version != FEATURES_SCHEMA_VERSION:
-            mismatches.append(f"schema_version: shard has {info.schema_version}, this code reads {FEATURES_SCHEMA_VERSION}")
+            mismatches.append(f"schema_version: shard has {info.schema_version}, "
+                              f"this code reads {FEATURES_SCHEMA_VERSION}")
         if expect_model_id is not None and info.model_id != expect_model_id:
             mismatches.append(f"model_id: shard has {info.model_id!r}, config models.vlm.id is {expect_model_id!r}")
         if expect_dim is not None and info.dim != expect_dim:
             mismatches.append(f"dim: shard has {info.dim}, expected {expect_dim}")
         if mismatches:
-            raise DataContractError(f"{path}: does not match: " + "; ".join(mismatches) + ". Re-extract it or point to the right store.")
+            raise DataContractError(f"{path}: does not match: " + "; ".join(mismatches)
+                                    + ". Re-extract it or point to the right store.")
 
     @functools.cached_property
     def units(self) -> list[tuple[Path, int, int]]:

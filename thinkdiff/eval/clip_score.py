@@ -34,7 +34,8 @@ from thinkdiff.models.common import default_device, torch_dtype
 log = logging.getLogger(__name__)
 
 CLIP_TEXT_TOKENS = 77  # CoBSAT truncates each text to CLIP's context (evaluation_icl.py line 74)
-FIELDS = ("clip_similarity", "clip_similarity_detail", "clip_similarity_object", "clip_detail", "clip_object", "clip_correct")
+FIELDS = ("clip_similarity", "clip_similarity_detail", "clip_similarity_object", "clip_detail", "clip_object",
+          "clip_correct")
 
 
 def clip_texts(prompt: Prompt) -> list[str]:
@@ -103,6 +104,8 @@ def load_clip_scorer(src: ModelSource, device: torch.device | None = None) -> Cl
     model = CLIPModel.from_pretrained(src.id, revision=revision, dtype=torch_dtype(src.dtype))
     # The PIL image processor, as CoBSAT's (transformers 4.31): transformers 5 picks the torchvision
     # one where torchvision is installed, whose bicubic resize differs a little.
-    processor = CLIPProcessor(image_processor=AutoImageProcessor.from_pretrained(src.id, revision=revision, backend="pil"),
-                              tokenizer=AutoTokenizer.from_pretrained(src.id, revision=revision))
+    processor = CLIPProcessor(
+        image_processor=AutoImageProcessor.from_pretrained(src.id, revision=revision, backend="pil"),
+        tokenizer=AutoTokenizer.from_pretrained(src.id, revision=revision),
+    )
     return ClipScorer(model=model.to(device).eval(), processor=processor)

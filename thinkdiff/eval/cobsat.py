@@ -163,12 +163,14 @@ def cobsat_result_path(prompt: Prompt, model: str) -> str:
 
 def build_prompt(task: Task, shot: int, index: int) -> Prompt:
     if not 1 <= shot <= 8:
-        raise ValueError(f"shot={shot}: CoBSAT prompts have 1 to 8 demos (N+1 distinct x items of 10, theta at N+1 <= 9)")
+        raise ValueError(f"shot={shot}: CoBSAT prompts have 1 to 8 demos "
+                         "(N+1 distinct x items of 10, theta at N+1 <= 9)")
     if not 0 <= index < NUM_PROMPTS:
         raise ValueError(f"index={index}: CoBSAT has prompts 0..{NUM_PROMPTS - 1}")
     x_list, theta_list = prompt_lists()[index]
     x_items = tuple(ITEMS[task.x_space][k] for k in x_list[: shot + 1])
-    return Prompt(task=task, shot=shot, index=index, theta=ITEMS[task.theta_space][theta_list[shot + 1]], x_items=x_items)
+    return Prompt(task=task, shot=shot, index=index, theta=ITEMS[task.theta_space][theta_list[shot + 1]],
+                  x_items=x_items)
 
 
 def build_prompts(task: Task, shot: int, limit: int | None = None) -> list[Prompt]:
@@ -198,7 +200,8 @@ def judge_questions(task: Task) -> tuple[str, str]:
         return " ".join(f"({k + 1}){display(item)}" for k, item in enumerate(ITEMS[space]))
 
     tail = ". Answer the number only and do not include any other texts (e.g., 1)."
-    detail = f"What is the {task.attribute} (of the main object) in this image? Answer from the following options:  {options(task.attribute)}{tail}"
+    detail = (f"What is the {task.attribute} (of the main object) in this image? "
+              f"Answer from the following options:  {options(task.attribute)}{tail}")
     obj = f"What is the main object in this image? Answer from the following options:  {options(task.object)}{tail}"
     return detail, obj
 

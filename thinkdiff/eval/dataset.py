@@ -50,7 +50,8 @@ class CobsatDataset:
 
 
 def all_item_paths() -> list[str]:
-    return [f"datasets/{attr}_{o}/{a}_{o}.jpg" for attr, obj_space in THEMES for o in ITEMS[obj_space] for a in ITEMS[attr]]
+    return [f"datasets/{attr}_{o}/{a}_{o}.jpg"
+            for attr, obj_space in THEMES for o in ITEMS[obj_space] for a in ITEMS[attr]]
 
 
 def open_dataset(root: str | Path) -> CobsatDataset:
@@ -91,8 +92,8 @@ def make_synthetic_dataset(root: str | Path, size: int = 96) -> CobsatDataset:
         raise NotADirectoryError(f"{root} is a file: give a directory for the synthetic CoBSAT set")
     drawn = _synthetic_size(root)
     if drawn is not None and drawn != size:
-        raise DataContractError(f"{root} holds the synthetic CoBSAT set at {drawn} px, not {size}: give another directory, "
-                                f"or delete this one to draw it again at {size} px")
+        raise DataContractError(f"{root} holds the synthetic CoBSAT set at {drawn} px, not {size}: "
+                                f"give another directory, or delete this one to draw it again at {size} px")
     if (root / SYNTHETIC_MARKER).is_file():
         return open_dataset(root)  # complete: the marker is written last
     for attr, obj_space in THEMES:
@@ -108,7 +109,8 @@ def make_synthetic_dataset(root: str | Path, size: int = 96) -> CobsatDataset:
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_bytes(root / f"{attr}_{obj_space}.csv", text.getvalue().encode())
-    atomic_write_bytes(root / SYNTHETIC_MARKER, f"synthetic CoBSAT-format set made by thinkdiff\nsize: {size}\n".encode())
+    atomic_write_bytes(root / SYNTHETIC_MARKER,
+                       f"synthetic CoBSAT-format set made by thinkdiff\nsize: {size}\n".encode())
     return open_dataset(root)
 
 
@@ -119,7 +121,8 @@ def _synthetic_size(root: Path) -> int | None:
         for line in marker.read_text().splitlines():
             if line.startswith("size: "):
                 return int(line.removeprefix("size: "))
-    drawn = next((root / rel for rel in all_item_paths() if (root / rel).is_file()), None)  # a set older than the size line
+    # A set older than the size line: measure one of its drawn images.
+    drawn = next((root / rel for rel in all_item_paths() if (root / rel).is_file()), None)
     if drawn is None:
         return None
     with Image.open(drawn) as image:

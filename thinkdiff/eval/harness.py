@@ -128,7 +128,8 @@ def _table(summaries: dict[str, Summary]) -> str:
     paper's result. With CoBSAT's CLIP metric, its accuracy and similarity follow as a second table."""
     lines = _accuracy_rows(summaries, lambda s: s.accuracy, "{:.3f}")
     if any(s.clip_accuracy for s in summaries.values()):
-        lines += ["", "CLIP (CoBSAT's secondary metric): CLIP correct, then mean similarity to the expected caption", ""]
+        lines += ["", "CLIP (CoBSAT's secondary metric): CLIP correct, then mean similarity to the expected caption",
+                  ""]
         lines += _accuracy_rows(summaries, lambda s: s.clip_accuracy, "{:.3f}", metric="CLIP correct")
         lines += _accuracy_rows(summaries, lambda s: s.clip_similarity, "{:.2f}", metric="CLIP similarity")[2:]
     lines += ["", _covered(summaries)]
@@ -138,7 +139,8 @@ def _table(summaries: dict[str, Summary]) -> str:
 def _accuracy_rows(summaries: dict[str, Summary], values: Callable[[Summary], dict[int, dict[int, float]]], number: str,
                    metric: str = "") -> list[str]:
     named = any(summaries)
-    header = ["generator"] * named + ["metric"] * bool(metric) + ["shot"] + [get_task(t).short for t in COLUMN_ORDER] + ["mean"]
+    header = (["generator"] * named + ["metric"] * bool(metric) + ["shot"]
+              + [get_task(t).short for t in COLUMN_ORDER] + ["mean"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, summary in summaries.items():
         for shot, per_task in sorted(values(summary).items()):
@@ -151,7 +153,8 @@ def _accuracy_rows(summaries: dict[str, Summary], values: Callable[[Summary], di
 def _covered(summaries: dict[str, Summary]) -> str:
     counts = sorted({s.num_prompts for s in summaries.values()})
     judges = sorted({s.judge for s in summaries.values()})
-    return f"{'/'.join(map(str, counts))} prompts" + (" per generator" if any(summaries) else "") + f"; judge: {', '.join(judges)}"
+    return (f"{'/'.join(map(str, counts))} prompts" + (" per generator" if any(summaries) else "")
+            + f"; judge: {', '.join(judges)}")
 
 
 COMPARISON = ("comparison.md", "comparison.png")
@@ -165,7 +168,8 @@ def compare(out_dir: Path, summaries: dict[str, Summary]) -> bool:
     if table.is_file() and chart.is_file() and table.read_text() == text:
         return False
     atomic_write_bytes(table, text.encode())
-    plot_cobsat_accuracy({f"{name} {shot}-shot": per_task for name, s in summaries.items() for shot, per_task in sorted(s.accuracy.items())},
+    plot_cobsat_accuracy({f"{name} {shot}-shot": per_task
+                          for name, s in summaries.items() for shot, per_task in sorted(s.accuracy.items())},
                          chart, title=f"CoBSAT accuracy per task, side by side ({_covered(summaries)})")
     return True
 
@@ -214,9 +218,11 @@ def evaluate(
                 wanted |= {(t, shot, i) for i in range(count)}
                 for start in range(0, count, batch_size):
                     if any((t, shot, i) not in done for i in range(start, min(start + batch_size, count))):
-                        batches.append([build_prompt(get_task(t), shot, i) for i in range(start, min(start + batch_size, NUM_PROMPTS))])
+                        batches.append([build_prompt(get_task(t), shot, i)
+                                        for i in range(start, min(start + batch_size, NUM_PROMPTS))])
         total = sum(len(b) for b in batches)
-        log.info("cobsat: %d prompts to evaluate in %d batches (%d already in %s)", total, len(batches), len(done), results_path)
+        log.info("cobsat: %d prompts to evaluate in %d batches (%d already in %s)", total, len(batches), len(done),
+                 results_path)
         every = max(1, len(batches) // 20)
         started_all = time.perf_counter()
         finished = 0
@@ -244,7 +250,8 @@ def evaluate(
                 progress.update(len(batch))
                 if n % every == 0 or n == len(batches):
                     rate = finished / (time.perf_counter() - started_all)
-                    log.info("cobsat: %d/%d prompts, %.2f prompts/s, ETA %.0fs", finished, total, rate, (total - finished) / rate)
+                    log.info("cobsat: %d/%d prompts, %.2f prompts/s, ETA %.0fs", finished, total, rate,
+                             (total - finished) / rate)
         # Only the prompts asked for: a directory may also hold rows of a run with a larger limit.
         return summarize(out_dir, wanted, dataset, judge_label)
 
@@ -262,7 +269,8 @@ def _reopen(path: Path) -> Image.Image:
         return image.convert("RGB")
 
 
-def _row(prompt: Prompt, drawing: Image.Image | Drawing, rel: str, verdict: Verdict, **timings: float) -> dict[str, Any]:
+def _row(prompt: Prompt, drawing: Image.Image | Drawing, rel: str, verdict: Verdict,
+         **timings: float) -> dict[str, Any]:
     row: dict[str, Any] = {
         "task": prompt.task.id, "shot": prompt.shot, "index": prompt.index,
         "detail": verdict.detail, "object": verdict.object,
@@ -299,13 +307,14 @@ def summarize(out_dir: Path, keys: set[tuple[int, int, int]], dataset: CobsatDat
     previous = out_dir / "summary.json"
     table = out_dir / "summary.md"
     current = (table.is_file() and table.read_text() == summary.table() + "\n" and (out_dir / "accuracy.png").is_file()
-               and (out_dir / "samples.png").is_file() and previous.is_file() and json.loads(previous.read_text()) == json.loads(json.dumps(summary.__dict__)))
+               and (out_dir / "samples.png").is_file() and previous.is_file()
+               and json.loads(previous.read_text()) == json.loads(json.dumps(summary.__dict__)))
     if current:
         return summary  # a rerun with nothing new rewrites nothing
     atomic_write_json(out_dir / "summary.json", summary.__dict__)
     atomic_write_bytes(out_dir / "summary.md", (summary.table() + "\n").encode())
-    plot_cobsat_accuracy({f"{shot}-shot": per_task for shot, per_task in sorted(summary.accuracy.items())}, out_dir / "accuracy.png",
-                         title=f"CoBSAT accuracy per task ({summary.num_prompts} prompts)")
+    plot_cobsat_accuracy({f"{shot}-shot": per_task for shot, per_task in sorted(summary.accuracy.items())},
+                         out_dir / "accuracy.png", title=f"CoBSAT accuracy per task ({summary.num_prompts} prompts)")
     save_samples(out_dir, dataset, rows)
     return summary
 
@@ -336,5 +345,6 @@ def save_samples(out_dir: Path, dataset: CobsatDataset, rows: list[dict], per_sh
         verdict = "correct" if r["correct"] else "wrong"
         said = r.get("vlm_text")
         caption = f"{prompt.task.short} {text}-> {'/'.join(prompt.expected)}: {verdict}"
-        grid.append((demos + [Image.open(out_dir / r["image"])], caption + (f"\nVLM: {' '.join(said.split())}" if said else "")))
+        grid.append((demos + [Image.open(out_dir / r["image"])],
+                     caption + (f"\nVLM: {' '.join(said.split())}" if said else "")))
     return save_sample_grid(grid, out_dir / "samples.png")

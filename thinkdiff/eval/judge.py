@@ -120,7 +120,8 @@ class LlavaJudge:
         texts = [llava_prompt(question) for task in tasks for question in judge_questions(task)]
         colour = mean_colour(self.processor.image_processor)
         squares = [pad_to_square(image, colour) for image in images]
-        batch = self.processor(images=[square for square in squares for _ in range(2)], text=texts, padding=True, return_tensors="pt")
+        batch = self.processor(images=[square for square in squares for _ in range(2)], text=texts, padding=True,
+                               return_tensors="pt")
         device, dtype = self.model.device, self.model.dtype
         return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
 
@@ -132,7 +133,8 @@ class LlavaJudge:
         tokenizer = self.processor.tokenizer
         out = self.model.generate(**batch, do_sample=False, max_new_tokens=self.max_new_tokens,
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        return [reply.strip() for reply in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
+        return [reply.strip()
+                for reply in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
 
     def __call__(self, images: list[Image.Image], tasks: list[Task]) -> list[Verdict]:
         return verdicts(self.replies(images, tasks))
@@ -146,11 +148,14 @@ class Qwen2VLJudge:
     @torch.no_grad()
     def replies(self, images: list[Image.Image], tasks: list[Task]) -> list[str]:
         """Greedy replies up to CoBSAT's length, ending at Qwen2-VL's EOS tokens, stripped."""
-        chats = [[image, question] for image, task in zip(images, tasks, strict=True) for question in judge_questions(task)]
+        chats = [[image, question]
+                 for image, task in zip(images, tasks, strict=True) for question in judge_questions(task)]
         batch = encode_chat(self.vlm, chats, self.system_prompt)
         out = self.vlm.model.generate(**batch, do_sample=False, max_new_tokens=MAX_ANSWER_TOKENS,
                                       eos_token_id=self.vlm.eos_token_ids, pad_token_id=self.vlm.pad_token_id)
-        return [reply.strip() for reply in self.vlm.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
+        return [reply.strip()
+                for reply in self.vlm.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:],
+                                                             skip_special_tokens=True)]
 
     def __call__(self, images: list[Image.Image], tasks: list[Task]) -> list[Verdict]:
         return verdicts(self.replies(images, tasks))

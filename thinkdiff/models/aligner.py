@@ -74,17 +74,21 @@ class Aligner(nn.Module):
     def init_norm_from(self, weight: torch.Tensor) -> None:
         """Copy the T5 encoder's final_layer_norm weight into the output norm (paper Fig. 7)."""
         if weight.shape != self.norm.weight.shape:
-            raise ValueError(f"norm init weight has shape {tuple(weight.shape)}, aligner expects {tuple(self.norm.weight.shape)}")
+            raise ValueError(f"norm init weight has shape {tuple(weight.shape)}, "
+                             f"aligner expects {tuple(self.norm.weight.shape)}")
         self.norm.weight.copy_(weight.float())
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write config.json + model.safetensors atomically (a temp dir renamed into place)."""
         directory = Path(directory)
         if directory.exists():
-            raise FileExistsError(f"{directory} exists; refusing to overwrite an aligner (remove it or pick another path)")
+            raise FileExistsError(f"{directory} exists; refusing to overwrite an aligner "
+                                  "(remove it or pick another path)")
         tmp = temp_dir_for(directory)
         try:
-            atomic_write_bytes(tmp / CONFIG_NAME, json.dumps({"architecture": "thinkdiff-aligner", **asdict(self.config)}, indent=2).encode())
+            atomic_write_bytes(tmp / CONFIG_NAME,
+                               json.dumps({"architecture": "thinkdiff-aligner", **asdict(self.config)},
+                                          indent=2).encode())
             state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
             # Bytes, then our own write: safetensors' save_file leaves its file 0600 and unflushed.
             atomic_write_bytes(tmp / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
@@ -105,14 +109,16 @@ class Aligner(nn.Module):
         directory = Path(directory)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name} not found: an aligner directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+                raise FileNotFoundError(f"{directory / name} not found: "
+                                        f"an aligner directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
         try:
             meta = json.loads((directory / CONFIG_NAME).read_text())
             meta.pop("architecture", None)
             model = cls(AlignerConfig(**meta))
         except (ValueError, TypeError, AttributeError) as err:  # not JSON, not an object, unknown or mistyped fields
-            raise DataContractError(f"{directory / CONFIG_NAME} is not an aligner config ({err}); save the aligner again "
-                                    "(`save_pretrained`) or restore the file from its checkpoint") from None
+            raise DataContractError(f"{directory / CONFIG_NAME} is not an aligner config ({err}); "
+                                    "save the aligner again (`save_pretrained`) or restore the file from its "
+                                    "checkpoint") from None
         try:
             state = load_file(str(directory / WEIGHTS_NAME))
         except Exception as err:  # safetensors raises its own SafetensorError for a truncated or foreign file
@@ -121,7 +127,8 @@ class Aligner(nn.Module):
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as err:
-            raise DataContractError(f"{directory / WEIGHTS_NAME} does not match {directory / CONFIG_NAME}: {err}") from err
+            raise DataContractError(f"{directory / WEIGHTS_NAME} does not match {directory / CONFIG_NAME}: "
+                                    f"{err}") from err
         return model
 
 
@@ -154,8 +161,9 @@ def import_official_checkpoint(pth_path: str | Path, out_dir: str | Path) -> Pat
     except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a weights-only checkpoint"
         # The first line only: PyTorch's message goes on to suggest weights_only=False, which would
         # run whatever code the file holds.
-        raise DataContractError(f"{pth_path}: cannot be read as a weights-only torch checkpoint ({first_line(err)}); this "
-                                "project never loads pickled code: give the released aligner file") from None
+        raise DataContractError(f"{pth_path}: cannot be read as a weights-only torch checkpoint "
+                                f"({first_line(err)}); this project never loads pickled code: "
+                                "give the released aligner file") from None
     if not isinstance(blob, dict) or "model" not in blob or not isinstance(blob["model"], dict):
         keys = sorted(blob)[:8] if isinstance(blob, dict) else type(blob).__name__
         raise DataContractError(
@@ -167,7 +175,8 @@ def import_official_checkpoint(pth_path: str | Path, out_dir: str | Path) -> Pat
     extra = sorted(set(state) - set(_OFFICIAL_KEYS))
     if missing or extra:
         raise DataContractError(
-            f"{pth_path}: key 'model' does not hold the official aligner layout; missing {missing}, unexpected {extra[:8]}"
+            f"{pth_path}: key 'model' does not hold the official aligner layout; missing {missing}, "
+            f"unexpected {extra[:8]}"
         )
     out_dim, in_dim = state["mm_projector.0.weight"].shape
     expected = {

@@ -44,14 +44,16 @@ class Flux:
     def pooled_clip(self, text: str) -> torch.Tensor:
         """FLUX's pooled CLIP text embedding (1, D_clip); ThinkDiff-LVLM uses the one of ""."""
         tokens = self.pipe.tokenizer(
-            [text], padding="max_length", max_length=self.pipe.tokenizer_max_length, truncation=True, return_tensors="pt"
+            [text], padding="max_length", max_length=self.pipe.tokenizer_max_length, truncation=True,
+            return_tensors="pt",
         )
         out = self.pipe.text_encoder(tokens.input_ids.to(self.device), output_hidden_states=False)
         return out.pooler_output.to(self.dtype)
 
     @torch.no_grad()
     def draw_embeds(
-        self, prompt_embeds_BLD: torch.Tensor, pooled: torch.Tensor, *, steps: int, guidance: float, size: int, seeds: list[int]
+        self, prompt_embeds_BLD: torch.Tensor, pooled: torch.Tensor, *, steps: int, guidance: float, size: int,
+        seeds: list[int],
     ) -> list[Image.Image]:
         """Images from prompt embeddings (ThinkDiff: the aligner output), one per batch row; row i starts
         from the noise of `seeds[i]`, so it is the same picture at any batch size."""
@@ -63,7 +65,9 @@ class Flux:
         ).images
 
     @torch.no_grad()
-    def draw_text(self, prompts: list[str], *, steps: int, guidance: float, size: int, seeds: list[int]) -> list[Image.Image]:
+    def draw_text(
+        self, prompts: list[str], *, steps: int, guidance: float, size: int, seeds: list[int]
+    ) -> list[Image.Image]:
         """The published path: text prompts through FLUX's own CLIP and T5 (the text-bridge baseline)."""
         return self.pipe(
             prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,

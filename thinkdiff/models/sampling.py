@@ -39,7 +39,8 @@ def top_p_keep(probs_BV: torch.Tensor, top_p: float) -> torch.Tensor:
     hi_B1 = probs_BV.amax(-1, keepdim=True).view(torch.int32)
     for _ in range(BISECTION_STEPS):
         mid_B1 = lo_B1 + (hi_B1 - lo_B1) // 2
-        mass_B1 = torch.where(probs_BV <= mid_B1.view(torch.float32), probs_BV, 0.0).sum(-1, keepdim=True, dtype=torch.float64)
+        mass_B1 = torch.where(probs_BV <= mid_B1.view(torch.float32), probs_BV, 0.0).sum(-1, keepdim=True,
+                                                                                        dtype=torch.float64)
         above_B1 = mass_B1 > limit
         hi_B1 = torch.where(above_B1, mid_B1, hi_B1)
         lo_B1 = torch.where(above_B1, lo_B1, mid_B1)

@@ -206,7 +206,8 @@ def load_t5(src: ModelSource, *, device: torch.device | None = None, keep_encode
         model, tokenizer, revision = build_tiny_t5(), ByT5Tokenizer(), TINY_REVISION
     else:
         revision = None if Path(src.id).is_dir() else src.revision
-        log.info("loading T5 %s (revision %s, %s)%s", src.id, revision, src.dtype, "" if keep_encoder else ", decoder only")
+        log.info("loading T5 %s (revision %s, %s)%s", src.id, revision, src.dtype,
+                 "" if keep_encoder else ", decoder only")
         model_class = T5ForConditionalGeneration if keep_encoder else T5DecoderCheckpoint
         model, loading = model_class.from_pretrained(src.id, revision=revision, dtype=torch_dtype(src.dtype),
                                                      trust_remote_code=False, output_loading_info=True)
@@ -221,7 +222,8 @@ def load_t5(src: ModelSource, *, device: torch.device | None = None, keep_encode
         revision = src.revision if revision else "local"
     norm = model.encoder.final_layer_norm.weight.detach().float().cpu().clone()
     decoder_lm = T5DecoderLM(model)
-    encoder = model.encoder.eval().requires_grad_(False).to(device=device, dtype=torch_dtype(src.dtype)) if keep_encoder else None
+    encoder = (model.encoder.eval().requires_grad_(False).to(device=device, dtype=torch_dtype(src.dtype))
+               if keep_encoder else None)
     # Only the decoder parts (and, for ThinkDiff-CLIP, the encoder) move to the device.
     del model
     gc.collect()

@@ -79,7 +79,8 @@ def load_vision(src: ModelSource, *, image_size: int, device: torch.device | Non
         else:
             model = CLIPVisionModel.from_pretrained(src.id, revision=revision, trust_remote_code=False)
         processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
-        encoder = VisionEncoder(model=model, processor=processor, model_id=src.id, revision=src.revision if revision else "local")
+        encoder = VisionEncoder(model=model, processor=processor, model_id=src.id,
+                                revision=src.revision if revision else "local")
     encoder.model.to(device=device, dtype=torch_dtype(src.dtype)).eval().requires_grad_(False)
     return encoder
 
@@ -99,9 +100,11 @@ def _blip2_vision_only(model_id: str, revision: str | None, config: Blip2VisionC
         files = ["model.safetensors"]
     state = {}
     for name in files:
-        state.update({k.removeprefix("vision_model."): v for k, v in load_file(directory / name).items() if k.startswith("vision_model.")})
+        state.update({k.removeprefix("vision_model."): v
+                      for k, v in load_file(directory / name).items() if k.startswith("vision_model.")})
     if not state:
-        raise DataContractError(f"{directory}: no vision_model.* weights in {files}; is this a BLIP-2 checkpoint in safetensors?")
+        raise DataContractError(f"{directory}: no vision_model.* weights in {files}; "
+                                "is this a BLIP-2 checkpoint in safetensors?")
     model = Blip2VisionModel(config)
     model.load_state_dict(state, strict=True)
     return model

@@ -154,7 +154,8 @@ def load_vlm_tokenizer(src: ModelSource) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(src.id, revision=revision, trust_remote_code=False)
 
 
-def preprocess_images(processor: Qwen2VLImageProcessorPil, images: list[Image.Image], pool: Executor | None = None) -> dict[str, torch.Tensor]:
+def preprocess_images(processor: Qwen2VLImageProcessorPil, images: list[Image.Image],
+                      pool: Executor | None = None) -> dict[str, torch.Tensor]:
     """`pixel_values` (all images' patches, in order) and `image_grid_thw`; with a thread pool one
     image per task (resizing and normalising release the GIL), concatenated in order: the same
     tensors as one call over the list."""
@@ -176,7 +177,8 @@ def render_chat(conversation: list[PromptPart], system_prompt: str, *, picture_l
     for part in conversation:
         if isinstance(part, Image.Image):
             label = f"Picture {k + 1}: " if picture_labels else ""
-            user.append(label + VISION_START + IMAGE_PAD * (image_tokens[k] if image_tokens is not None else 1) + VISION_END)
+            user.append(label + VISION_START + IMAGE_PAD * (image_tokens[k] if image_tokens is not None else 1)
+                        + VISION_END)
             k += 1
         else:
             user.append(part)
@@ -264,11 +266,13 @@ def generate_with_states(
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         if kv_cache == "static":
-            generated_BG, states_BGD = decode_with_states(vlm, batch, max_new_tokens=max_new_tokens, temperature=temperature,
-                                                          top_p=top_p, eos_ids=eos_ids, suppressed=suppressed, compile=compile)
+            generated_BG, states_BGD = decode_with_states(vlm, batch, max_new_tokens=max_new_tokens,
+                                                          temperature=temperature, top_p=top_p, eos_ids=eos_ids,
+                                                          suppressed=suppressed, compile=compile)
         else:
-            generated_BG, states_BGD = _hf_generate_with_states(vlm, batch, max_new_tokens=max_new_tokens, temperature=temperature,
-                                                                top_p=top_p, eos_ids=eos_ids, suppressed=suppressed)
+            generated_BG, states_BGD = _hf_generate_with_states(vlm, batch, max_new_tokens=max_new_tokens,
+                                                                temperature=temperature, top_p=top_p, eos_ids=eos_ids,
+                                                                suppressed=suppressed)
     lengths = [_generated_length(row, eos_ids) for row in generated_BG.tolist()]
     # One device-to-host copy for the batch; each sample then keeps only its own rows.
     states_BGD = states_BGD.float().cpu()
@@ -279,7 +283,8 @@ def generate_with_states(
 
 
 def _hf_generate_with_states(vlm: VLM, batch: dict[str, torch.Tensor], *, max_new_tokens: int, temperature: float,
-                             top_p: float, eos_ids: list[int], suppressed: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                             top_p: float, eos_ids: list[int],
+                             suppressed: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The plain path: HF generate (dynamic cache, eager), then `states_from_cache`."""
     gen_config = GenerationConfig(
         do_sample=temperature > 0,
@@ -334,7 +339,8 @@ def final_norm_states(
     """
     prompt_len = batch["input_ids"].shape[1]
     width = generated_BG.shape[1]
-    gen_mask = (torch.arange(width, device=generated_BG.device)[None, :] < torch.tensor(lengths, device=generated_BG.device)[:, None]).long()
+    gen_mask = (torch.arange(width, device=generated_BG.device)[None, :]
+                < torch.tensor(lengths, device=generated_BG.device)[:, None]).long()
     ids = generated_BG.masked_fill(gen_mask == 0, vlm.pad_token_id)
     inputs = dict(batch)
     inputs["input_ids"] = torch.cat([batch["input_ids"], ids], dim=1)

@@ -84,8 +84,10 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise DataContractError(f"{path} missing: the checkpoint is incomplete; delete {checkpoint} to resume from the one before") from None
-    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:  # truncated, empty or not a torch file
+        raise DataContractError(f"{path} missing: the checkpoint is incomplete; "
+                                f"delete {checkpoint} to resume from the one before") from None
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        # A truncated or empty file, or not a torch file.
         raise DataContractError(f"{path} is unreadable ({first_line(error)}): delete {checkpoint} "
                                 "to resume from the checkpoint before it") from None
 

@@ -140,14 +140,16 @@ class SampleStream:
                 for offset in range(self.position.index - start, rows):
                     row = row_order[offset]
                     self.position.index = start + offset + 1
-                    sample = Sample(token_ids[row], StoredFeatures(blobs[row], num_rows[row], info.dim, info.dtype), texts[row])
+                    sample = Sample(token_ids[row], StoredFeatures(blobs[row], num_rows[row], info.dim, info.dtype),
+                                    texts[row])
                     if not self.usable(sample):
                         continue  # nothing to split (e.g. one generated token, an empty caption)
                     usable += 1
                     yield sample
                 start += rows
             if usable == 0 and full_epoch:
-                raise ValueError(f"{self.store.directory}: no sample can be split into source and target; nothing to train on")
+                raise ValueError(f"{self.store.directory}: no sample can be split into source and target; "
+                                 "nothing to train on")
             self.position = StreamPosition(self.position.epoch + 1, 0)
 
 
@@ -271,8 +273,8 @@ class CaptionSplitCollator:
     tokenized empty string (T5: </s> alone), as the release's `random_split_string`
     (thinkdiff/models/blip_vision_t5_decoder.py at 3ed85e6, lines 247-255) splits it."""
 
-    def __init__(self, t5_tokenizer: PreTrainedTokenizerBase, *, max_prefix_tokens: int, max_target_tokens: int, seed: int,
-                 blip_captions: bool = False):
+    def __init__(self, t5_tokenizer: PreTrainedTokenizerBase, *, max_prefix_tokens: int, max_target_tokens: int,
+                 seed: int, blip_captions: bool = False):
         self.t5_tokenizer = t5_tokenizer
         self.max_prefix_tokens = max_prefix_tokens
         self.max_target_tokens = max_target_tokens
@@ -362,7 +364,8 @@ class Batcher:
             for j in range(start.emitted, len(groups)):
                 self.state = BatcherState(start.epoch, start.index, start.pool, j + 1)
                 mine = groups[j][self.rank * self.per_process: (self.rank + 1) * self.per_process]
-                batch = pad([prepared[i] for i in mine], self.collator.t5_tokenizer.pad_token_id, self.pin_memory, decoders)
+                batch = pad([prepared[i] for i in mine], self.collator.t5_tokenizer.pad_token_id, self.pin_memory,
+                            decoders)
                 batch.loss_tokens = tokens_per_batch / self.world
                 yield batch
             self.state = BatcherState(stream.position.epoch, stream.position.index, start.pool + 1, 0)
@@ -388,7 +391,8 @@ def take(stream: Iterator[Sample], n: int) -> list[Sample]:
 
 
 @contextmanager
-def prefetched(batcher: Batcher, *, depth: int, device: torch.device | None = None) -> Iterator[Iterator[tuple[Batch, BatcherState]]]:
+def prefetched(batcher: Batcher, *, depth: int,
+               device: torch.device | None = None) -> Iterator[Iterator[tuple[Batch, BatcherState]]]:
     """`batcher`'s batches, made up to `depth` ahead on a background thread, each with the batcher
     state after it (what a checkpoint taken after training on it must store).
 

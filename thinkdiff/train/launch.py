@@ -19,6 +19,7 @@ import torch
 from thinkdiff.config import RunConfig, TrainConfig
 from thinkdiff.errors import ThinkDiffError
 from thinkdiff.storage import atomic_write_bytes, read_manifest
+from thinkdiff.train.loop import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,8 @@ def launcher_flags(cfg: TrainConfig) -> list[str]:
     return flags + list(cfg.launch_args)
 
 
-def launch_training(cfg: RunConfig, features_dir: Path, run_dir: Path) -> Path:
-    """Train (or resume) in `accelerate launch` subprocesses; returns the final checkpoint directory.
+def launch_training(cfg: RunConfig, features_dir: Path, run_dir: Path) -> TrainResult:
+    """Train (or resume) in `accelerate launch` subprocesses; returns the complete run's result.
 
     Raises:
         TrainingLaunchError: the launcher exited non-zero (its output tail is in the message).
@@ -48,13 +49,14 @@ def launch_training(cfg: RunConfig, features_dir: Path, run_dir: Path) -> Path:
     manifest = read_manifest(run_dir)
     if manifest is not None:
         log.info("training run %s is complete (step %d); skipping", run_dir, manifest["step"])
-        return Path(manifest["checkpoint"])
+        return TrainResult.of_complete_run(run_dir, manifest)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / RESOLVED_CONFIG
     atomic_write_bytes(config_path, cfg.to_yaml().encode())
     command = [
         sys.executable, "-m", "accelerate.commands.launch", *launcher_flags(cfg.train),
-        "-m", "thinkdiff", "train", "--config", str(config_path), "--features", str(features_dir), "--out", str(run_dir),
+        "-m", "thinkdiff", "train", "--config", str(config_path), "--features", str(features_dir),
+        "--out", str(run_dir),
     ]
     log.info("launching: %s", " ".join(command))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -74,4 +76,4 @@ def launch_training(cfg: RunConfig, features_dir: Path, run_dir: Path) -> Path:
     manifest = read_manifest(run_dir)
     if manifest is None:
         raise TrainingLaunchError(f"training exited cleanly but {run_dir}/manifest.json is missing")
-    return Path(manifest["checkpoint"])
+    return TrainResult.of_complete_run(run_dir, manifest)

@@ -85,6 +85,16 @@ class TrainResult:
     def aligner_dir(self) -> Path:
         return self.checkpoint / ALIGNER_DIR
 
+    @property
+    def loss_curve(self) -> Path:
+        return self.run_dir / LOSS_CURVE_FILE
+
+    @classmethod
+    def of_complete_run(cls, run_dir: Path, manifest: dict) -> TrainResult:
+        """The result a complete run's manifest records."""
+        return cls(run_dir=run_dir, checkpoint=Path(manifest["checkpoint"]), step=manifest["step"],
+                   loss=manifest["loss"])
+
 
 def lr_multiplier(cfg: TrainConfig):
     """Linear warmup from warmup_start_lr to lr, then cosine from lr toward final_lr, reached at
@@ -109,7 +119,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def encoder_states(aligner: torch.nn.Module, t5_encoder: torch.nn.Module | None, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def encoder_states(aligner: torch.nn.Module, t5_encoder: torch.nn.Module | None,
+                   batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """What the frozen T5 decoder attends to, packed, with its slots (`T5DecoderLM.loss`): the
     aligned rows (LVLM), or for ThinkDiff-CLIP each sample's `[aligner(image tokens) ;
     T5enc(caption part 1)]`, the prefix rows after the aligned ones (still padded: few and short)."""
@@ -117,7 +128,8 @@ def encoder_states(aligner: torch.nn.Module, t5_encoder: torch.nn.Module | None,
     if batch.prefix_ids_BP is None:
         return rows, slots
     with torch.no_grad():
-        prefix = t5_encoder(input_ids=batch.prefix_ids_BP, attention_mask=key_mask_4d(batch.prefix_mask_BP)).last_hidden_state
+        prefix = t5_encoder(input_ids=batch.prefix_ids_BP,
+                            attention_mask=key_mask_4d(batch.prefix_mask_BP)).last_hidden_state
     return (torch.cat([rows, prefix.flatten(0, 1).to(rows.dtype)]),
             torch.cat([slots, padded_slots(batch.prefix_mask_BP, first_row=rows.shape[0])], dim=1))
 
@@ -462,4 +474,5 @@ def _truncate_metrics(path: Path, step: int, is_main: bool) -> None:
 
 def read_metrics(path: Path) -> list[dict]:
     """The rows of a run's metrics.jsonl (one per logged step)."""
-    return read_jsonl(path, "delete that line (its step's loss is lost from the log and the loss curve; the run is not)")
+    return read_jsonl(path, "delete that line "
+                            "(its step's loss is lost from the log and the loss curve; the run is not)")
