@@ -63,6 +63,7 @@ Judge = Callable[[list[Image.Image], list[Task]], list[Verdict]]
 ClipScorer = Callable[[list[Image.Image], list[Prompt]], list[dict[str, Any]]]
 """CoBSAT's secondary metric (thinkdiff.eval.clip_score): the CLIP fields of each image's row."""
 RESULTS = "results.jsonl"
+SUMMARY_TABLE, SUMMARY_JSON, ACCURACY_CHART, SAMPLES_GRID = "summary.md", "summary.json", "accuracy.png", "samples.png"
 
 
 def oracle(prompt: Prompt, dataset: CobsatDataset) -> Image.Image:
@@ -304,17 +305,17 @@ def summarize(out_dir: Path, keys: set[tuple[int, int, int]], dataset: CobsatDat
         clip_accuracy=_mean_per_shot_and_task(rows, "clip_correct"),
         clip_similarity=_mean_per_shot_and_task(rows, "clip_similarity"),
     )
-    previous = out_dir / "summary.json"
-    table = out_dir / "summary.md"
-    current = (table.is_file() and table.read_text() == summary.table() + "\n" and (out_dir / "accuracy.png").is_file()
-               and (out_dir / "samples.png").is_file() and previous.is_file()
+    previous = out_dir / SUMMARY_JSON
+    table = out_dir / SUMMARY_TABLE
+    current = (table.is_file() and table.read_text() == summary.table() + "\n" and (out_dir / ACCURACY_CHART).is_file()
+               and (out_dir / SAMPLES_GRID).is_file() and previous.is_file()
                and json.loads(previous.read_text()) == json.loads(json.dumps(summary.__dict__)))
     if current:
         return summary  # a rerun with nothing new rewrites nothing
-    atomic_write_json(out_dir / "summary.json", summary.__dict__)
-    atomic_write_bytes(out_dir / "summary.md", (summary.table() + "\n").encode())
+    atomic_write_json(out_dir / SUMMARY_JSON, summary.__dict__)
+    atomic_write_bytes(out_dir / SUMMARY_TABLE, (summary.table() + "\n").encode())
     plot_cobsat_accuracy({f"{shot}-shot": per_task for shot, per_task in sorted(summary.accuracy.items())},
-                         out_dir / "accuracy.png", title=f"CoBSAT accuracy per task ({summary.num_prompts} prompts)")
+                         out_dir / ACCURACY_CHART, title=f"CoBSAT accuracy per task ({summary.num_prompts} prompts)")
     save_samples(out_dir, dataset, rows)
     return summary
 
@@ -347,4 +348,4 @@ def save_samples(out_dir: Path, dataset: CobsatDataset, rows: list[dict], per_sh
         caption = f"{prompt.task.short} {text}-> {'/'.join(prompt.expected)}: {verdict}"
         grid.append((demos + [Image.open(out_dir / r["image"])],
                      caption + (f"\nVLM: {' '.join(said.split())}" if said else "")))
-    return save_sample_grid(grid, out_dir / "samples.png")
+    return save_sample_grid(grid, out_dir / SAMPLES_GRID)

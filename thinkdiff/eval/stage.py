@@ -23,9 +23,6 @@ from thinkdiff.storage import EVAL_SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 
-# The files harness.summarize and harness.save_samples write into a results directory.
-SUMMARY_TABLE, SUMMARY_JSON, ACCURACY_CHART, SAMPLES_GRID = "summary.md", "summary.json", "accuracy.png", "samples.png"
-
 
 @dataclasses.dataclass(frozen=True)
 class CobsatEvaluation:
@@ -52,19 +49,19 @@ class CobsatEvaluation:
 
     @property
     def summary_md(self) -> Path | None:
-        return self._file(SUMMARY_TABLE)
+        return self._file(harness.SUMMARY_TABLE)
 
     @property
     def summary_json(self) -> Path | None:
-        return self._file(SUMMARY_JSON)
+        return self._file(harness.SUMMARY_JSON)
 
     @property
     def accuracy_png(self) -> Path | None:
-        return self._file(ACCURACY_CHART)
+        return self._file(harness.ACCURACY_CHART)
 
     @property
     def samples_png(self) -> Path | None:
-        return self._file(SAMPLES_GRID)
+        return self._file(harness.SAMPLES_GRID)
 
     @property
     def comparison_md(self) -> Path | None:

@@ -141,7 +141,8 @@ def with_pixel_limits(vlm: VLM, min_pixels: int, max_pixels: int) -> VLM:
         return vlm
     processor = copy.deepcopy(vlm.image_processor)
     processor.size = SizeDict(shortest_edge=min_pixels, longest_edge=max_pixels)
-    return dataclasses.replace(vlm, image_processor=processor, static_cache=None, compiled_decode_step=None)
+    # The decode loop's cache and compiled step do not depend on the image processor: shared.
+    return dataclasses.replace(vlm, image_processor=processor)
 
 
 def load_vlm_tokenizer(src: ModelSource) -> PreTrainedTokenizerBase:

@@ -79,7 +79,7 @@ class TrainResult:
     """The newest checkpoint; its `aligner/` subdirectory loads with Aligner.from_pretrained."""
     step: int
     loss: float | None
-    """Token-mean loss over the last logging window (None when the run was already complete)."""
+    """Token-mean loss over the last logging window (a complete run's: the one its manifest records)."""
 
     @property
     def aligner_dir(self) -> Path:
@@ -260,7 +260,7 @@ def _completed_run(run_dir: Path, manifest: dict[str, Any] | None, fingerprint: 
     if manifest is not None:
         _refuse_another_run(run_dir, manifest.get("train_fingerprint"), fingerprint)
         log.info("training run %s is complete (step %d); skipping", run_dir, manifest["step"])
-        return TrainResult(run_dir=run_dir, checkpoint=Path(manifest["checkpoint"]), step=manifest["step"], loss=None)
+        return TrainResult.of_complete_run(run_dir, manifest)
     newest = latest_checkpoint(run_dir / CHECKPOINTS_DIR)
     if newest is not None:  # before anything loads or is cleaned up in that directory
         _refuse_another_run(run_dir, _recorded_fingerprint(newest), fingerprint)
