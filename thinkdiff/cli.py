@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--features", type=Path, help="feature store dir (default: the config's features stage dir)")
     p.add_argument("--out", type=Path, help="run dir (default: {paths.root}/train/{fingerprint})")
+    p.add_argument("--wait", action="store_true",
+                   help="while another training writes the run dir, wait for it (default: refuse at once)")
 
     p = sub.add_parser("registry", help="MLflow: log + register a finished training run, promote a version")
     registry_sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -203,7 +205,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     from thinkdiff import pipeline
 
-    result = pipeline.train_aligner(cfg, features_dir=args.features, run_dir=args.out)
+    result = pipeline.train_aligner(cfg, args.features, args.out, wait=args.wait)
     print(f"{result.run_dir}\n{result.aligner_dir}")
     return 0
 

@@ -494,9 +494,20 @@ def load_config(name_or_path: str | Path, overrides: typing.Sequence[str] = ()) 
     """
     path = resolve_preset_path(name_or_path)
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:  # an image or archive given as --config
+        raise ConfigError(f"{path}: not a YAML text file (byte {err.start} is not UTF-8); give a config YAML "
+                          f"or a preset: {', '.join(available_presets())}") from None
+    except PermissionError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror}); give this user read access to it") from None
+    if "\0" in text:  # UTF-8 by chance (a tiny binary file): PyYAML would name only an unprintable character
+        raise ConfigError(f"{path}: not a YAML text file (it holds NUL bytes); give a config YAML "
+                          f"or a preset: {', '.join(available_presets())}")
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+        # PyYAML's message spans lines (problem, then where): joined, as an error is one line.
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
     for item in overrides:

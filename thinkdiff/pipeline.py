@@ -66,16 +66,18 @@ def finalize_features(cfg: RunConfig, corpus_dir: Path | None = None) -> Path:
     return extract.finalize_features(cfg, _corpus_dir(cfg, corpus_dir), stage_dir(cfg, "features", corpus_dir))
 
 
-def train_aligner(cfg: RunConfig, features_dir: Path | None = None, run_dir: Path | None = None) -> loop.TrainResult:
-    """Train in this process (what each `accelerate launch` process runs)."""
+def train_aligner(cfg: RunConfig, features_dir: Path | None = None, run_dir: Path | None = None, *,
+                  wait: bool = False) -> loop.TrainResult:
+    """Train in this process (what each `accelerate launch` process runs); `wait`: for another training
+    of the same run directory to end, instead of refusing."""
     return loop.train_aligner(cfg, features_dir or stage_dir(cfg, "features"),
-                              run_dir or stage_dir(cfg, "train", features_dir))
+                              run_dir or stage_dir(cfg, "train", features_dir), wait=wait)
 
 
-def launch_training(cfg: RunConfig, features_dir: Path | None = None) -> loop.TrainResult:
+def launch_training(cfg: RunConfig, features_dir: Path | None = None, *, wait: bool = False) -> loop.TrainResult:
     """Train through `accelerate launch` subprocesses; returns the complete run's result."""
     return launch.launch_training(cfg, features_dir or stage_dir(cfg, "features"),
-                                  stage_dir(cfg, "train", features_dir))
+                                  stage_dir(cfg, "train", features_dir), wait=wait)
 
 
 def register_aligner(cfg: RunConfig, run_dir: Path | None = None) -> registry.ModelVersionRef:

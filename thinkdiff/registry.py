@@ -7,7 +7,9 @@ A finished training run directory (checkpoints, metrics.jsonl, loss_curve.png, m
 logged as one MLflow run after the fact, with the original step numbers and timestamps, so a
 tracking server that is down during training costs nothing: the checkpoint is on disk and
 registration is retried later, never retraining. Logging and registering are idempotent: the run
-is found again by its training fingerprint and the model version by the aligner's sha256.
+is found again by its training fingerprint and the model version by the aligner's sha256, also after
+a kill: the writers of one store take turns under a lock file (`_store_lock`), so a run a rerun
+finds RUNNING was left so by a killed writer; it is completed, or ended as KILLED and replaced.
 
 Aliases: every new version gets `candidate`; `champion` moves only through `promote`.
 
@@ -24,10 +26,12 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +41,7 @@ import yaml
 from thinkdiff.config import RunConfig
 from thinkdiff.errors import ConfigError, DataContractError, ThinkDiffError, first_line
 from thinkdiff.models.aligner import WEIGHTS_NAME, Aligner
-from thinkdiff.storage import EVAL_SCHEMA_VERSION, corpus_fingerprint, read_manifest, sha256_file
+from thinkdiff.storage import EVAL_SCHEMA_VERSION, corpus_fingerprint, exclusive, read_manifest, sha256_file
 from thinkdiff.train.checkpoint import META_FILE
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,8 @@ TAG_FEATURES_FP = "thinkdiff.features_fingerprint"
 TAG_CORPUS_FP = "thinkdiff.corpus_fingerprint"
 TAG_CANDIDATE_PENDING = "thinkdiff.candidate_pending"
 TAG_ALIGNER_SHA = "thinkdiff.aligner_sha256"
+# The store locks this thread holds, with their depth: an operation that holds one calls others that take it.
+_held = threading.local()
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
 
@@ -82,6 +88,21 @@ def tracking_uri(cfg: RunConfig) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///path` URI, else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+def store_lock_path(cfg: RunConfig, uri: str) -> Path:
+    """The lock file the writers of a tracking store take turns on: beside a sqlite store's database
+    (whichever paths.root its users have), else `{paths.root}/mlflow.lock`, which serialises the
+    writers of one machine only (or of the machines that share paths.root and its file locks)."""
+    database = _sqlite_path(uri)
+    return database.with_name(f"{database.name}.lock") if database is not None else Path(cfg.paths.root) / "mlflow.lock"
+
+
 def redact(uri: str) -> str:
     """The URI without credentials, for messages and logs."""
     parts = urllib.parse.urlsplit(uri)
@@ -95,8 +116,8 @@ def redact(uri: str) -> str:
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, naming the URI, when an HTTP tracking server does not answer its health check, or
     when a local store's file is not an SQLite database (SQLAlchemy's traceback names no file)."""
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///"))
+    path = _sqlite_path(uri)
+    if path is not None:
         with contextlib.suppress(FileNotFoundError), path.open("rb") as db:
             header = db.read(16)
             if header and header != b"SQLite format 3\x00":
@@ -180,37 +201,91 @@ class Registry:
             self._uri = tracking_uri(self.cfg)
         return self._uri
 
+    @contextlib.contextmanager
+    def _store_lock(self):
+        """Hold the store's lock file (`store_lock_path`); reentrant within a thread.
+
+        Every find-or-create of a run holds it from its search until the run is ended, so two live
+        processes never both create the run, and a RUNNING run seen under it is stale: its writer
+        was killed (the lock goes with the process). For a remote tracking server this holds per
+        machine only: a RUNNING run may then be another machine's live registration.
+        """
+        path = store_lock_path(self.cfg, self.uri).resolve()
+        depth = getattr(_held, "depth", None)
+        if depth is None:
+            depth = _held.depth = {}
+        if depth.get(path):
+            depth[path] += 1
+            try:
+                yield
+            finally:
+                depth[path] -= 1
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with exclusive(path, f"waiting for another process writing to MLflow store {redact(self.uri)} "
+                             f"(it holds {path})"):
+            depth[path] = 1
+            try:
+                yield
+            finally:
+                del depth[path]
+
     @property
     def client(self):
         """The MLflow client, built after the server answers its health check."""
         if self._client is None:
-            from mlflow import MlflowClient
-            from mlflow.exceptions import MlflowException
-
-            uri = self.uri
-            check_reachable(uri)
-            try:
-                self._client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-            except MlflowException as err:  # an unknown scheme, named in a traceback otherwise
-                problem = first_line(err, 300).replace(uri, redact(uri))
-                raise ConfigError(f"tracking.uri={redact(uri)!r}: MLflow cannot open it ({problem}); use e.g. "
-                                  "http://host:5000, or leave it empty for the sqlite store under paths.root") from None
+            uri, database = self.uri, _sqlite_path(self.uri)
+            if database is None:
+                self._client = self._open(uri)
+                return self._client
+            # MLflow creates a new sqlite store's tables (alembic migrations) when a client first
+            # touches it, tracking and registry tables apart; two processes doing so at once break
+            # each other's migrations. Under this lock one creates them and the other finds them. It is
+            # not the writers' lock, so that opening a store never waits for another process's upload.
+            database.parent.mkdir(parents=True, exist_ok=True)
+            with exclusive(database.with_name(f"{database.name}.init.lock"),
+                           f"waiting for another process creating or opening MLflow store {database}"):
+                client = self._open(uri)
+                client.search_registered_models(max_results=1)
+                self._client = client
         return self._client
+
+    @staticmethod
+    def _open(uri: str):
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        check_reachable(uri)
+        try:
+            return MlflowClient(tracking_uri=uri, registry_uri=uri)
+        except MlflowException as err:  # an unknown scheme, named in a traceback otherwise
+            problem = first_line(err, 300).replace(uri, redact(uri))
+            raise ConfigError(f"tracking.uri={redact(uri)!r}: MLflow cannot open it ({problem}); use e.g. "
+                              "http://host:5000, or leave it empty for the sqlite store under paths.root") from None
 
     @property
     def experiment_id(self) -> str:
         """The id of `tracking.experiment`, which is created when it does not exist yet."""
         if self._experiment_id is None:
+            from mlflow.exceptions import MlflowException
+
             client, name = self.client, self.cfg.tracking.experiment
             experiment = client.get_experiment_by_name(name)
             if experiment is not None:
                 self._experiment_id = experiment.experiment_id
-            else:
-                # A local store keeps artifacts beside its database; a server decides for itself.
-                location = None
-                if self.uri.startswith("sqlite:///"):
-                    location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-                self._experiment_id = client.create_experiment(name, artifact_location=location)
+                return self._experiment_id
+            # A local store keeps artifacts beside its database; a server decides for itself.
+            database = _sqlite_path(self.uri)
+            location = (database.parent / "mlartifacts").as_uri() if database is not None else None
+            with self._store_lock():
+                experiment = client.get_experiment_by_name(name)  # made while this process waited
+                try:
+                    self._experiment_id = (experiment.experiment_id if experiment is not None
+                                           else client.create_experiment(name, artifact_location=location))
+                except MlflowException as err:  # another machine made it first (the lock is per machine)
+                    if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
+                    self._experiment_id = client.get_experiment_by_name(name).experiment_id
         return self._experiment_id
 
     @property
@@ -224,12 +299,6 @@ class Registry:
             FileNotFoundError: the run has not finished (no manifest.json).
             TrackingUnavailableError: an HTTP tracking server does not answer.
         """
-        from mlflow.entities import Metric, Param
-
-        # Here, not at the top: the training loop brings transformers and the T5 code, which loading or
-        # promoting an aligner through this module never needs.
-        from thinkdiff.train.loop import METRICS_FILE, read_metrics
-
         cfg = self.cfg
         if not run_dir.is_dir():
             raise FileNotFoundError(f"training run {run_dir}: no such directory; train first, or name the run "
@@ -247,12 +316,21 @@ class Registry:
         _refuse_other_models(cfg, run_dir, manifest["config"])
         # A damaged aligner is refused here, not by the evaluation that would load it from the registry.
         Aligner.from_pretrained(Path(manifest["checkpoint"]) / "aligner")
+        with self._store_lock():
+            return self._log_training_run(run_dir, manifest)
+
+    def _log_training_run(self, run_dir: Path, manifest: dict[str, Any]) -> str:
+        from mlflow.entities import Metric, Param
+
+        # Here, not at the top: the training loop brings transformers and the T5 code, which loading or
+        # promoting an aligner through this module never needs.
+        from thinkdiff.train.loop import METRICS_FILE, read_metrics
+
         client, experiment_id = self.client, self.experiment_id
         fingerprint = manifest["train_fingerprint"]
-        found = client.search_runs(
-            [experiment_id], max_results=1,
-            filter_string=f"tags.`{TAG_TRAIN_FP}` = '{fingerprint}' and attributes.status = 'FINISHED'",
-        )
+        same_run = f"tags.`{TAG_TRAIN_FP}` = '{fingerprint}'"
+        found = client.search_runs([experiment_id], max_results=1,
+                                   filter_string=f"{same_run} and attributes.status = 'FINISHED'")
         if found:
             log.info("training run %s is already logged as MLflow run %s", run_dir, found[0].info.run_id)
             return found[0].info.run_id
@@ -265,21 +343,41 @@ class Registry:
             TAG_TRAIN_FP: fingerprint,
             TAG_FEATURES_FP: manifest["features_fingerprint"],
             # Feature stores made before their manifest recorded it: the config's corpus.
-            TAG_CORPUS_FP: manifest.get("corpus_fingerprint") or corpus_fingerprint(cfg),
+            TAG_CORPUS_FP: manifest.get("corpus_fingerprint") or corpus_fingerprint(self.cfg),
             "thinkdiff.run_dir": str(run_dir.resolve()),
             "thinkdiff.checkpoint": manifest["checkpoint"],
-            "thinkdiff.preset": manifest["config"].get("preset", cfg.preset),
+            "thinkdiff.preset": manifest["config"].get("preset", self.cfg.preset),
         }
-        run = client.create_run(experiment_id, start_time=start_ms, tags=tags)
-        run_id = run.info.run_id
+        params = [Param(k, v[:6000]) for k, v in flatten(manifest["config"]).items()]
+        metrics = [
+            Metric(key, float(r[key]), int(r["time"] * 1000), r["step"])
+            for r in records for key in ("loss", "lr", "samples_per_s", "tokens_per_s")
+        ]
+
+        def resumable(run: Any) -> bool:
+            # Everything this run holds comes from the run directory (tags and params from its manifest,
+            # metrics with their recorded steps and times, artifacts that overwrite their like), so a
+            # run a killed registration of the same directory left RUNNING is completed rather than
+            # replaced: only what it lacks is logged. MLflow refuses a param logged again with another
+            # value, so a run with other tags or params (another copy of the directory, another
+            # version's flattening) is ended as KILLED and replaced instead.
+            logged = run.data.params
+            return (all(run.data.tags.get(k) == v for k, v in tags.items())
+                    and all(logged.get(p.key, p.value) == p.value for p in params))
+
+        stale = self._stale_run(same_run, resumable)
+        if stale is None:
+            run_id = client.create_run(experiment_id, start_time=start_ms, tags=tags).info.run_id
+        else:
+            run_id = stale.info.run_id
+            params = [p for p in params if p.key not in stale.data.params]
+            # Metrics are matched by hand: a file store, unlike a database one, keeps a metric logged twice twice.
+            have = {(m.key, m.step, m.timestamp) for key in {m.key for m in metrics}
+                    for m in client.get_metric_history(run_id, key)}
+            metrics = [m for m in metrics if (m.key, m.step, m.timestamp) not in have]
         try:
-            params = [Param(k, v[:6000]) for k, v in flatten(manifest["config"]).items()]
             for i in range(0, len(params), 100):
                 client.log_batch(run_id, params=params[i: i + 100])
-            metrics = [
-                Metric(key, float(r[key]), int(r["time"] * 1000), r["step"])
-                for r in records for key in ("loss", "lr", "samples_per_s", "tokens_per_s")
-            ]
             for i in range(0, len(metrics), 1000):
                 client.log_batch(run_id, metrics=metrics[i: i + 1000])
             with tempfile.TemporaryDirectory() as tmp:
@@ -300,12 +398,33 @@ class Registry:
         log.info("logged training run %s as MLflow run %s (%s)", run_dir, run_id, redact(self.uri))
         return run_id
 
+    def _stale_run(self, same_run: str, resumable: Callable[[Any], bool]) -> Any:
+        """The RUNNING run matching the `same_run` filter that a killed writer left, to complete, or
+        None after ending each such run that `resumable` refuses as KILLED. Call it holding the
+        store's lock: no live writer of this machine holds a RUNNING run then."""
+        client, kept = self.client, None
+        running = client.search_runs([self.experiment_id], f"{same_run} and attributes.status = 'RUNNING'")
+        for run in running:
+            if kept is None and resumable(run):
+                kept = run
+                log.warning("MLflow run %s was left RUNNING by a stopped writer; completing it", run.info.run_id)
+            else:
+                client.set_terminated(run.info.run_id, status="KILLED")
+                log.warning("MLflow run %s was left RUNNING by a stopped writer; ended it as KILLED",
+                            run.info.run_id)
+        return kept
+
     def register_checkpoint(self, run_dir: Path) -> ModelVersionRef:
         """Log the run (if needed) and register its final aligner; new versions get `candidate`.
 
         Registering the same aligner again returns the existing version (matched by sha256).
         """
         run_id = self.log_training_run(run_dir)
+        # Two processes registering the same aligner at once would each find no version with its sha256.
+        with self._store_lock():
+            return self._register_version(run_dir, run_id)
+
+    def _register_version(self, run_dir: Path, run_id: str) -> ModelVersionRef:
         client, name = self.client, self.registered_model
         manifest = read_manifest(run_dir)
         assert manifest is not None  # log_training_run checked it
@@ -441,13 +560,15 @@ class Registry:
         its evaluation over the most prompts (`cobsat.prompts`) of the current schema
         (`cobsat.eval_schema`), with `cobsat.judge`.
         """
+        with self._store_lock():
+            return self._log_evaluation(out_dir, summary, model, generator)
+
+    def _log_evaluation(self, out_dir: Path, summary: Any, model: ModelVersionRef | None, generator: str) -> str:
         client, experiment_id = self.client, self.experiment_id
-        found = client.search_runs(
-            [experiment_id], max_results=1,
-            filter_string=(f"tags.`thinkdiff.eval_dir` = '{out_dir.name}' "
-                           f"and tags.`thinkdiff.eval_set` = '{_prompt_set(summary)}' "
-                           "and attributes.status = 'FINISHED'"),
-        )
+        same_run = (f"tags.`thinkdiff.eval_dir` = '{out_dir.name}' "
+                    f"and tags.`thinkdiff.eval_set` = '{_prompt_set(summary)}'")
+        found = client.search_runs([experiment_id], max_results=1,
+                                   filter_string=f"{same_run} and attributes.status = 'FINISHED'")
         links = {}
         if model is not None:
             links = {"thinkdiff.model": model.name, "thinkdiff.model_version": model.version}
@@ -460,6 +581,12 @@ class Registry:
                 for key, value in links.items():
                     client.set_tag(run_id, key, value)
         else:
+            # A run a killed evaluation left RUNNING is ended as KILLED and replaced, not completed: its
+            # metrics are stamped with the time they were logged (logged again they would be points of
+            # their own), and its params and links come from that evaluation's config and model, which
+            # may differ from this one's where the prompt set does not show it (MLflow refuses a param
+            # logged again with another value).
+            self._stale_run(same_run, lambda run: False)
             run_id = self._log_evaluation_run(out_dir, summary, generator, links)
         if model is not None:
             tagged = client.get_model_version(model.name, model.version).tags

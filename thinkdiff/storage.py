@@ -8,6 +8,7 @@ is complete and skipped; an interrupted one resumes at its first missing file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -15,6 +16,7 @@ import io
 import json
 import logging
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -25,7 +27,7 @@ import pyarrow as pa
 from PIL import Image
 
 from thinkdiff.config import RunConfig, fingerprint
-from thinkdiff.errors import DataContractError, first_line
+from thinkdiff.errors import ConfigError, DataContractError, DiskFullError, first_line
 
 MANIFEST = "manifest.json"
 log = logging.getLogger(__name__)
@@ -135,30 +137,132 @@ def train_fingerprint(cfg: RunConfig, features_dir: Path | None = None) -> str:
     })
 
 
+def stage_root(cfg: RunConfig) -> Path:
+    """`paths.root`, refused with one line when it (or a directory above it) is an existing file: no
+    stage directory could be made under it. Checked here, where every stage's directory is named,
+    rather than in validation: the root need not exist yet, and is made with the first stage's."""
+    root = Path(cfg.paths.root)
+    for existing in (root, *root.parents):
+        try:
+            if existing.is_dir():
+                return root
+            if not existing.exists():
+                continue
+        except OSError:  # unreadable: the first mkdir will say why
+            return root
+        where = "is a file" if existing == root else f"is under {existing}, a file"
+        raise ConfigError(f"paths.root={str(root)!r} {where}, not a directory: set paths.root to a directory "
+                          "(it is made if absent), or move that file away")
+    return root
+
+
 def stage_dir(cfg: RunConfig, stage: str, upstream: Path | None = None) -> Path:
     """`{paths.root}/{stage}/{fingerprint}`; `upstream` is the directory the stage reads when it is
     given one (a corpus for features, a feature store for train), else the config's own."""
     if stage == "corpus":
-        return Path(cfg.paths.root) / stage / corpus_fingerprint(cfg)
+        return stage_root(cfg) / stage / corpus_fingerprint(cfg)
     fingerprints: dict[str, Callable[[RunConfig, Path | None], str]] = {"features": features_fingerprint,
                                                                         "train": train_fingerprint}
-    return Path(cfg.paths.root) / stage / fingerprints[stage](cfg, upstream)
+    return stage_root(cfg) / stage / fingerprints[stage](cfg, upstream)
+
+
+KEPT_FILES = "the files completed before it are kept"
+# A full disk where no errno survives: safetensors' Rust io::Error, or a library's own message.
+_NO_SPACE_TEXT = re.compile(r"No space left on device|Disk quota exceeded|StorageFull|QuotaExceeded")
+# torch.save's writer (caffe2's inline_container.cc) drops the errno: "PytorchStreamWriter failed writing file
+# data/0: file write failed", or "unexpected pos N vs M" when a short write went unnoticed until the next one.
+_TORCH_WRITE_FAILED = re.compile(r"file write failed|unexpected pos \d+ vs \d+")
+LOW_SPACE_BYTES = 64 << 20
+"""Below this much free space a write that failed without an errno (torch.save's) is taken for a full disk."""
+
+
+def free_bytes(directory: Path) -> int | None:
+    """Bytes an unprivileged writer may still use on the filesystem holding `directory` (or the
+    nearest existing directory above it); None when that cannot be read."""
+    for existing in (directory, *directory.parents):
+        try:
+            st = os.statvfs(existing)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
+    return None
+
+
+def _outside_temp_dirs(directory: Path) -> Path:
+    """`directory`, or the directory that holds the temporary one it is in (`.name.XXXX.tmp`, see
+    temp_dir_for): a message names where the operator frees space, not a name that is about to go."""
+    parts = directory.parts
+    for i, part in enumerate(parts):
+        if part.startswith(".") and part.endswith(".tmp"):
+            return Path(*parts[:i])
+    return directory
+
+
+def _mount_point(directory: Path) -> Path | None:
+    path = Path(os.path.abspath(directory))
+    for candidate in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            if os.path.ismount(candidate):
+                return candidate
+    return None
+
+
+def disk_full_error(error: BaseException, directory: Path, kept: str = KEPT_FILES) -> DiskFullError | None:
+    """A DiskFullError naming `directory` when `error` is a write that ran out of space there, else
+    None. Call it before a failed writer's partial output is removed: a torch.save failure carries no
+    errno and is judged by the free space its partial file left."""
+    if isinstance(error, DiskFullError):
+        reason = error.reason
+    elif isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = os.strerror(error.errno)
+    elif found := _NO_SPACE_TEXT.search(str(error)):
+        reason = found.group()
+    elif isinstance(error, RuntimeError) and (failed := _TORCH_WRITE_FAILED.search(str(error))):
+        free = free_bytes(directory)
+        if free is None or free >= LOW_SPACE_BYTES:
+            return None  # a write that failed for another reason: its own message says more
+        reason = f"torch.save: {failed.group()}, with {free >> 20} MiB free"
+    else:
+        return None
+    mount = _mount_point(directory)
+    where = f"; the filesystem is mounted at {mount}" if mount is not None and mount != Path("/") else ""
+    return DiskFullError(str(_outside_temp_dirs(directory)), reason + where, kept)
+
+
+@contextlib.contextmanager
+def stop_when_full(directory: Path, kept: str = KEPT_FILES) -> Iterator[None]:
+    """Turns a write under `directory` that ran out of space into a DiskFullError naming it (the
+    writers inside remove their own temporary files first)."""
+    try:
+        yield
+    except Exception as error:
+        full = disk_full_error(error, directory, kept)
+        if full is None:
+            raise
+        raise full from None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same directory, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write to a temporary name in the same directory, then rename over `path`.
+
+    Raises:
+        DiskFullError: the disk ran out of space (nothing is left behind, `path` is as it was).
+    """
+    with stop_when_full(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, FILE_MODE)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def flush_to_disk(path: Path) -> None:
@@ -207,8 +311,9 @@ def read_jsonl(path: Path, fix: str) -> list[dict]:
 
 def temp_path_for(path: Path) -> Path:
     """A unique temporary sibling of `path`, for writers that need a file name (e.g. Parquet)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with stop_when_full(path.parent):  # out of inodes, or the directory cannot be made
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.fchmod(fd, FILE_MODE)
     os.close(fd)
     return Path(tmp)
@@ -216,8 +321,9 @@ def temp_path_for(path: Path) -> Path:
 
 def temp_dir_for(path: Path) -> Path:
     """A new temporary sibling directory of `path`, to fill and then rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    with stop_when_full(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     tmp.chmod(DIR_MODE)
     return tmp
 
@@ -266,11 +372,13 @@ def remove_stale_temp_files(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def exclusive(lock_path: Path, waiting: str, *, wait: bool = True) -> Iterator[bool]:
-    """Hold an exclusive lock on `lock_path` (created if needed, never written): yields True once
-    held; while another process or thread holds it, logs `waiting` and waits for it, or with
-    `wait=False` yields False at once. The lock goes with its holder, so a killed writer never
-    leaves it taken."""
+def exclusive(lock_path: Path, waiting: str, *, wait: bool = True, holder: str | None = None) -> Iterator[bool]:
+    """Hold an exclusive lock on `lock_path` (created if needed): yields True once held; while
+    another process or thread holds it, logs `waiting` and waits for it, or with `wait=False` yields
+    False at once. With `holder` (who this is, e.g. pid and host), the file's content is replaced by
+    it once held, so that a refused or waiting process can name the holder. The lock goes with its
+    holder, so a killed writer never leaves it taken (its name stays in the file, read only while
+    someone holds it)."""
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
     try:
         try:
@@ -281,6 +389,9 @@ def exclusive(lock_path: Path, waiting: str, *, wait: bool = True) -> Iterator[b
                 return
             log.info("%s", waiting)
             fcntl.flock(fd, fcntl.LOCK_EX)
+        if holder is not None:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, holder.encode(), 0)
         yield True
     finally:
         os.close(fd)  # releases the lock

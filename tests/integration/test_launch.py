@@ -1,11 +1,21 @@
 """Covers: a failing `accelerate launch` surfaces as a clear error with the subprocess's own message,
-and writes the resolved config the launch used."""
+and writes the resolved config the launch used; killing the process that launched training (SIGKILL)
+leaves no launcher or worker running."""
 
 from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from thinkdiff.config import load_config
+from thinkdiff.processes import PARENT_DEATH_SUPPORTED
 from thinkdiff.train.launch import TrainingLaunchError, launch_training
 
 pytestmark = pytest.mark.integration
@@ -19,3 +29,63 @@ def test_launch_failure_carries_the_reason(tmp_path):
     assert "training exited with" in message and "a rerun resumes" in message
     assert "no-features: no such directory" in message and "run `thinkdiff features`" in message
     assert load_config(tmp_path / "run" / "config.yaml").to_dict() == cfg.to_dict()
+
+
+SLEEPER = "import os, sys, time\nopen(os.path.join(sys.argv[1], str(os.getpid())), 'w').close()\ntime.sleep(300)\n"
+PARENT = ("import os, sys\nfrom thinkdiff.config import load_config\n"
+          "from thinkdiff.train.launch import launcher_flags, run_launcher\n"
+          "kind, script, pids = sys.argv[1:]\n"
+          "launcher = ([sys.executable, '-m', 'accelerate.commands.launch', *launcher_flags(load_config('tiny').train)]"
+          " if kind == 'accelerate' else [sys.executable, '-m', 'torch.distributed.run', '--standalone',"
+          " '--nproc_per_node', '2'])\n"
+          "run_launcher([*launcher, script, pids], dict(os.environ))\n")
+
+
+def _descendants(root: int) -> set[int]:
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        with contextlib.suppress(OSError):
+            children = {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+            todo.extend(children - found)
+            found |= children
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not PARENT_DEATH_SUPPORTED, reason="the parent-death signal is Linux's (prctl)")
+@pytest.mark.parametrize("kind, workers", [("accelerate", 1), ("torchrun", 2)])
+def test_a_killed_parent_leaves_no_launcher_or_worker(tmp_path, kind, workers):
+    """`kill -9` of the process running `accelerate launch` (the CPU launcher, and torchrun's elastic agent
+    as `accelerate launch --multi_gpu` runs it, whose workers have sessions of their own) ends the launcher
+    and every worker."""
+    script, pids = tmp_path / "sleeper.py", tmp_path / "pids"
+    script.write_text(SLEEPER)
+    pids.mkdir()
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, kind, str(script), str(pids)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tree: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(pids.iterdir())) < workers:
+            assert time.monotonic() < deadline and parent.poll() is None, "the workers never started"
+            time.sleep(0.1)
+        tree = _descendants(parent.pid)
+        assert {int(p.name) for p in pids.iterdir()} <= tree
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 15
+        while any(map(_alive, tree)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in tree if _alive(p)], "the launcher or a worker outlived the process that started it"
+    finally:
+        parent.kill()
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -134,6 +134,15 @@ def test_import_official_via_cli(tmp_path, capsys):
         (lambda s: {"model": {**s, "mm_projector.4.weight": s["mm_projector.3.weight"]}},
          r"unexpected \['mm_projector.4.weight'\]"),
         (lambda s: {"model": {**s, "mm_projector.2.bias": torch.zeros(3)}}, r"mm_projector.2.bias has shape \(3,\)"),
+        # A weight of the wrong rank: the file, the key, and the shape expected against the one found.
+        (lambda s: {"model": {**s, "mm_projector.0.weight": torch.zeros(96)}},
+         r"bad.pth: mm_projector.0.weight has shape \(96,\), expected \(8, in_dim\), a matrix"),
+        (lambda s: {"model": {**s, "mm_projector.2.weight": torch.zeros(8)}},
+         r"bad.pth: mm_projector.2.weight has shape \(8,\), expected \(8, 8\)"),
+        (lambda s: {"model": {**s, "mm_projector.0.weight": torch.zeros(8, 12, 1)}},
+         r"mm_projector.0.weight has shape \(8, 12, 1\), expected \(8, in_dim\)"),
+        (lambda s: {"model": {**s, "mm_projector.0.bias": [0.0] * 8}},
+         r"mm_projector.0.bias is a list, expected a tensor"),
     ],
 )
 def test_import_official_rejects_other_layouts(tmp_path, payload, message):
@@ -141,6 +150,15 @@ def test_import_official_rejects_other_layouts(tmp_path, payload, message):
     with pytest.raises(DataContractError, match=message):
         import_official_checkpoint(tmp_path / "bad.pth", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_weight_of_the_wrong_rank_is_one_line_through_the_cli(tmp_path, capsys):
+    state = {**official_state(make_aligner()), "mm_projector.0.weight": torch.zeros(96)}
+    torch.save({"model": state}, tmp_path / "rank1.pth")
+    assert main(["aligner", "import-official", str(tmp_path / "rank1.pth"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"{tmp_path / 'rank1.pth'}: mm_projector.0.weight has shape (96,), expected (8, in_dim)" in err
 
 
 class _NotAWeight:

@@ -58,6 +58,12 @@ def test_train_without_features_names_the_fix(capsys, tmp_path):
     assert "run `thinkdiff features`" in capsys.readouterr().err
 
 
+def test_train_refuses_a_held_run_directory_unless_told_to_wait():
+    """`--wait`: wait for another training of the same run directory (tests/unit/test_train.py runs both)."""
+    assert parse_command_line(["train", "--config", "tiny", "--wait", "train.lr=2e-4"]).wait
+    assert not parse_command_line(["train", "--config", "tiny"]).wait
+
+
 def test_flow_command_line_refuses_a_bad_override_before_starting_prefect(tmp_path):
     # Overrides on both sides of --config are all read (the mistyped one comes after it).
     run = subprocess.run([sys.executable, "-m", "flows.pipeline", f"paths.root={tmp_path}", "--config", "tiny",

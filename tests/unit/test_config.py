@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from thinkdiff.cli import main
 from thinkdiff.config import available_presets, load_config
 from thinkdiff.errors import ConfigError
 from thinkdiff.storage import features_fingerprint, stage_dir, train_fingerprint, write_manifest
@@ -162,6 +163,28 @@ def test_a_key_given_twice_in_a_file_is_named(tmp_path):
     path.write_text(load_config("tiny").to_yaml().replace("  lr: ", "  lr: 0.5\n  lr: ", 1))
     with pytest.raises(ConfigError, match=r"twice.yaml: not valid YAML \(.*key 'lr' is given twice"):
         load_config(path)
+
+
+@pytest.mark.parametrize(("name", "content", "found"), [
+    ("logo.png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)), r"byte 0 is not UTF-8"),
+    ("tiny.bin", b"a\x00b", r"it holds NUL bytes"),
+])
+def test_a_binary_config_file_is_named_in_one_line(tmp_path, capsys, name, content, found):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=rf"{path}: not a YAML text file \({found}\); give a config YAML or a preset"):
+        load_config(path)
+    assert main(["config", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"thinkdiff config: error: {path}: not a YAML text file") and len(err.splitlines()) == 1
+
+
+def test_invalid_yaml_is_one_line(tmp_path):
+    path = tmp_path / "control.yaml"
+    path.write_text("train:\n  lr: \x01\n")
+    with pytest.raises(ConfigError, match=r"control.yaml: not valid YAML \(.*special characters") as err:
+        load_config(path)
+    assert len(str(err.value).splitlines()) == 1
 
 
 def test_validation_names_key_value_and_fix():

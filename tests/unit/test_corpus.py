@@ -2,7 +2,10 @@
 file); the demo corpus goes through loopback HTTP + img2dataset with its broken urls counted per
 shard; a user's url list (LAION-style parquet columns) downloads; the stage fails below the
 success rate naming shards and error kinds, and a rerun (with a lower bar) finishes from the shards
-already done; the fingerprint leaves out how the corpus is downloaded."""
+already done; the fingerprint leaves out how the corpus is downloaded; a killed stage (SIGKILL, SIGTERM)
+leaves no img2dataset process, and a rerun downloads again the shards it cannot trust (finished after
+their parent died, or disagreeing with their stats); a damaged shard or a binary url list is named in
+one line with the fix."""
 
 from __future__ import annotations
 
@@ -27,9 +30,11 @@ from thinkdiff import pipeline
 from thinkdiff.config import load_config
 from thinkdiff.data.corpus import (
     CorpusError,
+    IncompleteDownloadError,
     build_corpus,
     check_shard_stats,
     check_url_list,
+    corpus_shards,
     read_corpus_shard,
     render_demo_image,
 )
@@ -261,3 +266,111 @@ def test_an_interrupted_download_leaves_no_img2dataset_process(tmp_path):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         server.shutdown()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_corpus_stage_leaves_no_img2dataset_process(tmp_path, sig):
+    """docker stop, systemd or a Prefect cancellation kill `thinkdiff corpus` without a Python exception:
+    img2dataset and its worker pool end with it (they would otherwise download on, and write stats for
+    shards whose urls they could no longer reach), and the marker it leaves makes a rerun distrust them."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HangingHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    urls = tmp_path / "urls.tsv"
+    urls.write_text("url\tcaption\n"
+                    + "".join(f"http://127.0.0.1:{server.server_port}/{i}.jpg\tslow {i}\n" for i in range(8)))
+    out = tmp_path / "corpus-being-downloaded"
+    script = ("from pathlib import Path\nfrom thinkdiff.config import load_config\n"
+              "from thinkdiff.data.corpus import build_corpus\n"
+              f"cfg = load_config('tiny', ['corpus.url_list={urls}', 'corpus.timeout_s=60'])\n"
+              f"build_corpus(cfg.corpus, Path('{out}'))\n")
+    runner = subprocess.Popen([sys.executable, "-c", script])
+    family: set[int] = set()
+    try:
+        deadline = time.monotonic() + 90
+        while len(family) < 3:  # the supervisor, img2dataset and at least one worker of its pool
+            assert time.monotonic() < deadline and runner.poll() is None, "img2dataset never started its workers"
+            time.sleep(0.2)
+            table = _process_table()
+            started = [pid for pid, (ppid, _, cmd) in table.items() if ppid == runner.pid and str(out).encode() in cmd]
+            family = _family(started[0], table) if started else set()
+        assert (out / ".img2dataset-running").is_file()
+        runner.send_signal(sig)
+        assert runner.wait(timeout=10) == -sig
+        deadline = time.monotonic() + 15
+        while family & _process_table().keys() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert family & _process_table().keys() == set(), "img2dataset outlived the corpus stage"
+        assert (out / ".img2dataset-running").is_file()  # no one saw img2dataset end
+    finally:
+        runner.kill()
+        for pid in family & _process_table().keys():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        server.shutdown()
+
+
+def test_a_rerun_downloads_again_the_shards_it_cannot_trust(demo_corpus, tmp_path, caplog):
+    """Shards finished after the marker's last renewal (by an orphan of a killed stage), or that disagree
+    with their stats (a cut-off Parquet file), are downloaded again; the others are kept."""
+    cfg, corpus_dir = demo_corpus
+    out = tmp_path / "corpus"
+    shutil.copytree(corpus_dir, out)
+    (out / "manifest.json").unlink()
+    stamps = {f.name: f.stat().st_mtime_ns for f in out.glob("*_stats.json")}
+    marker = out / ".img2dataset-running"
+    marker.write_text('{"pid": 1}')
+    watched = min(stamps.values()) - 10**9
+    os.utime(marker, ns=(watched, watched))
+    for name in ("00000_stats.json", "00001_stats.json"):  # finished while their parent watched
+        os.utime(out / name, ns=(watched - 1, watched - 1))
+    data = (out / "00001.parquet").read_bytes()
+    (out / "00001.parquet").write_bytes(data[: len(data) // 2])  # and yet cut off
+    with caplog.at_level(logging.WARNING, logger="thinkdiff.data.corpus"):
+        build_corpus(cfg.corpus, out)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any("00001.parquet is not a readable img2dataset Parquet file" in w for w in warnings), warnings
+    assert any("00002.parquet finished after the download that wrote it stopped being watched" in w
+               for w in warnings), warnings
+    assert (out / "00000_stats.json").stat().st_mtime_ns == watched - 1  # kept, not downloaded again
+    assert all((out / name).stat().st_mtime_ns > watched for name in ("00001_stats.json", "00002_stats.json"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["count"], manifest["successes"]) == (43, 40)
+    assert not marker.exists()
+
+
+def test_a_shard_that_disagrees_with_its_stats_is_named_by_the_corpus_check(demo_corpus, tmp_path):
+    cfg, corpus_dir = demo_corpus
+    copy = shutil.copytree(corpus_dir, tmp_path / "corpus")
+    stats = json.loads((copy / "00002_stats.json").read_text())
+    (copy / "00002_stats.json").write_text(json.dumps({**stats, "successes": stats["successes"] + 1}))
+    with pytest.raises(IncompleteDownloadError, match=rf"{copy / '00002.parquet'}: the shard holds 11 rows, \d+ "
+                                                      r"downloaded, where 00002_stats.json counts 11, \d+ downloaded; "
+                                                      r"rerun the corpus stage: it downloads that shard again"):
+        check_shard_stats(copy, 43, cfg.corpus)
+    data = (copy / "00001.parquet").read_bytes()
+    (copy / "00001.parquet").write_bytes(data[:100])  # the features stage lists the shards first
+    with pytest.raises(DataContractError, match=rf"{copy / '00001.parquet'} is not a readable Parquet file .*: "
+                                                r"delete it, 00001_stats.json and the directory's manifest.json"):
+        corpus_shards(copy)
+
+
+def test_a_binary_url_list_is_named_not_echoed(tmp_path):
+    binary = tmp_path / "urls.tsv"
+    binary.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8)
+    with pytest.raises(CorpusError) as err:
+        check_url_list(binary, "tsv", "url", "caption")
+    message = str(err.value)
+    assert message.startswith(f"{binary} is not a tsv text list (binary data; it starts with b'\\x7fELF")
+    assert "set corpus.input_format to its format" in message and message.isprintable()
+    parquet = tmp_path / "urls.csv"
+    pq.write_table(pa.table({"url": ["http://a"], "caption": ["a"]}), parquet)
+    with pytest.raises(CorpusError, match=r"urls.csv is a Parquet file, not a csv text list: "
+                                          r"set corpus.input_format=parquet"):
+        check_url_list(parquet, "csv", "url", "caption")
+    # Text that does not parse: pyarrow quotes the row; its control characters come escaped.
+    ragged = tmp_path / "ragged.tsv"
+    ragged.write_text("url\tcaption\nhttp://a\ta\tb\x1b[2J\n")
+    with pytest.raises(CorpusError, match=r"ragged.tsv: cannot be read as tsv \(ArrowInvalid: CSV parse error") as err:
+        check_url_list(ragged, "tsv", "url", "caption")
+    assert str(err.value).isprintable() and "\\x1b[2J" in str(err.value)

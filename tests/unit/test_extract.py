@@ -6,6 +6,7 @@ determinism, resume of a missing shard, corrupt images recorded and skipped, rer
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import re
 import shutil
@@ -24,7 +25,7 @@ from thinkdiff.config import load_config
 from thinkdiff.data import extract
 from thinkdiff.data.corpus import read_corpus_shard
 from thinkdiff.data.features import FeatureStore, decode_features, read_shard_failures
-from thinkdiff.errors import DataContractError
+from thinkdiff.errors import DataContractError, DiskFullError
 from thinkdiff.models.attention import PACKED_GQA_SDPA
 from thinkdiff.models.tiny import build_tiny_vlm
 from thinkdiff.models.vlm import IMAGE_PAD, encode_chat, final_norm_states, generate_with_states
@@ -198,6 +199,33 @@ def test_features_stage_resumes_missing_shard_identically(demo_corpus, tmp_path)
     assert shards[0].stat().st_mtime_ns == stamps[shards[0].name]  # untouched
     assert not list(out.glob(".*.tmp"))
     assert FeatureStore(out).num_samples == 40
+
+
+def test_a_full_disk_stops_the_stage_with_one_line_and_a_rerun_resumes(demo_corpus, tmp_path, monkeypatch):
+    cfg, corpus_dir = demo_corpus
+    out = tmp_path / "features"
+    real_write, calls = pq.write_table, []
+
+    def fills_the_disk(table, where, **kwargs):
+        calls.append(where)
+        if len(calls) == 2:  # the second shard: half of it reaches the disk, then the disk is full
+            with open(where, "wb") as fh:
+                fh.write(b"PAR1 half a shard")
+            raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+        return real_write(table, where, **kwargs)
+
+    monkeypatch.setattr(pq, "write_table", fills_the_disk)
+    with pytest.raises(DiskFullError, match=re.escape(f"{out}: no space left to write there (No space left on "
+                                                      "device")) as caught:
+        pipeline.cache_features(cfg, corpus_dir, out)
+    assert len(str(caught.value).splitlines()) == 1 and "completed before it are kept" in str(caught.value)
+    first = out / "part-00000.parquet"
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".lock")) == [first.name]  # no temp file
+    stamp = first.stat().st_mtime_ns
+    monkeypatch.undo()
+    pipeline.cache_features(cfg, corpus_dir, out)  # space freed: the rerun makes the two missing shards
+    assert first.stat().st_mtime_ns == stamp and FeatureStore(out).num_samples == 40
+    assert not list(out.glob(".*.tmp"))
 
 
 def test_workers_on_one_store_split_the_shards(demo_corpus, tmp_path):

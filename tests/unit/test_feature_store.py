@@ -5,6 +5,7 @@ the mismatch; it reads only the columns asked for."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,7 +23,7 @@ from thinkdiff.data.features import (
     decoded_dtype,
     write_feature_shard,
 )
-from thinkdiff.errors import DataContractError
+from thinkdiff.errors import DataContractError, DiskFullError
 from thinkdiff.storage import FEATURES_SCHEMA_VERSION, write_manifest
 
 INFO = FeatureStoreInfo(schema_version=FEATURES_SCHEMA_VERSION, feature_kind=fs.FEATURE_KIND_LVLM, dtype="bfloat16",
@@ -95,6 +96,29 @@ def test_failed_write_leaves_nothing_visible(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_feature_shard(tmp_path / "p.parquet", records(), INFO)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_names_the_store_and_leaves_no_part_of_the_shard(tmp_path, monkeypatch):
+    done = write_feature_shard(tmp_path / "part-0.parquet", records(), INFO)
+    before = done.read_bytes()
+
+    def full(table, where, **kwargs):
+        with open(where, "wb") as fh:
+            fh.write(b"PAR1 half a file")
+        # What pyarrow raises when the disk fills: an OSError carrying the errno.
+        raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    monkeypatch.setattr(fs.pq, "write_table", full)
+    with pytest.raises(DiskFullError) as caught:
+        write_feature_shard(tmp_path / "part-1.parquet", records(seed=1), INFO)
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path}: no space left to write there (No space left on device")
+    assert message.endswith("free space there and rerun: the feature shards completed before it are kept, "
+                            "and the stage resumes at the first missing one")
+    assert [p.name for p in tmp_path.iterdir()] == ["part-0.parquet"] and done.read_bytes() == before
+    monkeypatch.undo()
+    write_feature_shard(tmp_path / "part-1.parquet", records(seed=1), INFO)  # space freed: it is written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part-0.parquet", "part-1.parquet"]
 
 
 def test_wrong_feature_width_is_rejected(tmp_path):

@@ -3,14 +3,20 @@ steps, loss curve and config artifacts, fingerprint and git tags); its aligner b
 version with the `candidate` alias, loadable from models:/name@alias and models:/name/N;
 registering again creates no duplicate; `champion` moves only through promote; an unreachable
 tracking server fails fast naming the URI (without credentials) and registration succeeds later
-from the same checkpoint without retraining."""
+from the same checkpoint without retraining; a registration or evaluation logging killed midway
+leaves no duplicate run after its rerun, and two processes first using a new store both succeed."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -439,3 +445,172 @@ def test_an_evaluation_made_before_registration_is_linked_to_the_version_later(t
     assert (tags["thinkdiff.model_version"], tags["mlflow.parentRunId"]) == (ref.version, ref.run_id)
     version = client.get_model_version(cfg.tracking.registered_model, ref.version)
     assert version.tags["cobsat.eval_run"] == by_path.run_id and version.tags["cobsat.prompts"] == "1"
+
+
+# A registration (spec `run_dir`) or an evaluation's logging (spec `out_dir`) in a process of its own.
+# With `stop_after` [method, n] it touches `signal` after its n-th call of that MlflowClient method and
+# waits to be killed; with `barrier` it starts once the folder holds `go`.
+_CHILD = """
+import json, os, sys, time
+from pathlib import Path
+from types import SimpleNamespace
+from mlflow import MlflowClient
+from thinkdiff import registry
+from thinkdiff.config import load_config
+
+spec = json.loads(sys.argv[1])
+if spec.get("stop_after"):
+    method, nth = spec["stop_after"]
+    original, calls = getattr(MlflowClient, method), []
+
+    def stopping(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        calls.append(method)
+        if len(calls) == nth:
+            Path(spec["signal"]).touch()
+            time.sleep(120)
+        return result
+
+    setattr(MlflowClient, method, stopping)
+reg = registry.Registry(load_config("tiny", spec["overrides"]))
+if spec.get("barrier"):
+    Path(spec["barrier"], f"ready-{os.getpid()}").touch()
+    while not Path(spec["barrier"], "go").exists():
+        time.sleep(0.01)
+if "run_dir" in spec:
+    print(reg.register_checkpoint(Path(spec["run_dir"])).version)
+else:
+    def keyed(value):  # JSON made the shots' and tasks' numbers strings
+        return {int(k): keyed(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    summary = SimpleNamespace(**{k: keyed(v) for k, v in spec["summary"].items()})
+    print(reg.log_evaluation(Path(spec["out_dir"]), summary, None, "thinkdiff"))
+"""
+_SUMMARY = {"accuracy": {2: {1: 0.5}}, "mean": {2: 0.5}, "clip_accuracy": {2: {1: 0.5}},
+            "clip_similarity": {2: {1: 0.25}}, "num_prompts": 2, "judge": "synthetic reader",
+            "gen_images_per_s": 1.0, "gen_s_per_prompt": 1.0, "judge_s_per_prompt": 1.0}
+
+
+@pytest.fixture(scope="module")
+def new_store(tmp_path_factory):
+    """An empty sqlite store, to copy: MLflow's migrations making its tables take seconds."""
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}", registry_uri=f"sqlite:///{path}").search_registered_models()
+    return path
+
+
+def _store_in(new_store, directory):
+    shutil.copyfile(new_store, directory / "mlflow.db")
+    return f"sqlite:///{directory / 'mlflow.db'}"
+
+
+def _start(spec):
+    return subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(spec)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _finish(child):
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err[-3000:]
+    return out.strip()
+
+
+def _kill_midway(spec, tmp_path, method, nth):
+    """Run `spec` in a child and SIGKILL it after its `nth` call of MlflowClient.`method`."""
+    stopped = tmp_path / "stopped"
+    child = _start({**spec, "stop_after": [method, nth], "signal": str(stopped)})
+    deadline = time.monotonic() + 60
+    while not stopped.exists():
+        assert child.poll() is None, child.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the child never reached the point to kill it at"
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.communicate()
+
+
+def _eval_dir(tmp_path, name="0123456789abcdef"):
+    out_dir = tmp_path / "eval" / name
+    (out_dir / "results").mkdir(parents=True)
+    (out_dir / "results" / "0.jpg").write_bytes(b"jpeg")
+    return out_dir
+
+
+def _runs(client, cfg, tag, value):
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    return client.search_runs([experiment.experiment_id], f"tags.`{tag}` = '{value}'")
+
+
+@pytest.mark.parametrize("stop_after", [("create_run", 1), ("log_artifact", 2)], ids=["created", "half-logged"])
+def test_a_registration_killed_midway_is_completed_by_the_rerun(trained, new_store, tmp_path, stop_after):
+    """Killed once its run is made (empty, or with params, metrics and some artifacts): the rerun
+    completes that run, logging nothing twice, and registers the version once."""
+    cfg, result = trained
+    own = load_config("tiny", [f"paths.root={cfg.paths.root}", f"tracking.uri={_store_in(new_store, tmp_path)}"])
+    spec = {"overrides": [f"paths.root={cfg.paths.root}", f"tracking.uri={own.tracking.uri}"],
+            "run_dir": str(result.run_dir)}
+    _kill_midway(spec, tmp_path, *stop_after)
+    client = client_for(own)
+    fingerprint = read_manifest(result.run_dir)["train_fingerprint"]
+    [stale] = _runs(client, own, registry.TAG_TRAIN_FP, fingerprint)
+    assert stale.info.status == "RUNNING"
+    assert registry.Registry(own).register_checkpoint(result.run_dir).version == "1"
+    [run] = _runs(client, own, registry.TAG_TRAIN_FP, fingerprint)
+    assert (run.info.run_id, run.info.status) == (stale.info.run_id, "FINISHED")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4, 6]
+    assert run.data.params["train.lr"] == str(cfg.train.lr)
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "loss_curve.png", "aligner"}
+    assert [str(v.version) for v in client.search_model_versions(f"name='{own.tracking.registered_model}'")] == ["1"]
+    assert registry.Registry(own).current_version(registry.CANDIDATE).run_id == run.info.run_id
+
+
+def test_a_stale_run_that_cannot_be_completed_is_ended_and_replaced(trained, new_store, tmp_path):
+    """A RUNNING run of the fingerprint whose params differ (MLflow keeps a param's first value) is
+    ended as KILLED, and the registration logs a run of its own."""
+    cfg, result = trained
+    own = load_config("tiny", [f"paths.root={cfg.paths.root}", f"tracking.uri={_store_in(new_store, tmp_path)}"])
+    reg = registry.Registry(own)
+    fingerprint = read_manifest(result.run_dir)["train_fingerprint"]
+    other = reg.client.create_run(reg.experiment_id, tags={registry.TAG_TRAIN_FP: fingerprint}).info.run_id
+    reg.client.log_param(other, "train.lr", "0.5")
+    ref = reg.register_checkpoint(result.run_dir)
+    runs = {r.info.run_id: r.info.status for r in _runs(reg.client, own, registry.TAG_TRAIN_FP, fingerprint)}
+    assert runs == {other: "KILLED", ref.run_id: "FINISHED"}
+
+
+def test_an_evaluation_logging_killed_midway_is_replaced_by_the_rerun(new_store, tmp_path):
+    """Its metrics carry the time they were logged and its params the evaluation's config, so the
+    stale run is ended as KILLED and one new run logged; a further rerun finds that one."""
+    out_dir = _eval_dir(tmp_path)
+    _store_in(new_store, tmp_path)  # the store under paths.root
+    cfg = load_config("tiny", [f"paths.root={tmp_path}"])
+    spec = {"overrides": [f"paths.root={tmp_path}"], "out_dir": str(out_dir), "summary": _SUMMARY}
+    _kill_midway(spec, tmp_path, "create_run", 1)
+    client = client_for(cfg)
+    [stale] = _runs(client, cfg, "thinkdiff.eval_dir", out_dir.name)
+    assert stale.info.status == "RUNNING"
+    run_id = registry.Registry(cfg).log_evaluation(out_dir, SimpleNamespace(**_SUMMARY), None, "thinkdiff")
+    runs = {r.info.run_id: r.info.status for r in _runs(client, cfg, "thinkdiff.eval_dir", out_dir.name)}
+    assert runs == {stale.info.run_id: "KILLED", run_id: "FINISHED"}
+    assert registry.Registry(cfg).log_evaluation(out_dir, SimpleNamespace(**_SUMMARY), None, "thinkdiff") == run_id
+
+
+def test_two_processes_first_using_a_new_store_both_succeed(tmp_path):
+    """Two processes creating the sqlite store under paths.root at once (MLflow's table migrations,
+    the experiment) both succeed, and the store holds both their runs."""
+    root, barrier = tmp_path / "root", tmp_path / "barrier"
+    barrier.mkdir()
+    cfg = load_config("tiny", [f"paths.root={root}"])
+    children = [_start({"overrides": [f"paths.root={root}"], "barrier": str(barrier), "summary": _SUMMARY,
+                        "out_dir": str(_eval_dir(tmp_path, name))}) for name in ("a" * 16, "b" * 16)]
+    deadline = time.monotonic() + 60
+    while len(list(barrier.glob("ready-*"))) < 2:
+        assert all(child.poll() is None for child in children), [child.communicate()[1][-3000:] for child in children]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert not (root / "mlflow.db").exists()
+    (barrier / "go").touch()
+    logged = [_finish(child) for child in children]
+    client = client_for(cfg)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = {r.info.run_id: r.info.status for r in client.search_runs([experiment.experiment_id])}
+    assert runs == dict.fromkeys(logged, "FINISHED") and len(runs) == 2

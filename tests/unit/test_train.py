@@ -4,12 +4,15 @@ collate; the streaming sample order and its resume position; length buckets (les
 sort, ranks' slices) and their loss weight (every token weighs as in plain random batches); the
 frozen decoder's dropout (train.t5_dropout: seeded by torch, eager and compiled, refused with
 flex); checkpoints (atomic, keep_last, weights_only); a run stopped after step K and resumed equals
-an uninterrupted run bitwise, dropout on; the aligner learns on a fixed feature set."""
+an uninterrupted run bitwise, dropout on, and logs its metrics rows, stopped between logging steps;
+one training per run directory (a second refused naming the holder, or waiting with --wait; a
+killed holder frees it); the aligner learns on a fixed feature set."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 
 import numpy as np
@@ -196,11 +199,21 @@ def test_a_run_directory_of_other_settings_is_neither_resumed_nor_reused(tiny_st
     assert read_manifest(run, "train")["step"] == 4
 
 
-@pytest.mark.parametrize("damage", [b"", b"\x80not a torch file", b"PK\x03\x04cut"])
-def test_an_unreadable_trainer_state_names_the_checkpoint_to_delete(tmp_path, damage):
+@pytest.mark.parametrize("damage", [b"", b"\x80not a torch file", b"PK\x03\x04cut", "truncated", "OSError"])
+def test_an_unreadable_trainer_state_names_the_checkpoint_to_delete(tmp_path, monkeypatch, damage):
     checkpoint = tmp_path / "checkpoints" / "step_000004"
     checkpoint.mkdir(parents=True)
-    (checkpoint / "trainer_state.pt").write_bytes(damage)
+    path = checkpoint / "trainer_state.pt"
+    if damage == "truncated":  # a real state cut where a killed copy or a full disk leaves it
+        torch.save({"step": 4, "optimizer": {"state": {0: {"exp_avg": torch.ones(64, 64)}}},
+                    "rng_cpu": [torch.get_rng_state()]}, path)
+        os.truncate(path, path.stat().st_size // 2)
+    elif damage == "OSError":  # what torch.load raises for some truncated files, rather than a RuntimeError
+        path.write_bytes(b"PK\x03\x04")
+        monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(
+            OSError("PytorchStreamReader failed reading zip archive: failed finding central directory")))
+    else:
+        path.write_bytes(damage)
     with pytest.raises(DataContractError,
                        match=rf"trainer_state.pt is unreadable \(.+\): delete {checkpoint} to resume"):
         load_trainer_state(checkpoint)
@@ -710,3 +723,113 @@ def test_two_processes_train_as_one_and_resume_exactly(tiny_store, tmp_path):
     _train_in_two_processes(features_dir, run, overrides)
     resumed = Aligner.from_pretrained(run / "checkpoints" / "step_000008" / "aligner").state_dict()
     assert all(torch.equal(value, resumed[key]) for key, value in uninterrupted.items())
+
+
+def test_a_run_stopped_between_logging_steps_logs_the_uninterrupted_rows(tiny_store, tmp_path):
+    """Resumed at steps that are not multiples of train.log_every (from the checkpoint before a stop,
+    and from the stop's own): the same metrics rows (step, loss, lr) as an uninterrupted run, bitwise,
+    and the same recorded loss. The checkpoint keeps the open logging window's sums."""
+    _, features_dir = tiny_store
+    cfg = load_config("tiny", [f"paths.root={tmp_path}", "train.max_steps=9", "train.warmup_steps=2",
+                               "train.log_every=2", "train.checkpoint_every=3", "train.keep_last=3",
+                               "train.batch_size=4"])
+    full = train_aligner(cfg, features_dir, tmp_path / "full")
+    run = tmp_path / "resumed"
+    train_aligner(cfg, features_dir, run, stop_after_steps=5)  # logs its open window at 5; checkpoints 3 and 5
+    assert [r["step"] for r in _metrics(run)] == [2, 4, 5]
+    shutil.rmtree(run / "checkpoints" / "step_000005")  # died before step 5's checkpoint: resumes at 3
+    train_aligner(cfg, features_dir, run, stop_after_steps=7)
+    assert load_trainer_state(run / "checkpoints" / "step_000007")["log_window"][0]["steps"] == 1
+    resumed = train_aligner(cfg, features_dir, run)  # at 7
+    rows = lambda p: [(r["step"], r["loss"], r["lr"]) for r in _metrics(p)]  # noqa: E731
+    assert rows(run) == rows(tmp_path / "full") and [r[0] for r in rows(run)] == [2, 4, 6, 8, 9]
+    assert resumed.loss == full.loss == read_manifest(run, "train")["loss"]
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+_HOLD_RUN_DIRECTORY = """
+import sys
+from pathlib import Path
+from thinkdiff.train.loop import hold_run_directory
+with hold_run_directory(Path(sys.argv[1])):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_one_training_per_run_directory_and_a_killed_holder_frees_it(tmp_path, monkeypatch):
+    """A second training of a held run directory is refused at once, naming the holder's pid and
+    host; the training processes a launcher starts (and ranks past 0) find it held for them; once
+    the holder is SIGKILLed the directory is free."""
+    import socket
+    import subprocess
+    import sys
+
+    from thinkdiff.train.loop import RUN_LOCK_ENV, RunDirectoryBusy, hold_run_directory, run_lock_path
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_RUN_DIRECTORY, str(run)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(RunDirectoryBusy, match=rf"^{run} is being trained by pid {holder.pid} on "
+                                                   rf"{socket.gethostname()}: wait for it, or pass --wait$"):
+            with hold_run_directory(run):
+                pass
+        monkeypatch.setenv(RUN_LOCK_ENV, str(run.resolve()))  # what the launcher holding it sets
+        with hold_run_directory(run):
+            pass
+        monkeypatch.delenv(RUN_LOCK_ENV)
+        monkeypatch.setenv("RANK", "1")  # rank 0 of the same launch holds it
+        with hold_run_directory(run):
+            pass
+        monkeypatch.delenv("RANK")
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs in the holder
+        holder.wait()
+    with hold_run_directory(run):
+        assert run_lock_path(run).read_text() == f"pid {os.getpid()} on {socket.gethostname()}"
+    assert not run.exists()  # the lock lies beside the run directory
+
+
+def test_a_second_train_is_refused_or_with_wait_trains_after_the_first(tiny_store, tmp_path, capsys):
+    import threading
+    import time
+
+    from thinkdiff.train.launch import launch_training
+    from thinkdiff.train.loop import RunDirectoryBusy, hold_run_directory
+
+    _, features_dir = tiny_store
+    overrides = [f"paths.root={tmp_path}", "train.max_steps=2", "train.warmup_steps=1", "train.batch_size=4"]
+    run = tmp_path / "run"
+    command = ["train", "--config", "tiny", *overrides, "--features", str(features_dir), "--out", str(run)]
+    held, release = threading.Event(), threading.Event()
+
+    def first_training():
+        with hold_run_directory(run):
+            held.set()
+            release.wait(60)
+
+    first = threading.Thread(target=first_training)
+    first.start()
+    try:
+        assert held.wait(10)
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"{run} is being trained by pid {os.getpid()} on " in err and ": wait for it, or pass --wait" in err
+        with pytest.raises(RunDirectoryBusy):  # the launcher refuses before it starts anything
+            launch_training(load_config("tiny", overrides), features_dir, run)
+        assert not run.exists()
+        codes = []
+        second = threading.Thread(target=lambda: codes.append(main([*command, "--wait"])))
+        second.start()
+        time.sleep(1)
+        assert second.is_alive() and not run.exists()  # waiting, nothing written
+    finally:
+        release.set()
+        first.join()
+    second.join(120)
+    assert codes == [0] and read_manifest(run, "train")["step"] == 2

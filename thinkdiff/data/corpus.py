@@ -11,6 +11,19 @@ counted per shard and reported; the stage fails only when the success rate falls
 `corpus.min_success_rate`, naming the shards and the main error kinds. A shard with its stats file
 is complete, so a rerun after a crash only redoes the missing ones (img2dataset incremental mode).
 
+What a rerun trusts. img2dataset runs under `thinkdiff.processes.spawn`, so it and its worker pool
+end with this process, however it ends (on Linux). While it runs, this process holds an flock on
+`.img2dataset.lock` (inherited by the supervisor, so it stays held until the download's processes
+are gone) and keeps a marker, `.img2dataset-running`, whose mtime it renews every poll; it removes
+the marker once it has seen img2dataset end. A rerun takes the lock (waiting for a download still
+running) and, when it finds a marker, discards every shard whose stats file is newer than the
+marker's last renewal: those were finished after their parent stopped watching (by an orphan
+downloading from a loopback server that had died with its parent, say), or in its last seconds.
+Every remaining shard must also agree with its stats: a readable Parquet file with as many rows
+and as many `success` rows as its stats say; one that does not (cut off, torn stats) is discarded
+and downloaded again. The manifest is written only after img2dataset exited 0 and every shard
+passed these checks, so a download that was interrupted is never accepted as complete.
+
 The `demo` url list is a generated set of coloured shapes whose captions describe them, written
 to disk and served by a loopback HTTP server for the duration of the download, a few of its urls
 deliberately broken, so the offline preset exercises the real download path.
@@ -19,30 +32,37 @@ deliberately broken, so the offline preset exercises the real download path.
 from __future__ import annotations
 
 import collections
+import contextlib
+import fcntl
+import functools
 import io
 import json
 import logging
 import math
 import os
 import random
-import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from thinkdiff.config import CorpusConfig
 from thinkdiff.data.webserver import serve_directory
-from thinkdiff.errors import DataContractError, ThinkDiffError
+from thinkdiff.errors import DataContractError, ThinkDiffError, first_line
+from thinkdiff.processes import spawn, stop_process_group
 from thinkdiff.storage import (
     CORPUS_SCHEMA_VERSION,
+    FILE_MODE,
     atomic_write_bytes,
     read_manifest,
     readable_parquet,
@@ -54,6 +74,8 @@ log = logging.getLogger(__name__)
 DEMO = "demo"
 PROGRESS_POLL_S = 2.0  # how often a running download's finished shards are counted
 URL_LIST_FORMATS = ("csv", "csv.gz", "tsv", "tsv.gz", "parquet")
+DOWNLOAD_LOCK = ".img2dataset.lock"
+DOWNLOAD_MARKER = ".img2dataset-running"  # not *.json: img2dataset takes every *.json in its output for a shard's stats
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
     "purple": (140, 60, 180), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
@@ -148,18 +170,24 @@ def check_url_list(path: Path, input_format: str, url_col: str, caption_col: str
     if not path.is_file():
         raise CorpusError(f"corpus.url_list={str(path)!r}: no such file (give a {input_format} file with columns "
                           f"{url_col!r} and {caption_col!r}, or `demo`)")
+    if input_format != "parquet":
+        check_text_list(path, input_format)
     try:
         if input_format == "parquet":
             parquet = pq.ParquetFile(path)
             columns, rows = parquet.schema_arrow.names, parquet.metadata.num_rows
         else:
             parse = pa_csv.ParseOptions(delimiter="\t" if input_format.startswith("tsv") else ",")
-            with pa_csv.open_csv(path, parse_options=parse) as reader:
+            compression = "gzip" if input_format.endswith(".gz") else None
+            with pa.input_stream(path, compression=compression) as stream, \
+                    pa_csv.open_csv(stream, parse_options=parse) as reader:
                 columns = reader.schema.names
                 missing = [c for c in (url_col, caption_col) if c not in columns]
                 rows = 0 if missing else sum(batch.num_rows for batch in reader)
     except Exception as err:  # noqa: BLE001 - pyarrow raises many types for unreadable input
-        raise CorpusError(f"{path}: cannot be read as {input_format} ({type(err).__name__}: {err})") from err
+        # pyarrow quotes the offending row: one line, with what a terminal would act on escaped
+        raise CorpusError(f"{path}: cannot be read as {input_format} "
+                          f"({type(err).__name__}: {printable(first_line(err))})") from None
     missing = [c for c in (url_col, caption_col) if c not in columns]
     if missing:
         raise CorpusError(
@@ -169,6 +197,35 @@ def check_url_list(path: Path, input_format: str, url_col: str, caption_col: str
     if rows == 0:
         raise CorpusError(f"{path}: the url list has no rows")
     return rows
+
+
+def check_text_list(path: Path, input_format: str) -> None:
+    """A csv/tsv url list must be text: pyarrow's parse error would otherwise quote its binary bytes
+    to the terminal. Names the format a Parquet or gzip file needs instead.
+
+    Raises:
+        CorpusError: the file is Parquet, gzip where the format says plain text, or binary.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    formats = "a csv or tsv text list with a header row (optionally .gz), or a parquet file"
+    if head.startswith(b"PAR1"):
+        raise CorpusError(f"{path} is a Parquet file, not a {input_format} text list: set corpus.input_format=parquet")
+    if head.startswith(b"\x1f\x8b"):  # gzip's magic number (RFC 1952)
+        if not input_format.endswith(".gz"):
+            raise CorpusError(f"{path} is gzip-compressed: set corpus.input_format={input_format}.gz")
+        with contextlib.suppress(zlib.error):
+            head = zlib.decompressobj(wbits=31).decompress(head)
+    controls = sum(b < 32 and b not in b"\t\n\r\f" for b in head)
+    if b"\0" in head or controls > 1 + len(head) // 100:  # a stray escape in a caption is still text
+        raise CorpusError(f"{path} is not a {input_format} text list (binary data; it starts with {head[:16]!r}): "
+                          f"give {formats}, and set corpus.input_format to its format")
+
+
+def printable(text: str, limit: int = 160) -> str:
+    """`text` cut to `limit` characters, with control and other unprintable characters escaped."""
+    text = text[:limit]
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,26 +314,33 @@ def run_img2dataset(cfg: CorpusConfig, url_list: Path, input_format: str, url_co
     """img2dataset as a subprocess: it installs signal handlers and spawns workers, neither of which
     is safe inside a Prefect worker thread (docs/choices.md). Progress (shards done, rate, ETA) is logged
     from the stats file it writes per finished shard; its output goes to a temporary file (a long
-    download would otherwise pile it up in memory) and its tail to the log."""
+    download would otherwise pile it up in memory) and its tail to the log. Shards a rerun cannot
+    trust are discarded first (the module docstring says which)."""
     entry = "import sys; from img2dataset.main import main; sys.exit(main())"
     command = [sys.executable, "-c", entry,
                *img2dataset_args(cfg, url_list, input_format, url_col, caption_col, out_dir)]
     total = math.ceil(expected_rows / cfg.shard_size)
-    already = reported = len(list(out_dir.glob("*_stats.json")))  # an interrupted run's shards are not fetched again
-    log.info("corpus: img2dataset %s -> %s (%d processes x %d threads), %d/%d shards already done", url_list, out_dir,
-             cfg.processes, cfg.threads, already, total)
-    started = time.perf_counter()
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
-    with tempfile.TemporaryFile("w+") as output:
-        # Its own session, so that stopping it stops its worker pool too (and Ctrl-C reaches only us).
-        proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True, env=env,
-                                start_new_session=True)
+    with download_claim(out_dir) as claim, tempfile.TemporaryFile("w+") as output:
+        discard_untrusted_shards(out_dir)
+        marker = out_dir / DOWNLOAD_MARKER
+        atomic_write_bytes(marker, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                               "started": time.time()}).encode())
+        # an interrupted run's shards (those kept) are not fetched again
+        already = reported = len(list(out_dir.glob("*_stats.json")))
+        log.info("corpus: img2dataset %s -> %s (%d processes x %d threads), %d/%d shards already done", url_list,
+                 out_dir, cfg.processes, cfg.threads, already, total)
+        started = time.perf_counter()
+        # Its own process group, ended with this process however it ends (thinkdiff/processes.py), holding
+        # the claim until its last process is gone; Ctrl-C reaches only us.
+        proc = spawn(command, stdout=output, stderr=subprocess.STDOUT, text=True, env=env, pass_fds=(claim,))
         try:
             while True:
                 try:
                     proc.wait(timeout=PROGRESS_POLL_S)
                 except subprocess.TimeoutExpired:
                     pass
+                os.utime(marker)  # shards finished after the last renewal are discarded by a rerun
                 done = len(list(out_dir.glob("*_stats.json")))
                 if done != reported:
                     reported = done
@@ -288,6 +352,9 @@ def run_img2dataset(cfg: CorpusConfig, url_list: Path, input_format: str, url_co
         except BaseException:
             stop_process_group(proc)
             raise
+        finally:
+            if proc.returncode is not None:  # seen ending: every shard it wrote was written while we watched
+                marker.unlink(missing_ok=True)
         output.seek(0)
         tail = "\n".join(line.rstrip() for line in collections.deque(output, maxlen=15) if line.strip())
     log.info("corpus: img2dataset finished in %.1fs (exit %d); output tail:\n%s", time.perf_counter() - started,
@@ -296,24 +363,64 @@ def run_img2dataset(cfg: CorpusConfig, url_list: Path, input_format: str, url_co
         raise IncompleteDownloadError(f"img2dataset exited with {proc.returncode} for {url_list}; last output:\n{tail}")
 
 
-def stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM to the process and everything it started; SIGKILL to what is left after `grace_s`."""
-    def signal_group(sig: int) -> bool:
+@contextlib.contextmanager
+def download_claim(out_dir: Path) -> Iterator[int]:
+    """Hold `out_dir`'s download lock (an flock, waiting while another download holds it); yields its
+    fd, for the download's processes to inherit. It goes with the last process holding it."""
+    fd = os.open(out_dir / DOWNLOAD_LOCK, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
         try:
-            os.killpg(proc.pid, sig)
-            return True
-        except ProcessLookupError:
-            return False
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = (out_dir / DOWNLOAD_MARKER).read_text() if (out_dir / DOWNLOAD_MARKER).is_file() else "?"
+            log.info("corpus: another img2dataset download (%s) is writing %s; waiting for it to end", holder, out_dir)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)
 
-    signal_group(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        proc.poll()  # reaps the leader, which would otherwise keep the group alive as a zombie
-        if not signal_group(0):
-            break
-        time.sleep(0.1)
-    signal_group(signal.SIGKILL)
-    proc.wait()
+
+def discard_untrusted_shards(out_dir: Path) -> list[str]:
+    """Delete the shards a rerun must not count (the module docstring says which), so img2dataset
+    downloads them again; returns their names. Call it holding `download_claim`."""
+    marker = out_dir / DOWNLOAD_MARKER
+    watched_until = marker.stat().st_mtime_ns if marker.is_file() else None
+    discarded = []
+    for stats_path in sorted(out_dir.glob("*_stats.json")):
+        stem = stats_path.name.removesuffix("_stats.json")
+        if watched_until is not None and stats_path.stat().st_mtime_ns > watched_until:
+            problem = "finished after the download that wrote it stopped being watched (its parent was killed)"
+        else:
+            problem = shard_problem(out_dir, stem)
+        if problem is not None:
+            log.warning("corpus: shard %s.parquet %s; downloading it again", stem, problem)
+            (out_dir / f"{stem}.parquet").unlink(missing_ok=True)
+            stats_path.unlink()
+            discarded.append(f"{stem}.parquet")
+    marker.unlink(missing_ok=True)
+    return discarded
+
+
+def shard_problem(out_dir: Path, stem: str) -> str | None:
+    """Why shard `stem` (e.g. 00003) disagrees with its stats file, or None when it agrees: its
+    Parquet file is readable and has the rows and `success` rows the stats count."""
+    try:
+        stats = json.loads((out_dir / f"{stem}_stats.json").read_text())
+        count, successes = int(stats["count"]), int(stats["successes"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        return f"has a damaged {stem}_stats.json ({type(err).__name__})"
+    path = out_dir / f"{stem}.parquet"
+    if not path.is_file():
+        return "is missing (its stats file is there)"
+    try:
+        parquet = pq.ParquetFile(path)
+        rows = parquet.metadata.num_rows
+        ok = sum(s == "success" for s in parquet.read(columns=["status"]).column("status").to_pylist()) if rows else 0
+    except (pa.ArrowException, OSError, KeyError) as err:
+        return f"is not a readable img2dataset Parquet file ({printable(first_line(err))})"
+    if (rows, ok) != (count, successes):
+        return f"holds {rows} rows, {ok} downloaded, where {stem}_stats.json counts {count}, {successes} downloaded"
+    return None
 
 
 def check_shard_stats(out_dir: Path, expected_rows: int, cfg: CorpusConfig) -> dict:
@@ -335,6 +442,10 @@ def check_shard_stats(out_dir: Path, expected_rows: int, cfg: CorpusConfig) -> d
             raise DataContractError(f"{stats_path} is not valid JSON ({err}): delete it and its shard "
                                     f"{stats_path.name.replace('_stats.json', '.parquet')}, "
                                     "then run the corpus stage again") from None
+        problem = shard_problem(out_dir, f"{i:05d}")
+        if problem is not None:
+            raise IncompleteDownloadError(f"{out_dir / f'{i:05d}.parquet'}: the shard {problem}; rerun the corpus "
+                                          "stage: it downloads that shard again")
         shard_errors = {k: v for k, v in stats.get("status_dict", {}).items() if k != "success"}
         errors.update(shard_errors)
         count += stats["count"]
@@ -376,22 +487,46 @@ def check_shard_stats(out_dir: Path, expected_rows: int, cfg: CorpusConfig) -> d
 
 
 def corpus_shards(corpus_dir: Path) -> list[Path]:
-    """The complete shards of a corpus directory (those with a stats file), in order.
+    """The complete shards of a corpus directory (those with a stats file), in order, each checked
+    to be a readable Parquet file (its footer, read once per file version).
 
     Raises:
         FileNotFoundError: the directory has no complete shards.
+        IncompleteDownloadError: the corpus stage's download into it was interrupted.
+        DataContractError: a shard is not a readable Parquet file (cut off, or not Parquet).
     """
+    if (corpus_dir / DOWNLOAD_MARKER).is_file() and read_manifest(corpus_dir) is None:
+        raise IncompleteDownloadError(f"{corpus_dir}: its download was interrupted ({DOWNLOAD_MARKER} is there): run "
+                                      "the corpus stage again to finish it")
     shards = sorted(p for p in corpus_dir.glob("*.parquet") if (corpus_dir / f"{p.stem}_stats.json").is_file())
     if not shards:
         raise FileNotFoundError(f"{corpus_dir}: no complete corpus shards "
                                 "(img2dataset parquet output with _stats.json)")
+    for shard in shards:
+        stat = shard.stat()
+        corpus_shard_rows(shard, stat.st_size, stat.st_mtime_ns)
     return shards
+
+
+def damaged_shard_fix(path: Path) -> str:
+    return (f"delete it, {path.stem}_stats.json and the directory's manifest.json (if there is one), then run the "
+            "corpus stage (or the img2dataset command that made it) again: it downloads that shard again")
+
+
+@functools.lru_cache(maxsize=4096)
+def corpus_shard_rows(path: Path, size: int | None = None, mtime_ns: int | None = None) -> int:
+    """A corpus shard's number of rows, from its footer; `size` and `mtime_ns` key the cache.
+
+    Raises:
+        DataContractError: not a readable Parquet file, naming it and the fix (pyarrow names no file).
+    """
+    with readable_parquet(path, damaged_shard_fix(path)):
+        return pq.read_metadata(path).num_rows
 
 
 def read_corpus_shard(path: Path) -> Iterator[CorpusImage]:
     """Successful rows of one shard, decoded; rows whose bytes do not decode carry an error instead."""
-    fix = (f"delete it, {path.stem}_stats.json and the directory's manifest.json (if there is one), then run the "
-           "corpus stage (or the img2dataset command that made it) again: it downloads that shard again")
+    fix = damaged_shard_fix(path)
     with readable_parquet(path, fix):
         parquet = pq.ParquetFile(path)
     names = set(parquet.schema_arrow.names)

@@ -12,6 +12,7 @@ finished shards are skipped, so a killed run resumes at the first missing one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -31,6 +32,7 @@ from thinkdiff.data.corpus import CorpusImage, corpus_shards, read_corpus_shard
 from thinkdiff.data.features import (
     FEATURE_KIND_CLIP,
     FEATURE_KIND_LVLM,
+    KEPT_SHARDS,
     FeatureRecord,
     FeatureStoreInfo,
     read_shard_failures,
@@ -47,6 +49,7 @@ from thinkdiff.storage import (
     features_fingerprint,
     read_manifest,
     remove_stale_temp_files,
+    stop_when_full,
     upstream_fingerprint,
     write_manifest,
 )
@@ -211,10 +214,13 @@ def extract_feature_shard(cfg: RunConfig, corpus_shard: Path, out_dir: Path, pro
     out_path = feature_shard_path(out_dir, corpus_shard)
     if out_path.exists():
         return out_path
-    out_dir.mkdir(parents=True, exist_ok=True)
-    claim = exclusive(out_dir / f".{out_path.name}.lock",
-                      f"features: another worker is extracting {out_path.name}; waiting for it", wait=wait)
-    with claim as held:
+    with contextlib.ExitStack() as claim:
+        # Only the store's own directory and lock file: a full disk met while the model loads is another disk's.
+        with stop_when_full(out_dir, KEPT_SHARDS):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            held = claim.enter_context(exclusive(
+                out_dir / f".{out_path.name}.lock",
+                f"features: another worker is extracting {out_path.name}; waiting for it", wait=wait))
         if not held:
             return None
         if out_path.exists():  # the worker waited for wrote it

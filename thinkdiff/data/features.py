@@ -40,6 +40,7 @@ from thinkdiff.storage import (
     flush_to_disk,
     read_manifest,
     readable_parquet,
+    stop_when_full,
     temp_path_for,
 )
 
@@ -186,6 +187,9 @@ def binary_values(column: pa.ChunkedArray) -> list[np.ndarray]:
     return views
 
 
+KEPT_SHARDS = "the feature shards completed before it are kept, and the stage resumes at the first missing one"
+
+
 def write_feature_shard(
     path: Path, records: Sequence[FeatureRecord], info: FeatureStoreInfo, failures: Sequence[dict] = ()
 ) -> Path:
@@ -194,6 +198,7 @@ def write_feature_shard(
     Raises:
         FileExistsError: the shard exists (completed shards are never overwritten).
         ValueError: a record's feature width differs from `info.dim`.
+        DiskFullError: the disk ran out of space; no part of the shard is left behind.
     """
     if path.exists():
         raise FileExistsError(f"{path} exists; completed feature shards are never overwritten")
@@ -212,15 +217,16 @@ def write_feature_shard(
         columns["features"].append(encode_features(rows, info.dtype))
     metadata = {**info.to_metadata(), f"{_META_PREFIX}failures".encode(): json.dumps(list(failures)).encode()}
     table = pa.table(columns, schema=ARROW_SCHEMA.with_metadata(metadata))
-    tmp = temp_path_for(path)
-    try:
-        # Small row groups keep the streaming reader's memory bounded and let it skip groups on resume.
-        pq.write_table(table, tmp, compression="none", row_group_size=64, use_dictionary=["key", "instruction"])
-        flush_to_disk(tmp)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with stop_when_full(path.parent, KEPT_SHARDS):
+        tmp = temp_path_for(path)
+        try:
+            # Small row groups keep the streaming reader's memory bounded and let it skip groups on resume.
+            pq.write_table(table, tmp, compression="none", row_group_size=64, use_dictionary=["key", "instruction"])
+            flush_to_disk(tmp)
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return path
 
 

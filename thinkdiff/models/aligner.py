@@ -178,7 +178,16 @@ def import_official_checkpoint(pth_path: str | Path, out_dir: str | Path) -> Pat
             f"{pth_path}: key 'model' does not hold the official aligner layout; missing {missing}, "
             f"unexpected {extra[:8]}"
         )
-    out_dim, in_dim = state["mm_projector.0.weight"].shape
+    for key in _OFFICIAL_KEYS:
+        if not isinstance(state[key], torch.Tensor):
+            raise DataContractError(f"{pth_path}: {key} is a {type(state[key]).__name__}, expected a tensor; "
+                                    "give the released aligner file")
+    first, bias = state["mm_projector.0.weight"], state["mm_projector.0.bias"]
+    if first.ndim != 2:  # the widths below are read from it: a matrix (out_dim, in_dim)
+        rows = bias.shape[0] if bias.ndim == 1 else "out_dim"
+        raise DataContractError(f"{pth_path}: mm_projector.0.weight has shape {tuple(first.shape)}, expected "
+                                f"({rows}, in_dim), a matrix; give the released aligner file")
+    out_dim, in_dim = first.shape
     expected = {
         "mm_projector.0.bias": (out_dim,),
         "mm_projector.2.weight": (out_dim, out_dim),
@@ -187,7 +196,8 @@ def import_official_checkpoint(pth_path: str | Path, out_dir: str | Path) -> Pat
     }
     for key, shape in expected.items():
         if tuple(state[key].shape) != shape:
-            raise DataContractError(f"{pth_path}: {key} has shape {tuple(state[key].shape)}, expected {shape}")
+            raise DataContractError(f"{pth_path}: {key} has shape {tuple(state[key].shape)}, expected {shape} "
+                                    f"(out_dim {out_dim} from mm_projector.0.weight); give the released aligner file")
     aligner = Aligner(AlignerConfig(in_dim=in_dim, out_dim=out_dim))
     aligner.load_state_dict({new: state[old].float() for old, new in _OFFICIAL_KEYS.items()}, strict=True)
     out = aligner.save_pretrained(out_dir)

@@ -3,11 +3,18 @@
 The config file is the interface between the orchestrator and the training processes: the same
 command scales from one CPU process (tests) to N GPUs (`train.num_processes`) and several nodes
 (`train.launch_args`, e.g. ["--num_machines", "2", "--machine_rank", "0", "--main_process_ip", ...]).
+
+The launcher runs in a process group of its own and ends with the process that started it, however
+that one ends (`thinkdiff.processes.spawn`, SIGKILL included): it gets SIGTERM, which ends its workers
+too: accelerate's single-process launcher shares its group with its worker, and torchrun's elastic
+agent (multi-GPU) stops its workers, which run in sessions of their own, when it gets SIGTERM. A
+rerun resumes from the last checkpoint.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import subprocess
@@ -18,12 +25,16 @@ import torch
 
 from thinkdiff.config import RunConfig, TrainConfig
 from thinkdiff.errors import ThinkDiffError
+from thinkdiff.processes import spawn, stop_process_group
 from thinkdiff.storage import atomic_write_bytes, read_manifest
-from thinkdiff.train.loop import TrainResult
+from thinkdiff.train.loop import RUN_LOCK_ENV, TrainResult, hold_run_directory
 
 log = logging.getLogger(__name__)
 
 RESOLVED_CONFIG = "config.yaml"
+# torchrun's agent gives its workers 30 s between SIGTERM and SIGKILL (LocalElasticAgent's shutdown_timeout):
+# the launcher gets longer, so that it is not killed before they are.
+STOP_GRACE_S = 45.0
 
 
 class TrainingLaunchError(ThinkDiffError):
@@ -40,13 +51,21 @@ def launcher_flags(cfg: TrainConfig) -> list[str]:
     return flags + list(cfg.launch_args)
 
 
-def launch_training(cfg: RunConfig, features_dir: Path, run_dir: Path) -> TrainResult:
+def launch_training(cfg: RunConfig, features_dir: Path, run_dir: Path, *, wait: bool = False) -> TrainResult:
     """Train (or resume) in `accelerate launch` subprocesses; returns the complete run's result.
+    This process holds the run directory's lock for them, as long as they run (`hold_run_directory`).
 
     Raises:
+        RunDirectoryBusy: another training holds `run_dir` (and `wait` is False: else this waits for it).
         TrainingLaunchError: the launcher exited non-zero (its output tail is in the message).
     """
-    manifest = read_manifest(run_dir)
+    complete = read_manifest(run_dir) is not None  # read without the lock: a complete run is not written again
+    with contextlib.nullcontext() if complete else hold_run_directory(run_dir, wait=wait):
+        return _launch(cfg, features_dir, run_dir)
+
+
+def _launch(cfg: RunConfig, features_dir: Path, run_dir: Path) -> TrainResult:
+    manifest = read_manifest(run_dir)  # again: the training waited for may have completed the run
     if manifest is not None:
         log.info("training run %s is complete (step %d); skipping", run_dir, manifest["step"])
         return TrainResult.of_complete_run(run_dir, manifest)
@@ -58,22 +77,35 @@ def launch_training(cfg: RunConfig, features_dir: Path, run_dir: Path) -> TrainR
         "-m", "thinkdiff", "train", "--config", str(config_path), "--features", str(features_dir),
         "--out", str(run_dir),
     ]
-    log.info("launching: %s", " ".join(command))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    tail: collections.deque[str] = collections.deque(maxlen=30)
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip()
-            if line:
-                tail.append(line)
-                log.info("[train] %s", line)
-    if proc.returncode != 0:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", RUN_LOCK_ENV: str(run_dir.resolve())}  # held here, for them
+    returncode, tail = run_launcher(command, env)
+    if returncode != 0:
         raise TrainingLaunchError(
-            f"training exited with {proc.returncode} (config {config_path}); checkpoints so far are kept in "
+            f"training exited with {returncode} (config {config_path}); checkpoints so far are kept in "
             f"{run_dir / 'checkpoints'} and a rerun resumes. Last output:\n" + "\n".join(tail)
         )
     manifest = read_manifest(run_dir)
     if manifest is None:
         raise TrainingLaunchError(f"training exited cleanly but {run_dir}/manifest.json is missing")
     return TrainResult.of_complete_run(run_dir, manifest)
+
+
+def run_launcher(command: list[str], env: dict[str, str]) -> tuple[int, collections.deque[str]]:
+    """Run `command` (an `accelerate launch`) with its output logged line by line; returns its exit
+    code and its last 30 lines. It ends with this process (the module docstring says how); when this
+    thread is interrupted (Ctrl-C, a cancellation), the launcher and its workers are stopped first."""
+    log.info("launching: %s", " ".join(command))
+    tail: collections.deque[str] = collections.deque(maxlen=30)
+    proc = spawn(command, grace_s=STOP_GRACE_S, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    with proc:
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                line = line.rstrip()
+                if line:
+                    tail.append(line)
+                    log.info("[train] %s", line)
+        except BaseException:
+            stop_process_group(proc, grace_s=STOP_GRACE_S)
+            raise
+    return proc.returncode, tail

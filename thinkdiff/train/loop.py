@@ -9,16 +9,21 @@ per batch: `thinkdiff.train.data`, Loss weight) -> AdamW step -> log -> checkpoi
 The frozen T5 runs with its dropout when `train.t5_dropout` is set, drawing from torch's global
 generators, which each process seeds with `train.seed + rank` as the official release does and a
 checkpoint saves per process. A rerun of the same config resumes from the newest checkpoint and ends
-with the same weights as an uninterrupted run (bitwise on CPU; a unit test checks it).
+with the same weights and metrics.jsonl rows as an uninterrupted run (bitwise on CPU; unit tests check it).
+One training at a time writes a run directory: a second is refused, naming the holder, or with
+`wait` waits for it (`hold_run_directory`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,13 +33,14 @@ from tqdm import tqdm
 
 from thinkdiff.config import RunConfig, TrainConfig
 from thinkdiff.data.features import FeatureStore
-from thinkdiff.errors import ConfigError, DataContractError
+from thinkdiff.errors import ConfigError, DataContractError, ThinkDiffError
 from thinkdiff.models.aligner import Aligner, AlignerConfig
 from thinkdiff.models.t5 import T5Parts, key_mask_4d, load_t5, padded_slots
 from thinkdiff.models.vlm import load_vlm_tokenizer
 from thinkdiff.plots import plot_loss_curve
 from thinkdiff.storage import (
     atomic_write_bytes,
+    exclusive,
     git_revision,
     read_jsonl,
     read_manifest,
@@ -69,7 +75,47 @@ CHECKPOINTS_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
 
+RUN_LOCK_ENV = "THINKDIFF_RUN_LOCK"
+"""Set by the launcher, for the training processes it starts, to the run directory whose lock it holds."""
+
 Collator = CaptionSplitCollator | MaskedSplitCollator
+
+
+class RunDirectoryBusy(ThinkDiffError):
+    """Another training holds the run directory: two writers would duplicate and lose metrics rows
+    and record a wrong final loss."""
+
+
+def run_lock_path(run_dir: Path) -> Path:
+    """The run directory's lock, beside it: taking it creates no run directory, so a run refused for
+    its inputs leaves none."""
+    return run_dir.parent / f".{run_dir.name}.lock"
+
+
+def _lock_holder(lock: Path) -> str:
+    try:
+        return lock.read_text().strip() or "another process"
+    except OSError:
+        return "another process"
+
+
+@contextlib.contextmanager
+def hold_run_directory(run_dir: Path, *, wait: bool = False) -> Iterator[None]:
+    """Be the one training that writes `run_dir` while inside: a second is refused at once with
+    RunDirectoryBusy naming the holder (pid and host), or with `wait` waits for it. The lock (flock)
+    goes with the process that holds it, killed or not. Held by the process that lives as long as the
+    run: the launcher, for the `accelerate launch` processes it starts (they find RUN_LOCK_ENV), else
+    this process, or rank 0 of processes launched by hand (the ranks must not contend for it)."""
+    if os.environ.get(RUN_LOCK_ENV) == str(run_dir.resolve()) or os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    lock = run_lock_path(run_dir)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    waiting = f"{run_dir} is being trained by {_lock_holder(lock)}; waiting for it to finish (--wait)"
+    with exclusive(lock, waiting, wait=wait, holder=f"pid {os.getpid()} on {socket.gethostname()}") as held:
+        if not held:
+            raise RunDirectoryBusy(f"{run_dir} is being trained by {_lock_holder(lock)}: wait for it, or pass --wait")
+        yield
 
 
 @dataclass
@@ -208,7 +254,7 @@ class TrainSetup:
 
 
 def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *,
-                  stop_after_steps: int | None = None) -> TrainResult:
+                  stop_after_steps: int | None = None, wait: bool = False) -> TrainResult:
     """Train (or resume training) the aligner into `run_dir`; returns the newest checkpoint.
 
     Args:
@@ -217,17 +263,28 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *,
         run_dir: where checkpoints, metrics and the manifest go (the stage directory).
         stop_after_steps: stop (with a checkpoint) once this step is reached, as a preempted job
             would; the next call resumes. Used by tests; None runs to `train.max_steps`.
+        wait: while another training holds `run_dir`, wait for it rather than be refused.
 
     Raises:
+        RunDirectoryBusy: another training holds `run_dir` (and `wait` is False).
         FileNotFoundError / DataContractError: the feature store is missing, incomplete, was
             made by another model than `models.vlm`, or keeps fewer rows than train.max_source_rows.
     """
-    manifest = read_manifest(run_dir, "train")
     fingerprint = train_fingerprint(cfg, features_dir)
-    completed = _completed_run(run_dir, manifest, fingerprint)
-    if completed is not None:
+    completed = _completed_run(run_dir, read_manifest(run_dir, "train"), fingerprint)
+    if completed is not None:  # read-only: needs no lock
         return completed
-    setup = _set_up(cfg, features_dir, run_dir, fingerprint)
+    with hold_run_directory(run_dir, wait=wait):
+        # Read again under the lock: the training waited for may have completed the run.
+        completed = _completed_run(run_dir, read_manifest(run_dir, "train"), fingerprint)
+        if completed is not None:
+            return completed
+        return _train(_set_up(cfg, features_dir, run_dir, fingerprint), stop_after_steps)
+
+
+def _train(setup: TrainSetup, stop_after_steps: int | None) -> TrainResult:
+    """Train from step 0 or the newest checkpoint to train.max_steps (or `stop_after_steps`)."""
+    run_dir = setup.run_dir
     state = _start_or_resume(setup)
     t = setup.train
     target_step = min(t.max_steps, stop_after_steps) if stop_after_steps is not None else t.max_steps
@@ -246,8 +303,11 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *,
             state.step += 1
             progress.update(1)
             state.window.add(loss, cpu_batch, setup.world)
-            if state.step % t.log_every == 0 or state.step == target_step:
-                _log_window(setup, state, progress)
+            closes = state.step % t.log_every == 0 or state.step == t.max_steps
+            if closes or state.step == target_step:
+                # A stop between logging steps logs its open window without closing it: the
+                # checkpoint keeps it, and the resumed run drops that row and logs the window whole.
+                _log_window(setup, state, progress, close=closes)
             if state.step % t.checkpoint_every == 0 or state.step == target_step:
                 _save_checkpoint(setup, state)
     progress.close()
@@ -341,9 +401,11 @@ def _frozen_t5_and_collator(cfg: RunConfig, device: torch.device) -> tuple[T5Par
 
 def _start_or_resume(setup: TrainSetup) -> TrainState:
     """Step 0, or where the newest complete checkpoint left off: weights, optimizer, schedule, data
-    position and this process's random generators. Metric lines past that step are dropped."""
+    position, this process's random generators and its open logging window. Metric lines past the
+    window's start are dropped: the window's row is logged again, whole."""
     accelerator, rank = setup.accelerator, setup.accelerator.process_index
-    step, batcher_state = 0, BatcherState()
+    step, batcher_state, window = 0, BatcherState(), LogWindow.open(setup.device)
+    logged_step = 0
     remove_partial_checkpoints(setup.checkpoints)
     resume_from = latest_checkpoint(setup.checkpoints)
     # Dropout draws from torch's global generators: seeded per process as the release's
@@ -357,42 +419,50 @@ def _start_or_resume(setup: TrainSetup) -> TrainState:
         setup.scheduler.load_state_dict(saved["scheduler"])
         step, batcher_state = saved["step"], BatcherState(**saved["batcher"])
         restore_rng(saved, rank, setup.world, setup.device, setup.train.seed, step)
+        windows = saved.get("log_window", [])  # none in a checkpoint of an older version: an empty window
+        logged_step = step - windows[0]["steps"] if windows else step  # rank 0's: the one metrics.jsonl logs
+        if len(windows) == setup.world:  # else restore_rng warned: the run is no longer the uninterrupted one
+            window = LogWindow.resumed(windows[rank], setup.device)
         log.info("resuming %s from %s (step %d, epoch %d, sample %d)", setup.run_dir, resume_from.name, step,
                  batcher_state.epoch, batcher_state.index)
-    _truncate_metrics(setup.run_dir / METRICS_FILE, step, accelerator.is_main_process)
-    return TrainState(step=step, batcher=batcher_state, window=LogWindow.open(setup.device),
-                      last_checkpoint=resume_from)
+    _truncate_metrics(setup.run_dir / METRICS_FILE, logged_step, accelerator.is_main_process)
+    return TrainState(step=step, batcher=batcher_state, window=window, last_checkpoint=resume_from)
 
 
-def _log_window(setup: TrainSetup, state: TrainState, progress: tqdm) -> None:
-    """Close the logging window into the log line, the progress bar's loss and (main process) a
-    metrics.jsonl line, and open the next."""
+def _log_window(setup: TrainSetup, state: TrainState, progress: tqdm, *, close: bool = True) -> None:
+    """Log the logging window into the log line, the progress bar's loss and (main process) a
+    metrics.jsonl line, then (`close`) open the next."""
     t, window = setup.train, state.window
     # Read before the clock: reading the loss waits for the GPU to finish the window's steps.
     state.loss = window.loss_sum.item() / window.loss_tokens
     elapsed = time.perf_counter() - window.start
+    # The rates count this process's steps only: a resumed window's earlier ones ran before its clock.
+    steps, samples, tokens = (n - untimed for n, untimed in zip((window.steps, window.samples, window.tokens),
+                                                                 window.untimed, strict=True))
     record = {
         "step": state.step,
         "time": time.time(),
         "loss": state.loss,
         "lr": setup.scheduler.get_last_lr()[0],
-        "samples_per_s": window.samples / elapsed,
-        "tokens_per_s": window.tokens / elapsed,
+        "samples_per_s": samples / elapsed,
+        "tokens_per_s": tokens / elapsed,
     }
-    eta = (t.max_steps - state.step) * elapsed / window.steps
+    eta = (t.max_steps - state.step) * elapsed / steps
     log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s %.0f tokens/s ETA %.0fs", state.step, t.max_steps, state.loss,
              record["lr"], record["samples_per_s"], record["tokens_per_s"], eta)
     progress.set_postfix(loss=f"{state.loss:.3f}")
     if setup.accelerator.is_main_process:
         with open(setup.run_dir / METRICS_FILE, "a") as fh:
             fh.write(json.dumps(record) + "\n")
-    state.window = LogWindow.open(setup.device)
+    if close:
+        state.window = LogWindow.open(setup.device)
 
 
 def _save_checkpoint(setup: TrainSetup, state: TrainState) -> None:
-    """Checkpoint the step: the main process writes it, with every process's random generators."""
+    """Checkpoint the step: the main process writes it, with every process's random generators and
+    open logging window."""
     accelerator = setup.accelerator
-    rng = gather_object([process_rng(setup.device)])  # every process's, in rank order
+    rng, windows = zip(*gather_object([(process_rng(setup.device), state.window.sums())]), strict=True)  # rank order
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state.last_checkpoint = save_checkpoint(
@@ -406,6 +476,7 @@ def _save_checkpoint(setup: TrainSetup, state: TrainState) -> None:
                 "scheduler": setup.scheduler.state_dict(),
                 "rng_cpu": [r["cpu"] for r in rng],
                 "rng_cuda": [r["cuda"] for r in rng],
+                "log_window": list(windows),
             },
             meta={**setup.meta, "loss": state.loss},
             keep_last=setup.train.keep_last,
@@ -465,7 +536,8 @@ def _refuse_another_run(run_dir: Path, recorded: str | None, expected: str) -> N
 
 
 def _truncate_metrics(path: Path, step: int, is_main: bool) -> None:
-    """Drop metric lines past the resumed step (written by a run that died before its next checkpoint)."""
+    """Drop metric lines past `step`, the resumed run's last closed logging window: lines written by a
+    run that died before its next checkpoint, and a stopped run's line for its open window."""
     if not is_main or not path.is_file():
         return
     kept = [row for row in read_metrics(path) if row["step"] <= step]
