@@ -226,8 +226,13 @@ def _family(root: int, table: dict[int, tuple[int, str, bytes]]) -> set[int]:
     return family
 
 
-def test_an_interrupted_download_leaves_no_img2dataset_process(tmp_path):
-    """Ctrl-C (or a Prefect cancellation) during img2dataset stops it and its worker pool."""
+@contextlib.contextmanager
+def _download_that_hangs(tmp_path, *, watched: bool):
+    """A corpus stage in a subprocess downloading from a loopback server that never answers; yields
+    (runner, output directory, the running img2dataset family's pids). `watched`: the family is the
+    supervisor, img2dataset and at least one worker of its pool (a child of the runner); else
+    img2dataset and one worker. Whatever is left is killed afterwards. The runner logs what it does
+    and prints its threads' stacks on SIGUSR1: a hang shows where it is."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HangingHandler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -235,7 +240,6 @@ def test_an_interrupted_download_leaves_no_img2dataset_process(tmp_path):
     urls.write_text("url\tcaption\n"
                     + "".join(f"http://127.0.0.1:{server.server_port}/{i}.jpg\tslow {i}\n" for i in range(8)))
     out = tmp_path / "corpus-being-downloaded"
-    # The runner logs what it does and prints its threads' stacks on SIGUSR1: a hang shows where it is.
     script = ("import faulthandler, logging, signal\nfrom pathlib import Path\n"
               "from thinkdiff.config import load_config\n"
               "from thinkdiff.data.corpus import build_corpus\n"
@@ -246,20 +250,14 @@ def test_an_interrupted_download_leaves_no_img2dataset_process(tmp_path):
     family: set[int] = set()
     try:
         deadline = time.monotonic() + 90
-        while len(family) < 2:  # img2dataset and at least one worker of its pool
+        while len(family) < (3 if watched else 2):
             assert time.monotonic() < deadline and runner.poll() is None, "img2dataset never started its workers"
             time.sleep(0.2)
             table = _process_table()
-            img2dataset = [pid for pid, (_, _, cmd) in table.items() if str(out).encode() in cmd and pid != runner.pid]
-            family = _family(img2dataset[0], table) if img2dataset else set()
-        runner.send_signal(signal.SIGINT)
-        try:
-            assert runner.wait(timeout=60) != 0
-        except subprocess.TimeoutExpired:
-            runner.send_signal(signal.SIGUSR1)
-            time.sleep(2)
-            pytest.fail("the interrupted download did not stop within 60 s; its stacks are in the captured stderr")
-        assert family & _process_table().keys() == set()
+            started = [pid for pid, (ppid, _, cmd) in table.items()
+                       if str(out).encode() in cmd and pid != runner.pid and (ppid == runner.pid or not watched)]
+            family = _family(started[0], table) if started else set()
+        yield runner, out, family
     finally:
         runner.kill()
         for pid in family & _process_table().keys():  # not left behind for the rest of the run
@@ -268,32 +266,25 @@ def test_an_interrupted_download_leaves_no_img2dataset_process(tmp_path):
         server.shutdown()
 
 
+def test_an_interrupted_download_leaves_no_img2dataset_process(tmp_path):
+    """Ctrl-C (or a Prefect cancellation) during img2dataset stops it and its worker pool."""
+    with _download_that_hangs(tmp_path, watched=False) as (runner, _, family):
+        runner.send_signal(signal.SIGINT)
+        try:
+            assert runner.wait(timeout=60) != 0
+        except subprocess.TimeoutExpired:
+            runner.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            pytest.fail("the interrupted download did not stop within 60 s; its stacks are in the captured stderr")
+        assert family & _process_table().keys() == set()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_a_killed_corpus_stage_leaves_no_img2dataset_process(tmp_path, sig):
     """docker stop, systemd or a Prefect cancellation kill `thinkdiff corpus` without a Python exception:
     img2dataset and its worker pool end with it (they would otherwise download on, and write stats for
     shards whose urls they could no longer reach), and the marker it leaves makes a rerun distrust them."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HangingHandler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    urls = tmp_path / "urls.tsv"
-    urls.write_text("url\tcaption\n"
-                    + "".join(f"http://127.0.0.1:{server.server_port}/{i}.jpg\tslow {i}\n" for i in range(8)))
-    out = tmp_path / "corpus-being-downloaded"
-    script = ("from pathlib import Path\nfrom thinkdiff.config import load_config\n"
-              "from thinkdiff.data.corpus import build_corpus\n"
-              f"cfg = load_config('tiny', ['corpus.url_list={urls}', 'corpus.timeout_s=60'])\n"
-              f"build_corpus(cfg.corpus, Path('{out}'))\n")
-    runner = subprocess.Popen([sys.executable, "-c", script])
-    family: set[int] = set()
-    try:
-        deadline = time.monotonic() + 90
-        while len(family) < 3:  # the supervisor, img2dataset and at least one worker of its pool
-            assert time.monotonic() < deadline and runner.poll() is None, "img2dataset never started its workers"
-            time.sleep(0.2)
-            table = _process_table()
-            started = [pid for pid, (ppid, _, cmd) in table.items() if ppid == runner.pid and str(out).encode() in cmd]
-            family = _family(started[0], table) if started else set()
+    with _download_that_hangs(tmp_path, watched=True) as (runner, out, family):
         assert (out / ".img2dataset-running").is_file()
         runner.send_signal(sig)
         assert runner.wait(timeout=10) == -sig
@@ -302,12 +293,6 @@ def test_a_killed_corpus_stage_leaves_no_img2dataset_process(tmp_path, sig):
             time.sleep(0.1)
         assert family & _process_table().keys() == set(), "img2dataset outlived the corpus stage"
         assert (out / ".img2dataset-running").is_file()  # no one saw img2dataset end
-    finally:
-        runner.kill()
-        for pid in family & _process_table().keys():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        server.shutdown()
 
 
 def test_a_rerun_downloads_again_the_shards_it_cannot_trust(demo_corpus, tmp_path, caplog):
