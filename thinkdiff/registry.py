@@ -41,7 +41,14 @@ import yaml
 from thinkdiff.config import RunConfig
 from thinkdiff.errors import ConfigError, DataContractError, ThinkDiffError, first_line
 from thinkdiff.models.aligner import WEIGHTS_NAME, Aligner
-from thinkdiff.storage import EVAL_SCHEMA_VERSION, corpus_fingerprint, exclusive, read_manifest, sha256_file
+from thinkdiff.storage import (
+    EVAL_SCHEMA_VERSION,
+    corpus_fingerprint,
+    exclusive,
+    read_manifest,
+    sha256_file,
+    stage_root,
+)
 from thinkdiff.train.checkpoint import META_FILE
 
 log = logging.getLogger(__name__)
@@ -83,7 +90,7 @@ def tracking_uri(cfg: RunConfig) -> str:
         return cfg.tracking.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    root = Path(cfg.paths.root).resolve()
+    root = stage_root(cfg).resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
 

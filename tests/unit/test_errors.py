@@ -16,6 +16,7 @@ from thinkdiff import storage
 from thinkdiff.cli import main
 from thinkdiff.errors import ConfigError, DiskFullError
 from thinkdiff.models.aligner import Aligner, AlignerConfig
+from thinkdiff.registry import tracking_uri
 from thinkdiff.storage import atomic_write_bytes, stage_dir
 from thinkdiff.train import checkpoint as ckpt
 
@@ -117,12 +118,16 @@ def test_a_paths_root_that_is_a_file_is_named_with_the_fix(make_cfg, tmp_path, c
     root = tmp_path / "root.txt" / below if below else tmp_path / "root.txt"
     cfg = make_cfg(root=root)  # validation passes: the root need not exist yet
     problem = "is a file" if not below else f"is under {tmp_path / 'root.txt'}, a file"
+    message = re.escape(f"paths.root='{root}' {problem}, not a directory: set ")
     for stage in ("corpus", "features", "train"):
-        with pytest.raises(ConfigError, match=re.escape(f"paths.root='{root}' {problem}, not a directory: set ")):
+        with pytest.raises(ConfigError, match=message):
             stage_dir(cfg, stage)
-    assert main(["corpus", "--config", "tiny", f"paths.root={root}"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith(f"thinkdiff corpus: error: paths.root='{root}' {problem}")
+    with pytest.raises(ConfigError, match=message):  # the default MLflow store lies under it too
+        tracking_uri(cfg)
+    for command in (["corpus"], ["cobsat", "eval", "eval.generator=oracle"]):
+        assert main([*command, "--config", "tiny", f"paths.root={root}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"error: paths.root='{root}' {problem}" in err
     assert (tmp_path / "root.txt").read_text() == "not a directory"
 
 

@@ -19,7 +19,7 @@ from thinkdiff.errors import ConfigError
 from thinkdiff.eval import dataset, harness, judge
 from thinkdiff.models.aligner import weights_sha256
 from thinkdiff.pipeline import aligner_spec
-from thinkdiff.storage import EVAL_SCHEMA_VERSION
+from thinkdiff.storage import EVAL_SCHEMA_VERSION, stage_root
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> CobsatEvaluatio
         label = ref.uri if ref is not None else spec
     if e.dataset == "synthetic":
         # One set per image size: a changed eval.synthetic_image_size draws its own set.
-        data = dataset.make_synthetic_dataset(Path(cfg.paths.root) / f"cobsat-synthetic-{e.synthetic_image_size}px",
+        data = dataset.make_synthetic_dataset(stage_root(cfg) / f"cobsat-synthetic-{e.synthetic_image_size}px",
                                               e.synthetic_image_size)
     else:
         data = dataset.open_dataset(e.dataset)
@@ -172,7 +172,7 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> CobsatEvaluatio
     # A synthetic set is the same images wherever it lies (its size is in `settings`); a real one is
     # keyed by its directory.
     dataset_key = "synthetic" if e.dataset == "synthetic" else str(data.root.resolve())
-    out_dir = Path(cfg.paths.root) / "eval" / fingerprint({
+    out_dir = stage_root(cfg) / "eval" / fingerprint({
         "schema": EVAL_SCHEMA_VERSION, "eval": settings, "generator": identity, "dataset": dataset_key,
         "features": vlm_inputs, "models": {k: v.__dict__ for k, v in cfg.models.__dict__.items()},
     })
