@@ -15,7 +15,7 @@ from thinkdiff import registry
 from thinkdiff.config import RunConfig
 from thinkdiff.data import corpus, extract
 from thinkdiff.models.aligner import WEIGHTS_NAME
-from thinkdiff.storage import read_manifest, stage_dir
+from thinkdiff.storage import read_manifest, recorded_location, stage_dir
 from thinkdiff.train import launch, loop
 
 
@@ -98,7 +98,7 @@ def trained_aligner_dir(cfg: RunConfig) -> Path:
         raise FileNotFoundError(f"no finished training run at {run_dir}: train first (`thinkdiff train` "
                                 "with the same --config and overrides) "
                                 "or name an aligner (eval.aligner / --aligner / --model)")
-    return Path(manifest["checkpoint"]) / loop.ALIGNER_DIR
+    return recorded_location(manifest["checkpoint"], run_dir) / loop.ALIGNER_DIR
 
 
 def aligner_spec(cfg: RunConfig, explicit: str | None = None) -> str:
@@ -117,7 +117,7 @@ def aligner_spec(cfg: RunConfig, explicit: str | None = None) -> str:
         raise FileNotFoundError(f"aligner {spec} ({named_by}): no such file or directory; {forms}")
     if path.is_dir() and not (path / WEIGHTS_NAME).is_file():
         run = read_manifest(path)
-        inside = (f"; this training run's aligner is {Path(run['checkpoint']) / loop.ALIGNER_DIR}"
+        inside = (f"; this training run's aligner is {recorded_location(run['checkpoint'], path) / loop.ALIGNER_DIR}"
                   if run and run.get("stage") == "train" else "")
         raise FileNotFoundError(f"aligner {spec} ({named_by}): no {WEIGHTS_NAME} in this directory{inside}; {forms}")
     if path.is_file() and path.suffix not in (".pth", ".pt"):

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import sqlite3
 import tempfile
 import threading
 import time
@@ -46,6 +47,8 @@ from thinkdiff.storage import (
     corpus_fingerprint,
     exclusive,
     read_manifest,
+    recorded_location,
+    recorded_path,
     sha256_file,
     stage_root,
 )
@@ -100,6 +103,36 @@ def _sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
     return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+def follow_moved_store(database: Path) -> None:
+    """Point a sqlite store's records at the artifacts beside it again after it moved with its root.
+
+    MLflow records absolute artifact locations (experiments, runs, model versions), so the store of
+    a copied or moved paths.root would read the old root's artifacts, or fail when they are gone. The
+    store keeps its artifacts in `mlartifacts/` beside the database (`Registry.experiment_id`), so a
+    recorded location ending in /mlartifacts elsewhere is the old place: every text field that
+    starts with it is rewritten to start with the new one. Run under the store's init lock, before
+    any client of this process reads it."""
+    here = (database.parent / "mlartifacts").resolve()
+    with contextlib.closing(sqlite3.connect(database)) as db, db:
+        tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        if "experiments" not in tables:
+            return
+        moved = {Path(urllib.request.url2pathname(urllib.parse.urlparse(location).path)) for (location,) in
+                 db.execute("SELECT artifact_location FROM experiments WHERE artifact_location LIKE 'file://%'")}
+        moved = {old for old in moved if old.name == "mlartifacts" and old != here}
+        for old in moved:
+            log.warning("MLflow store %s was made at %s: its records now point at %s", database, old.parent,
+                        here.parent)
+            for table in tables:
+                columns = [c[1] for c in db.execute(f'PRAGMA table_info("{table}")')
+                           if c[2].upper().startswith(("VARCHAR", "TEXT"))]
+                for column in columns:
+                    for before, after in ((old.as_uri(), here.as_uri()), (str(old), str(here))):
+                        db.execute(f'UPDATE "{table}" SET "{column}" = ? || substr("{column}", ?) '
+                                   f'WHERE substr("{column}", 1, ?) = ?',
+                                   (after, len(before) + 1, len(before), before))
 
 
 def store_lock_path(cfg: RunConfig, uri: str) -> Path:
@@ -254,6 +287,7 @@ class Registry:
                            f"waiting for another process creating or opening MLflow store {database}"):
                 client = self._open(uri)
                 client.search_registered_models(max_results=1)
+                follow_moved_store(database)
                 self._client = client
         return self._client
 
@@ -322,7 +356,7 @@ class Registry:
                                     "first (a rerun resumes from its last checkpoint)")
         _refuse_other_models(cfg, run_dir, manifest["config"])
         # A damaged aligner is refused here, not by the evaluation that would load it from the registry.
-        Aligner.from_pretrained(Path(manifest["checkpoint"]) / "aligner")
+        Aligner.from_pretrained(recorded_location(manifest["checkpoint"], run_dir) / "aligner")
         with self._store_lock():
             return self._log_training_run(run_dir, manifest)
 
@@ -344,6 +378,7 @@ class Registry:
         records = read_metrics(run_dir / METRICS_FILE)
         now_ms = int(time.time() * 1000)
         start_ms = int(records[0]["time"] * 1000) if records else now_ms
+        root = stage_root(self.cfg)  # paths inside it are tagged relative to it
         tags = {
             "mlflow.runName": f"train-{fingerprint[:8]}",
             "mlflow.source.git.commit": manifest["git_revision"],
@@ -351,8 +386,8 @@ class Registry:
             TAG_FEATURES_FP: manifest["features_fingerprint"],
             # Feature stores made before their manifest recorded it: the config's corpus.
             TAG_CORPUS_FP: manifest.get("corpus_fingerprint") or corpus_fingerprint(self.cfg),
-            "thinkdiff.run_dir": str(run_dir.resolve()),
-            "thinkdiff.checkpoint": manifest["checkpoint"],
+            "thinkdiff.run_dir": recorded_path(run_dir, root),
+            "thinkdiff.checkpoint": recorded_path(recorded_location(manifest["checkpoint"], run_dir), root),
             "thinkdiff.preset": manifest["config"].get("preset", self.cfg.preset),
         }
         params = [Param(k, v[:6000]) for k, v in flatten(manifest["config"]).items()]
@@ -394,7 +429,7 @@ class Registry:
             for name in ("loss_curve.png", METRICS_FILE, "manifest.json"):
                 if (run_dir / name).is_file():
                     client.log_artifact(run_id, str(run_dir / name))
-            checkpoint = Path(manifest["checkpoint"])
+            checkpoint = recorded_location(manifest["checkpoint"], run_dir)
             client.log_artifacts(run_id, str(checkpoint / "aligner"), "aligner")
             client.log_artifact(run_id, str(checkpoint / "meta.json"), "aligner")
         except BaseException:
@@ -435,7 +470,7 @@ class Registry:
         client, name = self.client, self.registered_model
         manifest = read_manifest(run_dir)
         assert manifest is not None  # log_training_run checked it
-        digest = sha256_file(Path(manifest["checkpoint"]) / "aligner" / WEIGHTS_NAME)
+        digest = sha256_file(recorded_location(manifest["checkpoint"], run_dir) / "aligner" / WEIGHTS_NAME)
         from mlflow.exceptions import MlflowException
 
         try:

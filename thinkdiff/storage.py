@@ -156,6 +156,23 @@ def stage_root(cfg: RunConfig) -> Path:
     return root
 
 
+def recorded_path(path: Path, base: Path) -> str:
+    """How a manifest, meta file or MLflow tag records `path`: relative to `base` (paths.root, or the
+    directory of the record itself for the files it holds) when it lies inside, so that a moved or
+    copied root finds its own files and never the old root's; absolute when it lies outside."""
+    resolved = path.resolve()
+    try:
+        return str(resolved.relative_to(base.resolve()))
+    except ValueError:
+        return str(resolved)
+
+
+def recorded_location(recorded: str, base: Path) -> Path:
+    """The path `recorded_path` recorded against `base` (an absolute one, as records made before
+    paths were relative hold, stays as it is)."""
+    return base / recorded
+
+
 def stage_dir(cfg: RunConfig, stage: str, upstream: Path | None = None) -> Path:
     """`{paths.root}/{stage}/{fingerprint}`; `upstream` is the directory the stage reads when it is
     given one (a corpus for features, a feature store for train), else the config's own."""

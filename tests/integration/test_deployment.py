@@ -1,8 +1,10 @@
 """Covers: the README's deployment path against real servers on 127.0.0.1: `prefect server start`,
 work pools, `prefect deploy --all` from flows/prefect.yaml, a process worker, and
-`prefect deployment run train-aligner/train-aligner` on the tiny preset; then, through MLflow's own
-client, the training run, its metrics and a registered version with the `candidate` alias that
-loads back into an Aligner. Worker and server are stopped by PID, also when the test fails."""
+`prefect deployment run train-aligner/train-aligner` on the tiny preset. The first run's processes
+are killed (as a lost machine would be): its heartbeats stop and the automation of
+flows/automations.yaml marks it Crashed; the rerun completes. Then, through MLflow's own client,
+one training run, its metrics and a registered version with the `candidate` alias that loads back
+into an Aligner. Worker and server are stopped by PID, also when the test fails."""
 
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from thinkdiff import registry
@@ -58,6 +62,40 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def api(url: str, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def kill_flow_run_processes(flow_run_id: str) -> int:
+    """SIGKILL every process of one flow run (the engine and what it started carry its id in their
+    environment), as the loss of its machine would end them; the number killed."""
+    killed = 0
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode() in environ:
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+    return killed
+
+
+def wait_for(what: str, check, timeout_s: float):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if found := check():
+            return found
+        time.sleep(2)
+    raise TimeoutError(f"{what}: not after {timeout_s}s")
+
+
 def test_train_aligner_deployment_registers_a_candidate(tmp_path):
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -82,14 +120,42 @@ def test_train_aligner_deployment_registers_a_candidate(tmp_path):
         for name in ("build-corpus/build-corpus", "cache-features/cache-features", "train-aligner/train-aligner",
                      "thinkdiff-pipeline/thinkdiff-pipeline", "train-aligner/paper-lvlm"):
             assert f"'{name}'" in deployed.stdout
-        started.append(subprocess.Popen([PREFECT, "worker", "start", "--pool", "thinkdiff-process", "--limit", "1"],
-                                        env=env, cwd=REPO, start_new_session=True,
-                                        stdout=open(tmp_path / "worker.log", "w"), stderr=subprocess.STDOUT))
+        # The shipped automation, with heartbeats every 30 s (Prefect's least) and a 60 s silence, not
+        # 60 s and 5 minutes, to keep the test short.
+        automations = yaml.safe_load((REPO / "flows" / "automations.yaml").read_text())
+        (automation,) = automations["automations"]
+        automation["trigger"]["within"] = 60
+        prefect("automation", "create", "--from-json", json.dumps(automation))
+        job_env = json.dumps({"NO_ALBUMENTATIONS_UPDATE": "1", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"})
+
+        def start_worker(log_name: str) -> subprocess.Popen:
+            worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "thinkdiff-process", "--limit", "1"],
+                                      env=env, cwd=REPO, start_new_session=True,
+                                      stdout=open(tmp_path / log_name, "w"), stderr=subprocess.STDOUT)
+            started.append(worker)
+            return worker
+
         params = {"overrides": [f"paths.root={root}", "corpus.demo_images=24", "corpus.shard_size=12",
                                 "corpus.min_success_rate=0.8", "train.max_steps=12", "train.warmup_steps=2",
                                 "train.log_every=4"]}
-        run = prefect("deployment", "run", "train-aligner/train-aligner", "--params", json.dumps(params),
-                      "--watch", "--watch-timeout", "800")
+        run_args = ["deployment", "run", "train-aligner/train-aligner", "--params", json.dumps(params),
+                    "--job-variable", f"env={job_env}"]
+        worker = start_worker("worker.log")
+        first = prefect(*run_args)
+        flow_run_id = str(uuid.UUID(first.stdout.split("UUID:")[1].split()[0]))
+        base = env["PREFECT_API_URL"]
+        heartbeats = {"filter": {"event": {"name": ["prefect.flow-run.heartbeat"]},
+                                 "resource": {"id": [f"prefect.flow-run.{flow_run_id}"]}}}
+        wait_for("a heartbeat of the first run", lambda: api(f"{base}/events/filter", heartbeats)["events"], 300)
+        # The machine is lost: the worker, the flow run and everything it started die at once.
+        os.killpg(worker.pid, signal.SIGKILL)
+        assert kill_flow_run_processes(flow_run_id) >= 1
+        crashed = wait_for("the first run marked Crashed",
+                           lambda: (state := api(f"{base}/flow_runs/{flow_run_id}")["state"])["type"] == "CRASHED"
+                           and state, 240)
+        assert "heartbeat" in crashed["message"]
+        start_worker("worker-rerun.log")
+        run = prefect(*run_args, "--watch", "--watch-timeout", "800")
         assert "Completed" in run.stdout
     finally:
         for proc in reversed(started):  # the worker before the server

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -453,6 +454,7 @@ def test_an_evaluation_made_before_registration_is_linked_to_the_version_later(t
 _CHILD = """
 import json, os, sys, time
 from pathlib import Path
+from pathlib import Path
 from types import SimpleNamespace
 from mlflow import MlflowClient
 from thinkdiff import registry
@@ -614,3 +616,45 @@ def test_two_processes_first_using_a_new_store_both_succeed(tmp_path):
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     runs = {r.info.run_id: r.info.status for r in client.search_runs([experiment.experiment_id])}
     assert runs == dict.fromkeys(logged, "FINISHED") and len(runs) == 2
+
+
+def test_a_copied_or_moved_root_reads_its_own_files(trained, tmp_path):
+    """Manifests and tags record paths inside paths.root relative to it, and the sqlite store follows
+    its root, so a copy of a root registers and loads its own aligner, not the original's, and a
+    moved root works where its old place is gone."""
+    cfg, result = trained
+    ref = pipeline.register_aligner(cfg)
+    expected = Aligner.from_pretrained(result.aligner_dir).state_dict()
+    root = Path(cfg.paths.root)
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    original_root = cfg.paths.root
+    try:
+        # The original's files change after the copy: the copy must not see it.
+        for weights in root.rglob("model.safetensors"):
+            weights.write_bytes(b"changed after the copy")
+        copied = load_config("tiny", [f"paths.root={copy}", *cfg_overrides(cfg)])
+        assert pipeline.trained_aligner_dir(copied).is_relative_to(copy)
+        assert pipeline.register_aligner(copied) == ref  # the same version: the copy's aligner has its sha256
+        loaded = registry.Registry(copied).load_aligner(f"models:/{copied.tracking.registered_model}@candidate")
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in expected.items())
+        run = client_for(copied).get_run(ref.run_id)
+        assert run.data.tags["thinkdiff.run_dir"] == str(result.run_dir.relative_to(root))
+        assert run.info.artifact_uri.startswith((copy / "mlartifacts").resolve().as_uri())
+        # Moved: its old place is gone.
+        moved = tmp_path / "moved"
+        copy.rename(moved)
+        there = load_config("tiny", [f"paths.root={moved}", *cfg_overrides(cfg)])
+        loaded = registry.Registry(there).load_aligner(ref.uri)
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in expected.items())
+        assert pipeline.register_aligner(there) == ref
+    finally:
+        for weights in root.rglob("model.safetensors"):  # the module's later tests use the original
+            source = copy if copy.exists() else tmp_path / "moved"
+            shutil.copyfile(source / weights.relative_to(root), weights)
+    assert cfg.paths.root == original_root
+
+
+def cfg_overrides(cfg) -> list[str]:
+    """The `trained` fixture's training overrides (its root aside)."""
+    return [f"train.{k}={getattr(cfg.train, k)}" for k in ("max_steps", "warmup_steps", "log_every", "batch_size")]

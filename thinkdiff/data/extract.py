@@ -48,7 +48,9 @@ from thinkdiff.storage import (
     exclusive,
     features_fingerprint,
     read_manifest,
+    recorded_path,
     remove_stale_temp_files,
+    stage_root,
     stop_when_full,
     upstream_fingerprint,
     write_manifest,
@@ -271,7 +273,7 @@ def finalize_features(cfg: RunConfig, corpus_dir: Path, out_dir: Path) -> Path:
     write_manifest(out_dir, {
         "stage": "features",
         "fingerprint": features_fingerprint(cfg, corpus_dir),
-        "corpus_dir": str(corpus_dir),
+        "corpus_dir": recorded_path(corpus_dir, stage_root(cfg)),
         "corpus_fingerprint": upstream_fingerprint(cfg, "corpus", corpus_dir),
         "info": infos.pop().__dict__,
         "config": {"features": cfg.features.__dict__, "vlm": cfg.models.vlm.__dict__},

@@ -19,7 +19,7 @@ from thinkdiff.errors import ConfigError
 from thinkdiff.eval import dataset, harness, judge
 from thinkdiff.models.aligner import weights_sha256
 from thinkdiff.pipeline import aligner_spec
-from thinkdiff.storage import EVAL_SCHEMA_VERSION, stage_root
+from thinkdiff.storage import EVAL_SCHEMA_VERSION, recorded_path, stage_root
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> CobsatEvaluatio
     vlm_inputs = {"system_prompt": cfg.features.system_prompt}
     # A synthetic set is the same images wherever it lies (its size is in `settings`); a real one is
     # keyed by its directory.
-    dataset_key = "synthetic" if e.dataset == "synthetic" else str(data.root.resolve())
+    dataset_key = "synthetic" if e.dataset == "synthetic" else recorded_path(data.root, stage_root(cfg))
     out_dir = stage_root(cfg) / "eval" / fingerprint({
         "schema": EVAL_SCHEMA_VERSION, "eval": settings, "generator": identity, "dataset": dataset_key,
         "features": vlm_inputs, "models": {k: v.__dict__ for k, v in cfg.models.__dict__.items()},

@@ -44,6 +44,9 @@ from thinkdiff.storage import (
     git_revision,
     read_jsonl,
     read_manifest,
+    recorded_location,
+    recorded_path,
+    stage_root,
     train_fingerprint,
     upstream_fingerprint,
     write_manifest,
@@ -138,8 +141,8 @@ class TrainResult:
     @classmethod
     def of_complete_run(cls, run_dir: Path, manifest: dict) -> TrainResult:
         """The result a complete run's manifest records."""
-        return cls(run_dir=run_dir, checkpoint=Path(manifest["checkpoint"]), step=manifest["step"],
-                   loss=manifest["loss"])
+        return cls(run_dir=run_dir, checkpoint=recorded_location(manifest["checkpoint"], run_dir),
+                   step=manifest["step"], loss=manifest["loss"])
 
 
 def lr_multiplier(cfg: TrainConfig):
@@ -354,7 +357,7 @@ def _set_up(cfg: RunConfig, features_dir: Path, run_dir: Path, fingerprint: str)
     aligner, optimizer = accelerator.prepare(aligner, optimizer)
     meta = {
         "config": cfg.to_dict(),
-        "features_dir": str(features_dir),
+        "features_dir": recorded_path(features_dir, stage_root(cfg)),
         "features_fingerprint": upstream_fingerprint(cfg, "features", features_dir),
         "corpus_fingerprint": store.manifest.get("corpus_fingerprint"),
         "train_fingerprint": fingerprint,
@@ -491,7 +494,7 @@ def _finish(setup: TrainSetup, state: TrainState) -> TrainResult:
     if state.step >= setup.train.max_steps and setup.accelerator.is_main_process:
         plot_loss_curve(read_metrics(setup.run_dir / METRICS_FILE), setup.run_dir / LOSS_CURVE_FILE)
         write_manifest(setup.run_dir, {**setup.meta, "stage": "train", "step": state.step, "loss": state.loss,
-                                       "checkpoint": str(last_checkpoint)})
+                                       "checkpoint": recorded_path(last_checkpoint, setup.run_dir)})
         log.info("training complete: %s (loss curve %s)", last_checkpoint, setup.run_dir / LOSS_CURVE_FILE)
     setup.accelerator.wait_for_everyone()
     return TrainResult(run_dir=setup.run_dir, checkpoint=last_checkpoint, step=state.step, loss=state.loss)
