@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from prefect import task
+from prefect.artifacts import create_table_artifact
 
 from tasks import retry_on
 from thinkdiff import pipeline
@@ -13,4 +14,7 @@ from thinkdiff.data.corpus import IncompleteDownloadError
 @task(name="build-corpus", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_on(IncompleteDownloadError),
       timeout_seconds=24 * 3600)
 def build_corpus_task(config: str, overrides: list[str]) -> str:
-    return str(pipeline.build_corpus(load_config(config, overrides)))
+    corpus = pipeline.build_corpus(load_config(config, overrides))
+    create_table_artifact(corpus.shard_success_rates, key="corpus-success-rates",
+                          description=f"Images img2dataset downloaded per shard of {corpus.path}")
+    return str(corpus.path)

@@ -44,7 +44,7 @@ def demo_corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     cfg = load_config("tiny", [f"paths.root={root}", "corpus.demo_images=40", "corpus.shard_size=16",
                                "corpus.demo_broken=3"])
-    return cfg, pipeline.build_corpus(cfg)
+    return cfg, pipeline.build_corpus(cfg).path
 
 
 @pytest.fixture(scope="session")

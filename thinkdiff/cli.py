@@ -189,7 +189,7 @@ def _corpus(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     from thinkdiff import pipeline
 
-    print(pipeline.build_corpus(cfg))
+    print(pipeline.build_corpus(cfg).path)
     return 0
 
 

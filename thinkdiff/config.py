@@ -315,6 +315,9 @@ class TrackingConfig:
     """MLflow experiment of the training runs."""
     registered_model: str
     """Registered model name of the aligner versions."""
+    ui_url: str
+    """Where people open the MLflow UI of this store (the links in Prefect artifacts); empty: the tracking
+    server when tracking.uri is http(s), else http://127.0.0.1:5000, where `mlflow ui` serves by default."""
 
     def problems(self) -> list[str]:
         p = _Problems()

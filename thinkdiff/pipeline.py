@@ -19,8 +19,8 @@ from thinkdiff.storage import read_manifest, recorded_location, stage_dir
 from thinkdiff.train import launch, loop
 
 
-def build_corpus(cfg: RunConfig, out_dir: Path | None = None) -> Path:
-    return corpus.build_corpus(cfg.corpus, out_dir or stage_dir(cfg, "corpus"))
+def build_corpus(cfg: RunConfig, out_dir: Path | None = None) -> corpus.Corpus:
+    return corpus.Corpus(corpus.build_corpus(cfg.corpus, out_dir or stage_dir(cfg, "corpus")))
 
 
 def _corpus_dir(cfg: RunConfig, corpus_dir: Path | None) -> Path:

@@ -33,19 +33,20 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from thinkdiff.config import RunConfig
+from thinkdiff.config import RunConfig, load_config
 from thinkdiff.errors import ConfigError, DataContractError, ThinkDiffError, first_line
 from thinkdiff.models.aligner import WEIGHTS_NAME, Aligner
 from thinkdiff.storage import (
     EVAL_SCHEMA_VERSION,
     corpus_fingerprint,
     exclusive,
+    git_revision,
     read_manifest,
     recorded_location,
     recorded_path,
@@ -63,6 +64,14 @@ TAG_FEATURES_FP = "thinkdiff.features_fingerprint"
 TAG_CORPUS_FP = "thinkdiff.corpus_fingerprint"
 TAG_CANDIDATE_PENDING = "thinkdiff.candidate_pending"
 TAG_ALIGNER_SHA = "thinkdiff.aligner_sha256"
+TAG_PROMOTION = "thinkdiff.promotion"
+TAG_PROMOTION_REASON = "thinkdiff.promotion_reason"
+# MLflow 3's UI opens an experiment of this kind on its runs table (metrics as columns), not on the
+# GenAI pages (traces, an assistant) it shows an experiment of unknown kind.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# Settings a training run's name leaves out: where things are written and logged, not what is trained.
+_UNNAMED_SECTIONS = ("paths.", "tracking.", "eval.", "corpus.processes", "corpus.threads", "features.batch_size")
 # The store locks this thread holds, with their depth: an operation that holds one calls others that take it.
 _held = threading.local()
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
@@ -81,6 +90,9 @@ class ModelVersionRef:
     name: str
     version: str
     run_id: str
+    links: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    """Where the MLflow UI (`tracking.ui_url`) shows it: `training run`, `model version` and
+    `loss curve` (given by registration)."""
 
     @property
     def uri(self) -> str:
@@ -212,6 +224,57 @@ def _refuse_other_models(cfg: RunConfig, run_dir: Path, trained: dict[str, Any])
                                 f"with the config it was trained with (--config {preset} and its overrides)")
 
 
+def _short_count(n: int) -> str:
+    """25000 -> 25k, 1500 -> 1.5k, 12 -> 12."""
+    return f"{n / 1000:g}k" if n >= 1000 else str(n)
+
+
+def training_run_name(config: dict[str, Any], steps: int) -> str:
+    """`paper-lvlm lr=0.0002 25k steps`: the preset, the settings that differ from it (by their last
+    name, at most four), and the steps trained."""
+    preset = config.get("preset") or "custom"
+    try:
+        base = flatten(load_config(preset).to_dict())
+    except ConfigError:  # a YAML file, not a preset of conf/: nothing to compare with
+        base = {}
+    differ = [(key, value) for key, value in flatten(config).items()
+              if base and key in base and base[key] != value and key != "train.max_steps"
+              and not key.startswith(_UNNAMED_SECTIONS)]
+    shown = [f"{key.rsplit('.', 1)[-1]}={value}" for key, value in differ[:4]]
+    if len(differ) > 4:
+        shown.append(f"+{len(differ) - 4} more")
+    return " ".join([preset, *shown, f"{_short_count(steps)} steps"])
+
+
+def source_tags(revision: str, entry_point: str) -> dict[str, str]:
+    """MLflow's Source column: what ran, at which git revision of this repository."""
+    return {"mlflow.source.type": "LOCAL", "mlflow.source.name": entry_point,
+            "mlflow.source.git.commit": revision}
+
+
+def version_description(manifest: dict[str, Any], cobsat_means: dict[int, float]) -> str:
+    """A model version's description: what it was trained on, how long, its final loss, and its CoBSAT
+    means once evaluated."""
+    config = manifest["config"]
+    corpus = config.get("corpus", {})
+    source = corpus.get("url_list") or "?"
+    text = (f"ThinkDiff aligner ({config.get('variant')} variant, preset {config.get('preset')}), trained "
+            f"{manifest['step']} steps on the corpus {source} (corpus fingerprint "
+            f"{(manifest.get('corpus_fingerprint') or '?')[:12]}); final loss {manifest['loss']:.4f}.")
+    return with_cobsat_means(text, cobsat_means)
+
+
+_MEANS_PREFIX = " CoBSAT mean accuracy: "
+
+
+def with_cobsat_means(description: str, cobsat_means: dict[int, float]) -> str:
+    """`description` with its CoBSAT sentence replaced by these means."""
+    text = description.split(_MEANS_PREFIX)[0]
+    if cobsat_means:
+        text += _MEANS_PREFIX + ", ".join(f"{shot}-shot {m:.3f}" for shot, m in sorted(cobsat_means.items())) + "."
+    return text
+
+
 def _prompt_set(summary: Any) -> str:
     """Which prompts an evaluation scored, e.g. `tasks 1,4; shots 2; 8 prompts`."""
     tasks = sorted({t for per_task in summary.accuracy.values() for t in per_task})
@@ -314,6 +377,8 @@ class Registry:
             experiment = client.get_experiment_by_name(name)
             if experiment is not None:
                 self._experiment_id = experiment.experiment_id
+                if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made before the kind was set
+                    client.set_experiment_tag(self._experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
                 return self._experiment_id
             # A local store keeps artifacts beside its database; a server decides for itself.
             database = _sqlite_path(self.uri)
@@ -322,7 +387,8 @@ class Registry:
                 experiment = client.get_experiment_by_name(name)  # made while this process waited
                 try:
                     self._experiment_id = (experiment.experiment_id if experiment is not None
-                                           else client.create_experiment(name, artifact_location=location))
+                                           else client.create_experiment(name, artifact_location=location,
+                                                                         tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}))
                 except MlflowException as err:  # another machine made it first (the lock is per machine)
                     if err.error_code != "RESOURCE_ALREADY_EXISTS":
                         raise
@@ -332,6 +398,28 @@ class Registry:
     @property
     def registered_model(self) -> str:
         return self.cfg.tracking.registered_model
+
+    @property
+    def ui_url(self) -> str:
+        """The MLflow UI of this store: `tracking.ui_url`, else the tracking server, else where
+        `mlflow ui` serves by default."""
+        if self.cfg.tracking.ui_url:
+            return self.cfg.tracking.ui_url.rstrip("/")
+        return self.uri.rstrip("/") if self.uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+    def runs_url(self) -> str:
+        """The experiment's runs table in the MLflow UI."""
+        return f"{self.ui_url}/#/experiments/{self.experiment_id}/runs"
+
+    def run_url(self, run_id: str) -> str:
+        return f"{self.ui_url}/#/experiments/{self.experiment_id}/runs/{run_id}"
+
+    def version_url(self, version: str) -> str:
+        return f"{self.ui_url}/#/models/{urllib.parse.quote(self.registered_model)}/versions/{version}"
+
+    def artifact_url(self, run_id: str, path: str) -> str:
+        """A run's artifact file as the MLflow server serves it (an image shows in a browser)."""
+        return f"{self.ui_url}/get-artifact?{urllib.parse.urlencode({'path': path, 'run_uuid': run_id})}"
 
     def log_training_run(self, run_dir: Path) -> str:
         """Log a finished training run directory as one MLflow run (once); returns the run id.
@@ -377,11 +465,15 @@ class Registry:
             return found[0].info.run_id
         records = read_metrics(run_dir / METRICS_FILE)
         now_ms = int(time.time() * 1000)
-        start_ms = int(records[0]["time"] * 1000) if records else now_ms
+        started_at = manifest.get("started_at") or (records[0]["time"] if records else None)
+        start_ms = int(started_at * 1000) if started_at else now_ms
         root = stage_root(self.cfg)  # paths inside it are tagged relative to it
         tags = {
-            "mlflow.runName": f"train-{fingerprint[:8]}",
-            "mlflow.source.git.commit": manifest["git_revision"],
+            "mlflow.runName": training_run_name(manifest["config"], manifest["step"]),
+            "mlflow.note.content": (f"ThinkDiff aligner training ({manifest['config'].get('variant')} variant): "
+                                    f"{manifest['step']} steps, final loss {manifest['loss']:.4f}. Fingerprint "
+                                    f"{fingerprint}; run directory {recorded_path(run_dir, root)} under paths.root."),
+            **source_tags(manifest["git_revision"], "thinkdiff train"),
             TAG_TRAIN_FP: fingerprint,
             TAG_FEATURES_FP: manifest["features_fingerprint"],
             # Feature stores made before their manifest recorded it: the config's corpus.
@@ -464,7 +556,9 @@ class Registry:
         run_id = self.log_training_run(run_dir)
         # Two processes registering the same aligner at once would each find no version with its sha256.
         with self._store_lock():
-            return self._register_version(run_dir, run_id)
+            ref = self._register_version(run_dir, run_id)
+        return replace(ref, links={"training run": self.run_url(run_id), "model version": self.version_url(ref.version),
+                                   "loss curve": self.artifact_url(run_id, "loss_curve.png")})
 
     def _register_version(self, run_dir: Path, run_id: str) -> ModelVersionRef:
         client, name = self.client, self.registered_model
@@ -493,7 +587,7 @@ class Registry:
             run_id=run_id,
             tags={TAG_ALIGNER_SHA: digest, TAG_TRAIN_FP: manifest["train_fingerprint"],
                   TAG_FEATURES_FP: manifest["features_fingerprint"], TAG_CANDIDATE_PENDING: "true"},
-            description=f"step {manifest['step']}, final loss {manifest['loss']}",
+            description=version_description(manifest, {}),
         )
         self._make_candidate(str(version.version))
         log.info("registered %s version %s (alias %s)", name, version.version, CANDIDATE)
@@ -520,6 +614,13 @@ class Registry:
         version registered by other means)."""
         return self.client.get_model_version(ref.name, ref.version).tags.get(TAG_ALIGNER_SHA)
 
+    def record_promotion_decision(self, version: str, promoted: bool, reason: str) -> None:
+        """Tag an evaluated candidate with the nightly decision (`promoted` or `not promoted`) and its
+        reason, which gives both scores."""
+        name = self.registered_model
+        self.client.set_model_version_tag(name, version, TAG_PROMOTION, "promoted" if promoted else "not promoted")
+        self.client.set_model_version_tag(name, version, TAG_PROMOTION_REASON, reason)
+
     def promote(self, version: str, reason: str = "manual promotion") -> ModelVersionRef:
         """Point `champion` at a version (a number or an alias such as `candidate`); recorded as tags."""
         client, name = self.client, self.registered_model
@@ -535,7 +636,7 @@ class Registry:
         client.set_registered_model_alias(name, CHAMPION, target.version)
         promoted_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         client.set_model_version_tag(name, target.version, "thinkdiff.promoted_at", promoted_at)
-        client.set_model_version_tag(name, target.version, "thinkdiff.promotion_reason", reason)
+        client.set_model_version_tag(name, target.version, TAG_PROMOTION_REASON, reason)
         client.set_model_version_tag(name, target.version, "thinkdiff.previous_champion", str(previous))
         log.info("%s: champion %s -> version %s (%s)", name, previous, target.version, reason)
         return ModelVersionRef(name=name, version=str(target.version), run_id=target.run_id)
@@ -642,6 +743,9 @@ class Registry:
                 client.set_model_version_tag(model.name, model.version, "cobsat.judge", summary.judge)
                 client.set_model_version_tag(model.name, model.version, "cobsat.eval_schema", str(EVAL_SCHEMA_VERSION))
                 client.set_model_version_tag(model.name, model.version, "cobsat.eval_run", run_id)
+                described = client.get_model_version(model.name, model.version).description or ""
+                client.update_model_version(model.name, model.version,
+                                            description=with_cobsat_means(described, summary.mean))
         return run_id
 
     def _log_evaluation_run(self, out_dir: Path, summary: Any, generator: str, links: dict[str, str]) -> str:
@@ -650,14 +754,22 @@ class Registry:
         from thinkdiff.eval.cobsat import get_task
 
         client, cfg = self.client, self.cfg
-        tags = {"mlflow.runName": f"cobsat-{generator.split('/')[-1]}-{out_dir.name[:8]}-{summary.num_prompts}",
+        evaluated = (f"{links['thinkdiff.model']} v{links['thinkdiff.model_version']}" if "thinkdiff.model" in links
+                     else generator)
+        shots = "/".join(map(str, sorted(summary.accuracy)))
+        tags = {"mlflow.runName": f"{evaluated} · CoBSAT {shots}-shot · {summary.num_prompts} prompts",
+                "mlflow.note.content": (f"CoBSAT evaluation of {evaluated}: {_prompt_set(summary)}, judged by "
+                                        f"{summary.judge}. Results directory eval/{out_dir.name} under paths.root."),
+                **source_tags(git_revision(), "thinkdiff eval cobsat"),
                 "thinkdiff.kind": "cobsat-eval", "thinkdiff.eval_dir": out_dir.name,
                 "thinkdiff.eval_prompts": str(summary.num_prompts), "thinkdiff.eval_set": _prompt_set(summary),
                 "thinkdiff.generator": generator, "thinkdiff.preset": cfg.preset, "thinkdiff.judge": summary.judge,
                 **links}
-        run_id = client.create_run(self.experiment_id, tags=tags).info.run_id
+        # The run spans the drawing and judging of its prompts (their recorded seconds), not its logging.
+        now = int(time.time() * 1000)
+        work_ms = int(summary.num_prompts * (summary.gen_s_per_prompt + summary.judge_s_per_prompt) * 1000)
+        run_id = client.create_run(self.experiment_id, start_time=now - work_ms, tags=tags).info.run_id
         try:
-            now = int(time.time() * 1000)
             metrics = [Metric(f"cobsat.{shot}shot.{get_task(t).short}", acc, now, 0)
                        for shot, per_task in summary.accuracy.items() for t, acc in per_task.items()]
             metrics += [Metric(f"cobsat.{shot}shot.mean", mean, now, 0) for shot, mean in summary.mean.items()]
@@ -676,7 +788,7 @@ class Registry:
         except BaseException:
             client.set_terminated(run_id, status="FAILED")
             raise
-        client.set_terminated(run_id, status="FINISHED")
+        client.set_terminated(run_id, status="FINISHED", end_time=now)
         log.info("logged CoBSAT evaluation %s as MLflow run %s", out_dir, run_id)
         return run_id
 

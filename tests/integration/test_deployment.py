@@ -30,6 +30,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).parent / "prefect")
+MLFLOW = str(Path(sys.executable).parent / "mlflow")
 
 
 def free_port() -> int:
@@ -135,9 +136,10 @@ def test_train_aligner_deployment_registers_a_candidate(tmp_path):
             started.append(worker)
             return worker
 
+        mlflow_url = f"http://127.0.0.1:{free_port()}"  # the MLflow UI the flow run's artifacts link to
         params = {"overrides": [f"paths.root={root}", "corpus.demo_images=24", "corpus.shard_size=12",
                                 "corpus.min_success_rate=0.8", "train.max_steps=12", "train.warmup_steps=2",
-                                "train.log_every=4"]}
+                                "train.log_every=4", f"tracking.ui_url={mlflow_url}"]}
         run_args = ["deployment", "run", "train-aligner/train-aligner", "--params", json.dumps(params),
                     "--job-variable", f"env={job_env}"]
         worker = start_worker("worker.log")
@@ -157,6 +159,38 @@ def test_train_aligner_deployment_registers_a_candidate(tmp_path):
         start_worker("worker-rerun.log")
         run = prefect(*run_args, "--watch", "--watch-timeout", "800")
         assert "Completed" in run.stdout
+
+        # What the pages show, read through the servers' REST APIs: the flow run's artifacts, the
+        # deployments' descriptions, and the MLflow UI (`mlflow ui`, as docs/deploy.md runs it) they link to.
+        rerun_id = str(uuid.UUID(run.stdout.split("UUID:")[1].split()[0]))
+        started.append(subprocess.Popen([MLFLOW, "ui", "--backend-store-uri", f"sqlite:///{root.resolve()}/mlflow.db",
+                                         "--host", "127.0.0.1", "--port", mlflow_url.rsplit(":", 1)[1]],
+                                        env=server_env, cwd=tmp_path, start_new_session=True,
+                                        stdout=open(tmp_path / "mlflow.log", "w"), stderr=subprocess.STDOUT))
+        wait_healthy(f"{mlflow_url}/health", 120)
+        mlflow_api = f"{mlflow_url}/api/2.0/mlflow"
+        experiment = api(f"{mlflow_api}/experiments/get-by-name?experiment_name=thinkdiff-tiny")["experiment"]
+        assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in experiment["tags"]
+        (training,) = api(f"{mlflow_api}/runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+        assert training["info"]["run_name"].startswith("tiny ") and training["info"]["run_name"].endswith(" 12 steps")
+        version = api(f"{mlflow_api}/model-versions/get?name=thinkdiff-aligner-tiny&version=1")["model_version"]
+        assert version["description"].startswith("ThinkDiff aligner (lvlm variant, preset tiny), trained 12 steps")
+        artifacts = {a["key"]: a for a in api(f"{base}/artifacts/filter",
+                                              {"artifacts": {"flow_run_id": {"any_": [rerun_id]}}})}
+        run_link = f"{mlflow_url}/#/experiments/{experiment['experiment_id']}/runs/{training['info']['run_id']}"
+        assert f"({run_link})" in artifacts["mlflow-training-run"]["data"]
+        assert f"({mlflow_url}/#/models/thinkdiff-aligner-tiny/versions/1)" in artifacts["mlflow-model-version"]["data"]
+        with urllib.request.urlopen(artifacts["loss-curve"]["data"], timeout=10) as image:  # the link serves the PNG
+            assert image.read(4) == b"\x89PNG"
+        (shards,) = api(f"{base}/artifacts/filter", {"artifacts": {"key": {"any_": ["corpus-success-rates"]}},
+                                                     "sort": "CREATED_DESC", "limit": 1})
+        rows = json.loads(shards["data"])  # 24 images and the demo's broken urls, 12 a shard
+        assert [row["shard"] for row in rows] == ["00000.parquet", "00001.parquet", "00002.parquet"]
+        assert sum(row["downloaded"] for row in rows) == 24
+        nightly_paper = api(f"{base}/deployments/name/evaluate-cobsat/nightly-paper")
+        assert nightly_paper["description"].startswith("Schedule INACTIVE")
+        assert [s["active"] for s in nightly_paper["schedules"]] == [False]
+        assert api(f"{base}/deployments/name/evaluate-cobsat/nightly")["description"].startswith("Schedule ACTIVE")
     finally:
         for proc in reversed(started):  # the worker before the server
             stop(proc)

@@ -28,6 +28,7 @@ def test_launch_failure_carries_the_reason(tmp_path):
     message = str(err.value)
     assert "training exited with" in message and "a rerun resumes" in message
     assert "no-features: no such directory" in message and "run `thinkdiff features`" in message
+    assert "accelerate launch" not in message.split("Last output:")[1]  # no warning about defaults it chose
     assert load_config(tmp_path / "run" / "config.yaml").to_dict() == cfg.to_dict()
 
 

@@ -65,7 +65,7 @@ def test_pipeline_flow_end_to_end_then_skipped(prefect_harness, tmp_path):
     assert checkpoint.name == "step_000030"
     assert Path(out["aligner"]) == checkpoint / "aligner"
     meta = read_meta(checkpoint)
-    assert meta["features_dir"] == out["features"] and meta["config"]["train"]["max_steps"] == 30
+    assert tmp_path / meta["features_dir"] == Path(out["features"]) and meta["config"]["train"]["max_steps"] == 30
     assert (checkpoint.parents[1] / "config.yaml").is_file() and Path(out["loss curve"]).is_file()
     # Registered in the local MLflow store as the candidate, then evaluated on the synthetic CoBSAT set.
     assert out["model"] == "models:/thinkdiff-aligner-tiny/1"
@@ -75,10 +75,10 @@ def test_pipeline_flow_end_to_end_then_skipped(prefect_harness, tmp_path):
     summary = json.loads((Path(out["cobsat"]) / "summary.json").read_text())
     assert Path(out["accuracy"]).is_file() and Path(out["samples"]).is_file()  # the charts the summary points to
     assert summary["num_prompts"] == 4 and set(summary["mean"]) == {"2", "4"}
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
-    eval_run = client.get_run(out["cobsat run"])
+    mlflow_client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
+    eval_run = mlflow_client.get_run(out["cobsat run"])
     assert eval_run.data.tags["thinkdiff.model_version"] == "1" and "cobsat.4shot.mean" in eval_run.data.metrics
-    assert {a.path for a in client.list_artifacts(out["cobsat run"])} >= {
+    assert {a.path for a in mlflow_client.list_artifacts(out["cobsat run"])} >= {
         "results", "samples.png", "accuracy.png", "comparison.md"}
     # The text bridge beside it, as the table and the chart the summary names.
     assert "| text-bridge | 4 |" in Path(out["comparison table"]).read_text() and Path(out["comparison"]).is_file()
@@ -95,6 +95,25 @@ def test_pipeline_flow_end_to_end_then_skipped(prefect_harness, tmp_path):
                 break
             time.sleep(0.5)
     assert wanted <= names
+
+    # The flow run's artifacts, read back from the Prefect API: the CoBSAT table, links to MLflow, the
+    # corpus success rate per shard and the loss curve.
+    with get_client(sync_client=True) as client:
+        artifacts = {a.key: a for a in client.read_artifacts() if a.key}
+    assert {"cobsat-table", "mlflow-cobsat-run", "mlflow-training-run", "mlflow-model-version", "loss-curve",
+            "corpus-success-rates"} <= set(artifacts)
+    assert artifacts["cobsat-table"].type == "markdown" and "| text-bridge | 4 |" in artifacts["cobsat-table"].data
+    experiment = eval_run.info.experiment_id
+    assert f"(http://127.0.0.1:5000/#/experiments/{experiment}/runs/{out['cobsat run']})" in artifacts[
+        "mlflow-cobsat-run"].data
+    assert "/#/models/thinkdiff-aligner-tiny/versions/1)" in artifacts["mlflow-model-version"].data
+    training_run = mlflow_client.get_model_version("thinkdiff-aligner-tiny", "1").run_id
+    assert f"/#/experiments/{experiment}/runs/{training_run})" in artifacts["mlflow-training-run"].data
+    assert artifacts["loss-curve"].type == "image"
+    assert "/get-artifact?path=loss_curve.png&run_uuid=" in artifacts["loss-curve"].data
+    shards = json.loads(artifacts["corpus-success-rates"].data)
+    assert [s["shard"] for s in shards] == ["00000.parquet", "00001.parquet", "00002.parquet"]
+    assert sum(s["downloaded"] for s in shards) == 40 and sum(s["urls"] for s in shards) == 43
 
     # A second run is skipped stage by stage: same outputs, not one file rewritten.
     before = snapshot(tmp_path)

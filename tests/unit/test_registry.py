@@ -84,7 +84,14 @@ def test_run_is_logged_with_params_metrics_artifacts_and_tags(trained, tiny_stor
     assert run.data.tags[registry.TAG_TRAIN_FP] == train_fingerprint(cfg, features_dir)
     assert run.data.tags[registry.TAG_FEATURES_FP] == store["fingerprint"]
     assert run.data.tags[registry.TAG_CORPUS_FP] == store["corpus_fingerprint"]
-    assert run.data.tags["mlflow.source.git.commit"]
+    assert run.data.tags["mlflow.source.git.commit"] and run.data.tags["mlflow.source.name"] == "thinkdiff train"
+    # Named from the preset and what differs from it, described, and as long as the training took.
+    assert run.data.tags["mlflow.runName"] == "tiny batch_size=4 log_every=2 warmup_steps=2 6 steps"
+    assert "6 steps, final loss" in run.data.tags["mlflow.note.content"]
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert run.info.start_time < records[0]["time"] * 1000 and run.info.end_time == int(records[-1]["time"] * 1000)
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on its runs table
     history = client.get_metric_history(ref.run_id, "loss")
     assert [m.step for m in history] == [2, 4, 6]
     for key in ("lr", "samples_per_s", "tokens_per_s"):
@@ -295,6 +302,15 @@ def test_cobsat_evaluation_is_logged_against_the_version(trained, monkeypatch):
     assert [a.path for a in client.list_artifacts(result.run_id, shot_dir)] == [f"{shot_dir}/task_{t}" for t in (1, 4)]
     version = client.get_model_version(cfg.tracking.registered_model, ref.version)
     assert float(version.tags["cobsat.mean.2shot"]) == result.summary.mean[2]
+    assert version.description.startswith("ThinkDiff aligner (lvlm variant, preset tiny), trained 6 steps")
+    assert version.description.endswith(f"CoBSAT mean accuracy: 2-shot {result.summary.mean[2]:.3f}.")
+    name = cfg.tracking.registered_model
+    assert run.data.tags["mlflow.runName"] == f"{name} v{ref.version} · CoBSAT 2-shot · 2 prompts"
+    # The run lasts as long as drawing and judging its prompts took (the directory may hold other prompts' rows).
+    rows = [r for r in map(json.loads, result.results_jsonl.read_text().splitlines())
+            if r["task"] in (1, 4) and r["shot"] == 2 and r["index"] == 0]
+    assert len(rows) == 2
+    assert run.info.end_time - run.info.start_time >= int(1000 * sum(r["gen_s"] + r["judge_s"] for r in rows)) - 1
     # Rerun: the results directory is complete and already logged; no model is loaded for it.
     def fail(*args):
         raise AssertionError("nothing to draw or judge: no model may be loaded")
@@ -366,6 +382,7 @@ def test_nightly_promotes_only_a_better_candidate(two_versions, monkeypatch):
     # No champion yet: the candidate becomes the first one.
     result = stage.evaluate_cobsat_nightly(cfg)
     assert result.promoted == second.version and evaluated == [second.uri]
+    assert "no champion yet" in client.get_model_version(name, second.version).tags["thinkdiff.promotion_reason"]
     assert result.report() == {"champion": None, "candidate": second.version, "candidate_mean": 0.1,
                                "promoted": second.version}
     # Champion v2 (0.1); make v1 the candidate again, better: it is not newer, so not evaluated.
@@ -376,13 +393,23 @@ def test_nightly_promotes_only_a_better_candidate(two_versions, monkeypatch):
     pipeline.promote_aligner(cfg, first.version, "reset")
     client.set_registered_model_alias(name, "candidate", second.version)
     assert stage.evaluate_cobsat_nightly(cfg).promoted is None
+    tags = client.get_model_version(name, second.version).tags
+    assert tags["thinkdiff.promotion"] == "not promoted"
+    assert tags["thinkdiff.promotion_reason"] == ("nightly CoBSAT: candidate mean 0.1000 <= champion v1 mean 0.2000 "
+                                                  "on the same prompts (a tie keeps the champion)")
+    scores[second.uri] = 0.2  # a tie keeps the champion
+    assert stage.evaluate_cobsat_nightly(cfg).promoted is None
+    assert str(client.get_model_version_by_alias(name, "champion").version) == first.version
+    assert "0.2000 <= champion v1 mean 0.2000" in client.get_model_version(name, second.version).tags[
+        "thinkdiff.promotion_reason"]
     scores[second.uri] = 0.3
     report = stage.evaluate_cobsat_nightly(cfg).report()
     assert report == {"champion": first.version, "candidate": second.version, "champion_mean": 0.2,
                       "candidate_mean": 0.3, "promoted": second.version}
     version = client.get_model_version_by_alias(name, "champion")
     assert str(version.version) == second.version
-    assert "candidate mean 0.3000 > champion mean 0.2000" in version.tags["thinkdiff.promotion_reason"]
+    assert version.tags["thinkdiff.promotion"] == "promoted"
+    assert "candidate mean 0.3000 > champion v1 mean 0.2000" in version.tags["thinkdiff.promotion_reason"]
 
 
 def test_each_version_and_prompt_set_gets_its_own_evaluation_run(two_versions):

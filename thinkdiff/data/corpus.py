@@ -50,6 +50,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -267,6 +268,21 @@ def build_corpus(cfg: CorpusConfig, out_dir: Path) -> Path:
         **report,
     })
     return out_dir
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A complete corpus stage output."""
+
+    path: Path
+
+    @property
+    def shard_success_rates(self) -> list[dict[str, Any]]:
+        """Per shard: its name, urls, images downloaded and their share (what the manifest recorded
+        from img2dataset's stats)."""
+        manifest = read_manifest(self.path, "corpus") or {}
+        return [{"shard": s["name"], "urls": s["count"], "downloaded": s["successes"],
+                 "success rate": f"{s['successes'] / max(s['count'], 1):.1%}"} for s in manifest.get("shards", [])]
 
 
 def check_accepted_rate(out_dir: Path, manifest: dict, cfg: CorpusConfig) -> None:

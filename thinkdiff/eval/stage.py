@@ -35,6 +35,8 @@ class CobsatEvaluation:
     summary: harness.Summary | None = None
     run_id: str | None = None
     """The MLflow run the results directory is logged as."""
+    run_url: str | None = None
+    """That run in the MLflow UI (`tracking.ui_url`)."""
     model: registry.ModelVersionRef | None = None
     """The registered version evaluated (also when named by its directory); None if not registered."""
     baselines: dict[str, harness.Summary] = dataclasses.field(default_factory=dict)
@@ -187,8 +189,8 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> CobsatEvaluatio
         for name in e.baselines:
             alone = dataclasses.replace(cfg, eval=dataclasses.replace(e, generator=name, baselines=[]))
             baselines[name] = evaluate_cobsat(alone).summary
-    result = CobsatEvaluation(table=table, results_dir=out_dir, summary=summary, run_id=run_id, model=ref,
-                              baselines=baselines)
+    result = CobsatEvaluation(table=table, results_dir=out_dir, summary=summary, run_id=run_id,
+                              run_url=records.run_url(run_id), model=ref, baselines=baselines)
     if baselines:
         written = harness.compare(out_dir, {"thinkdiff": summary, **baselines})
         records.log_comparison(run_id, [result.comparison_md, result.comparison_png], replace=written)
@@ -199,19 +201,21 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> CobsatEvaluatio
     return result
 
 
-def promotion_reason(candidate_mean: float, champion_mean: float | None) -> str | None:
-    """Why the candidate becomes champion, or None when it stays a candidate: it is promoted when its
-    mean accuracy is higher than the champion's, or when there is no champion yet."""
+def promotion_decision(candidate_mean: float, champion_mean: float | None, champion: str | None) -> tuple[bool, str]:
+    """Whether the candidate becomes champion, and why. The policy: with no champion, the first
+    version evaluated becomes it; otherwise only a strictly higher mean accuracy over the same prompts
+    (both were drawn on the nightly subset) replaces the champion, so a tie keeps it."""
     if champion_mean is None:
-        return f"nightly CoBSAT: first champion (mean {candidate_mean:.4f})"
-    if candidate_mean > champion_mean:
-        return f"nightly CoBSAT: candidate mean {candidate_mean:.4f} > champion mean {champion_mean:.4f}"
-    return None
+        return True, f"nightly CoBSAT: no champion yet; candidate mean {candidate_mean:.4f} (the first evaluated)"
+    better = candidate_mean > champion_mean
+    reason = (f"nightly CoBSAT: candidate mean {candidate_mean:.4f} {'>' if better else '<='} champion v{champion} "
+              f"mean {champion_mean:.4f} on the same prompts")
+    return better, reason if better else reason + " (a tie keeps the champion)"
 
 
 def evaluate_cobsat_nightly(cfg: RunConfig) -> NightlyEvaluation:
     """Evaluate `@champion`, and `@candidate` when it is a newer version; promote the candidate by
-    `promotion_reason` (mean accuracy over the configured shots).
+    `promotion_decision` (mean accuracy over the configured shots), recorded on the candidate either way.
 
     Each model is evaluated on the first `eval.nightly_limit` prompts of every (task, shot); a model
     already evaluated with the same settings is not drawn again (its results directory is reused).
@@ -233,8 +237,10 @@ def evaluate_cobsat_nightly(cfg: RunConfig) -> NightlyEvaluation:
     promoted = None
     if "candidate" in evaluations:
         champion_mean = evaluations["champion"].mean_accuracy if "champion" in evaluations else None
-        reason = promotion_reason(evaluations["candidate"].mean_accuracy, champion_mean)
-        if reason is not None:
+        promote, reason = promotion_decision(evaluations["candidate"].mean_accuracy, champion_mean,
+                                             champion and champion.version)
+        records.record_promotion_decision(candidate.version, promote, reason)
+        if promote:
             promoted = records.promote(candidate.version, reason).version
     result = NightlyEvaluation(champion=champion and champion.version, candidate=candidate and candidate.version,
                                evaluations=evaluations, promoted=promoted)

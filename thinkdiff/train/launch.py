@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import torch
 
 from thinkdiff.config import RunConfig, TrainConfig
@@ -45,7 +46,9 @@ def launcher_flags(cfg: TrainConfig) -> list[str]:
     flags = ["--num_processes", str(cfg.num_processes), "--num_machines", "1", "--dynamo_backend", "no",
              "--mixed_precision", cfg.mixed_precision if torch.cuda.is_available() else "no"]
     if not torch.cuda.is_available():
-        flags.append("--cpu")
+        # What accelerate would pick (physical cores per process), given so that it does not warn it picked it.
+        threads = max(1, (psutil.cpu_count(logical=False) or 1) // cfg.num_processes)
+        flags += ["--cpu", "--num_cpu_threads_per_process", str(threads)]
     elif cfg.num_processes > 1:
         flags.append("--multi_gpu")
     return flags + list(cfg.launch_args)

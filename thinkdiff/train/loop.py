@@ -355,7 +355,11 @@ def _set_up(cfg: RunConfig, features_dir: Path, run_dir: Path, fingerprint: str)
     # once per process).
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(t))
     aligner, optimizer = accelerator.prepare(aligner, optimizer)
+    # When the run began, kept across resumes, so that its MLflow run's duration covers all its steps.
+    earlier = latest_checkpoint(run_dir / CHECKPOINTS_DIR)
+    started_at = (read_meta(earlier).get("started_at") if earlier is not None else None) or time.time()
     meta = {
+        "started_at": started_at,
         "config": cfg.to_dict(),
         "features_dir": recorded_path(features_dir, stage_root(cfg)),
         "features_fingerprint": upstream_fingerprint(cfg, "features", features_dir),
