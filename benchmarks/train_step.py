@@ -1,22 +1,30 @@
-"""Aligner training step throughput: the naive eager path vs the project's training path, same run.
+"""Aligner training step throughput: a naive training step as a competent user would write it vs
+the project's training path, each at its own best batch, same run.
 
     .venv/bin/python benchmarks/train_step.py               # paper shapes (flan-t5-xxl, 3584 -> 4096): a GPU
     .venv/bin/python benchmarks/train_step.py --tiny        # tiny shapes on a CPU in seconds (a test runs it)
 
 Workload: per sample a source length uniform in 1..128 and a target length
 uniform in 8..128, random weights, random features and labels.
-- naive: the whole T5ForConditionalGeneration resident, source and target padded to 128, full
-  (B, 128, vocab) logits and transformers' own loss.
+- naive: the whole T5ForConditionalGeneration resident with transformers' defaults (SDPA
+  attention), source and target padded to 128, full (B, 128, vocab) logits and transformers' own
+  loss, the aligner under bf16 autocast and AdamW. Its batches are made before the timer, on the
+  device and in the dtype the project's batches have (bf16 features), and its timed steps run
+  back to back with no host sync between them.
 - project: what `thinkdiff train` runs: the decoder alone (load_t5 never reads the encoder), the same
-  samples grouped by target length (train.bucket_window), source rows packed (the aligner and the
-  cross-attention keys and values see no padding) and targets padded to each batch's longest, the
-  loop's own `train_step` (logits only for real target tokens, no host sync), batches made by
-  the loop's own `pad` from bf16 store bytes (the paper preset's storage dtype; the naive path
-  copies float32 features, which its autocast casts to bf16 in the aligner alike) and handed over
-  pinned as the loop's prefetch thread hands them over, and on a GPU the decoder blocks compiled
-  with dynamic shapes (train.compile; an untimed pass over the same batches pays the compile).
-  Making the batches from the feature store (read, decode, split, tokenize, pad) runs on that
-  thread, beside the GPU; its rate per core is `feature_store.py`'s "batches" column.
+  kind of samples grouped by target length over a pool of `--steps` batches (train.bucket_window in
+  a run), source rows packed (the aligner and the cross-attention keys and values see no padding)
+  and targets padded to each batch's longest, the loop's own `train_step` (logits only for real
+  target tokens, no host sync), batches made by the loop's own `pad` from bf16 store bytes (the
+  paper preset's storage dtype) and handed over pinned, copied to the GPU inside the timer as the
+  loop's prefetch thread hands them over, and on a GPU the decoder blocks compiled with dynamic
+  shapes (train.compile; an untimed pass over the same batches pays the compile). Making the
+  batches from the feature store (read, decode, split, tokenize, pad) runs on that thread, beside
+  the GPU; its rate per core is `feature_store.py`'s "batches" column.
+Each path runs at batches doubling from its start (`timing.search`) until the card runs out of
+memory or a larger batch is no faster; the summary gives the ratio at the largest batch both ran
+and best vs best. `--flex` then times the project path at its best batch again on FlexAttention
+(`train.decoder_attention: flex`, CUDA only).
 Useful TFLOP/s counts real tokens only (`step_flops`): decoder forward + activation backward (4 x
 params x tokens: target tokens, and source rows for the cross-attention keys and values, plus
 attention) and the aligner's forward + backward (6 x params x source rows). "FLOPs on padding":
@@ -35,7 +43,22 @@ import time
 
 import torch
 from compile_counters import changed_since, graphs_since, snapshot
-from timing import host_syncs, sync
+from timing import (
+    Peak,
+    Rate,
+    free_memory,
+    host_syncs,
+    ladder,
+    matmul_peak,
+    peak_gib,
+    print_summary,
+    rate_line,
+    reset_peak,
+    search,
+    set_time_box,
+    sync,
+    time_left,
+)
 from torch.autograd import DeviceType
 from transformers import T5Config, T5ForConditionalGeneration
 
@@ -52,6 +75,12 @@ XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, n
            feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0, decoder_start_token_id=0,
            pad_token_id=0, eos_token_id=1)
 WARMUP_STEPS = 2
+PROJECT_COMPILE_S = 90
+"""About what compiling the decoder blocks takes at paper shapes (an H200 guess: a time-box margin)."""
+PROJECT_S = 120
+"""Time kept for the project path's search when the naive one runs under a time box."""
+FLEX_S = PROJECT_COMPILE_S + 30
+"""Time kept for the FlexAttention run (its compile, then two passes over a pool)."""
 ATTENTION_KERNEL = re.compile("attention|fmha|sdpa", re.IGNORECASE)
 """SDPA's kernels: efficient (fmha_cutlass*), flash, cuDNN (*_sdpa_*), and their CPU operators."""
 
@@ -123,36 +152,57 @@ def padding_share(cfg: T5Config, aligner_params: int, batches, *, naive: bool = 
     return 1 - useful / run
 
 
-def naive_loss(model: T5ForConditionalGeneration, aligner: Aligner, batch, device, dtype) -> torch.Tensor:
+def naive_inputs(batches, device, dtype) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The naive path's batches as a user would have them ready: padded to 128, on the device, the
+    features in the project's storage dtype (bf16 on a GPU)."""
+    out = []
+    for src, tgt, feats, labels in batches:
+        features, mask, labels_BT = padded_to_128(src, tgt, feats, labels)
+        out.append((features.to(device, dtype), mask.to(device), labels_BT.to(device)))
+    return out
+
+
+def naive_loss(model: T5ForConditionalGeneration, aligner: Aligner, inputs, device, dtype) -> torch.Tensor:
     """The naive path's loss: transformers' whole model on the batch padded to 128, full logits."""
-    features, mask, labels_BT = (t.to(device) for t in padded_to_128(*batch))
+    features, mask, labels_BT = inputs
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        return model(encoder_outputs=(aligner(features),), attention_mask=mask, labels=labels_BT).loss
+        return model(encoder_outputs=(aligner(features.float()),), attention_mask=mask, labels=labels_BT).loss
 
 
-def naive_run(model: T5ForConditionalGeneration, aligner: Aligner, batches, device, dtype) -> dict:
-    """A plain loop: the whole model, padded to 128, full logits, the loss read every step."""
+def naive_run(model: T5ForConditionalGeneration, aligner_state: dict, batches, device, dtype) -> Rate:
+    """A plain loop over batches ready on the device: the whole model, padded to 128, full logits;
+    the first WARMUP_STEPS steps untimed (allocator, kernels), the rest back to back with one sync
+    at each end."""
+    aligner = Aligner(AlignerConfig(in_dim=batches[0][2].shape[-1], out_dim=model.config.d_model)).to(device)
+    aligner.load_state_dict(aligner_state)
     optimizer = torch.optim.AdamW(aligner.parameters(), lr=1e-4)
-    times, flops = [], 0.0
-    aligner_params = sum(p.numel() for p in aligner.parameters())
-    reset_peak(device)
-    for k, (src, tgt, feats, labels) in enumerate(batches):
-        started = sync(device)
-        loss = naive_loss(model, aligner, (src, tgt, feats, labels), device, dtype)
+    inputs = naive_inputs(batches, device, dtype)
+
+    def step(batch) -> torch.Tensor:
+        loss = naive_loss(model, aligner, batch, device, dtype)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss.item()
-        if k >= WARMUP_STEPS:  # the first steps warm up allocators and kernels
-            times.append(sync(device) - started)
-            flops += step_flops(model.config, aligner_params, src, tgt)
-    return {"samples_per_s": len(times) * len(batches[0][0]) / sum(times), "useful_tflops": flops / sum(times) / 1e12,
-            "peak_gib": peak_gib(device),
-            "padding": padding_share(model.config, aligner_params, batches, naive=True)}
+        return loss.detach()
+
+    for batch in inputs[:WARMUP_STEPS]:
+        step(batch)
+    syncs = host_syncs(lambda: step(inputs[0])) if device.type == "cuda" else "-"
+    started = sync(device)
+    losses = [step(batch) for batch in inputs[WARMUP_STEPS:]]
+    seconds = sync(device) - started
+    timed = batches[WARMUP_STEPS:]
+    aligner_params = sum(p.numel() for p in aligner.parameters())
+    flops = sum(step_flops(model.config, aligner_params, src, tgt) for src, tgt, _, _ in timed)
+    padding = padding_share(model.config, aligner_params, timed, naive=True)
+    print(f"naive batch {len(batches[0][0])}: FLOPs on padding {100 * padding:.1f}%, host syncs in one step: "
+          f"{syncs}, all losses finite: {bool(torch.stack(losses).isfinite().all())}", flush=True)
+    return Rate(str(len(batches[0][0])), sum(len(b[0]) for b in timed) / seconds, flops / seconds / 1e12,
+                peak_gib(device))
 
 
-def project_run(decoder: T5DecoderLM, batches, device, aligner_state: dict, reference_loss: float,
-                profile: bool = False) -> dict:
+def project_run(decoder: T5DecoderLM, batches, device, aligner_state: dict, reference_loss: float | None,
+                label: str = "project", profile: bool = False) -> Rate:
     """`thinkdiff train`'s step (`train_step`: accelerate autocast, the loss over real target tokens,
     AdamW, the LR schedule) on bucketed batches, handed over pinned and copied asynchronously as the
     loop's prefetch thread hands them over. The loop makes the CPU wait for the GPU only when it
@@ -169,6 +219,8 @@ def project_run(decoder: T5DecoderLM, batches, device, aligner_state: dict, refe
     t5 = T5Parts(decoder_lm=decoder, tokenizer=None, encoder_final_norm=None, encoder=None, model_id="random",
                  revision="random")
     on_gpu = device.type == "cuda"
+    size = len(batches[0][0])
+    began = time.monotonic()
     # The loop's own padding, from the bf16 store bytes of the paper preset into page-locked memory
     # on a GPU, as its prefetch thread does it.
     stored = lambda f: StoredFeatures.encode(f, "bfloat16")  # noqa: E731
@@ -183,10 +235,12 @@ def project_run(decoder: T5DecoderLM, batches, device, aligner_state: dict, refe
     # steps; a warm-up of a few steps may miss one.
     before_warmup, started = snapshot(), time.perf_counter()
     first_loss = torch.stack([step(b) for b in ready])[0].item()
-    loss_difference = abs(first_loss - reference_loss) / reference_loss
-    print(f"batch {len(batches[0][0])}: warm-up pass {time.perf_counter() - started:.1f} s, "
-          f"graphs compiled: {graphs_since(before_warmup)}; first step's loss {first_loss:.5f}, the naive path's "
-          f"{reference_loss:.5f} (relative difference {loss_difference:.1e})", flush=True)
+    warmup_s = time.perf_counter() - started
+    agreement = "" if reference_loss is None else (
+        f"; first step's loss {first_loss:.5f}, the naive path's {reference_loss:.5f} (relative difference "
+        f"{abs(first_loss - reference_loss) / reference_loss:.1e})")
+    print(f"{label} batch {size}: warm-up pass {warmup_s:.1f} s, "
+          f"graphs compiled: {graphs_since(before_warmup)}{agreement}", flush=True)
     syncs = host_syncs(lambda: step(ready[0])) if on_gpu else "-"
     reset_peak(device)
     aligner_params = sum(p.numel() for p in aligner.parameters())
@@ -195,21 +249,20 @@ def project_run(decoder: T5DecoderLM, batches, device, aligner_state: dict, refe
     losses = torch.stack([step(b) for b in ready])
     finite = bool(losses.isfinite().all())  # also the wait for the last step
     seconds = sync(device) - started
-    print(f"batch {len(batches[0][0])}: compile counters changed over the timed steps: {changed_since(warm)}",
-          flush=True)
     flops = sum(step_flops(decoder.config, aligner_params, src, tgt) for src, tgt, _, _ in batches)
-    result = {"samples_per_s": sum(len(b[0]) for b in batches) / seconds, "useful_tflops": flops / seconds / 1e12,
-              "peak_gib": peak_gib(device), "host_syncs": syncs,
-              "padding": padding_share(decoder.config, aligner_params, batches),
-              "loss_difference": loss_difference, "finite": finite}
-    # Printed before the profile, which a call's timeout may cut off.
-    print(f"project batch {len(batches[0][0])} done: {result['samples_per_s']:.1f} samples/s, host syncs in one step: "
-          f"{syncs}, all losses finite: {finite}", flush=True)
+    print(f"{label} batch {size}: compile counters changed over the timed steps: {changed_since(warm)}; "
+          f"FLOPs on padding {100 * padding_share(decoder.config, aligner_params, batches):.1f}%, host syncs in one "
+          f"step: {syncs}, all losses finite: {finite}", flush=True)
+    # Measuring a larger batch repeats all of this but the compile: its warm-up pass takes about
+    # what its timed pass does (the compiled blocks take any length and batch).
+    again = time.monotonic() - began - warmup_s + seconds
+    rate = Rate(str(size), sum(len(b[0]) for b in batches) / seconds, flops / seconds / 1e12, peak_gib(device),
+                seconds=again)
     if profile:
         # Every 4th batch of the pool: every length bucket, at a quarter of the profiler's cost in
-        # time and events (a whole pool at batch 128 is about a million of them).
+        # time and events.
         print_profile(lambda: [step(b) for b in ready[::4]], device)
-    return result
+    return rate
 
 
 def print_profile(fn, device: torch.device) -> None:
@@ -241,34 +294,37 @@ def print_profile(fn, device: torch.device) -> None:
               f"(GPU busy {total / 1e6 / wall:.0%}, profiler overhead included)", flush=True)
 
 
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_gib(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--batch", type=int, default=None, help="samples per step (default 32; tiny 8)")
-    parser.add_argument("--project-batch", type=int, nargs="+", default=None,
-                        help="the project path's batch sizes, one compiled decoder for all (default: --batch)")
-    parser.add_argument("--profile", action="store_true",
-                        help="profile a pass over every 4th of the last project batch size's batches")
-    parser.add_argument("--decoder-attention", choices=("sdpa", "flex"), default="sdpa",
-                        help="the project path's train.decoder_attention (flex: CUDA only)")
+    parser.add_argument("--naive-batches", type=int, nargs="+", default=None,
+                        help="the naive path's batches, searched in turn (default 32 doubling to 1024; tiny 4 8)")
+    parser.add_argument("--project-batches", type=int, nargs="+", default=None,
+                        help="the project path's batches, searched in turn, one compiled decoder for all "
+                             "(default 32 doubling to 1024; tiny 4 8 16)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="steps per path, one bucketing pool (default: the paper preset's "
-                             "train.bucket_window; tiny 5): the naive path times all but its first 2, "
-                             "the project path all of them after an untimed pass")
+                        help="the project path's batches per batch size: one bucketing pool, timed after an "
+                             "untimed pass (default 16, a quarter of paper-lvlm's train.bucket_window, so a "
+                             "search fits its time box: a little more padding than a run's; tiny 3)")
+    parser.add_argument("--naive-steps", type=int, default=None,
+                        help=f"the naive path's timed steps per batch size, after {WARMUP_STEPS} untimed "
+                             f"(default 8; tiny 2)")
+    parser.add_argument("--flex", action="store_true",
+                        help="then the project path at its best batch on FlexAttention "
+                             "(train.decoder_attention=flex; CUDA only)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile a pass over every 4th batch of the project path's best batch size")
+    parser.add_argument("--time-box", type=float, default=None,
+                        help="seconds this run may take: no batch is started that would likely end later")
     args = parser.parse_args()
+    set_time_box(args.time_box)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    batch = args.batch or (8 if args.tiny else 32)
-    steps = args.steps or (5 if args.tiny else load_config("paper-lvlm").train.bucket_window)
+    naive_sizes = args.naive_batches or ([4, 8] if args.tiny else ladder(32, 1024))
+    project_sizes = args.project_batches or ([4, 8, 16] if args.tiny else ladder(32, 1024))
+    steps = args.steps or (3 if args.tiny else 16)
+    naive_steps = args.naive_steps or (2 if args.tiny else 8)
+    peak = matmul_peak(device)
     torch.manual_seed(0)
     if args.tiny:
         d_in, full = 64, build_tiny_t5()
@@ -279,46 +335,73 @@ def main() -> None:
             full = T5ForConditionalGeneration(T5Config(**XXL))
         torch.set_default_dtype(torch.float32)
     full.to(device).eval().requires_grad_(False)
-    aligner = Aligner(AlignerConfig(in_dim=d_in, out_dim=full.config.d_model)).to(device)
-    initial = {k: v.clone() for k, v in aligner.state_dict().items()}
-    batches = make_batches(steps, batch, d_in, full.config.vocab_size)
+    vocab = full.config.vocab_size
+    initial = Aligner(AlignerConfig(in_dim=d_in, out_dim=full.config.d_model)).state_dict()
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), dtype {dtype}, "
-          f"batch {batch}, {steps} steps, d_model {full.config.d_model}, "
-          f"decoder layers {full.config.num_decoder_layers}, "
-          f"project decoder attention {args.decoder_attention}")
-    naive = naive_run(full, aligner, batches, device, dtype)
-    print(f"naive done: {naive['samples_per_s']:.1f} samples/s, {naive['useful_tflops']:.3g} useful TFLOP/s, "
-          f"{naive['peak_gib']:.1f} GiB peak", flush=True)
-    sizes = args.project_batch or [batch]
-    pools = {size: bucketed(batches if size == batch else make_batches(steps, size, d_in, full.config.vocab_size))
-             for size in sizes}
-    # Each pool's first batch through transformers' own path from the initial aligner, before
-    # T5DecoderLM sets the decoder's attention to its own.
+          f"d_model {full.config.d_model}, decoder layers {full.config.num_decoder_layers}, attention "
+          f"{full.config._attn_implementation}; naive batches {naive_sizes} ({naive_steps} timed steps each), "
+          f"project batches {project_sizes} ({steps}-batch pools)", flush=True)
+    # Under a time box on a GPU, each search leaves time for what comes after it: the project's
+    # search, and the FlexAttention run, which recompiles the decoder (the tiny runs need none).
+    on_gpu = device.type == "cuda"
+    leave = FLEX_S if args.flex and on_gpu else 0.0
+    naive = search("naive", lambda b: naive_run(full, initial, make_batches(WARMUP_STEPS + naive_steps, b, d_in, vocab),
+                                                device, dtype),
+                   naive_sizes, device, peak, "samples/s", leave=leave + (PROJECT_S if on_gpu else 0.0))
+    # The first project pool's first batch through transformers' own path from the initial aligner,
+    # before T5DecoderLM sets the decoder's attention to its own.
+    pools = {project_sizes[0]: bucketed(make_batches(steps, project_sizes[0], d_in, vocab, seed=1))}
+    aligner = Aligner(AlignerConfig(in_dim=d_in, out_dim=full.config.d_model)).to(device)
     aligner.load_state_dict(initial)
     with torch.no_grad():
-        references = {size: naive_loss(full, aligner, pool[0], device, dtype).item() for size, pool in pools.items()}
+        first = pools[project_sizes[0]][0]
+        reference = naive_loss(full, aligner, naive_inputs([first], device, dtype)[0], device, dtype).item()
+    del aligner
     decoder = T5DecoderLM(full)
-    decoder.set_attention(args.decoder_attention)
     del full.encoder  # the project path never holds the encoder (load_t5 never reads it)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free_memory(device)
+    if on_gpu:
         torch._logging.set_logs(recompiles=True)  # why each graph after the first was compiled
         decoder.compile_decoder()
-    rows = [("naive", batch, naive)]
-    for size in sizes:
-        try:
-            rows.append(("project", size, project_run(decoder, pools[size], device, initial, references[size],
-                                                      args.profile and size == sizes[-1])))
-        except torch.OutOfMemoryError:  # batch 128 at target length 128 is tight on an 80 GB card: keep the other rows
-            print(f"project batch {size}: out of GPU memory", flush=True)
-    print("| path | batch | samples/s | useful TFLOP/s | FLOPs on padding | peak GiB | ratio to naive "
-          "| first loss vs naive |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, size, r in rows:
-        agreement = ("-" if "loss_difference" not in r
-                     else f"{r['loss_difference']:.1e}" + ("" if r["finite"] else ", then a non-finite loss"))
-        print(f"| {name} | {size} | {r['samples_per_s']:.1f} | {r['useful_tflops']:.3g} | {100 * r['padding']:.1f}% | "
-              f"{r['peak_gib']:.1f} | {r['samples_per_s'] / naive['samples_per_s']:.2f}x | {agreement} |")
+
+    def project(size: int, label: str = "project", profile: bool = False) -> Rate:
+        pool = pools.pop(size, None) or bucketed(make_batches(steps, size, d_in, vocab, seed=size))
+        return project_run(decoder, pool, device, initial, reference if size == project_sizes[0] else None,
+                           label, profile)
+
+    projects = search("project", project, project_sizes, device, peak, "samples/s", leave=leave)
+    best_size = max(projects, key=lambda b: projects[b].per_s)
+    print_summary("samples/s", naive, projects, peak)
+    if args.flex:
+        flex_line(decoder, device, peak, lambda: project(best_size, "project (flex)"), projects[best_size])
+    if args.profile:
+        # After the flex run the decoder compiles again: on a GPU, worth it only with time to spare.
+        if time_left() > 2 * projects[best_size].seconds + (PROJECT_COMPILE_S if args.flex and on_gpu else 0):
+            project(best_size, "project (profiled)", profile=True)
+        else:
+            print(f"project (profiled): not run, {time_left():.0f} s left in the time box", flush=True)
+
+
+def flex_line(decoder: T5DecoderLM, device: torch.device, peak: Peak, measure, sdpa: Rate) -> None:
+    """The project path at its best batch on FlexAttention, against the same batch on SDPA."""
+    if device.type != "cuda":
+        print("project (flex): not timed, FlexAttention has no backward on a CPU", flush=True)
+        return
+    if time_left() < sdpa.seconds + PROJECT_COMPILE_S:
+        print(f"project (flex) batch {sdpa.batch}: not run, {time_left():.0f} s left in the time box", flush=True)
+        return
+    torch._dynamo.reset()  # the blocks trace again, now with the flex attention
+    decoder.set_attention("flex")
+    try:
+        flex = measure()
+    except (torch.OutOfMemoryError, RuntimeError) as error:  # a failing candidate must not hide the lines above
+        print(f"project (flex) batch {sdpa.batch}: failed: {str(error).splitlines()[0][:120]}", flush=True)
+        return
+    finally:
+        torch._dynamo.reset()
+        decoder.set_attention("sdpa")
+    print(rate_line("project (flex)", flex, peak, "samples/s"), flush=True)
+    print(f"flex / sdpa at batch {sdpa.batch}: {flex.per_s / sdpa.per_s:.3g}x", flush=True)
 
 
 if __name__ == "__main__":
