@@ -318,6 +318,10 @@ class TrackingConfig:
     ui_url: str
     """Where people open the MLflow UI of this store (the links in Prefect artifacts); empty: the tracking
     server when tracking.uri is http(s), else http://127.0.0.1:5000, where `mlflow ui` serves by default."""
+    live_training: bool
+    """Log a training run to MLflow while it trains (registration logs it whole afterwards either way)."""
+    system_metrics: bool
+    """With live training: CPU, memory and GPU use in the training run (MLflow's system metrics)."""
 
     def problems(self) -> list[str]:
         p = _Problems()

@@ -1,4 +1,5 @@
-"""MLflow tracking and model registry: the only module that imports mlflow.
+"""MLflow tracking and model registry (with `aligner_pyfunc`, the aligner as an MLflow Model, and
+`train.live`, a training shown while it trains, the only modules that import mlflow).
 
     thinkdiff registry register --config tiny          # log the finished run + register its aligner
     thinkdiff registry promote --config tiny --version candidate
@@ -6,7 +7,8 @@
 A finished training run directory (checkpoints, metrics.jsonl, loss_curve.png, manifest.json) is
 logged as one MLflow run after the fact, with the original step numbers and timestamps, so a
 tracking server that is down during training costs nothing: the checkpoint is on disk and
-registration is retried later, never retraining. Logging and registering are idempotent: the run
+registration is retried later, never retraining. A training logged live (`thinkdiff.train.live`)
+is the same run: registration fills in what it lacks and ends it. Logging and registering are idempotent: the run
 is found again by its training fingerprint and the model version by the aligner's sha256, also after
 a kill: the writers of one store take turns under a lock file (`_store_lock`), so a run a rerun
 finds RUNNING was left so by a killed writer; it is completed, or ended as KILLED and replaced.
@@ -237,7 +239,7 @@ def training_run_name(config: dict[str, Any], steps: int) -> str:
         base = flatten(load_config(preset).to_dict())
     except ConfigError:  # a YAML file, not a preset of conf/: nothing to compare with
         base = {}
-    differ = [(key, value) for key, value in flatten(config).items()
+    differ = [(key, value) for key, value in sorted(flatten(config).items())  # a manifest's keys are sorted
               if base and key in base and base[key] != value and key != "train.max_steps"
               and not key.startswith(_UNNAMED_SECTIONS)]
     shown = [f"{key.rsplit('.', 1)[-1]}={value}" for key, value in differ[:4]]
@@ -448,67 +450,96 @@ class Registry:
         with self._store_lock():
             return self._log_training_run(run_dir, manifest)
 
-    def _log_training_run(self, run_dir: Path, manifest: dict[str, Any]) -> str:
+    def open_training_run(self, run_dir: Path, meta: dict[str, Any]) -> str:
+        """The MLflow run a training logs into while it trains (`thinkdiff.train.live`): the one a
+        killed attempt of the same run left RUNNING when it can be continued, else a new one; its
+        params are logged. Registration completes and ends the same run afterwards."""
+        from thinkdiff.train.loop import METRICS_FILE, read_metrics
+
+        with self._store_lock():
+            run_id, params, _ = self._open_training_run(run_dir, meta, read_metrics(run_dir / METRICS_FILE))
+            for i in range(0, len(params), 100):
+                self.client.log_batch(run_id, params=params[i: i + 100])
+        return run_id
+
+    def _open_training_run(self, run_dir: Path, meta: dict[str, Any], records: list[dict]) -> tuple[str, list, list]:
+        """The run of this training (`meta`: a checkpoint's or the manifest's) and the params and
+        metrics of `records` (metrics.jsonl rows) it still lacks. Call it holding the store's lock.
+
+        A RUNNING run of the same fingerprint, left by a live training or a killed registration, is
+        continued when everything it holds comes from this run directory (its identity tags, params,
+        and metric points matched by key, step and time: a file store, unlike a database one, keeps a
+        point logged twice twice); anything else (another copy of the directory, rows a resumed
+        training logged again) gets it ended as KILLED and a new run made."""
         from mlflow.entities import Metric, Param
+
+        from thinkdiff.train.live import TRAINING_METRICS
+
+        client, fingerprint = self.client, meta["train_fingerprint"]
+        root = stage_root(self.cfg)  # paths inside it are tagged relative to it
+        tags = {
+            "mlflow.runName": training_run_name(meta["config"], meta["config"]["train"]["max_steps"]),
+            **source_tags(meta["git_revision"], "thinkdiff train"),
+            TAG_TRAIN_FP: fingerprint,
+            TAG_FEATURES_FP: meta["features_fingerprint"],
+            # Feature stores made before their manifest recorded it: the config's corpus.
+            TAG_CORPUS_FP: meta.get("corpus_fingerprint") or corpus_fingerprint(self.cfg),
+            "thinkdiff.run_dir": recorded_path(run_dir, root),
+            "thinkdiff.preset": meta["config"].get("preset", self.cfg.preset),
+        }
+        params = [Param(k, v[:6000]) for k, v in flatten(meta["config"]).items()]
+        metrics = [Metric(key, float(r[key]), int(r["time"] * 1000), r["step"])
+                   for r in records for key in TRAINING_METRICS]
+        wanted = {(m.key, m.step, m.timestamp) for m in metrics}
+        logged: dict[str, set] = {}
+
+        def points(run: Any) -> set:
+            if run.info.run_id not in logged:
+                logged[run.info.run_id] = {(m.key, m.step, m.timestamp) for key in TRAINING_METRICS
+                                           for m in client.get_metric_history(run.info.run_id, key)}
+            return logged[run.info.run_id]
+
+        def resumable(run: Any) -> bool:
+            held = run.data.params
+            return (all(run.data.tags.get(k) == v for k, v in tags.items())
+                    and all(held.get(p.key, p.value) == p.value for p in params) and points(run) <= wanted)
+
+        stale = self._stale_run(f"tags.`{TAG_TRAIN_FP}` = '{fingerprint}'", resumable)
+        if stale is None:
+            started_at = meta.get("started_at") or (records[0]["time"] if records else time.time())
+            return client.create_run(self.experiment_id, start_time=int(started_at * 1000), tags=tags).info.run_id, \
+                params, metrics
+        run_id = stale.info.run_id
+        return (run_id, [p for p in params if p.key not in stale.data.params],
+                [m for m in metrics if (m.key, m.step, m.timestamp) not in points(stale)])
+
+    def _log_training_run(self, run_dir: Path, manifest: dict[str, Any]) -> str:
+        from mlflow.entities import RunTag
 
         # Here, not at the top: the training loop brings transformers and the T5 code, which loading or
         # promoting an aligner through this module never needs.
+        from thinkdiff.aligner_pyfunc import save_aligner_model
         from thinkdiff.train.loop import METRICS_FILE, read_metrics
 
         client, experiment_id = self.client, self.experiment_id
         fingerprint = manifest["train_fingerprint"]
-        same_run = f"tags.`{TAG_TRAIN_FP}` = '{fingerprint}'"
         found = client.search_runs([experiment_id], max_results=1,
-                                   filter_string=f"{same_run} and attributes.status = 'FINISHED'")
+                                   filter_string=f"tags.`{TAG_TRAIN_FP}` = '{fingerprint}' "
+                                                 "and attributes.status = 'FINISHED'")
         if found:
             log.info("training run %s is already logged as MLflow run %s", run_dir, found[0].info.run_id)
             return found[0].info.run_id
         records = read_metrics(run_dir / METRICS_FILE)
-        now_ms = int(time.time() * 1000)
-        started_at = manifest.get("started_at") or (records[0]["time"] if records else None)
-        start_ms = int(started_at * 1000) if started_at else now_ms
-        root = stage_root(self.cfg)  # paths inside it are tagged relative to it
-        tags = {
-            "mlflow.runName": training_run_name(manifest["config"], manifest["step"]),
-            "mlflow.note.content": (f"ThinkDiff aligner training ({manifest['config'].get('variant')} variant): "
-                                    f"{manifest['step']} steps, final loss {manifest['loss']:.4f}. Fingerprint "
-                                    f"{fingerprint}; run directory {recorded_path(run_dir, root)} under paths.root."),
-            **source_tags(manifest["git_revision"], "thinkdiff train"),
-            TAG_TRAIN_FP: fingerprint,
-            TAG_FEATURES_FP: manifest["features_fingerprint"],
-            # Feature stores made before their manifest recorded it: the config's corpus.
-            TAG_CORPUS_FP: manifest.get("corpus_fingerprint") or corpus_fingerprint(self.cfg),
-            "thinkdiff.run_dir": recorded_path(run_dir, root),
-            "thinkdiff.checkpoint": recorded_path(recorded_location(manifest["checkpoint"], run_dir), root),
-            "thinkdiff.preset": manifest["config"].get("preset", self.cfg.preset),
-        }
-        params = [Param(k, v[:6000]) for k, v in flatten(manifest["config"]).items()]
-        metrics = [
-            Metric(key, float(r[key]), int(r["time"] * 1000), r["step"])
-            for r in records for key in ("loss", "lr", "samples_per_s", "tokens_per_s")
-        ]
-
-        def resumable(run: Any) -> bool:
-            # Everything this run holds comes from the run directory (tags and params from its manifest,
-            # metrics with their recorded steps and times, artifacts that overwrite their like), so a
-            # run a killed registration of the same directory left RUNNING is completed rather than
-            # replaced: only what it lacks is logged. MLflow refuses a param logged again with another
-            # value, so a run with other tags or params (another copy of the directory, another
-            # version's flattening) is ended as KILLED and replaced instead.
-            logged = run.data.params
-            return (all(run.data.tags.get(k) == v for k, v in tags.items())
-                    and all(logged.get(p.key, p.value) == p.value for p in params))
-
-        stale = self._stale_run(same_run, resumable)
-        if stale is None:
-            run_id = client.create_run(experiment_id, start_time=start_ms, tags=tags).info.run_id
-        else:
-            run_id = stale.info.run_id
-            params = [p for p in params if p.key not in stale.data.params]
-            # Metrics are matched by hand: a file store, unlike a database one, keeps a metric logged twice twice.
-            have = {(m.key, m.step, m.timestamp) for key in {m.key for m in metrics}
-                    for m in client.get_metric_history(run_id, key)}
-            metrics = [m for m in metrics if (m.key, m.step, m.timestamp) not in have]
+        run_id, params, metrics = self._open_training_run(run_dir, manifest, records)
+        root = stage_root(self.cfg)
+        # What only the finished run has: its description and final checkpoint.
+        client.log_batch(run_id, tags=[
+            RunTag("mlflow.note.content", f"ThinkDiff aligner training ({manifest['config'].get('variant')} variant): "
+                                          f"{manifest['step']} steps, final loss {manifest['loss']:.4f}. Fingerprint "
+                                          f"{fingerprint}; run directory {recorded_path(run_dir, root)} under "
+                                          "paths.root."),
+            RunTag("thinkdiff.checkpoint", recorded_path(recorded_location(manifest["checkpoint"], run_dir), root)),
+        ])
         try:
             for i in range(0, len(params), 100):
                 client.log_batch(run_id, params=params[i: i + 100])
@@ -522,12 +553,15 @@ class Registry:
                 if (run_dir / name).is_file():
                     client.log_artifact(run_id, str(run_dir / name))
             checkpoint = recorded_location(manifest["checkpoint"], run_dir)
-            client.log_artifacts(run_id, str(checkpoint / "aligner"), "aligner")
+            # The aligner as an MLflow Model: MLmodel, its weights under artifacts/aligner, the code, the requirements.
+            with tempfile.TemporaryDirectory() as tmp:
+                model_dir = save_aligner_model(checkpoint / "aligner", Path(tmp) / "aligner")
+                client.log_artifacts(run_id, str(model_dir), "aligner")
             client.log_artifact(run_id, str(checkpoint / "meta.json"), "aligner")
         except BaseException:
             client.set_terminated(run_id, status="FAILED")
             raise
-        end_ms = int(records[-1]["time"] * 1000) if records else now_ms
+        end_ms = int(records[-1]["time"] * 1000) if records else int(time.time() * 1000)
         client.set_terminated(run_id, status="FINISHED", end_time=end_ms)
         log.info("logged training run %s as MLflow run %s (%s)", run_dir, run_id, redact(self.uri))
         return run_id
@@ -671,11 +705,14 @@ class Registry:
             return Aligner.from_pretrained(uri)
         import mlflow.artifacts
 
+        from thinkdiff.aligner_pyfunc import aligner_files
+
         version = self._resolve_version(match["name"], match["alias"] or match["version"])
         with tempfile.TemporaryDirectory() as tmp:
             local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=tmp,
                                                         tracking_uri=self.uri)
-            return Aligner.from_pretrained(local)
+            # An MLflow Model, or a version registered before aligners were: the bare aligner files.
+            return Aligner.from_pretrained(aligner_files(local))
 
     def resolve_model(self, uri: str) -> ModelVersionRef:
         """`models:/name@alias` or `models:/name/N` -> the version it points to now."""

@@ -98,8 +98,9 @@ def test_run_is_logged_with_params_metrics_artifacts_and_tags(trained, tiny_stor
         assert len(client.get_metric_history(ref.run_id, key)) == 3
     artifacts = {a.path for a in client.list_artifacts(ref.run_id)}
     assert {"loss_curve.png", "config.yaml", "aligner", "metrics.jsonl"} <= artifacts
-    assert {a.path for a in client.list_artifacts(ref.run_id, "aligner")} >= {"aligner/model.safetensors",
-                                                                              "aligner/config.json"}
+    assert {a.path for a in client.list_artifacts(ref.run_id, "aligner")} >= {"aligner/MLmodel", "aligner/meta.json"}
+    assert {a.path for a in client.list_artifacts(ref.run_id, "aligner/artifacts/aligner")} >= {
+        "aligner/artifacts/aligner/model.safetensors", "aligner/artifacts/aligner/config.json"}
 
 
 def test_version_has_candidate_alias_and_loads(trained):

@@ -70,6 +70,7 @@ from thinkdiff.train.data import (
     prefetched,
 )
 from thinkdiff.train.engine import Accelerator, gather_object, make_accelerator
+from thinkdiff.train.live import LiveTrainingRun
 from thinkdiff.train.state import LogWindow, TrainState
 
 log = logging.getLogger(__name__)
@@ -230,6 +231,8 @@ class TrainSetup:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     meta: dict[str, Any]
     """What every checkpoint's meta.json and the run's manifest record of its inputs and settings."""
+    live: LiveTrainingRun | None = None
+    """The MLflow run shown while it trains (main process, `tracking.live_training`)."""
 
     @property
     def checkpoints(self) -> Path:
@@ -282,13 +285,21 @@ def train_aligner(cfg: RunConfig, features_dir: Path, run_dir: Path, *,
         completed = _completed_run(run_dir, read_manifest(run_dir, "train"), fingerprint)
         if completed is not None:
             return completed
-        return _train(_set_up(cfg, features_dir, run_dir, fingerprint), stop_after_steps)
+        setup = _set_up(cfg, features_dir, run_dir, fingerprint)
+        state = _start_or_resume(setup)
+        # After the resume, which drops the metrics rows it will log again: a live MLflow run that holds
+        # such rows is not continued (registration would find them twice).
+        setup.live = LiveTrainingRun.start(cfg, run_dir, setup.meta) if setup.accelerator.is_main_process else None
+        try:
+            return _train(setup, state, stop_after_steps)
+        finally:
+            if setup.live is not None:
+                setup.live.close()
 
 
-def _train(setup: TrainSetup, stop_after_steps: int | None) -> TrainResult:
-    """Train from step 0 or the newest checkpoint to train.max_steps (or `stop_after_steps`)."""
+def _train(setup: TrainSetup, state: TrainState, stop_after_steps: int | None) -> TrainResult:
+    """Train from `state` (step 0 or the newest checkpoint) to train.max_steps (or `stop_after_steps`)."""
     run_dir = setup.run_dir
-    state = _start_or_resume(setup)
     t = setup.train
     target_step = min(t.max_steps, stop_after_steps) if stop_after_steps is not None else t.max_steps
     setup.aligner.train()
@@ -461,6 +472,8 @@ def _log_window(setup: TrainSetup, state: TrainState, progress: tqdm, *, close: 
     if setup.accelerator.is_main_process:
         with open(setup.run_dir / METRICS_FILE, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        if close and setup.live is not None:  # an open window's row is logged again, whole, after a resume
+            setup.live.log_row(record)
     if close:
         state.window = LogWindow.open(setup.device)
 
@@ -488,6 +501,8 @@ def _save_checkpoint(setup: TrainSetup, state: TrainState) -> None:
             meta={**setup.meta, "loss": state.loss},
             keep_last=setup.train.keep_last,
         )
+        if setup.live is not None:
+            setup.live.log_checkpoint(state.last_checkpoint)
     accelerator.wait_for_everyone()
 
 
