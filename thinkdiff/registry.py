@@ -34,7 +34,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,9 @@ TAG_FEATURES_FP = "thinkdiff.features_fingerprint"
 TAG_CORPUS_FP = "thinkdiff.corpus_fingerprint"
 TAG_CANDIDATE_PENDING = "thinkdiff.candidate_pending"
 TAG_ALIGNER_SHA = "thinkdiff.aligner_sha256"
+SYSTEM_METRICS_INTERVAL_S = 10.0
+TAG_LIVE = "thinkdiff.logged_live"
+"""On a run begun while its work ran (a live training, a monitored evaluation), which logging completes."""
 TAG_PROMOTION = "thinkdiff.promotion"
 TAG_PROMOTION_REASON = "thinkdiff.promotion_reason"
 # MLflow 3's UI opens an experiment of this kind on its runs table (metrics as columns), not on the
@@ -277,11 +280,21 @@ def with_cobsat_means(description: str, cobsat_means: dict[int, float]) -> str:
     return text
 
 
+def prompt_set(tasks: Iterable[int], shots: Iterable[int], num_prompts: int) -> str:
+    """Which prompts an evaluation scores, e.g. `tasks 1,4; shots 2; 8 prompts`."""
+    return (f"tasks {','.join(map(str, sorted(set(tasks))))}; shots {','.join(map(str, sorted(set(shots))))}; "
+            f"{num_prompts} prompts")
+
+
 def _prompt_set(summary: Any) -> str:
-    """Which prompts an evaluation scored, e.g. `tasks 1,4; shots 2; 8 prompts`."""
-    tasks = sorted({t for per_task in summary.accuracy.values() for t in per_task})
-    return (f"tasks {','.join(map(str, tasks))}; shots {','.join(map(str, sorted(summary.accuracy)))}; "
-            f"{summary.num_prompts} prompts")
+    """The prompt set a summary scored."""
+    return prompt_set((t for per_task in summary.accuracy.values() for t in per_task), summary.accuracy,
+                      summary.num_prompts)
+
+
+def _only_system_metrics(run: Any) -> bool:
+    """A run `Registry.monitor_evaluation` started: system metrics and no params yet."""
+    return not run.data.params and all(key.startswith("system/") for key in run.data.metrics)
 
 
 class Registry:
@@ -458,6 +471,7 @@ class Registry:
 
         with self._store_lock():
             run_id, params, _ = self._open_training_run(run_dir, meta, read_metrics(run_dir / METRICS_FILE))
+            self.client.set_tag(run_id, TAG_LIVE, "true")
             for i in range(0, len(params), 100):
                 self.client.log_batch(run_id, params=params[i: i + 100])
         return run_id
@@ -575,7 +589,10 @@ class Registry:
         for run in running:
             if kept is None and resumable(run):
                 kept = run
-                log.warning("MLflow run %s was left RUNNING by a stopped writer; completing it", run.info.run_id)
+                if TAG_LIVE in run.data.tags:  # begun while its work ran, to be completed now
+                    log.info("completing MLflow run %s, logged while it ran", run.info.run_id)
+                else:
+                    log.warning("MLflow run %s was left RUNNING by a stopped writer; completing it", run.info.run_id)
             else:
                 client.set_terminated(run.info.run_id, status="KILLED")
                 log.warning("MLflow run %s was left RUNNING by a stopped writer; ended it as KILLED",
@@ -765,9 +782,11 @@ class Registry:
             # metrics are stamped with the time they were logged (logged again they would be points of
             # their own), and its params and links come from that evaluation's config and model, which
             # may differ from this one's where the prompt set does not show it (MLflow refuses a param
-            # logged again with another value).
-            self._stale_run(same_run, lambda run: False)
-            run_id = self._log_evaluation_run(out_dir, summary, generator, links)
+            # logged again with another value). The run `monitor_evaluation` started holds system
+            # metrics only: it is completed.
+            monitored = self._stale_run(same_run, _only_system_metrics)
+            run_id = self._log_evaluation_run(out_dir, summary, generator, links,
+                                              monitored.info.run_id if monitored is not None else None)
         if model is not None:
             tagged = client.get_model_version(model.name, model.version).tags
             # A nightly subset does not hide a full run, unless that run's verdicts are of an older schema.
@@ -785,8 +804,9 @@ class Registry:
                                             description=with_cobsat_means(described, summary.mean))
         return run_id
 
-    def _log_evaluation_run(self, out_dir: Path, summary: Any, generator: str, links: dict[str, str]) -> str:
-        from mlflow.entities import Metric, Param
+    def _log_evaluation_run(self, out_dir: Path, summary: Any, generator: str, links: dict[str, str],
+                            run_id: str | None = None) -> str:
+        from mlflow.entities import Metric, Param, RunTag
 
         from thinkdiff.eval.cobsat import get_task
 
@@ -802,10 +822,14 @@ class Registry:
                 "thinkdiff.eval_prompts": str(summary.num_prompts), "thinkdiff.eval_set": _prompt_set(summary),
                 "thinkdiff.generator": generator, "thinkdiff.preset": cfg.preset, "thinkdiff.judge": summary.judge,
                 **links}
-        # The run spans the drawing and judging of its prompts (their recorded seconds), not its logging.
+        # The run spans the drawing and judging of its prompts (their recorded seconds, or since the
+        # monitored run began), not its logging.
         now = int(time.time() * 1000)
-        work_ms = int(summary.num_prompts * (summary.gen_s_per_prompt + summary.judge_s_per_prompt) * 1000)
-        run_id = client.create_run(self.experiment_id, start_time=now - work_ms, tags=tags).info.run_id
+        if run_id is None:
+            work_ms = int(summary.num_prompts * (summary.gen_s_per_prompt + summary.judge_s_per_prompt) * 1000)
+            run_id = client.create_run(self.experiment_id, start_time=now - work_ms, tags=tags).info.run_id
+        else:
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         try:
             metrics = [Metric(f"cobsat.{shot}shot.{get_task(t).short}", acc, now, 0)
                        for shot, per_task in summary.accuracy.items() for t, acc in per_task.items()]
@@ -828,6 +852,37 @@ class Registry:
         client.set_terminated(run_id, status="FINISHED", end_time=now)
         log.info("logged CoBSAT evaluation %s as MLflow run %s", out_dir, run_id)
         return run_id
+
+    def system_metrics_monitor(self, run_id: str) -> Any:
+        """MLflow's system metrics monitor (CPU, memory, disk, network; GPU with nvidia-ml-py) for a
+        RUNNING run, started: it samples every 10 s and stops when told (`finish`) or the run ends."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, resume_logging=True,
+                                       tracking_uri=self.uri)
+        monitor.start()
+        return monitor
+
+    def monitor_evaluation(self, out_dir: Path, prompts: str) -> Any:
+        """With `tracking.system_metrics`, the started system metrics monitor of this evaluation's
+        MLflow run, begun now (`log_evaluation` completes it); None when the setting is off, the
+        evaluation is logged already, or the store cannot be reached (the evaluation goes on)."""
+        if not self.cfg.tracking.system_metrics:
+            return None
+        try:
+            with self._store_lock():
+                same_run = f"tags.`thinkdiff.eval_dir` = '{out_dir.name}' and tags.`thinkdiff.eval_set` = '{prompts}'"
+                if self.client.search_runs([self.experiment_id], f"{same_run} and attributes.status = 'FINISHED'"):
+                    return None
+                running = self._stale_run(same_run, _only_system_metrics)
+                run_id = running.info.run_id if running is not None else self.client.create_run(
+                    self.experiment_id, tags={"mlflow.runName": f"CoBSAT evaluation ({prompts}), drawing",
+                                              "thinkdiff.kind": "cobsat-eval", "thinkdiff.eval_dir": out_dir.name,
+                                              "thinkdiff.eval_set": prompts, TAG_LIVE: "true"}).info.run_id
+            return self.system_metrics_monitor(run_id)
+        except ThinkDiffError as err:
+            log.warning("no system metrics for this evaluation: %s", first_line(err, 300))
+            return None
 
     def log_comparison(self, run_id: str, paths: list[Path], *, replace: bool) -> None:
         """Attach the side-by-side table and chart to an evaluation's run (a finished run takes

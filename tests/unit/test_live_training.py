@@ -164,3 +164,23 @@ def test_an_unreachable_server_never_stops_training(tiny_store, tmp_path, settin
         result = train_aligner(cfg, features_dir, stage_dir(cfg, "train"))
     assert result.step == 4
     assert any("MLflow is not logging this training live" in r.getMessage() for r in caplog.records)
+
+
+def test_an_evaluation_with_system_metrics_is_one_run_holding_them_and_its_scores(tiny_store, tmp_path, monkeypatch):
+    from thinkdiff.eval import stage
+
+    _, features_dir = tiny_store
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
+    cfg = load_config("tiny", [f"paths.root={tmp_path}", "train.max_steps=2", *TRAIN, "tracking.system_metrics=true",
+                               "eval.limit=2", "eval.tasks=[1, 4]", "eval.shots=[2]", "eval.baselines=[]"])
+    train_aligner(cfg, features_dir, stage_dir(cfg, "train"))
+    ref = pipeline.register_aligner(cfg)
+    result = stage.evaluate_cobsat(cfg, model=ref.uri)
+    client = client_for(cfg)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+                              "tags.`thinkdiff.kind` = 'cobsat-eval'")
+    assert [r.info.run_id for r in runs] == [result.run_id]
+    (run,) = runs
+    assert run.info.status == "FINISHED" and run.data.tags["thinkdiff.eval_set"] == "tasks 1,4; shots 2; 4 prompts"
+    assert "system/cpu_utilization_percentage" in run.data.metrics and "cobsat.2shot.mean" in run.data.metrics
+    assert run.data.tags["mlflow.runName"] == f"{ref.name} v{ref.version} · CoBSAT 2-shot · 4 prompts"

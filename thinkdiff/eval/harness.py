@@ -179,6 +179,11 @@ def _read_results(path: Path) -> list[dict]:
     return read_jsonl(path, "delete that line and the evaluation draws its prompt again")
 
 
+def prompts_per_task(limit: int) -> int:
+    """The prompts scored per (task, shot) under `eval.limit` (0: all)."""
+    return min(limit or NUM_PROMPTS, NUM_PROMPTS)
+
+
 def evaluate(
     dataset: CobsatDataset,
     generator: Generator,
@@ -213,7 +218,7 @@ def evaluate(
         done = {(r["task"], r["shot"], r["index"]) for r in _read_results(results_path)}
         batches: list[list[Prompt]] = []
         wanted: set[tuple[int, int, int]] = set()
-        count = min(limit or NUM_PROMPTS, NUM_PROMPTS)
+        count = prompts_per_task(limit)
         for shot in shots:
             for t in tasks:
                 wanted |= {(t, shot, i) for i in range(count)}

@@ -179,9 +179,15 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> CobsatEvaluatio
         "features": vlm_inputs, "models": {k: v.__dict__ for k, v in cfg.models.__dict__.items()},
     })
     scorer = built_on_first_call(lambda: clip_scorer(cfg)) if e.clip_score else None
-    summary = harness.evaluate(data, generator, built_on_first_call(lambda: judge.load_judge(cfg)), out_dir,
-                               tasks=e.tasks, shots=e.shots, limit=e.limit, batch_size=e.batch_size, name=e.generator,
-                               judge_label=judge.judge_label(cfg), clip_scorer=scorer)
+    count = len(set(e.tasks)) * len(set(e.shots)) * harness.prompts_per_task(e.limit)
+    monitor = records.monitor_evaluation(out_dir, registry.prompt_set(e.tasks, e.shots, count))
+    try:
+        summary = harness.evaluate(data, generator, built_on_first_call(lambda: judge.load_judge(cfg)), out_dir,
+                                   tasks=e.tasks, shots=e.shots, limit=e.limit, batch_size=e.batch_size,
+                                   name=e.generator, judge_label=judge.judge_label(cfg), clip_scorer=scorer)
+    finally:
+        if monitor is not None:
+            monitor.finish()
     # Logged before the baselines are drawn: a run cut off while drawing them keeps the aligner's.
     run_id = records.log_evaluation(out_dir, summary, ref, label)
     baselines, table = {}, summary.table()

@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 _LIVE_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 CLOSE_TIMEOUT_S = 60.0
 """How long the end of training waits for rows still queued for a server that has stopped answering."""
-SYSTEM_METRICS_INTERVAL_S = 10.0
 TRAINING_METRICS = ("loss", "lr", "samples_per_s", "tokens_per_s")
 """The metrics.jsonl fields that are MLflow metrics of a training run."""
 
@@ -63,13 +62,7 @@ class LiveTrainingRun:
             log.warning("MLflow is not logging this training live (%s): training goes on, and registering the run "
                         "afterwards logs it whole", str(err).splitlines()[0][:300])
             return None
-        monitor = None
-        if cfg.tracking.system_metrics:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
-                                           resume_logging=True, tracking_uri=records.uri)
-            monitor.start()
+        monitor = records.system_metrics_monitor(run_id) if cfg.tracking.system_metrics else None
         log.info("training logged live to MLflow run %s (%s)", run_id, records.run_url(run_id))
         return cls(records.client, run_id, monitor)
 
