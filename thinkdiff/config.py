@@ -343,8 +343,9 @@ class EvalConfig:
     limit: int
     """Prompts per (task, shot), the first ones of the 1000 (1000 = all)."""
     generator: str
-    """thinkdiff (VLM -> aligner -> FLUX), text-bridge (VLM writes a prompt, FLUX draws it), or a sanity
-    baseline: oracle, copy-last, random-theta, random."""
+    """thinkdiff (VLM -> aligner -> FLUX), text-bridge (VLM writes a prompt, FLUX draws it), tbdn (TBDN's
+    training-free bridge: a hint and query-contrastive decoding, arXiv 2601.06169), or a sanity baseline:
+    oracle, copy-last, random-theta, random."""
     baselines: list[str]
     """Generators evaluated beside the thinkdiff generator with the same settings and shown with it
     in one table and chart (comparison.md / .png): text-bridge or sanity baselines. Each is drawn once
@@ -397,6 +398,11 @@ class EvalConfig:
     image to the expected caption, and whether CLIP's best caption among the task's options is the expected one."""
     clip_model: ModelSource
     """CLIP model of `clip_score` (CoBSAT: openai/clip-vit-base-patch32); `tiny` builds one offline."""
+    tbdn_alpha: float
+    """tbdn: query-contrastive decoding's a, logits = (1 + a) * logits(prompt) - a * logits(prompt without
+    its final query text); 0 samples what a plain text bridge with TBDN's sampling would (TBDN: 0.5)."""
+    tbdn_hint: str
+    """tbdn: the hint sentence added to the instruction (TBDN's exact wording is not public); empty: none."""
 
     def problems(self) -> list[str]:
         p = _Problems()
@@ -408,11 +414,12 @@ class EvalConfig:
         p.need(1 <= self.nightly_limit <= 1000, "eval.nightly_limit", self.nightly_limit,
                "use 1..1000 prompts per task and shot")
         p.need(self.batch_size >= 1, "eval.batch_size", self.batch_size, "use at least 1")
-        generators = ("thinkdiff", "text-bridge", "oracle", "copy-last", "random-theta", "random")
+        generators = ("thinkdiff", "text-bridge", "tbdn", "oracle", "copy-last", "random-theta", "random")
         p.need(self.generator in generators, "eval.generator", self.generator, f"use one of {', '.join(generators)}")
         p.need(all(b in generators[1:] for b in self.baselines) and len(set(self.baselines)) == len(self.baselines),
                "eval.baselines", self.baselines,
                f"list distinct generators beside thinkdiff: {', '.join(generators[1:])}, or []")
+        p.need(0 <= self.tbdn_alpha <= 10, "eval.tbdn_alpha", self.tbdn_alpha, "use 0..10 (TBDN: 0.5; 0: no contrast)")
         p.need(self.judge in ("synthetic", "llava", "qwen2-vl"), "eval.judge", self.judge,
                "use llava, qwen2-vl or synthetic")
         p.need(self.judge_model.dtype in DTYPES, "eval.judge_model.dtype", self.judge_model.dtype,

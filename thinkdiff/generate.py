@@ -62,6 +62,19 @@ def cobsat_parts(prompt: Prompt, dataset: CobsatDataset) -> list[PromptPart]:
     return parts
 
 
+# TBDN's sampling (arXiv 2601.06169; github.com/Calendula597/TBDN): the VLM writes the prompt with
+# temperature 0.7 and top_p 0.9, at most 128 new tokens, stopping at EOS.
+TBDN_TEMPERATURE, TBDN_TOP_P, TBDN_MAX_NEW_TOKENS = 0.7, 0.9, 128
+
+
+def tbdn_parts(prompt: Prompt, dataset: CobsatDataset, hint: str) -> list[PromptPart]:
+    """`cobsat_parts` with TBDN's hint sentence after the instruction (none when `hint` is empty)."""
+    parts = cobsat_parts(prompt, dataset)
+    if hint:
+        parts[0] = f"{COBSAT_INSTRUCTION.rstrip()} {hint}\n\n"
+    return parts
+
+
 def load_aligner_spec(spec: str, cfg: RunConfig) -> Aligner:
     """An aligner from a directory, an official `.pth`, or `models:/name@alias` / `models:/name/N`."""
     if spec.endswith((".pth", ".pt")):
@@ -150,6 +163,30 @@ class TextBridgeGenerator:
         return vlm_drawings(self.vlm, self.cfg, conversations, samples, images)
 
 
+@dataclass
+class TBDNGenerator:
+    """TBDN's training-free bridge: the text bridge with a hint in the instruction and query-contrastive
+    decoding (each prompt decoded beside itself without its final query text, `eval.tbdn_alpha`)."""
+
+    vlm: VLM
+    flux: Flux
+    cfg: RunConfig
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[Prompt], dataset: CobsatDataset) -> list[Drawing]:
+        e, f = self.cfg.eval, self.cfg.features
+        conversations = [tbdn_parts(p, dataset, e.tbdn_hint) for p in prompts]
+        without_query = [conv[:-1] for conv in conversations]  # the query word is the last text part
+        batch = encode_chat(self.vlm, conversations + without_query, f.system_prompt, picture_labels=e.picture_labels)
+        samples = generate_with_states(self.vlm, batch, max_new_tokens=TBDN_MAX_NEW_TOKENS,
+                                       temperature=TBDN_TEMPERATURE, top_p=TBDN_TOP_P, seed=e.seed + prompts[0].index,
+                                       compile=f.compile, contrast=e.tbdn_alpha)
+        texts = [self.vlm.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in samples]
+        images = self.flux.draw_text(texts, steps=e.steps, guidance=e.guidance, size=e.image_size,
+                                     seeds=[e.seed + p.index for p in prompts])
+        return vlm_drawings(self.vlm, self.cfg, conversations, samples, images)
+
+
 def inference_vlm(cfg: RunConfig) -> VLM:
     """The VLM as CoBSAT inference uses it: the features stage's model (held once per process), its
     images resized to `eval.min_pixels`..`eval.max_pixels`."""
@@ -159,11 +196,13 @@ def inference_vlm(cfg: RunConfig) -> VLM:
 
 
 def build_generator(cfg: RunConfig, aligner_spec: str | None):
-    """The model-backed generator named by `eval.generator` (thinkdiff or text-bridge)."""
+    """The model-backed generator named by `eval.generator` (thinkdiff, text-bridge or tbdn)."""
     vlm = inference_vlm(cfg)
     flux = shared(load_flux, cfg.models.flux, compile=cfg.eval.compile)
     if cfg.eval.generator == "text-bridge":
         return TextBridgeGenerator(vlm=vlm, flux=flux, cfg=cfg)
+    if cfg.eval.generator == "tbdn":
+        return TBDNGenerator(vlm=vlm, flux=flux, cfg=cfg)
     if not aligner_spec:
         raise ValueError("eval.generator=thinkdiff needs an aligner: "
                          "a directory, an official .pth or models:/name@alias")

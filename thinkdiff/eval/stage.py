@@ -140,8 +140,8 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> CobsatEvaluatio
     if e.generator in harness.BASELINES:
         generator, identity = harness.BASELINES[e.generator], e.generator
         label = identity
-    elif e.generator == "text-bridge":
-        generator, identity = built_on_first_call(lambda: generate.build_generator(cfg, None)), "text-bridge"
+    elif e.generator in ("text-bridge", "tbdn"):
+        generator, identity = built_on_first_call(lambda: generate.build_generator(cfg, None)), e.generator
         label = identity
     else:
         spec = aligner_spec(cfg, model)
@@ -167,7 +167,8 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> CobsatEvaluatio
     # Which prompts, how fast they are drawn and what is drawn beside them do not change a prompt's
     # result: the same directory.
     settings = {k: v for k, v in e.__dict__.items()
-                if k not in ("aligner", "tasks", "shots", "limit", "nightly_limit", "compile", "baselines")}
+                if k not in ("aligner", "tasks", "shots", "limit", "nightly_limit", "compile", "baselines")
+                and (e.generator == "tbdn" or not k.startswith("tbdn_"))}  # TBDN's settings are its own
     # The VLM (generator and qwen2-vl judge) has the features stage's system prompt (its pixel limits
     # at inference are eval settings).
     vlm_inputs = {"system_prompt": cfg.features.system_prompt}

@@ -63,7 +63,7 @@ EOS_CHECK_EVERY = 16
 @torch.no_grad()
 def decode_with_states(vlm: VLM, batch: dict[str, torch.Tensor], *, max_new_tokens: int, temperature: float,
                        top_p: float, eos_ids: list[int], suppressed: list[int] | None = None,
-                       compile: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                       compile: bool, contrast: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, G) generated ids and (B, G, D) producing states, decoded with a reusable static KV cache.
 
     One eager prefill over image and prompt, then one decode step per token, each returning the
@@ -75,6 +75,13 @@ def decode_with_states(vlm: VLM, batch: dict[str, torch.Tensor], *, max_new_toke
     checked every `EOS_CHECK_EVERY` steps, so the GPU never waits for the host in between. The
     decode step's inputs keep one shape for the whole batch (the attention mask spans the cache),
     so the compiled step is one graph.
+
+    With `contrast` = a (query-contrastive decoding, TBDN: arXiv 2601.06169), the batch holds 2N
+    rows: N prompts, then the same N without their final query text. Each step samples N tokens
+    from `(1 + a) * logits(prompt) - a * logits(prompt without the query)`, before the processors,
+    and appends each token to both of its rows: one forward per step over both, each row with its
+    own KV cache (TBDN's code runs the query-less sequence again from its start every step). The
+    ids and states returned are the N prompts' rows.
     """
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     rows, prompt_len = input_ids.shape
@@ -103,14 +110,18 @@ def decode_with_states(vlm: VLM, batch: dict[str, torch.Tensor], *, max_new_toke
     states_BGD = torch.empty(rows, max_new_tokens, state_BD.shape[-1], dtype=state_BD.dtype, device=state_BD.device)
     eos = torch.tensor(eos_ids, dtype=torch.long, device=input_ids.device)
     unfinished_B = torch.ones(rows, dtype=torch.bool, device=input_ids.device)
-    steps = max_new_tokens
+    steps, sampled = max_new_tokens, rows // 2 if contrast is not None else rows
     for j in range(max_new_tokens):
         states_BGD[:, j] = state_BD
-        token_scores_BV = scores(tokens_BG[:, :j], logits_BV)
+        if contrast is not None:
+            logits_BV = (1 + contrast) * logits_BV[:sampled] - contrast * logits_BV[sampled:]
+        token_scores_BV = scores(tokens_BG[:sampled, :j], logits_BV)
         if temperature > 0:
             token_B = torch.multinomial(F.softmax(token_scores_BV, dim=-1), num_samples=1).squeeze(1)
         else:
             token_B = token_scores_BV.argmax(-1)
+        if contrast is not None:
+            token_B = token_B.repeat(2)
         tokens_BG[:, j] = torch.where(unfinished_B, token_B, vlm.pad_token_id)
         unfinished_B &= ~torch.isin(token_B, eos)
         if j + 1 == max_new_tokens:
@@ -120,7 +131,7 @@ def decode_with_states(vlm: VLM, batch: dict[str, torch.Tensor], *, max_new_toke
             break
         mask_BC[:, prompt_len + j] = 1
         state_BD, logits_BV = step(tokens_BG[:, j], (next_position_B1 + j).expand(3, -1, -1), mask_BC, cache)
-    return tokens_BG[:, :steps], states_BGD[:, :steps]
+    return tokens_BG[:sampled, :steps], states_BGD[:sampled, :steps]
 
 
 def decode_step(vlm: VLM, compile: bool):

@@ -244,6 +244,7 @@ def generate_with_states(
     ban_eos: bool = False,
     kv_cache: str = "dynamic",
     compile: bool = False,
+    contrast: float | None = None,
 ) -> list[GeneratedSample]:
     """Sample continuations with the producing state of every generated token.
 
@@ -258,6 +259,9 @@ def generate_with_states(
     reuses the prompt's KV cache (the plain path). `kv_cache="static"`: `decode_with_states`, which
     keeps each step's state as it decodes (no states pass); with `compile`, its decode step runs as
     a compiled CUDA graph (CUDA only; elsewhere eagerly). Both sample the same ids from the same seed.
+
+    `contrast` = a: query-contrastive decoding (`decode_with_states`, always on the static path): the
+    batch holds each prompt, then each prompt without its query text; one sample per prompt.
     """
     eos_ids = [] if ban_eos else vlm.eos_token_ids
     # A generated <|image_pad|> would be taken for an image placeholder by a states pass (and a caption
@@ -266,10 +270,10 @@ def generate_with_states(
     devices = [vlm.device] if vlm.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        if kv_cache == "static":
+        if kv_cache == "static" or contrast is not None:
             generated_BG, states_BGD = decode_with_states(vlm, batch, max_new_tokens=max_new_tokens,
                                                           temperature=temperature, top_p=top_p, eos_ids=eos_ids,
-                                                          suppressed=suppressed, compile=compile)
+                                                          suppressed=suppressed, compile=compile, contrast=contrast)
         else:
             generated_BG, states_BGD = _hf_generate_with_states(vlm, batch, max_new_tokens=max_new_tokens,
                                                                 temperature=temperature, top_p=top_p, eos_ids=eos_ids,
