@@ -344,8 +344,9 @@ class EvalConfig:
     """Prompts per (task, shot), the first ones of the 1000 (1000 = all)."""
     generator: str
     """thinkdiff (VLM -> aligner -> FLUX), text-bridge (VLM writes a prompt, FLUX draws it), tbdn (TBDN's
-    training-free bridge: a hint and query-contrastive decoding, arXiv 2601.06169), or a sanity baseline:
-    oracle, copy-last, random-theta, random."""
+    training-free bridge: a hint and query-contrastive decoding, arXiv 2601.06169), hybrid (FLUX reads the
+    aligned ThinkDiff tokens followed by its own T5 embedding of the text the VLM wrote, from the same VLM
+    call), or a sanity baseline: oracle, copy-last, random-theta, random."""
     baselines: list[str]
     """Generators evaluated beside the thinkdiff generator with the same settings and shown with it
     in one table and chart (comparison.md / .png): text-bridge or sanity baselines. Each is drawn once
@@ -414,7 +415,7 @@ class EvalConfig:
         p.need(1 <= self.nightly_limit <= 1000, "eval.nightly_limit", self.nightly_limit,
                "use 1..1000 prompts per task and shot")
         p.need(self.batch_size >= 1, "eval.batch_size", self.batch_size, "use at least 1")
-        generators = ("thinkdiff", "text-bridge", "tbdn", "oracle", "copy-last", "random-theta", "random")
+        generators = ("thinkdiff", "text-bridge", "tbdn", "hybrid", "oracle", "copy-last", "random-theta", "random")
         p.need(self.generator in generators, "eval.generator", self.generator, f"use one of {', '.join(generators)}")
         p.need(all(b in generators[1:] for b in self.baselines) and len(set(self.baselines)) == len(self.baselines),
                "eval.baselines", self.baselines,

@@ -118,24 +118,44 @@ def vlm_drawings(vlm: VLM, cfg: RunConfig, conversations: list[list[PromptPart]]
 
 @dataclass
 class ThinkDiffGenerator:
+    """ThinkDiff: the aligned states of the VLM's answer are FLUX's prompt embedding, with the pooled
+    CLIP embedding of "". With `hybrid`, FLUX's own T5 embedding of the text of that same answer
+    follows the aligned tokens (padded to `eval.clip_text_tokens`, as ThinkDiff-CLIP appends its text),
+    and the pooled CLIP embedding is that text's."""
+
     vlm: VLM
     aligner: Aligner
     flux: Flux
     cfg: RunConfig
+    hybrid: bool = False
 
     def __post_init__(self) -> None:
         self.aligner.to(self.flux.device).eval()
         self.pooled = self.flux.pooled_clip("")
 
     @torch.no_grad()
+    def conditioning(self, conversations: list[list[PromptPart]], *,
+                     vlm_seed: int) -> tuple[torch.Tensor, torch.Tensor, list[GeneratedSample]]:
+        """FLUX's (B, L, D) prompt embeddings and (B or 1, D_clip) pooled embeddings for a batch of chats,
+        from one VLM call (sampled with `vlm_seed`), and that call's answers."""
+        samples = vlm_answers(self.vlm, self.cfg, conversations, seed=vlm_seed, ban_eos=True)
+        states_BLD = torch.stack([s.states_LD for s in samples]).float().to(self.flux.device)
+        aligned_BLD = self.aligner(states_BLD)
+        if not self.hybrid:
+            return aligned_BLD, self.pooled, samples
+        texts = [self.vlm.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in samples]
+        text_BTD, pooled_BD, _ = self.flux.pipe.encode_prompt(prompt=texts, prompt_2=texts, device=self.flux.device,
+                                                              max_sequence_length=self.cfg.eval.clip_text_tokens)
+        return torch.cat([aligned_BLD.to(text_BTD.dtype), text_BTD], dim=1), pooled_BD, samples
+
+    @torch.no_grad()
     def draw(self, conversations: list[list[PromptPart]], *, vlm_seed: int, flux_seeds: list[int]) -> list[Drawing]:
         """One image per conversation; the VLM samples the whole batch with `vlm_seed`, FLUX draws row i
         from the noise of `flux_seeds[i]` (so a row's picture does not depend on its batch)."""
         e = self.cfg.eval
-        samples = vlm_answers(self.vlm, self.cfg, conversations, seed=vlm_seed, ban_eos=True)
-        states_BLD = torch.stack([s.states_LD for s in samples]).float().to(self.flux.device)
-        images = self.flux.draw_embeds(self.aligner(states_BLD), self.pooled, steps=e.steps, guidance=e.guidance,
-                                       size=e.image_size, seeds=flux_seeds)
+        embeds_BLD, pooled, samples = self.conditioning(conversations, vlm_seed=vlm_seed)
+        images = self.flux.draw_embeds(embeds_BLD, pooled, steps=e.steps, guidance=e.guidance, size=e.image_size,
+                                       seeds=flux_seeds)
         return vlm_drawings(self.vlm, self.cfg, conversations, samples, images)
 
     def __call__(self, prompts: list[Prompt], dataset: CobsatDataset) -> list[Drawing]:
@@ -196,7 +216,7 @@ def inference_vlm(cfg: RunConfig) -> VLM:
 
 
 def build_generator(cfg: RunConfig, aligner_spec: str | None):
-    """The model-backed generator named by `eval.generator` (thinkdiff, text-bridge or tbdn)."""
+    """The model-backed generator named by `eval.generator` (thinkdiff, hybrid, text-bridge or tbdn)."""
     vlm = inference_vlm(cfg)
     flux = shared(load_flux, cfg.models.flux, compile=cfg.eval.compile)
     if cfg.eval.generator == "text-bridge":
@@ -204,11 +224,11 @@ def build_generator(cfg: RunConfig, aligner_spec: str | None):
     if cfg.eval.generator == "tbdn":
         return TBDNGenerator(vlm=vlm, flux=flux, cfg=cfg)
     if not aligner_spec:
-        raise ValueError("eval.generator=thinkdiff needs an aligner: "
+        raise ValueError(f"eval.generator={cfg.eval.generator} needs an aligner: "
                          "a directory, an official .pth or models:/name@alias")
     aligner = load_matching_aligner(aligner_spec, cfg, in_dim=vlm.hidden_size, out_dim=flux.joint_dim,
                                     source="models.vlm")
-    return ThinkDiffGenerator(vlm=vlm, aligner=aligner, flux=flux, cfg=cfg)
+    return ThinkDiffGenerator(vlm=vlm, aligner=aligner, flux=flux, cfg=cfg, hybrid=cfg.eval.generator == "hybrid")
 
 
 @dataclass

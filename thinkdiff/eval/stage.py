@@ -23,6 +23,9 @@ from thinkdiff.storage import EVAL_SCHEMA_VERSION, recorded_path, stage_root
 
 log = logging.getLogger(__name__)
 
+ALIGNER_GENERATORS = ("thinkdiff", "hybrid")
+"""The generators that draw with an aligner (the one named by `model`, else eval.aligner, else this config's own)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class CobsatEvaluation:
@@ -129,7 +132,7 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> CobsatEvaluatio
     from thinkdiff import generate  # FLUX (diffusers) only when something is drawn
 
     e = cfg.eval
-    if model is not None and e.generator != "thinkdiff":
+    if model is not None and e.generator not in ALIGNER_GENERATORS:
         raise ConfigError(f"an aligner was named ({model}), but eval.generator={e.generator} draws without one: set "
                           "eval.generator=thinkdiff, or leave the aligner out")
     if cfg.variant == "clip":
@@ -195,7 +198,8 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> CobsatEvaluatio
     if e.generator == "thinkdiff" and e.baselines:
         for name in e.baselines:
             alone = dataclasses.replace(cfg, eval=dataclasses.replace(e, generator=name, baselines=[]))
-            baselines[name] = evaluate_cobsat(alone).summary
+            # hybrid draws with the same aligner; the others need none
+            baselines[name] = evaluate_cobsat(alone, model=model if name in ALIGNER_GENERATORS else None).summary
     result = CobsatEvaluation(table=table, results_dir=out_dir, summary=summary, run_id=run_id,
                               run_url=records.run_url(run_id), model=ref, baselines=baselines)
     if baselines:
