@@ -13,9 +13,9 @@
 #     path, each searched for its best batch, with the candidate fast-path variants at
 #     eval.batch_size before the larger batches; then the features stage against naive generate
 #     and its states pass.
-#   `3` (20 + 30 + 90 s, plus the install): the decode attention, the feature store on this
-#     machine's cores, and the VLM on CoBSAT's own prompts (the nightly sizing).
-#   `all` (the default) runs the three in turn, about 22 minutes at most.
+#   `3` (20 + 30 + 90 + 240 s, plus the install): the decode attention, the feature store on this
+#     machine's cores, the VLM on CoBSAT's own prompts (the nightly sizing), and TBDN's decoding.
+#   `all` (the default) runs the three in turn, about 26 minutes at most.
 #
 #   make gpu-wheels                          # on the development machine, once: wheels into .whl/
 #   bash benchmarks/gpu_checks.sh 1          # on the GPU machine, from the repository root, .whl/ copied along
@@ -98,6 +98,9 @@ if [ "$PART" = 3 ] || [ "$PART" = all ]; then
     bench decode_attention 20 decode_attention.py $SIZE
     bench feature_store 30 feature_store.py $SIZE --samples 256
     bench cobsat_vlm 90 extract_features.py $SIZE --cobsat-only --cobsat-shots 2 4
+    # TBDN's VLM decoding per prompt at eval.batch_size: the text bridge, the project's
+    # query-contrastive decoding, and TBDN's own (the query-less prompt run again every step).
+    bench tbdn_decode 240 tbdn_decode.py $SIZE
 fi
 if [ ${#FAILED[@]} -gt 0 ]; then
     printf 'gpu_checks: did not finish: %s\n' "${FAILED[@]}" >&2

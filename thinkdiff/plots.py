@@ -31,12 +31,28 @@ def plot_loss_curve(records: list[dict], out_png: Path) -> Path:
 
 
 def plot_cobsat_accuracy(series: dict[str, dict[int, float]], out_png: Path,
-                         title: str = "CoBSAT accuracy per task") -> Path:
+                         title: str = "CoBSAT accuracy per task", published: dict[str, float] | None = None) -> Path:
     """Grouped bars: accuracy per CoBSAT task (papers' column order), one group member per series
-    (a shot, or a generator and a shot), labelled with its mean."""
+    (a shot, or a generator and a shot), labelled with its mean. With `published` (label -> mean), a
+    second panel sets the measured means beside those reported by the papers, which are hatched."""
     from thinkdiff.eval.cobsat import COLUMN_ORDER, get_task
 
-    fig, ax = plt.subplots(figsize=(9 + len(series) // 3, 4), dpi=110)
+    if published:
+        fig, (ax, means_ax) = plt.subplots(1, 2, figsize=(15 + len(series) // 3, 4.5), dpi=110,
+                                           gridspec_kw={"width_ratios": [3, 2]})
+        measured = {label: sum(per_task.values()) / len(per_task) for label, per_task in series.items()}
+        labels = [*measured, *(f"published: {label}" for label in published)]
+        values = [*measured.values(), *published.values()]
+        bars = means_ax.barh(range(len(labels)), values, color=["C0"] * len(measured) + ["0.8"] * len(published))
+        for bar in bars[len(measured):]:
+            bar.set_hatch("//")
+        means_ax.set_yticks(range(len(labels)), labels, fontsize="x-small")
+        means_ax.invert_yaxis()
+        means_ax.set_xlim(0, 1)
+        means_ax.set_xlabel("mean accuracy")
+        means_ax.set_title("measured (solid) and published (hatched) means")
+    else:
+        fig, ax = plt.subplots(figsize=(9 + len(series) // 3, 4), dpi=110)
     width = 0.8 / max(len(series), 1)
     for k, (label, per_task) in enumerate(series.items()):
         values = [per_task.get(t, 0.0) for t in COLUMN_ORDER]

@@ -81,7 +81,8 @@ def test_pipeline_flow_end_to_end_then_skipped(prefect_harness, tmp_path):
     assert {a.path for a in mlflow_client.list_artifacts(out["cobsat run"])} >= {
         "results", "samples.png", "accuracy.png", "comparison.md"}
     # The text bridge beside it, as the table and the chart the summary names.
-    assert "| text-bridge | 4 |" in Path(out["comparison table"]).read_text() and Path(out["comparison"]).is_file()
+    assert "| text-bridge | tiny | 4 |" in Path(out["comparison table"]).read_text()
+    assert Path(out["comparison"]).is_file()
 
     # Library log lines reach the Prefect run logs (sent in batches: flush, then poll briefly).
     wanted = {"thinkdiff.data.corpus", "thinkdiff.data.extract", "thinkdiff.train.launch"}
@@ -102,7 +103,8 @@ def test_pipeline_flow_end_to_end_then_skipped(prefect_harness, tmp_path):
         artifacts = {a.key: a for a in client.read_artifacts() if a.key}
     assert {"cobsat-table", "mlflow-cobsat-run", "mlflow-training-run", "mlflow-model-version", "loss-curve",
             "corpus-success-rates"} <= set(artifacts)
-    assert artifacts["cobsat-table"].type == "markdown" and "| text-bridge | 4 |" in artifacts["cobsat-table"].data
+    assert artifacts["cobsat-table"].type == "markdown"
+    assert "| text-bridge | tiny | 4 |" in artifacts["cobsat-table"].data
     experiment = eval_run.info.experiment_id
     assert f"(http://127.0.0.1:5000/#/experiments/{experiment}/runs/{out['cobsat run']})" in artifacts[
         "mlflow-cobsat-run"].data

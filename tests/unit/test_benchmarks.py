@@ -156,6 +156,26 @@ def test_cobsat_vlm_timing(part3):
     assert all(float(line.split(": ")[-1].split(" s/prompt")[0]) > 0 for line in cobsat.values())
 
 
+def test_tbdn_decode_benchmark(part3):
+    # The three decoding paths of TBDN's generator, each with s/prompt and prompts/s, and both ratios
+    # consistent with them.
+    out = part3["tbdn_decode"]
+    line = re.compile(rf"^(?P<path>text-bridge|tbdn|tbdn, re-run per step): (?P<s>{NUMBER}) s/prompt, "
+                      rf"(?P<rate>{NUMBER}) prompts/s, (?P<gib>{NUMBER}) GiB peak; ")
+    paths = {m["path"]: m for row in out.splitlines() if (m := line.match(row))}
+    assert set(paths) == {"text-bridge", "tbdn", "tbdn, re-run per step"}, out
+    s = {path: float(m["s"]) for path, m in paths.items()}
+    assert all(float(m[k]) > 0 for m in paths.values() for k in ("s", "rate", "gib"))
+    assert all(_close(float(m["rate"]), 1 / s[path]) for path, m in paths.items())
+    ratios = {m[1]: float(m[2]) for m in re.finditer(rf"^ratio (tbdn / text-bridge|re-run / tbdn) .*: ({NUMBER})x$",
+                                                    out, re.M)}
+    assert _close(ratios["tbdn / text-bridge"], s["tbdn"] / s["text-bridge"])
+    assert _close(ratios["re-run / tbdn"], s["tbdn, re-run per step"] / s["tbdn"])
+    assert "temperature 0.7, top_p 0.9" in out
+    # fp32 on a CPU: the re-run path samples the tbdn path's tokens from the same seed.
+    assert "equal to the tbdn path's (same seed): 2/2 prompts" in out
+
+
 def _table_rows(out: str) -> dict[str, list[str]]:
     table = [line.split("|") for line in out.splitlines() if line.startswith("| ")]
     return {cells[1].strip(): [c.strip() for c in cells[2:-1]] for cells in table if cells[1].strip() != "path"}

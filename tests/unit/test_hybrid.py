@@ -57,4 +57,4 @@ def test_hybrid_is_drawn_on_cobsat_beside_thinkdiff_with_the_same_aligner(tmp_pa
                                                         "eval.shots=[2]", "eval.baselines=[hybrid]"]),
                                    model=str(aligner_dir))
     assert set(result.baselines) == {"hybrid"} and result.baselines["hybrid"].num_prompts == 1
-    assert "| hybrid | 2 |" in result.table and "| thinkdiff | 2 |" in result.table
+    assert "| hybrid | tiny | 2 |" in result.table and "| thinkdiff | tiny | 2 |" in result.table

@@ -293,8 +293,14 @@ def test_cobsat_evaluation_is_logged_against_the_version(trained, monkeypatch):
     bridge = result.baselines["text-bridge"]
     assert bridge.num_prompts == result.summary.num_prompts == 2
     assert result.table == result.comparison_md.read_text().rstrip("\n")
-    lines = result.table.splitlines()
-    assert [line.split(" | ")[:2] for line in lines[2:4]] == [["| thinkdiff", "2"], ["| text-bridge", "2"]]
+    published, measured = result.table.split("Measured here:")
+    # The papers' results first, apart, for the shots evaluated: never in the measured table.
+    assert published.startswith("Published (reported by the papers, not measured here):")
+    assert "| ThinkDiff-LVLM | Qwen2-VL-7B | 2 | 0.417 |" in published and "| 4 |" not in published
+    lines = measured.strip("\n").splitlines()
+    assert lines[0].startswith("| generator | VLM | shot | C-I |")
+    assert [line.split(" | ")[:3] for line in lines[2:4]] == [["| thinkdiff", "tiny", "2"],
+                                                             ["| text-bridge", "tiny", "2"]]
     assert lines[3].endswith(f"| {bridge.mean[2]:.3f} |")
     assert lines[4:] == ["", "2 prompts per generator; judge: synthetic reader (not CoBSAT's judge)"]
     assert run.data.tags["thinkdiff.judge"] == "synthetic reader (not CoBSAT's judge)"

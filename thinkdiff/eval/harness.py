@@ -42,6 +42,7 @@ from thinkdiff.eval.cobsat import (
     is_correct,
 )
 from thinkdiff.eval.dataset import CobsatDataset
+from thinkdiff.eval.published import PUBLISHED, published_table
 from thinkdiff.plots import plot_cobsat_accuracy, save_sample_grid
 from thinkdiff.storage import atomic_write_bytes, atomic_write_image, atomic_write_json, exclusive, read_jsonl
 
@@ -122,12 +123,13 @@ class Summary:
         return _table({"": self})
 
 
-def _table(summaries: dict[str, Summary]) -> str:
+def _table(summaries: dict[str, Summary], vlms: dict[str, str] | None = None) -> str:
     """Accuracy per task in the papers' column order and the mean, a row per shot (per generator
-    and shot when the generators are named), then how many prompts it covers and what judged them:
-    a quick check with a small `eval.limit`, or another judge than CoBSAT's, must not read as the
-    paper's result. With CoBSAT's CLIP metric, its accuracy and similarity follow as a second table."""
-    lines = _accuracy_rows(summaries, lambda s: s.accuracy, "{:.3f}")
+    and shot when the generators are named, with the VLM each drew with when `vlms` names them),
+    then how many prompts it covers and what judged them: a quick check with a small `eval.limit`,
+    or another judge than CoBSAT's, must not read as the paper's result. With CoBSAT's CLIP metric,
+    its accuracy and similarity follow as a second table."""
+    lines = _accuracy_rows(summaries, lambda s: s.accuracy, "{:.3f}", vlms=vlms)
     if any(s.clip_accuracy for s in summaries.values()):
         lines += ["", "CLIP (CoBSAT's secondary metric): CLIP correct, then mean similarity to the expected caption",
                   ""]
@@ -138,14 +140,14 @@ def _table(summaries: dict[str, Summary]) -> str:
 
 
 def _accuracy_rows(summaries: dict[str, Summary], values: Callable[[Summary], dict[int, dict[int, float]]], number: str,
-                   metric: str = "") -> list[str]:
+                   metric: str = "", vlms: dict[str, str] | None = None) -> list[str]:
     named = any(summaries)
-    header = (["generator"] * named + ["metric"] * bool(metric) + ["shot"]
+    header = (["generator"] * named + ["VLM"] * bool(vlms) + ["metric"] * bool(metric) + ["shot"]
               + [get_task(t).short for t in COLUMN_ORDER] + ["mean"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, summary in summaries.items():
         for shot, per_task in sorted(values(summary).items()):
-            cells = [name] * named + [metric] * bool(metric) + [str(shot)]
+            cells = [name] * named + ([vlms.get(name, "-")] if vlms else []) + [metric] * bool(metric) + [str(shot)]
             cells += [number.format(per_task[t]) if t in per_task else "-" for t in COLUMN_ORDER]
             lines.append("| " + " | ".join(cells) + f" | {number.format(sum(per_task.values()) / len(per_task))} |")
     return lines
@@ -161,17 +163,22 @@ def _covered(summaries: dict[str, Summary]) -> str:
 COMPARISON = ("comparison.md", "comparison.png")
 
 
-def compare(out_dir: Path, summaries: dict[str, Summary]) -> bool:
-    """`comparison.md` (a row per generator and shot) and `comparison.png` (their bars side by side)
-    in `out_dir`, rewritten only when the table changes; True when they were written."""
+def compare(out_dir: Path, summaries: dict[str, Summary], vlms: dict[str, str] | None = None) -> bool:
+    """`comparison.md`: the published results (`thinkdiff.eval.published`) for the shots evaluated,
+    then, apart, the measured ones, a row per (generator, VLM, shot); `comparison.png`: the measured
+    bars side by side, with the published means beside the measured means, hatched. Rewritten only
+    when the table changes; True when they were written."""
     table, chart = (out_dir / name for name in COMPARISON)
-    text = _table(summaries) + "\n"
+    shots = sorted({shot for s in summaries.values() for shot in s.accuracy})
+    text = "\n".join([*published_table(shots), "", "Measured here:", "", _table(summaries, vlms)]) + "\n"
     if table.is_file() and chart.is_file() and table.read_text() == text:
         return False
     atomic_write_bytes(table, text.encode())
     plot_cobsat_accuracy({f"{name} {shot}-shot": per_task
                           for name, s in summaries.items() for shot, per_task in sorted(s.accuracy.items())},
-                         chart, title=f"CoBSAT accuracy per task, side by side ({_covered(summaries)})")
+                         chart, title=f"CoBSAT accuracy per task, side by side ({_covered(summaries)})",
+                         published={f"{p.system} ({p.vlm}) {shot}-shot": p.mean[shot]
+                                    for p in PUBLISHED for shot in shots if shot in p.mean})
     return True
 
 

@@ -203,7 +203,9 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> CobsatEvaluatio
     result = CobsatEvaluation(table=table, results_dir=out_dir, summary=summary, run_id=run_id,
                               run_url=records.run_url(run_id), model=ref, baselines=baselines)
     if baselines:
-        written = harness.compare(out_dir, {"thinkdiff": summary, **baselines})
+        summaries = {"thinkdiff": summary, **baselines}
+        vlm = cfg.models.vlm.id  # the VLM-backed generators drew with it; the sanity baselines with none
+        written = harness.compare(out_dir, summaries, {n: vlm for n in summaries if n not in harness.BASELINES})
         records.log_comparison(run_id, [result.comparison_md, result.comparison_png], replace=written)
         result = dataclasses.replace(result, table=result.comparison_md.read_text().rstrip("\n"))
     log.info("CoBSAT (%s): mean accuracy %s over %d prompts; per task in %s", label,
