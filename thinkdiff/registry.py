@@ -660,6 +660,11 @@ class Registry:
         found = self.client.search_model_versions(f"name='{name}' and tags.`{TAG_ALIGNER_SHA}` = '{digest}'")
         return ModelVersionRef(name=name, version=str(found[0].version), run_id=found[0].run_id) if found else None
 
+    def trained_vlm(self, ref: ModelVersionRef) -> str | None:
+        """The `models.vlm.id` whose features a version's aligner was trained on (its training run's
+        param; None for a version registered by other means)."""
+        return self.client.get_run(ref.run_id).data.params.get("models.vlm.id") if ref.run_id else None
+
     def weights_digest(self, ref: ModelVersionRef) -> str | None:
         """The sha256 of a version's aligner weights, recorded when it was registered (None for a
         version registered by other means)."""

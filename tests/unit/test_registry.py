@@ -692,3 +692,16 @@ def test_a_copied_or_moved_root_reads_its_own_files(trained, tmp_path):
 def cfg_overrides(cfg) -> list[str]:
     """The `trained` fixture's training overrides (its root aside)."""
     return [f"train.{k}={getattr(cfg.train, k)}" for k in ("max_steps", "warmup_steps", "log_every", "batch_size")]
+
+
+def test_an_aligner_trained_on_another_vlm_is_refused_before_any_model_loads(trained, monkeypatch):
+    cfg, result = trained
+    ref = pipeline.register_aligner(cfg)
+    other = load_config("tiny", [f"paths.root={cfg.paths.root}", "models.vlm.id=Qwen/Qwen2-VL-7B-Instruct"])
+    monkeypatch.setattr(generate, "build_generator", lambda *a: pytest.fail("no model may load"))
+    for spec in (ref.uri, str(result.aligner_dir)):
+        with pytest.raises(DataContractError) as err:
+            stage.evaluate_cobsat(other, model=spec)
+        assert str(err.value) == (f"aligner {spec} was trained on the features of tiny, but models.vlm.id is "
+                                  "Qwen/Qwen2-VL-7B-Instruct: set models.vlm.id=tiny, or use an aligner trained for "
+                                  "Qwen/Qwen2-VL-7B-Instruct")

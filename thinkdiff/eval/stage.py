@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
 from thinkdiff import registry
 from thinkdiff.config import RunConfig, fingerprint
-from thinkdiff.errors import ConfigError
+from thinkdiff.errors import ConfigError, DataContractError
 from thinkdiff.eval import dataset, harness, judge
 from thinkdiff.models.aligner import weights_sha256
 from thinkdiff.pipeline import aligner_spec
 from thinkdiff.storage import EVAL_SCHEMA_VERSION, recorded_path, stage_root
+from thinkdiff.train.checkpoint import META_FILE
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +153,11 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> CobsatEvaluatio
         if spec.startswith("models:/"):
             ref = records.resolve_model(spec)
             spec, digest = ref.uri, records.weights_digest(ref)
+            _refuse_another_vlm(cfg, spec, records.trained_vlm(ref))
         else:
+            meta = Path(spec).parent / META_FILE  # beside a checkpoint's aligner/ (none for the official .pth)
+            _refuse_another_vlm(cfg, spec, json.loads(meta.read_text())["config"]["models"]["vlm"]["id"]
+                                if meta.is_file() else None)
             digest = weights_sha256(spec)
             try:  # a registered aligner named by its path is logged against its version
                 ref = records.version_with_weights(digest)
@@ -212,6 +218,15 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> CobsatEvaluatio
              ", ".join(f"{shot}-shot {m:.3f}" for shot, m in sorted(summary.mean.items())), summary.num_prompts,
              result.comparison_md or result.summary_md)
     return result
+
+
+def _refuse_another_vlm(cfg: RunConfig, spec: str, trained_on: str | None) -> None:
+    """An aligner maps one VLM's token features: drawing it from another VLM's is refused before any
+    model loads (`trained_on`: the VLM of its training run, when recorded)."""
+    if trained_on is not None and trained_on != cfg.models.vlm.id:
+        raise DataContractError(f"aligner {spec} was trained on the features of {trained_on}, but models.vlm.id is "
+                                f"{cfg.models.vlm.id}: set models.vlm.id={trained_on}, or use an aligner trained for "
+                                f"{cfg.models.vlm.id}")
 
 
 def promotion_decision(candidate_mean: float, champion_mean: float | None, champion: str | None) -> tuple[bool, str]:
