@@ -6,19 +6,17 @@ started again leaves one complete run; system metrics are logged beside the trai
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from servers import free_port, stop, wait_healthy
 
 from thinkdiff import pipeline, registry
 from thinkdiff.config import load_config
@@ -85,37 +83,22 @@ def test_a_resumed_training_does_not_continue_a_live_run_holding_rows_it_logs_ag
     assert [s for s, _ in history(client, ref.run_id, "loss")] == [2, 4, 6, 8]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_server(port: int, workdir: Path) -> subprocess.Popen:
     server = subprocess.Popen([MLFLOW, "server", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
                                "--host", "127.0.0.1", "--port", str(port)], cwd=workdir, start_new_session=True,
                               stdout=open(workdir / "server.log", "a"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return server
-        except OSError:
-            time.sleep(0.5)
-    os.killpg(server.pid, signal.SIGKILL)
-    raise TimeoutError("mlflow server did not start")
-
-
-def _stop(server: subprocess.Popen) -> None:
-    if server.poll() is None:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/health")
+    except TimeoutError:
+        stop(server, signal.SIGKILL)
+        raise
+    return server
 
 
 def test_a_server_stopped_mid_run_and_started_again_leaves_one_complete_run(tiny_store, tmp_path, monkeypatch):
     _, features_dir = tiny_store
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the live thread gives up at once
-    port = _free_port()
+    port = free_port()
     cfg = load_config("tiny", [f"paths.root={tmp_path / 'data'}", "train.max_steps=80", *TRAIN,
                                f"tracking.uri=http://127.0.0.1:{port}", "tracking.live_training=true"])
     run_dir = stage_dir(cfg, "train")
@@ -127,7 +110,7 @@ def test_a_server_stopped_mid_run_and_started_again_leaves_one_complete_run(tiny
         while not (metrics.is_file() and metrics.read_text()):
             assert training.is_alive(), "training ended before it logged"
             time.sleep(0.02)
-        _stop(server)  # mid-run: training goes on without it
+        stop(server, signal.SIGKILL)  # mid-run: training goes on without it
         rows_when_stopped = len(metrics.read_text().splitlines())
         training.join(300)
         assert rows_when_stopped < 40 == len(metrics.read_text().splitlines())
@@ -140,7 +123,7 @@ def test_a_server_stopped_mid_run_and_started_again_leaves_one_complete_run(tiny
         for key in ("loss", "lr", "samples_per_s", "tokens_per_s"):
             assert [s for s, _ in history(client, run.info.run_id, key)] == list(range(2, 81, 2))
     finally:
-        _stop(server)
+        stop(server)
 
 
 def test_system_metrics_are_logged_in_the_live_run(tiny_store, tmp_path, monkeypatch):
@@ -159,7 +142,7 @@ def test_system_metrics_are_logged_in_the_live_run(tiny_store, tmp_path, monkeyp
 def test_an_unreachable_server_never_stops_training(tiny_store, tmp_path, setting, caplog):
     _, features_dir = tiny_store
     cfg = load_config("tiny", [f"paths.root={tmp_path}", "train.max_steps=4", *TRAIN, setting,
-                               f"tracking.uri=http://127.0.0.1:{_free_port()}"])
+                               f"tracking.uri=http://127.0.0.1:{free_port()}"])
     with caplog.at_level("WARNING", logger="thinkdiff.train.live"):
         result = train_aligner(cfg, features_dir, stage_dir(cfg, "train"))
     assert result.step == 4
