@@ -63,10 +63,18 @@ _TRAIN_OPERATIONAL = ("checkpoint_every", "keep_last", "log_every", "launch_args
 
 
 def corpus_fingerprint(cfg: RunConfig) -> str:
-    """Hashes the corpus settings and, for a real url list, the list's content."""
+    """Hashes the corpus settings and, for a real url list, the list's content; for a Hugging Face
+    dataset (hf://datasets/...), what names it, read without downloading it (and its format setting
+    is left out): thinkdiff.data.corpus.hf_url_list_identity."""
     source = cfg.corpus.url_list
-    content = source if source == "demo" else file_digest(Path(source))
-    ignored = _CORPUS_OPERATIONAL + (() if source == "demo" else _CORPUS_DEMO_ONLY)
+    hf = source.startswith("hf://")
+    if hf:
+        from thinkdiff.data.corpus import hf_url_list_identity  # that module imports this one
+
+        content: Any = hf_url_list_identity(source)
+    else:
+        content = source if source == "demo" else file_digest(Path(source))
+    ignored = _CORPUS_OPERATIONAL + (() if source == "demo" else _CORPUS_DEMO_ONLY) + (("input_format",) if hf else ())
     settings = {k: v for k, v in cfg.corpus.__dict__.items() if k not in ignored}
     return fingerprint({"stage": "corpus", "schema": CORPUS_SCHEMA_VERSION, "corpus": settings, "urls": content})
 

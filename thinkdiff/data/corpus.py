@@ -27,6 +27,13 @@ passed these checks, so a download that was interrupted is never accepted as com
 The `demo` url list is a generated set of coloured shapes whose captions describe them, written
 to disk and served by a loopback HTTP server for the duration of the download, a few of its urls
 deliberately broken, so the offline preset exercises the real download path.
+
+A url list may also be a Hugging Face dataset: `corpus.url_list=hf://datasets/<owner>/<name>` with
+`[@<revision>]`, `[/<config>]` and `[:<split>]` (split `train` by default; see `HfUrlList`). It is
+read once with `datasets.load_dataset`, and its `corpus.url_col` and `corpus.caption_col` columns are
+written, atomically, as a Parquet url list beside the stage directory, `{stage dir}.urls.parquet`,
+which img2dataset reads; a rerun reads that file and never the Hub. The fingerprint of such a list
+hashes what names it (repo, config, split, revision), not its content: see `hf_url_list_identity`.
 """
 
 from __future__ import annotations
@@ -41,14 +48,16 @@ import logging
 import math
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +74,12 @@ from thinkdiff.storage import (
     CORPUS_SCHEMA_VERSION,
     FILE_MODE,
     atomic_write_bytes,
+    file_digest,
+    flush_to_disk,
     read_manifest,
     readable_parquet,
+    stop_when_full,
+    temp_path_for,
     write_manifest,
 )
 
@@ -230,11 +243,150 @@ def printable(text: str, limit: int = 160) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Url lists read from Hugging Face datasets
+
+HF_DATASETS = "hf://datasets/"
+HF_FORM = "hf://datasets/<owner>/<name>[@<revision>][/<config>][:<split>]"
+_HF_REPO = re.compile(r"(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[^/@]+))?(?:/(?P<config>[^/@]+))?")
+
+
+@dataclass(frozen=True)
+class HfUrlList:
+    """`corpus.url_list=hf://datasets/<owner>/<name>[@<revision>][/<config>][:<split>]`: a url +
+    caption table read with `datasets.load_dataset(path, config, split=split, revision=revision)`.
+
+    The split defaults to `train` and may be any split `datasets` reads (`validation`, `train[:10000]`,
+    `train+validation`); the config defaults to the dataset's default; the revision (a branch, tag or
+    commit, with a `/` in it written %2F: `@refs%2Fconvert%2Fparquet`) to the main branch. `@` names
+    a revision as in huggingface_hub's own hf:// paths. `hf://datasets/` followed by an absolute path
+    reads a local directory in the Hub's layout (a mirror; the tests' offline stand-in for the Hub)
+    the same way; there a last path segment that is not a directory names the config, and there is no
+    revision.
+    """
+
+    path: str
+    """The repo id, or the absolute path of a local dataset directory."""
+    config: str | None
+    split: str
+    revision: str | None
+
+    @property
+    def local(self) -> bool:
+        return self.path.startswith("/")
+
+
+def is_hf_url_list(url_list: str) -> bool:
+    """Whether `corpus.url_list` names a Hugging Face dataset (`hf://...`) rather than a file."""
+    return url_list.startswith("hf://")
+
+
+def parse_hf_url_list(url_list: str) -> HfUrlList:
+    """`corpus.url_list` as an `HfUrlList`; reads nothing but, for a local directory, whether its
+    last path segment is a directory.
+
+    Raises:
+        CorpusError: not of the form `HF_FORM` (or `hf://datasets/` + an absolute path), in one line.
+    """
+    rest = url_list[len(HF_DATASETS):] if url_list.startswith(HF_DATASETS) else ""
+    where, colon, split = rest.partition(":")
+    split = split if colon else "train"
+    found = None if where.startswith("/") else _HF_REPO.fullmatch(where)
+    if not (found or where.startswith("/")) or not split or any(c.isspace() for c in split):
+        raise CorpusError(f"corpus.url_list={url_list!r} is not a Hugging Face dataset: write {HF_FORM} (the split "
+                          "defaults to train; e.g. hf://datasets/google-research-datasets/conceptual_captions with "
+                          "corpus.url_col=image_url), or hf://datasets/ and the absolute path of a local dataset "
+                          "directory in the Hub's layout")
+    if found is None:  # a local directory
+        path = Path(os.path.normpath(where))
+        if not path.is_dir() and path.parent.is_dir() and path.parent != path:
+            return HfUrlList(str(path.parent), path.name, split, None)
+        return HfUrlList(str(path), None, split, None)
+    revision = found["revision"]
+    return HfUrlList(found["repo"], found["config"], split, urllib.parse.unquote(revision) if revision else None)
+
+
+def hf_url_list_identity(url_list: str) -> dict[str, Any]:
+    """What the corpus fingerprint hashes for an hf:// url list (storage.corpus_fingerprint), read
+    without loading the dataset: its repo, config, split and revision, and for a local directory the
+    sha256 of each of its files (but hidden ones). A Hub dataset is thus read once, when its corpus is
+    first built, and a later change on the Hub keeps the corpus and url list already made (as it
+    would for a url list file left in place): pin `@<commit>` to make the setting name the content.
+
+    Raises:
+        CorpusError: `url_list` is malformed (`parse_hf_url_list`).
+    """
+    spec = parse_hf_url_list(url_list)
+    identity: dict[str, Any] = asdict(spec)
+    root = Path(spec.path)
+    if spec.local and root.is_dir():
+        identity["files"] = {str(p.relative_to(root)): file_digest(p) for p in sorted(root.rglob("*"))
+                             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)}
+    return identity
+
+
+def hf_url_list_path(out_dir: Path) -> Path:
+    """Where the corpus stage writing `out_dir` keeps the url list it read from a Hugging Face dataset."""
+    return out_dir.parent / f"{out_dir.name}.urls.parquet"
+
+
+def write_hf_url_list(cfg: CorpusConfig, path: Path) -> int:
+    """Load the dataset `cfg.url_list` names and write its `cfg.url_col` and `cfg.caption_col`
+    columns to `path` as a Parquet url list, atomically (a temporary name, renamed when complete);
+    returns its rows. `datasets` keeps the dataset in its own cache (`HF_HOME`), as it always does.
+
+    Raises:
+        CorpusError: in one line naming the setting and the fix: the string is malformed; the dataset
+            cannot be loaded (unknown repo, config or split, or an empty one; the Hub unreachable;
+            `datasets` absent); a column is missing or not text.
+    """
+    spec = parse_hf_url_list(cfg.url_list)
+    setting = f"corpus.url_list={cfg.url_list!r}"
+    try:
+        import datasets
+    except ImportError:
+        raise CorpusError(f"{setting}: reading a Hugging Face dataset needs the `datasets` package: "
+                          "pip install -e '.[data]'") from None
+    try:
+        ds = datasets.load_dataset(spec.path, spec.config, split=spec.split, revision=spec.revision)
+    except Exception as err:  # noqa: BLE001 - datasets and huggingface_hub raise many types
+        raise CorpusError(f"{setting}: cannot load the dataset ({type(err).__name__}: {printable(first_line(err))}); "
+                          f"check the repo id, config and split ({HF_FORM}) and that the Hub is reachable (with "
+                          "HF_HUB_OFFLINE=1 only a dataset already in the Hugging Face cache loads)") from None
+    columns = list(dict.fromkeys((cfg.url_col, cfg.caption_col)))
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise CorpusError(f"{setting}: the dataset has no column(s) {missing}; its columns are "
+                          f"{ds.column_names[:12]}: set corpus.url_col / corpus.caption_col to the columns holding "
+                          "the image url and its caption")
+    fields = [ds.data.schema.field(c) for c in columns]
+    not_text = [f"{f.name} ({f.type})" for f in fields if not (pa.types.is_string(f.type)
+                                                              or pa.types.is_large_string(f.type))]
+    if not_text:
+        raise CorpusError(f"{setting}: column(s) {', '.join(not_text)} are not text: set corpus.url_col / "
+                          "corpus.caption_col to a column of urls and one of captions")
+    with stop_when_full(path.parent, "nothing else was written"):
+        tmp = temp_path_for(path)
+        try:
+            with pq.ParquetWriter(tmp, pa.schema(fields)) as writer:
+                for batch in ds.select_columns(columns).with_format("arrow").iter(batch_size=65536):
+                    writer.write_table(batch)
+            flush_to_disk(tmp)
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    log.info("corpus: %d urls of %s (fingerprint %s) written to %s", ds.num_rows, cfg.url_list, ds._fingerprint, path)
+    return ds.num_rows
+
+
+# ---------------------------------------------------------------------------------------------
 # The stage
 
 
 def build_corpus(cfg: CorpusConfig, out_dir: Path) -> Path:
     """Run the corpus stage into `out_dir` (skipped when its manifest exists); returns `out_dir`.
+
+    An hf:// url list is first written to `hf_url_list_path(out_dir)`, unless a run before wrote it.
 
     Raises:
         CorpusError: bad url list (before downloading), img2dataset wrote fewer rows than listed,
@@ -255,6 +407,13 @@ def build_corpus(cfg: CorpusConfig, out_dir: Path) -> Path:
             atomic_write_bytes(url_list, ("\n".join(lines) + "\n").encode())
             expected = check_url_list(url_list, "tsv", "url", "caption")
             run_img2dataset(cfg, url_list, "tsv", "url", "caption", out_dir, expected)
+    elif is_hf_url_list(cfg.url_list):
+        # Read from the Hub once: a rerun (after an interrupted download, say) takes the list written then.
+        url_list = hf_url_list_path(out_dir)
+        if not url_list.is_file():
+            write_hf_url_list(cfg, url_list)
+        expected = check_url_list(url_list, "parquet", cfg.url_col, cfg.caption_col)
+        run_img2dataset(cfg, url_list, "parquet", cfg.url_col, cfg.caption_col, out_dir, expected)
     else:
         url_list = Path(cfg.url_list)
         expected = check_url_list(url_list, cfg.input_format, cfg.url_col, cfg.caption_col)

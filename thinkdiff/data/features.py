@@ -17,7 +17,8 @@ and revision, max_feature_rows and the images that failed to decode. Features ar
 binary column, uncompressed: read zero-copy this outruns any GPU consumer (docs/performance.md).
 
 A store directory holds `part-{corpus shard}.parquet` files, each written under a temporary name
-and renamed when complete, and `manifest.json`, written last.
+and renamed when complete, and `manifest.json`, written last. `FeatureStore(dir).as_dataset()` opens
+it as a Hugging Face `datasets.Dataset` (browse, filter, `push_to_hub`) without writing a copy.
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from thinkdiff.config import fingerprint
 from thinkdiff.errors import DataContractError
 from thinkdiff.storage import (
     FEATURES_SCHEMA_VERSION,
@@ -43,6 +46,9 @@ from thinkdiff.storage import (
     stop_when_full,
     temp_path_for,
 )
+
+if TYPE_CHECKING:
+    import datasets
 
 log = logging.getLogger(__name__)
 
@@ -322,3 +328,48 @@ class FeatureStore:
         for shard in self.shards:
             for batch in pq.ParquetFile(shard, memory_map=True).iter_batches(columns=list(columns), batch_size=256):
                 yield from batch.to_pylist()
+
+    def as_dataset(self, columns: Sequence[str] | None = None) -> datasets.Dataset:
+        """The store as a Hugging Face `datasets.Dataset`, for browsing, filtering and `push_to_hub`:
+
+            ds = FeatureStore(path).as_dataset()
+            ds.filter(lambda row: row["num_tokens"] > 20).push_to_hub("me/thinkdiff-features")
+
+        One row per sample, shards in the manifest's order, with the columns of ARROW_SCHEMA (or
+        `columns`, in that order); `features` holds each sample's raw bytes (`StoredFeatures(
+        np.frombuffer(row["features"], np.uint8), row["num_rows"], store.info.dim, store.info.dtype)
+        .decode()`). `ds.info.description` names the store and holds its info (dtype, dim, model).
+
+        What is and is not copied: nothing is written. There is no Arrow cache file, under the store
+        or `HF_DATASETS_CACHE` (which `Dataset.from_parquet` would write), and `filter` and `map`
+        keep their results in memory too, unless given a cache file name. Each shard is read from
+        its memory-mapped file into Arrow arrays in this process's memory (Parquet pages are decoded,
+        not mapped as they are), the shards' tables are joined without copying, and the Dataset wraps
+        those arrays as they are. The memory needed is the size of the columns read: leave out
+        `features` to browse a store larger than memory.
+
+        Raises:
+            ImportError: `datasets` is not installed (`pip install -e '.[data]'`).
+            ValueError: a column that the store does not have.
+            DataContractError: a shard is not a readable Parquet file.
+        """
+        try:
+            import datasets
+        except ImportError:
+            raise ImportError("FeatureStore.as_dataset needs the `datasets` package: "
+                              "pip install -e '.[data]'") from None
+        names = list(ARROW_SCHEMA.names if columns is None else columns)
+        unknown = [name for name in names if name not in ARROW_SCHEMA.names]
+        if unknown or not names:
+            raise ValueError(f"columns={list(columns or [])}: a feature store has the columns {ARROW_SCHEMA.names}")
+        tables = []
+        for shard in self.shards:
+            with readable_parquet(shard, REEXTRACT):
+                tables.append(pq.read_table(shard, columns=names, memory_map=True).replace_schema_metadata(None))
+        schema = pa.schema([ARROW_SCHEMA.field(name) for name in names])
+        table = pa.concat_tables(tables) if tables else schema.empty_table()
+        # Named by the store's fingerprint and the columns; `datasets` names what it derives from it after that.
+        store = self.manifest.get("fingerprint") or str(self.directory.resolve())
+        description = f"ThinkDiff feature store {self.directory}: {json.dumps(asdict(self.info))}"
+        info = datasets.DatasetInfo(description=description)
+        return datasets.Dataset(table, info=info, fingerprint=fingerprint({"store": store, "columns": names}))
