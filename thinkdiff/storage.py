@@ -397,10 +397,11 @@ def remove_stale_temp_files(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def exclusive(lock_path: Path, waiting: str, *, wait: bool = True, holder: str | None = None) -> Iterator[bool]:
-    """Hold an exclusive lock on `lock_path` (created if needed): yields True once held; while
-    another process or thread holds it, logs `waiting` and waits for it, or with `wait=False` yields
-    False at once. With `holder` (who this is, e.g. pid and host), the file's content is replaced by
+def exclusive(lock_path: Path, waiting: str, *, wait: bool = True, holder: str | None = None) -> Iterator[int | None]:
+    """Hold an exclusive lock on `lock_path` (created if needed): yields the locked file descriptor
+    once held (a child given it, `pass_fds`, keeps the lock held while it lives); while another
+    process or thread holds it, logs `waiting` and waits for it, or with `wait=False` yields None at
+    once. With `holder` (who this is, e.g. pid and host), the file's content is replaced by
     it once held, so that a refused or waiting process can name the holder. The lock goes with its
     holder, so a killed writer never leaves it taken (its name stays in the file, read only while
     someone holds it)."""
@@ -410,14 +411,14 @@ def exclusive(lock_path: Path, waiting: str, *, wait: bool = True, holder: str |
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if not wait:
-                yield False
+                yield None
                 return
             log.info("%s", waiting)
             fcntl.flock(fd, fcntl.LOCK_EX)
         if holder is not None:
             os.ftruncate(fd, 0)
             os.pwrite(fd, holder.encode(), 0)
-        yield True
+        yield fd
     finally:
         os.close(fd)  # releases the lock
 

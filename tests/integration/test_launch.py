@@ -90,3 +90,43 @@ def test_a_killed_parent_leaves_no_launcher_or_worker(tmp_path, kind, workers):
         for pid in tree:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+LINGERER = ("import os, signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, lambda *a: (time.sleep(3), sys.exit(0)))\n"
+            "open(os.path.join(sys.argv[1], str(os.getpid())), 'w').close()\ntime.sleep(300)\n")
+HOLDER = ("import os, sys\nfrom pathlib import Path\nfrom thinkdiff.train.launch import run_launcher\n"
+          "from thinkdiff.train.loop import hold_run_directory\nrun_dir, script, pids = sys.argv[1:]\n"
+          "with hold_run_directory(Path(run_dir)) as fd:\n"
+          "    run_launcher([sys.executable, script, pids], dict(os.environ), pass_fds=(fd,))\n")
+
+
+@pytest.mark.skipif(not PARENT_DEATH_SUPPORTED, reason="the parent-death signal is Linux's (prctl)")
+def test_the_run_lock_outlives_a_killed_parent_until_its_launcher_has_ended(tmp_path):
+    """The process that launched training is killed; its launcher takes a few seconds to stop. Until it
+    has, the run directory stays locked: a second training cannot start beside its last writes."""
+    from thinkdiff.storage import exclusive
+    from thinkdiff.train.loop import run_lock_path
+
+    run_dir, script, pids = tmp_path / "run", tmp_path / "lingerer.py", tmp_path / "pids"
+    script.write_text(LINGERER)
+    pids.mkdir()
+    parent = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir), str(script), str(pids)])
+    try:
+        deadline = time.monotonic() + 60
+        while not list(pids.iterdir()):
+            assert time.monotonic() < deadline and parent.poll() is None, "the launcher never started"
+            time.sleep(0.1)
+        (launcher,) = [int(p.name) for p in pids.iterdir()]
+        parent.kill()
+        parent.wait()
+        with exclusive(run_lock_path(run_dir), "", wait=False) as held:
+            assert held is None and _alive(launcher)  # still locked while the launcher stops
+        deadline = time.monotonic() + 20
+        while _alive(launcher) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # its supervisor ends right after it
+        with exclusive(run_lock_path(run_dir), "", wait=False) as held:
+            assert held is not None and not _alive(launcher)
+    finally:
+        parent.kill()

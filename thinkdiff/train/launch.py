@@ -63,11 +63,11 @@ def launch_training(cfg: RunConfig, features_dir: Path, run_dir: Path, *, wait: 
         TrainingLaunchError: the launcher exited non-zero (its output tail is in the message).
     """
     complete = read_manifest(run_dir) is not None  # read without the lock: a complete run is not written again
-    with contextlib.nullcontext() if complete else hold_run_directory(run_dir, wait=wait):
-        return _launch(cfg, features_dir, run_dir)
+    with contextlib.nullcontext() if complete else hold_run_directory(run_dir, wait=wait) as lock_fd:
+        return _launch(cfg, features_dir, run_dir, lock_fd)
 
 
-def _launch(cfg: RunConfig, features_dir: Path, run_dir: Path) -> TrainResult:
+def _launch(cfg: RunConfig, features_dir: Path, run_dir: Path, lock_fd: int | None) -> TrainResult:
     manifest = read_manifest(run_dir)  # again: the training waited for may have completed the run
     if manifest is not None:
         log.info("training run %s is complete (step %d); skipping", run_dir, manifest["step"])
@@ -81,7 +81,9 @@ def _launch(cfg: RunConfig, features_dir: Path, run_dir: Path) -> TrainResult:
         "--out", str(run_dir),
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", RUN_LOCK_ENV: str(run_dir.resolve())}  # held here, for them
-    returncode, tail = run_launcher(command, env)
+    # The launcher's supervisor gets the lock too: killed, this process frees it no earlier than the
+    # launcher and its workers have ended (a second training must not start while they still write).
+    returncode, tail = run_launcher(command, env, pass_fds=(lock_fd,) if lock_fd is not None else ())
     if returncode != 0:
         raise TrainingLaunchError(
             f"training exited with {returncode} (config {config_path}); checkpoints so far are kept in "
@@ -93,13 +95,15 @@ def _launch(cfg: RunConfig, features_dir: Path, run_dir: Path) -> TrainResult:
     return TrainResult.of_complete_run(run_dir, manifest)
 
 
-def run_launcher(command: list[str], env: dict[str, str]) -> tuple[int, collections.deque[str]]:
+def run_launcher(command: list[str], env: dict[str, str],
+                 pass_fds: tuple[int, ...] = ()) -> tuple[int, collections.deque[str]]:
     """Run `command` (an `accelerate launch`) with its output logged line by line; returns its exit
     code and its last 30 lines. It ends with this process (the module docstring says how); when this
     thread is interrupted (Ctrl-C, a cancellation), the launcher and its workers are stopped first."""
     log.info("launching: %s", " ".join(command))
     tail: collections.deque[str] = collections.deque(maxlen=30)
-    proc = spawn(command, grace_s=STOP_GRACE_S, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = spawn(command, grace_s=STOP_GRACE_S, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                 pass_fds=pass_fds)
     with proc:
         assert proc.stdout is not None
         try:

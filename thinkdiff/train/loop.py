@@ -104,14 +104,15 @@ def _lock_holder(lock: Path) -> str:
 
 
 @contextlib.contextmanager
-def hold_run_directory(run_dir: Path, *, wait: bool = False) -> Iterator[None]:
+def hold_run_directory(run_dir: Path, *, wait: bool = False) -> Iterator[int | None]:
     """Be the one training that writes `run_dir` while inside: a second is refused at once with
     RunDirectoryBusy naming the holder (pid and host), or with `wait` waits for it. The lock (flock)
     goes with the process that holds it, killed or not. Held by the process that lives as long as the
     run: the launcher, for the `accelerate launch` processes it starts (they find RUN_LOCK_ENV), else
-    this process, or rank 0 of processes launched by hand (the ranks must not contend for it)."""
+    this process, or rank 0 of processes launched by hand (the ranks must not contend for it).
+    Yields the lock's file descriptor (None where another process holds it for this one)."""
     if os.environ.get(RUN_LOCK_ENV) == str(run_dir.resolve()) or os.environ.get("RANK", "0") != "0":
-        yield
+        yield None
         return
     lock = run_lock_path(run_dir)
     lock.parent.mkdir(parents=True, exist_ok=True)
@@ -119,7 +120,7 @@ def hold_run_directory(run_dir: Path, *, wait: bool = False) -> Iterator[None]:
     with exclusive(lock, waiting, wait=wait, holder=f"pid {os.getpid()} on {socket.gethostname()}") as held:
         if not held:
             raise RunDirectoryBusy(f"{run_dir} is being trained by {_lock_holder(lock)}: wait for it, or pass --wait")
-        yield
+        yield held
 
 
 @dataclass
