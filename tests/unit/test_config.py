@@ -277,3 +277,14 @@ def test_another_input_than_the_configs_gets_directories_of_its_own(tmp_path):
     assert other_run != stage_dir(cfg, "train")
     shutil.copytree(elsewhere, tmp_path / "a-copy")  # the same store elsewhere: the same training
     assert other_run.name == train_fingerprint(cfg, tmp_path / "a-copy")
+
+
+def test_the_tbdn_preset_is_paper_lvlm_evaluating_tbdn():
+    """conf/paper-tbdn.yaml reproduces TBDN's run on the paper setup: it may differ from paper-lvlm only in
+    what it evaluates, so the two never drift apart."""
+    from thinkdiff.registry import flatten
+
+    tbdn, lvlm = (flatten(load_config(name).to_dict()) for name in ("paper-tbdn", "paper-lvlm"))
+    assert {k for k in lvlm if tbdn[k] != lvlm[k]} == {"preset", "eval.generator", "eval.baselines"}
+    assert (tbdn["eval.generator"], tbdn["eval.tbdn_alpha"], tbdn["models.vlm.id"]) == (
+        "tbdn", "0.5", "Qwen/Qwen2-VL-7B-Instruct")
