@@ -38,6 +38,8 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
@@ -59,6 +61,7 @@ from thinkdiff.models.vlm import (
     IM_END,
     IM_START,
     IMAGE_PAD,
+    TINY_VLMS,
     VIDEO_PAD,
     VISION_END,
     VISION_START,
@@ -107,14 +110,28 @@ TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num
 TINY_VISION = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
 
 
-def build_tiny_vlm(*, min_pixels: int, max_pixels: int, seed: int = 0) -> VLM:
-    """Qwen2VLForConditionalGeneration with small dims and fixed random weights (same seed, same model)."""
-    return build_random_vlm(TINY_TEXT, TINY_VISION, min_pixels=min_pixels, max_pixels=max_pixels, seed=seed)
+# Qwen2.5-VL's vision tower: windowed attention in all blocks but the last (a window of 56 px, two
+# 28-px merged patches a side), which attends over the whole image.
+TINY_VISION_QWEN2_5 = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           fullatt_block_indexes=[1], window_size=56)
+
+
+def build_tiny_vlm(*, min_pixels: int, max_pixels: int, seed: int = 0, model_id: str = TINY_MODEL_ID) -> VLM:
+    """The VLM family `model_id` names (`tiny`: Qwen2-VL; `tiny-qwen2-vl`, `tiny-qwen2.5-vl`: see
+    thinkdiff.models.vlm.TINY_VLMS), its real class with small dims and fixed random weights (same seed,
+    same model)."""
+    if TINY_VLMS[model_id] == "qwen2.5-vl":
+        return build_random_vlm(TINY_TEXT, TINY_VISION_QWEN2_5, min_pixels=min_pixels, max_pixels=max_pixels,
+                                seed=seed, model_id=model_id, config_class=Qwen2_5_VLConfig,
+                                model_class=Qwen2_5_VLForConditionalGeneration)
+    return build_random_vlm(TINY_TEXT, TINY_VISION, min_pixels=min_pixels, max_pixels=max_pixels, seed=seed,
+                            model_id=model_id)
 
 
 def build_random_vlm(text: dict, vision: dict, *, min_pixels: int, max_pixels: int, seed: int = 0,
                      model_id: str = TINY_MODEL_ID, revision: str = TINY_REVISION,
-                     tokenizer_corpus: Sequence[str] = ()) -> VLM:
+                     tokenizer_corpus: Sequence[str] = (), config_class: type = Qwen2VLConfig,
+                     model_class: type = Qwen2VLForConditionalGeneration) -> VLM:
     """Qwen2-VL with the given text/vision dims, random weights and the offline byte-level tokenizer
     (with merges learned from `tokenizer_corpus`, see `build_tiny_qwen_tokenizer`).
 
@@ -122,7 +139,7 @@ def build_random_vlm(text: dict, vision: dict, *, min_pixels: int, max_pixels: i
     the GPU in bf16).
     """
     tok = build_tiny_qwen_tokenizer(tokenizer_corpus)
-    config = Qwen2VLConfig(
+    config = config_class(
         text_config=dict(
             vocab_size=max(len(tok), text.get("vocab_size", 0)),
             max_position_embeddings=4096,
@@ -139,7 +156,7 @@ def build_random_vlm(text: dict, vision: dict, *, min_pixels: int, max_pixels: i
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2VLForConditionalGeneration(config)
+        model = model_class(config)
     model.eval().requires_grad_(False)
     processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
     return VLM(model=model, tokenizer=tok, image_processor=processor, model_id=model_id, revision=revision)

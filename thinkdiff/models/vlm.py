@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
     AutoTokenizer,
     GenerationConfig,
     PreTrainedTokenizerBase,
@@ -41,6 +43,7 @@ from transformers.image_utils import SizeDict
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from thinkdiff.config import TINY_MODEL_ID, ModelSource
+from thinkdiff.errors import ConfigError
 from thinkdiff.models.attention import PACKED_GQA_SDPA, PER_IMAGE_SDPA
 from thinkdiff.models.common import default_device, torch_dtype
 from thinkdiff.models.decode import decode_with_states
@@ -57,12 +60,19 @@ VIDEO_PAD = "<|video_pad|>"
 
 PromptPart = str | Image.Image
 
+FAMILIES = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl"}
+"""The VLM families this module runs (transformers' `model_type` -> family): Qwen2-VL and Qwen2.5-VL
+share the chat format, the image tokens, the image processor and M-RoPE, so one wrapper, one decode
+loop and the same attention kernels serve both."""
+TINY_VLMS = {TINY_MODEL_ID: "qwen2-vl", "tiny-qwen2-vl": "qwen2-vl", "tiny-qwen2.5-vl": "qwen2.5-vl"}
+"""`models.vlm.id` values that build a family's class tiny and offline (thinkdiff.models.tiny)."""
+
 
 @dataclass
 class VLM:
-    """A frozen Qwen2-VL with its tokenizer and image processor, and where it came from."""
+    """A frozen VLM of one of `FAMILIES` with its tokenizer and image processor, and where it came from."""
 
-    model: Qwen2VLForConditionalGeneration
+    model: Qwen2VLForConditionalGeneration  # or Qwen2_5_VLForConditionalGeneration: the same interface here
     tokenizer: PreTrainedTokenizerBase
     image_processor: Qwen2VLImageProcessorPil
     model_id: str
@@ -104,21 +114,23 @@ class VLM:
 
 
 def load_vlm(src: ModelSource, *, min_pixels: int, max_pixels: int, device: torch.device | None = None) -> VLM:
-    """Load Qwen2-VL by Hugging Face id or local directory (`tiny`: the same class, random-init).
+    """Load a VLM of `FAMILIES` by Hugging Face id or local directory (`TINY_VLMS`: a family's class,
+    random-init). Another family is refused, naming the model, before its weights load.
 
-    `trust_remote_code` stays off: Qwen2-VL is a transformers class. The image processor is the
+    `trust_remote_code` stays off: every family is a transformers class. The image processor is the
     PIL one, so no torchvision is needed.
     """
     device = device or default_device()
-    if src.id == TINY_MODEL_ID:
+    if src.id in TINY_VLMS:
         from thinkdiff.models.tiny import build_tiny_vlm
 
-        vlm = build_tiny_vlm(min_pixels=min_pixels, max_pixels=max_pixels)
+        vlm = build_tiny_vlm(min_pixels=min_pixels, max_pixels=max_pixels, model_id=src.id)
         vlm.model.to(device=device, dtype=torch_dtype(src.dtype))
         return vlm
     revision = None if Path(src.id).is_dir() else src.revision
+    vlm_family(src)  # refused here, from its config alone
     log.info("loading VLM %s (revision %s, %s) on %s", src.id, revision, src.dtype, device)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(
+    model = AutoModelForImageTextToText.from_pretrained(
         src.id, revision=revision, dtype=torch_dtype(src.dtype), trust_remote_code=False
     )
     model.to(device).eval().requires_grad_(False)
@@ -131,6 +143,19 @@ def load_vlm(src: ModelSource, *, min_pixels: int, max_pixels: int, device: torc
         model_id=src.id,
         revision=src.revision if revision else "local",
     )
+
+
+def vlm_family(src: ModelSource) -> str:
+    """The family of `models.vlm` (`FAMILIES`), read from its config; another is refused in one line."""
+    if src.id in TINY_VLMS:
+        return TINY_VLMS[src.id]
+    revision = None if Path(src.id).is_dir() else src.revision
+    model_type = AutoConfig.from_pretrained(src.id, revision=revision, trust_remote_code=False).model_type
+    if model_type not in FAMILIES:
+        raise ConfigError(f"models.vlm.id={src.id} is a {model_type} model; the VLM families this version runs "
+                          f"are {', '.join(FAMILIES.values())} (e.g. Qwen/Qwen2-VL-7B-Instruct, "
+                          f"Qwen/Qwen2.5-VL-7B-Instruct; offline: {', '.join(TINY_VLMS)}): use one of them")
+    return FAMILIES[model_type]
 
 
 def with_pixel_limits(vlm: VLM, min_pixels: int, max_pixels: int) -> VLM:
@@ -147,7 +172,7 @@ def with_pixel_limits(vlm: VLM, min_pixels: int, max_pixels: int) -> VLM:
 
 def load_vlm_tokenizer(src: ModelSource) -> PreTrainedTokenizerBase:
     """The VLM's tokenizer alone (training decodes generated ids with it)."""
-    if src.id == TINY_MODEL_ID:
+    if src.id in TINY_VLMS:
         from thinkdiff.models.tiny import build_tiny_qwen_tokenizer
 
         return build_tiny_qwen_tokenizer()
