@@ -43,6 +43,8 @@ from transformers import (
     Qwen2Tokenizer,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
     T5Config,
     T5EncoderModel,
     T5ForConditionalGeneration,
@@ -116,10 +118,22 @@ TINY_VISION_QWEN2_5 = dict(depth=2, hidden_size=32, intermediate_size=64, num_he
                            fullatt_block_indexes=[1], window_size=56)
 
 
+# Qwen3-VL: a Qwen3 text model (q/k norms, interleaved M-RoPE) and a vision tower of 16-px patches whose
+# first block's features also enter the text model (deepstack).
+TINY_TEXT_QWEN3 = {**TINY_TEXT, "head_dim": 16,
+                   "rope_parameters": {**TINY_TEXT["rope_parameters"], "mrope_interleaved": True}}
+TINY_VISION_QWEN3 = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+                         num_position_embeddings=64, deepstack_visual_indexes=[0])
+
+
 def build_tiny_vlm(*, min_pixels: int, max_pixels: int, seed: int = 0, model_id: str = TINY_MODEL_ID) -> VLM:
     """The VLM family `model_id` names (`tiny`: Qwen2-VL; `tiny-qwen2-vl`, `tiny-qwen2.5-vl`: see
     thinkdiff.models.vlm.TINY_VLMS), its real class with small dims and fixed random weights (same seed,
     same model)."""
+    if TINY_VLMS[model_id] == "qwen3-vl":
+        return build_random_vlm(TINY_TEXT_QWEN3, TINY_VISION_QWEN3, min_pixels=min_pixels, max_pixels=max_pixels,
+                                seed=seed, model_id=model_id, config_class=Qwen3VLConfig,
+                                model_class=Qwen3VLForConditionalGeneration)
     if TINY_VLMS[model_id] == "qwen2.5-vl":
         return build_random_vlm(TINY_TEXT, TINY_VISION_QWEN2_5, min_pixels=min_pixels, max_pixels=max_pixels,
                                 seed=seed, model_id=model_id, config_class=Qwen2_5_VLConfig,
@@ -158,7 +172,8 @@ def build_random_vlm(text: dict, vision: dict, *, min_pixels: int, max_pixels: i
         torch.manual_seed(seed)
         model = model_class(config)
     model.eval().requires_grad_(False)
-    processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    processor = Qwen2VLImageProcessorPil(patch_size=vision.get("patch_size", 14), min_pixels=min_pixels,
+                                         max_pixels=max_pixels)
     return VLM(model=model, tokenizer=tok, image_processor=processor, model_id=model_id, revision=revision)
 
 

@@ -60,11 +60,12 @@ VIDEO_PAD = "<|video_pad|>"
 
 PromptPart = str | Image.Image
 
-FAMILIES = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl"}
-"""The VLM families this module runs (transformers' `model_type` -> family): Qwen2-VL and Qwen2.5-VL
-share the chat format, the image tokens, the image processor and M-RoPE, so one wrapper, one decode
-loop and the same attention kernels serve both."""
-TINY_VLMS = {TINY_MODEL_ID: "qwen2-vl", "tiny-qwen2-vl": "qwen2-vl", "tiny-qwen2.5-vl": "qwen2.5-vl"}
+FAMILIES = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl"}
+"""The VLM families this module runs (transformers' `model_type` -> family): Qwen2-VL, Qwen2.5-VL and
+Qwen3-VL share the chat format, the image tokens, the image processor (Qwen3-VL's with 16-px patches)
+and M-RoPE, so one wrapper, one decode loop and the same attention kernels serve them all."""
+TINY_VLMS = {TINY_MODEL_ID: "qwen2-vl", "tiny-qwen2-vl": "qwen2-vl", "tiny-qwen2.5-vl": "qwen2.5-vl",
+             "tiny-qwen3-vl": "qwen3-vl"}
 """`models.vlm.id` values that build a family's class tiny and offline (thinkdiff.models.tiny)."""
 
 
@@ -154,7 +155,8 @@ def vlm_family(src: ModelSource) -> str:
     if model_type not in FAMILIES:
         raise ConfigError(f"models.vlm.id={src.id} is a {model_type} model; the VLM families this version runs "
                           f"are {', '.join(FAMILIES.values())} (e.g. Qwen/Qwen2-VL-7B-Instruct, "
-                          f"Qwen/Qwen2.5-VL-7B-Instruct; offline: {', '.join(TINY_VLMS)}): use one of them")
+                          f"Qwen/Qwen2.5-VL-7B-Instruct, Qwen/Qwen3-VL-8B-Instruct; offline: {', '.join(TINY_VLMS)}): "
+                          "use one of them")
     return FAMILIES[model_type]
 
 
