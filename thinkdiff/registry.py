@@ -34,7 +34,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -122,34 +122,44 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
 
 
+# Where MLflow's sqlite store records artifact locations (the tables of MLflow 3; one absent in an
+# older schema is skipped).
+_ARTIFACT_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"), ("model_versions", "source"),
+                     ("model_versions", "storage_location"), ("logged_models", "artifact_location"))
+
+
 def follow_moved_store(database: Path) -> None:
     """Point a sqlite store's records at the artifacts beside it again after it moved with its root.
 
-    MLflow records absolute artifact locations (experiments, runs, model versions), so the store of
-    a copied or moved paths.root would read the old root's artifacts, or fail when they are gone. The
-    store keeps its artifacts in `mlartifacts/` beside the database (`Registry.experiment_id`), so a
-    recorded location ending in /mlartifacts elsewhere is the old place: every text field that
-    starts with it is rewritten to start with the new one. Run under the store's init lock, before
-    any client of this process reads it."""
+    MLflow records absolute artifact locations (experiments, runs, model versions, logged models), so
+    the store of a copied or moved paths.root would read the old root's artifacts, or fail when they
+    are gone. The store keeps its artifacts in `mlartifacts/` beside the database
+    (`Registry.experiment_id`), so an experiment location `<dir>/mlartifacts` whose `<dir>/mlflow.db`
+    is not this database is the old place: each recorded location that is it, or under it, is
+    rewritten to the same place under this store's `mlartifacts/`. The same store seen at another
+    mount point is left alone (its old `mlflow.db` is this very file). Run under the store's init
+    lock, before any client of this process reads it."""
     here = (database.parent / "mlartifacts").resolve()
     with contextlib.closing(sqlite3.connect(database)) as db, db:
-        tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "experiments" not in tables:
             return
-        moved = {Path(urllib.request.url2pathname(urllib.parse.urlparse(location).path)) for (location,) in
-                 db.execute("SELECT artifact_location FROM experiments WHERE artifact_location LIKE 'file://%'")}
-        moved = {old for old in moved if old.name == "mlartifacts" and old != here}
-        for old in moved:
+        recorded = {Path(urllib.request.url2pathname(urllib.parse.urlparse(location).path)) for (location,) in
+                    db.execute("SELECT artifact_location FROM experiments WHERE artifact_location LIKE 'file://%'")}
+        for old in recorded:
+            old_database = old.parent / database.name
+            if old.name != "mlartifacts" or old == here or (old_database.exists()
+                                                            and os.path.samefile(old_database, database)):
+                continue
             log.warning("MLflow store %s was made at %s: its records now point at %s", database, old.parent,
                         here.parent)
-            for table in tables:
-                columns = [c[1] for c in db.execute(f'PRAGMA table_info("{table}")')
-                           if c[2].upper().startswith(("VARCHAR", "TEXT"))]
-                for column in columns:
-                    for before, after in ((old.as_uri(), here.as_uri()), (str(old), str(here))):
-                        db.execute(f'UPDATE "{table}" SET "{column}" = ? || substr("{column}", ?) '
-                                   f'WHERE substr("{column}", 1, ?) = ?',
-                                   (after, len(before) + 1, len(before), before))
+            for table, column in _ARTIFACT_COLUMNS:
+                if table not in tables:
+                    continue
+                for before, after in ((old.as_uri(), here.as_uri()), (str(old), str(here))):
+                    db.execute(f'UPDATE "{table}" SET "{column}" = ? || substr("{column}", ?) '
+                               f'WHERE "{column}" = ? OR substr("{column}", 1, ?) = ?',
+                               (after, len(before) + 1, before, len(before) + 1, before + "/"))
 
 
 def store_lock_path(cfg: RunConfig, uri: str) -> Path:
@@ -491,9 +501,9 @@ class Registry:
 
         client, fingerprint = self.client, meta["train_fingerprint"]
         root = stage_root(self.cfg)  # paths inside it are tagged relative to it
-        tags = {
-            "mlflow.runName": training_run_name(meta["config"], meta["config"]["train"]["max_steps"]),
-            **source_tags(meta["git_revision"], "thinkdiff train"),
+        # What the run is: compared with a RUNNING run's to continue it. Its name and source (below) are
+        # only set: a run renamed in the UI, or a preset edited since, is still this run.
+        identity = {
             TAG_TRAIN_FP: fingerprint,
             TAG_FEATURES_FP: meta["features_fingerprint"],
             # Feature stores made before their manifest recorded it: the config's corpus.
@@ -501,6 +511,8 @@ class Registry:
             "thinkdiff.run_dir": recorded_path(run_dir, root),
             "thinkdiff.preset": meta["config"].get("preset", self.cfg.preset),
         }
+        tags = {"mlflow.runName": training_run_name(meta["config"], meta["config"]["train"]["max_steps"]),
+                **source_tags(meta["git_revision"], "thinkdiff train"), **identity}
         params = [Param(k, v[:6000]) for k, v in flatten(meta["config"]).items()]
         metrics = [Metric(key, float(r[key]), int(r["time"] * 1000), r["step"])
                    for r in records for key in TRAINING_METRICS]
@@ -515,7 +527,7 @@ class Registry:
 
         def resumable(run: Any) -> bool:
             held = run.data.params
-            return (all(run.data.tags.get(k) == v for k, v in tags.items())
+            return (all(run.data.tags.get(k) == v for k, v in identity.items())
                     and all(held.get(p.key, p.value) == p.value for p in params) and points(run) <= wanted)
 
         stale = self._stale_run(f"tags.`{TAG_TRAIN_FP}` = '{fingerprint}'", resumable)
@@ -868,10 +880,25 @@ class Registry:
         monitor.start()
         return monitor
 
-    def monitor_evaluation(self, out_dir: Path, prompts: str) -> Any:
-        """With `tracking.system_metrics`, the started system metrics monitor of this evaluation's
-        MLflow run, begun now (`log_evaluation` completes it); None when the setting is off, the
-        evaluation is logged already, or the store cannot be reached (the evaluation goes on)."""
+    @contextlib.contextmanager
+    def monitored_evaluation(self, out_dir: Path, prompts: str) -> Iterator[None]:
+        """With `tracking.system_metrics`, this evaluation's MLflow run begins now and holds MLflow's
+        system metrics while the body draws and judges; `log_evaluation` completes it, and a body
+        that fails ends it as FAILED. Nothing when the setting is off, the evaluation is logged
+        already, or the store cannot be reached: the evaluation goes on."""
+        started = self._monitor_evaluation(out_dir, prompts)
+        try:
+            yield
+        except BaseException:
+            if started is not None:
+                with contextlib.suppress(Exception):
+                    self.client.set_terminated(started[0], status="FAILED")
+            raise
+        finally:
+            if started is not None:
+                started[1].finish()
+
+    def _monitor_evaluation(self, out_dir: Path, prompts: str) -> tuple[str, Any] | None:
         if not self.cfg.tracking.system_metrics:
             return None
         try:
@@ -884,8 +911,8 @@ class Registry:
                     self.experiment_id, tags={"mlflow.runName": f"CoBSAT evaluation ({prompts}), drawing",
                                               "thinkdiff.kind": "cobsat-eval", "thinkdiff.eval_dir": out_dir.name,
                                               "thinkdiff.eval_set": prompts, TAG_LIVE: "true"}).info.run_id
-            return self.system_metrics_monitor(run_id)
-        except ThinkDiffError as err:
+            return run_id, self.system_metrics_monitor(run_id)
+        except Exception as err:  # noqa: BLE001 - the metrics are a view of the work, never a reason to stop it
             log.warning("no system metrics for this evaluation: %s", first_line(err, 300))
             return None
 

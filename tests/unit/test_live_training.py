@@ -49,8 +49,10 @@ def test_a_live_run_is_completed_by_registration_with_the_metrics_of_a_run_logge
     assert run.info.status == "RUNNING" and run.data.params["train.max_steps"] == "8"
     assert [(m.step, m.timestamp) for m in client.get_metric_history(run.info.run_id, "loss")] == [
         (r["step"], int(r["time"] * 1000)) for r in rows]
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} == {
-        "checkpoints/step_000004", "checkpoints/step_000008"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")} == {
+        "checkpoint/aligner", "checkpoint/meta.json"}  # the newest only
+    meta = Path(client.download_artifacts(run.info.run_id, "checkpoint/meta.json", str(tmp_path)))
+    assert json.loads(meta.read_text())["step"] == 8
     ref = pipeline.register_aligner(live)
     assert ref.run_id == run.info.run_id  # the same run, completed
     (run,) = client.search_runs([experiment.experiment_id])
@@ -128,8 +130,8 @@ def test_a_server_stopped_mid_run_and_started_again_leaves_one_complete_run(tiny
 
 def test_system_metrics_are_logged_in_the_live_run(tiny_store, tmp_path, monkeypatch):
     _, features_dir = tiny_store
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
-    cfg = load_config("tiny", [f"paths.root={tmp_path}", "train.max_steps=40", *TRAIN, "tracking.live_training=true",
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
+    cfg = load_config("tiny", [f"paths.root={tmp_path}", "train.max_steps=160", *TRAIN, "tracking.live_training=true",
                                "tracking.system_metrics=true"])
     train_aligner(cfg, features_dir, stage_dir(cfg, "train"))
     client = client_for(cfg)
@@ -167,3 +169,26 @@ def test_an_evaluation_with_system_metrics_is_one_run_holding_them_and_its_score
     assert run.info.status == "FINISHED" and run.data.tags["thinkdiff.eval_set"] == "tasks 1,4; shots 2; 4 prompts"
     assert "system/cpu_utilization_percentage" in run.data.metrics and "cobsat.2shot.mean" in run.data.metrics
     assert run.data.tags["mlflow.runName"] == f"{ref.name} v{ref.version} · CoBSAT 2-shot · 4 prompts"
+
+
+def test_a_monitored_evaluation_that_fails_ends_its_run_as_failed(tmp_path, monkeypatch):
+    from thinkdiff.eval import harness, stage
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
+    cfg = load_config("tiny", [f"paths.root={tmp_path}", "eval.generator=oracle", "eval.limit=1", "eval.tasks=[1]",
+                               "eval.shots=[2]", "eval.baselines=[]", "tracking.system_metrics=true"])
+
+    def interrupted(*args, **kwargs):
+        time.sleep(0.5)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        stage.evaluate_cobsat(cfg)
+    client = client_for(cfg)
+    (run,) = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["thinkdiff.eval_set"] == "tasks 1; shots 2; 1 prompts"
+    monkeypatch.undo()  # the rerun draws, and logs one finished run beside the failed one
+    result = stage.evaluate_cobsat(cfg)
+    statuses = {r.info.run_id: r.info.status for r in client.search_runs([run.info.experiment_id])}
+    assert statuses == {run.info.run_id: "FAILED", result.run_id: "FINISHED"}

@@ -660,6 +660,9 @@ def test_a_copied_or_moved_root_reads_its_own_files(trained, tmp_path):
     ref = pipeline.register_aligner(cfg)
     expected = Aligner.from_pretrained(result.aligner_dir).state_dict()
     root = Path(cfg.paths.root)
+    # Text that merely starts like the old artifact root is not a location: it stays as it is.
+    lookalike = f"{(root / 'mlartifacts').resolve()}_old/x"
+    client_for(cfg).set_tag(ref.run_id, "note.lookalike", lookalike)
     copy = tmp_path / "copy"
     shutil.copytree(root, copy)
     original_root = cfg.paths.root
@@ -675,6 +678,7 @@ def test_a_copied_or_moved_root_reads_its_own_files(trained, tmp_path):
         run = client_for(copied).get_run(ref.run_id)
         assert run.data.tags["thinkdiff.run_dir"] == str(result.run_dir.relative_to(root))
         assert run.info.artifact_uri.startswith((copy / "mlartifacts").resolve().as_uri())
+        assert run.data.tags["note.lookalike"] == lookalike
         # Moved: its old place is gone.
         moved = tmp_path / "moved"
         copy.rename(moved)

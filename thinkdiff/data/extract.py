@@ -223,7 +223,7 @@ def extract_feature_shard(cfg: RunConfig, corpus_shard: Path, out_dir: Path, pro
             held = claim.enter_context(exclusive(
                 out_dir / f".{out_path.name}.lock",
                 f"features: another worker is extracting {out_path.name}; waiting for it", wait=wait))
-        if not held:
+        if held is None:  # another worker has it (a held lock's descriptor may be 0)
             return None
         if out_path.exists():  # the worker waited for wrote it
             return out_path

@@ -155,9 +155,7 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> CobsatEvaluatio
             spec, digest = ref.uri, records.weights_digest(ref)
             _refuse_another_vlm(cfg, spec, records.trained_vlm(ref))
         else:
-            meta = Path(spec).parent / META_FILE  # beside a checkpoint's aligner/ (none for the official .pth)
-            _refuse_another_vlm(cfg, spec, json.loads(meta.read_text())["config"]["models"]["vlm"]["id"]
-                                if meta.is_file() else None)
+            _refuse_another_vlm(cfg, spec, _checkpoint_vlm(Path(spec)))
             digest = weights_sha256(spec)
             try:  # a registered aligner named by its path is logged against its version
                 ref = records.version_with_weights(digest)
@@ -190,14 +188,10 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> CobsatEvaluatio
     })
     scorer = built_on_first_call(lambda: clip_scorer(cfg)) if e.clip_score else None
     count = len(set(e.tasks)) * len(set(e.shots)) * harness.prompts_per_task(e.limit)
-    monitor = records.monitor_evaluation(out_dir, registry.prompt_set(e.tasks, e.shots, count))
-    try:
+    with records.monitored_evaluation(out_dir, registry.prompt_set(e.tasks, e.shots, count)):
         summary = harness.evaluate(data, generator, built_on_first_call(lambda: judge.load_judge(cfg)), out_dir,
                                    tasks=e.tasks, shots=e.shots, limit=e.limit, batch_size=e.batch_size,
                                    name=e.generator, judge_label=judge.judge_label(cfg), clip_scorer=scorer)
-    finally:
-        if monitor is not None:
-            monitor.finish()
     # Logged before the baselines are drawn: a run cut off while drawing them keeps the aligner's.
     run_id = records.log_evaluation(out_dir, summary, ref, label)
     baselines, table = {}, summary.table()
@@ -220,10 +214,23 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> CobsatEvaluatio
     return result
 
 
+def _checkpoint_vlm(aligner_dir: Path) -> str | None:
+    """The `models.vlm.id` recorded by the checkpoint an aligner directory belongs to (its meta.json
+    beside it), or None for an aligner that is not a checkpoint's (or the official .pth)."""
+    try:
+        return json.loads((aligner_dir.parent / META_FILE).read_text())["config"]["models"]["vlm"]["id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _refuse_another_vlm(cfg: RunConfig, spec: str, trained_on: str | None) -> None:
     """An aligner maps one VLM's token features: drawing it from another VLM's is refused before any
-    model loads (`trained_on`: the VLM of its training run, when recorded)."""
-    if trained_on is not None and trained_on != cfg.models.vlm.id:
+    model loads (`trained_on`: the VLM of its training run, when recorded). A local directory may hold
+    the weights a Hub id names, so only two different names of neither kind are told apart here (the
+    widths are checked again when the models load)."""
+    if trained_on is None or Path(trained_on).is_dir() or Path(cfg.models.vlm.id).is_dir():
+        return
+    if trained_on != cfg.models.vlm.id:
         raise DataContractError(f"aligner {spec} was trained on the features of {trained_on}, but models.vlm.id is "
                                 f"{cfg.models.vlm.id}: set models.vlm.id={trained_on}, or use an aligner trained for "
                                 f"{cfg.models.vlm.id}")

@@ -118,7 +118,7 @@ def hold_run_directory(run_dir: Path, *, wait: bool = False) -> Iterator[int | N
     lock.parent.mkdir(parents=True, exist_ok=True)
     waiting = f"{run_dir} is being trained by {_lock_holder(lock)}; waiting for it to finish (--wait)"
     with exclusive(lock, waiting, wait=wait, holder=f"pid {os.getpid()} on {socket.gethostname()}") as held:
-        if not held:
+        if held is None:  # (a descriptor may be 0)
             raise RunDirectoryBusy(f"{run_dir} is being trained by {_lock_holder(lock)}: wait for it, or pass --wait")
         yield held
 
