@@ -63,7 +63,11 @@ def plot_cobsat_accuracy(series: dict[str, dict[int, float]], out_png: Path,
     ax.set_xticklabels([get_task(t).short for t in COLUMN_ORDER])
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
-    ax.set_title(title)
+    if published:  # the long title over both panels
+        fig.suptitle(title)
+        ax.set_title("accuracy per task")
+    else:
+        ax.set_title(title)
     ax.legend(fontsize="small")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
