@@ -90,22 +90,15 @@ def decode_with_states(vlm: VLM, batch: dict[str, torch.Tensor], *, max_new_toke
     scores = token_scores(vlm, temperature, top_p, suppressed=suppressed,
                           compile=compile and decode_compile_options(vlm.device) is not None)
     model = vlm.model
-    # Qwen2-VL's M-RoPE positions come from a walk over the rows with several host reads per row:
-    # on GPU tensors each is a sync that idles the GPU (about 2,600 at batch 256); on host copies
-    # none is.
-    on_host = {k: batch[k].cpu() for k in ("input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask")
-               if k in batch}
-    positions_3BP, rope_deltas_B1 = model.model.get_rope_index(**on_host)
-    prefill_BPD = model.model(**batch, position_ids=positions_3BP.to(input_ids.device), cache=cache,
+    positions_BP, next_position_B1, rope_axes = prompt_positions(vlm, batch)
+    prefill_BPD = model.model(**batch, position_ids=positions_BP.to(input_ids.device), cache=cache,
                               use_cache=True).last_hidden_state
     state_BD = prefill_BPD[:, -1]
     logits_BV = model.lm_head(state_BD).float()
     del prefill_BPD
     mask_BC = torch.zeros(rows, capacity, dtype=attention_mask.dtype, device=attention_mask.device)
     mask_BC[:, :prompt_len] = attention_mask
-    # The next token's text position continues the prompt's (left padding excluded); Qwen2-VL adds
-    # the prefill's M-RoPE offset (rope_deltas) on all three axes.
-    next_position_B1 = attention_mask.sum(-1, keepdim=True) + rope_deltas_B1.to(input_ids.device)
+    next_position_B1 = next_position_B1.to(input_ids.device)
     tokens_BG = torch.full((rows, max_new_tokens), vlm.pad_token_id, dtype=torch.long, device=input_ids.device)
     states_BGD = torch.empty(rows, max_new_tokens, state_BD.shape[-1], dtype=state_BD.dtype, device=state_BD.device)
     eos = torch.tensor(eos_ids, dtype=torch.long, device=input_ids.device)
@@ -130,12 +123,30 @@ def decode_with_states(vlm: VLM, batch: dict[str, torch.Tensor], *, max_new_toke
             steps = j + 1
             break
         mask_BC[:, prompt_len + j] = 1
-        state_BD, logits_BV = step(tokens_BG[:, j], (next_position_B1 + j).expand(3, -1, -1), mask_BC, cache)
+        positions_B1 = next_position_B1 + j
+        state_BD, logits_BV = step(tokens_BG[:, j], positions_B1.expand(3, -1, -1) if rope_axes == 3 else positions_B1,
+                                   mask_BC, cache)
     return tokens_BG[:sampled, :steps], states_BGD[:sampled, :steps]
 
 
+def prompt_positions(vlm: VLM, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The prompt's rotary positions, the first generated token's text position (B, 1), and the
+    number of rotary axes (3: M-RoPE; 1). The next token's text position continues the prompt's,
+    left padding excluded."""
+    mask_BP = batch["attention_mask"]
+    if vlm.processor is not None:  # 1-D RoPE: the text positions, as HF generate counts them
+        return (mask_BP.cumsum(-1) - 1).clamp(min=0), mask_BP.sum(-1, keepdim=True), 1
+    # Qwen-VL's M-RoPE positions come from a walk over the rows with several host reads per row: on
+    # GPU tensors each is a sync that idles the GPU (about 2,600 at batch 256); on host copies none
+    # is. The prefill's M-RoPE offset (rope_deltas) applies to all three axes of the next tokens.
+    on_host = {k: batch[k].cpu() for k in ("input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask")
+               if k in batch}
+    positions_3BP, rope_deltas_B1 = vlm.model.model.get_rope_index(**on_host)
+    return positions_3BP, mask_BP.sum(-1, keepdim=True) + rope_deltas_B1.to(mask_BP.device), 3
+
+
 def decode_step(vlm: VLM, compile: bool):
-    """The decode step of `decode_with_states`: (B,) input ids, (3, B, 1) M-RoPE positions, the
+    """The decode step of `decode_with_states`: (B,) input ids, (3, B, 1) M-RoPE or (B, 1) positions, the
     (B, cache length) attention mask and the cache in; the final-norm state (B, D) and float32 logits
     (B, V) out. With `compile` it is compiled once per model with `decode_compile_options`: CUDA
     graphs and static shapes on CUDA (the outputs are copied or consumed before the next step, whose

@@ -34,9 +34,15 @@ from transformers import (
     CLIPTextModel,
     CLIPTokenizer,
     CLIPVisionConfig,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLProcessor,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionProcessor,
     LlavaProcessor,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -52,6 +58,8 @@ from transformers import (
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from thinkdiff.config import TINY_MODEL_ID
@@ -68,6 +76,7 @@ from thinkdiff.models.vlm import (
     VISION_END,
     VISION_START,
     VLM,
+    image_text_processor,
 )
 
 TINY_REVISION = "tiny-v1"
@@ -76,24 +85,52 @@ TINY_REVISION = "tiny-v1"
 
 # Qwen2-VL: the VLM of the features stage and of CoBSAT inference, and the Qwen2-VL judge.
 
-def build_tiny_qwen_tokenizer(corpus: Sequence[str] = ()) -> Qwen2Tokenizer:
+def build_tiny_qwen_tokenizer(corpus: Sequence[str] = (),
+                              family_tokens: dict[str, str] | None = None) -> Qwen2Tokenizer:
     """A byte-level Qwen2 tokenizer (byte b is id b) with the chat/vision special tokens; needs no files.
 
     With `corpus`, byte-pair merges learned from it follow the bytes, so those texts come out in
     about as many tokens as Qwen's own 151k-token BPE gives them (the benchmarks' prompts); without,
-    no merges: one token per byte.
+    no merges: one token per byte. `family_tokens` (attribute name -> token) adds a family's own image
+    tokens after the others, as named special tokens (`FAMILY_TOKENS`).
     """
     byte_chars = bytes_to_unicode()
     vocab = {byte_chars[b]: i for i, b in enumerate(range(256))}
     merges = learn_merges(corpus) if corpus else []
     for left, right in merges:
         vocab.setdefault(left + right, len(vocab))
-    specials = [END_OF_TEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
+    specials = [END_OF_TEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD,
+                *(family_tokens or {}).values()]
     for token in specials:
         vocab[token] = len(vocab)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token=IM_END, pad_token=END_OF_TEXT)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token=IM_END, pad_token=END_OF_TEXT,
+                         extra_special_tokens=family_tokens or {})
     tok.add_special_tokens({"additional_special_tokens": specials})
     return tok
+
+
+FAMILY_TOKENS = {
+    "internvl": {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                 "video_token": "<video>"},
+    "llava-onevision": {"image_token": "<image>", "video_token": "<video>"},
+}
+"""The image tokens InternVL3-hf's and LLaVA-OneVision's tokenizers name (their processors look them up)."""
+
+
+def build_tiny_family_tokenizer(family: str) -> Qwen2Tokenizer:
+    """The offline tokenizer of a tiny VLM of `family` (thinkdiff.models.vlm.FAMILIES)."""
+    return build_tiny_qwen_tokenizer(family_tokens=FAMILY_TOKENS.get(family))
+
+
+def tiny_chat_template(image_placeholder: str) -> str:
+    """A chat template in Qwen's turn format (the one InternVL3-hf and LLaVA-OneVision use) that puts
+    `image_placeholder` where each image goes, for their processors to expand."""
+    return ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+            "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+            "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '" + image_placeholder + "\\n' }}"
+            "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+            "{{ '<|im_end|>\\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 def learn_merges(corpus: Sequence[str], vocab_size: int = 2048) -> list[tuple[str, str]]:
@@ -129,7 +166,11 @@ TINY_VISION_QWEN3 = dict(depth=2, hidden_size=32, intermediate_size=64, num_head
 def build_tiny_vlm(*, min_pixels: int, max_pixels: int, seed: int = 0, model_id: str = TINY_MODEL_ID) -> VLM:
     """The VLM family `model_id` names (`tiny`: Qwen2-VL; `tiny-qwen2-vl`, `tiny-qwen2.5-vl`: see
     thinkdiff.models.vlm.TINY_VLMS), its real class with small dims and fixed random weights (same seed,
-    same model)."""
+    same model). The pixel limits apply to the Qwen-VL families, whose image processor takes them."""
+    if TINY_VLMS[model_id] == "internvl":
+        return build_tiny_internvl(seed=seed, model_id=model_id)
+    if TINY_VLMS[model_id] == "llava-onevision":
+        return build_tiny_llava_onevision(seed=seed, model_id=model_id)
     if TINY_VLMS[model_id] == "qwen3-vl":
         return build_random_vlm(TINY_TEXT_QWEN3, TINY_VISION_QWEN3, min_pixels=min_pixels, max_pixels=max_pixels,
                                 seed=seed, model_id=model_id, config_class=Qwen3VLConfig,
@@ -175,6 +216,59 @@ def build_random_vlm(text: dict, vision: dict, *, min_pixels: int, max_pixels: i
     processor = Qwen2VLImageProcessorPil(patch_size=vision.get("patch_size", 14), min_pixels=min_pixels,
                                          max_pixels=max_pixels)
     return VLM(model=model, tokenizer=tok, image_processor=processor, model_id=model_id, revision=revision)
+
+
+TINY_TILE = 28
+"""The tiny InternVL's and LLaVA-OneVision's image tile side: two 14-px patches a side."""
+TINY_TEXT_QWEN2 = dict(model_type="qwen2", **{k: v for k, v in TINY_TEXT.items() if k != "rope_parameters"})
+
+
+def build_tiny_internvl(*, seed: int = 0, model_id: str = "tiny-internvl") -> VLM:
+    """InternVL3-hf's classes (InternViT, pixel-shuffle projector, Qwen2) with small dims: 28-px tiles
+    (up to 4 and a thumbnail), 2x2 patches shuffled to one image token per tile."""
+    tok = build_tiny_family_tokenizer("internvl")
+    config = InternVLConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=[TINY_TILE, TINY_TILE], patch_size=[14, 14]),
+        text_config=_tiny_qwen2_text(tok), image_token_id=tok.context_image_token_id, image_seq_length=1,
+    )
+    processor = image_text_processor(InternVLProcessor)(
+        GotOcr2ImageProcessorPil(size={"height": TINY_TILE, "width": TINY_TILE}, crop_to_patches=True, max_patches=4),
+        tok, image_seq_length=1, chat_template=tiny_chat_template("<IMG_CONTEXT>"))
+    return _tiny_processor_vlm(InternVLForConditionalGeneration, config, processor, seed=seed, model_id=model_id)
+
+
+def build_tiny_llava_onevision(*, seed: int = 0, model_id: str = "tiny-llava-onevision") -> VLM:
+    """LLaVA-OneVision's classes (SigLIP, anyres tiling with unpadding, Qwen2) with small dims: 28-px
+    tiles on a grid of up to 2x2, 2x2 patches each."""
+    tok = build_tiny_family_tokenizer("llava-onevision")
+    grid = [[TINY_TILE * rows, TINY_TILE * cols] for rows in (1, 2) for cols in (1, 2)]
+    config = LlavaOnevisionConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=TINY_TILE, patch_size=14),
+        text_config=_tiny_qwen2_text(tok), image_token_index=tok.image_token_id, video_token_index=tok.video_token_id,
+        image_grid_pinpoints=grid, vision_feature_select_strategy="full",
+    )
+    processor = image_text_processor(LlavaOnevisionProcessor)(
+        LlavaOnevisionImageProcessorPil(size={"height": TINY_TILE, "width": TINY_TILE}, image_grid_pinpoints=grid),
+        tok, num_image_tokens=(TINY_TILE // 14) ** 2, vision_feature_select_strategy="full",
+        chat_template=tiny_chat_template("<image>"))
+    return _tiny_processor_vlm(LlavaOnevisionForConditionalGeneration, config, processor, seed=seed, model_id=model_id)
+
+
+def _tiny_qwen2_text(tok: Qwen2Tokenizer) -> dict:
+    return dict(TINY_TEXT_QWEN2, vocab_size=len(tok), max_position_embeddings=4096,
+                bos_token_id=tok.convert_tokens_to_ids(END_OF_TEXT), eos_token_id=tok.convert_tokens_to_ids(IM_END),
+                pad_token_id=tok.convert_tokens_to_ids(END_OF_TEXT))
+
+
+def _tiny_processor_vlm(model_class: type, config, processor, *, seed: int, model_id: str) -> VLM:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config)
+    model.eval().requires_grad_(False)
+    return VLM(model=model, tokenizer=processor.tokenizer, image_processor=processor.image_processor,
+               model_id=model_id, revision=TINY_REVISION, processor=processor)
 
 
 # The T5 decoder that supervises the aligner.
