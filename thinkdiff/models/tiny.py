@@ -2,7 +2,8 @@
 
 A `ModelSource` whose id is `tiny` (`thinkdiff.config.TINY_MODEL_ID`) makes each loader build here
 the class it would otherwise load from a checkpoint (Qwen2-VL, the T5 decoder, the BLIP-2 vision
-tower, FLUX, the LLaVA-1.5 judge, CoBSAT's CLIP) with small dimensions and fixed random weights
+tower, FLUX, the LLaVA-1.5 judge, CoBSAT's CLIP; the VLM families by their `tiny-<family>` ids,
+thinkdiff.models.vlm.TINY_VLMS) with small dimensions and fixed random weights
 (the same seed gives the same model), and with tokenizers that need no files (byte-level, bytes
 mapped to characters as GPT-2's byte-level BPE maps them, transformers' `bytes_to_unicode`). Tests
 and CPU runs thus exercise the real transformers and diffusers code without a download. The

@@ -80,8 +80,10 @@ and M-RoPE, so this module renders and encodes their chats itself; the others ar
 PROCESSOR_FAMILIES = {"internvl": InternVLProcessor, "llava-onevision": LlavaOnevisionProcessor}
 """Families whose chats and images go through their transformers processor (the checkpoint's chat
 template and image tiling), loaded without its video half (`image_text_processor`)."""
-FAMILY_EXAMPLES = ("Qwen/Qwen2-VL-7B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen3-VL-8B-Instruct",
-                   "OpenGVLab/InternVL3-8B-hf", "llava-hf/llava-onevision-qwen2-7b-ov-hf")
+FAMILY_EXAMPLES = {"qwen2-vl": "Qwen/Qwen2-VL-7B-Instruct", "qwen2.5-vl": "Qwen/Qwen2.5-VL-7B-Instruct",
+                   "qwen3-vl": "Qwen/Qwen3-VL-8B-Instruct", "internvl": "OpenGVLab/InternVL3-8B-hf",
+                   "llava-onevision": "llava-hf/llava-onevision-qwen2-7b-ov-hf"}
+"""A chat checkpoint of each family, named in the errors that refuse a model."""
 TINY_VLMS = {TINY_MODEL_ID: "qwen2-vl", "tiny-qwen2-vl": "qwen2-vl", "tiny-qwen2.5-vl": "qwen2.5-vl",
              "tiny-qwen3-vl": "qwen3-vl", "tiny-internvl": "internvl", "tiny-llava-onevision": "llava-onevision"}
 """`models.vlm.id` values that build a family's class tiny and offline (thinkdiff.models.tiny)."""
@@ -192,8 +194,8 @@ def vlm_family(src: ModelSource) -> str:
     config = AutoConfig.from_pretrained(src.id, revision=revision, trust_remote_code=False)
     if config.model_type in FAMILIES:
         return FAMILIES[config.model_type]
-    choices = (f"the VLM families this version runs are {', '.join(dict.fromkeys(FAMILIES.values()))} "
-               f"(e.g. {', '.join(FAMILY_EXAMPLES)}; offline: {', '.join(TINY_VLMS)}): use one of them")
+    choices = (f"the VLM families this version runs are {', '.join(FAMILIES.values())} "
+               f"(e.g. {', '.join(FAMILY_EXAMPLES.values())}; offline: {', '.join(TINY_VLMS)}): use one of them")
     if getattr(config, "vision_config", None) is None:
         raise ConfigError(f"models.vlm.id={src.id} is a {config.model_type} model without image support (no "
                           f"vision_config); {choices}")
@@ -227,7 +229,7 @@ def load_image_text_processor(src: ModelSource, family: str) -> ProcessorMixin:
     if not settings.get("chat_template"):
         raise ConfigError(f"models.vlm.id={src.id} has no chat template (a base checkpoint, or one saved without "
                           "its processor's chat_template.jinja): use the instruction-tuned chat checkpoint, e.g. "
-                          f"{FAMILY_EXAMPLES[3] if family == 'internvl' else FAMILY_EXAMPLES[4]}")
+                          f"{FAMILY_EXAMPLES[family]}")
     accepted = inspect.signature(processor_class.__init__).parameters
     kwargs = {k: v for k, v in settings.items() if k in accepted and k not in ("image_processor", "tokenizer",
                                                                               "video_processor")}
