@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +21,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.types.schema import TensorSpec
+from servers import free_port, stop
 
 from thinkdiff import pipeline, registry
 from thinkdiff.aligner_pyfunc import pinned_requirements
@@ -60,12 +59,6 @@ def batch(aligner: Aligner) -> np.ndarray:
 def aligned(aligner: Aligner, features: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return aligner(torch.from_numpy(features)).numpy()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_pyfunc_predicts_what_the_aligner_computes(registered, store):
@@ -131,14 +124,7 @@ def test_a_served_model_answers_a_scoring_request(registered, store, tmp_path):
         assert predicted.shape == (3, 5, aligner.config.out_dim)
         np.testing.assert_allclose(predicted, aligned(aligner, features), rtol=0, atol=1e-6)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop(proc)
 
 
 def test_a_version_registered_before_loads_with_our_loader_only(registered, store, tmp_path):

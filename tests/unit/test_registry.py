@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from mlflow import MlflowClient
+from servers import free_port
 
 from thinkdiff import generate, pipeline, registry
 from thinkdiff.config import load_config
@@ -48,15 +48,9 @@ def client_for(cfg):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_server_fails_fast_and_registration_retries_later(trained):
     cfg, result = trained
-    down = load_config("tiny", [f"paths.root={cfg.paths.root}", f"tracking.uri=http://user:s3cret@127.0.0.1:{closed_port()}",
+    down = load_config("tiny", [f"paths.root={cfg.paths.root}", f"tracking.uri=http://user:s3cret@127.0.0.1:{free_port()}",
                                 "train.max_steps=6", "train.warmup_steps=2", "train.log_every=2", "train.batch_size=4"])
     with pytest.raises(registry.TrackingUnavailableError) as err:
         pipeline.register_aligner(down)
@@ -209,7 +203,7 @@ def test_a_registry_checks_the_server_once_and_only_when_it_needs_it(trained, mo
     assert checked == [registry.tracking_uri(cfg)]
     monkeypatch.undo()
     down = registry.Registry(load_config("tiny", [f"paths.root={cfg.paths.root}",
-                                                  f"tracking.uri=http://127.0.0.1:{closed_port()}"]))
+                                                  f"tracking.uri=http://127.0.0.1:{free_port()}"]))
     assert down.load_aligner(str(result.aligner_dir)) is not None
     with pytest.raises(FileNotFoundError, match="no such directory"):
         down.register_checkpoint(result.run_dir / "nope")
@@ -227,7 +221,7 @@ def test_a_path_named_aligner_is_drawn_while_the_tracking_server_is_down(trained
     """The registry lookup is skipped with a warning; only the logging at the end waits for the
     server, and the drawn results stay for the rerun that logs them."""
     cfg, result = trained
-    down = load_config("tiny", [f"paths.root={tmp_path}", f"tracking.uri=http://127.0.0.1:{closed_port()}",
+    down = load_config("tiny", [f"paths.root={tmp_path}", f"tracking.uri=http://127.0.0.1:{free_port()}",
                                 "eval.limit=1", "eval.tasks=[1]", "eval.shots=[2]", "eval.baselines=[]"])
     with pytest.raises(registry.TrackingUnavailableError):
         stage.evaluate_cobsat(down, model=str(result.aligner_dir))
