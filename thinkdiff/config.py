@@ -29,6 +29,8 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 TINY_MODEL_ID = "tiny"
 DTYPES = ("float32", "bfloat16", "float16")
+VLM_BASELINES = ("text-bridge", "tbdn")
+"""The generators that draw with a VLM and no aligner: eval.baselines may give them another VLM."""
 
 
 class _Problems(list[str]):
@@ -349,8 +351,10 @@ class EvalConfig:
     call), or a sanity baseline: oracle, copy-last, random-theta, random."""
     baselines: list[str]
     """Generators evaluated beside the thinkdiff generator with the same settings and shown with it
-    in one table and chart (comparison.md / .png): text-bridge or sanity baselines. Each is drawn once
-    per settings, whatever the aligner; the nightly promotion run leaves them out."""
+    in one table and chart (comparison.md / .png): text-bridge, tbdn, hybrid or sanity baselines;
+    `text-bridge@<vlm id>` or `tbdn@<vlm id>` draws with another VLM than models.vlm (its revision
+    main). Each is drawn once per settings, whatever the aligner; the nightly promotion run leaves
+    them out."""
     aligner: str
     """thinkdiff generator: a directory, an official .pth or models:/name@alias; empty: this config's own
     trained aligner."""
@@ -417,9 +421,13 @@ class EvalConfig:
         p.need(self.batch_size >= 1, "eval.batch_size", self.batch_size, "use at least 1")
         generators = ("thinkdiff", "text-bridge", "tbdn", "hybrid", "oracle", "copy-last", "random-theta", "random")
         p.need(self.generator in generators, "eval.generator", self.generator, f"use one of {', '.join(generators)}")
-        p.need(all(b in generators[1:] for b in self.baselines) and len(set(self.baselines)) == len(self.baselines),
-               "eval.baselines", self.baselines,
+        p.need(all(b.partition("@")[0] in generators[1:] for b in self.baselines)
+               and len(set(self.baselines)) == len(self.baselines), "eval.baselines", self.baselines,
                f"list distinct generators beside thinkdiff: {', '.join(generators[1:])}, or []")
+        p.need(all(b.partition("@")[0] in VLM_BASELINES and b.partition("@")[2] for b in self.baselines if "@" in b),
+               "eval.baselines", self.baselines,
+               f"name another VLM only for {' and '.join(VLM_BASELINES)}, as generator@model-id (e.g. "
+               "text-bridge@Qwen/Qwen2.5-VL-7B-Instruct): an aligner generator draws with the VLM of its training")
         p.need(0 <= self.tbdn_alpha <= 10, "eval.tbdn_alpha", self.tbdn_alpha, "use 0..10 (TBDN: 0.5; 0: no contrast)")
         p.need(self.judge in ("synthetic", "llava", "qwen2-vl"), "eval.judge", self.judge,
                "use llava, qwen2-vl or synthetic")

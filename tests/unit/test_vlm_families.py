@@ -73,7 +73,7 @@ def test_features_training_and_cobsat_run_on_each_family(demo_corpus, tmp_path, 
     _, corpus_dir = demo_corpus
     cfg = load_config("tiny", [f"paths.root={tmp_path}", f"models.vlm.id={model_id}", "train.max_steps=4",
                                "train.warmup_steps=1", "train.log_every=2", "train.batch_size=4", "eval.limit=1",
-                               "eval.tasks=[1]", "eval.shots=[2]", "eval.baselines=[tbdn]"])
+                               "eval.tasks=[1]", "eval.shots=[2]", "eval.baselines=[tbdn, text-bridge@tiny]"])
     features_dir = pipeline.cache_features(cfg, corpus_dir)
     store = FeatureStore(features_dir, expect_model_id=model_id)
     assert store.info.dim == load_vlm(cfg.models.vlm, min_pixels=3136, max_pixels=3136).hidden_size
@@ -81,9 +81,21 @@ def test_features_training_and_cobsat_run_on_each_family(demo_corpus, tmp_path, 
     assert result.step == 4
     evaluation = stage.evaluate_cobsat(cfg, model=str(result.aligner_dir))
     assert evaluation.summary.num_prompts == 1 and evaluation.baselines["tbdn"].num_prompts == 1
+    # One row per (generator, VLM, shot): the text bridge drew with the VLM its entry names.
+    measured = evaluation.comparison_md.read_text().split("Measured here:")[1]
+    rows = [line.split(" | ")[:3] for line in measured.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[1:] == [["| thinkdiff", model_id, "2"], ["| tbdn", model_id, "2"], ["| text-bridge", "tiny", "2"]]
     # A store of one family is never read as another's.
     with pytest.raises(Exception, match=model_id):
         FeatureStore(features_dir, expect_model_id="tiny")
+
+
+def test_a_baseline_names_another_vlm_only_for_a_generator_without_an_aligner():
+    cfg = load_config("tiny", ["eval.baselines=[text-bridge, text-bridge@Qwen/Qwen2.5-VL-7B-Instruct, tbdn@tiny]"])
+    assert cfg.eval.baselines == ["text-bridge", "text-bridge@Qwen/Qwen2.5-VL-7B-Instruct", "tbdn@tiny"]
+    for entry in ("hybrid@tiny-qwen3-vl", "text-bridge@"):
+        with pytest.raises(ConfigError, match=r"eval.baselines=.*name another VLM only for text-bridge and tbdn"):
+            load_config("tiny", [f"eval.baselines=[{entry}]"])
 
 
 def test_a_vlm_of_another_family_is_refused_before_its_weights_load(tmp_path):

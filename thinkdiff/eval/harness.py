@@ -125,7 +125,8 @@ class Summary:
 
 def _table(summaries: dict[str, Summary], vlms: dict[str, str] | None = None) -> str:
     """Accuracy per task in the papers' column order and the mean, a row per shot (per generator
-    and shot when the generators are named, with the VLM each drew with when `vlms` names them),
+    and shot when the generators are named, with the VLM each drew with when `vlms` names them; a
+    `generator@vlm` name shows as its generator, the VLM in its own column),
     then how many prompts it covers and what judged them: a quick check with a small `eval.limit`,
     or another judge than CoBSAT's, must not read as the paper's result. With CoBSAT's CLIP metric,
     its accuracy and similarity follow as a second table."""
@@ -147,7 +148,8 @@ def _accuracy_rows(summaries: dict[str, Summary], values: Callable[[Summary], di
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, summary in summaries.items():
         for shot, per_task in sorted(values(summary).items()):
-            cells = [name] * named + ([vlms.get(name, "-")] if vlms else []) + [metric] * bool(metric) + [str(shot)]
+            cells = [name.partition("@")[0]] * named + ([vlms.get(name, "-")] if vlms else [])
+            cells += [metric] * bool(metric) + [str(shot)]
             cells += [number.format(per_task[t]) if t in per_task else "-" for t in COLUMN_ORDER]
             lines.append("| " + " | ".join(cells) + f" | {number.format(sum(per_task.values()) / len(per_task))} |")
     return lines

@@ -196,16 +196,20 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> CobsatEvaluatio
     run_id = records.log_evaluation(out_dir, summary, ref, label)
     baselines, table = {}, summary.table()
     if e.generator == "thinkdiff" and e.baselines:
-        for name in e.baselines:
-            alone = dataclasses.replace(cfg, eval=dataclasses.replace(e, generator=name, baselines=[]))
+        for entry in e.baselines:
+            name, _, other_vlm = entry.partition("@")
+            models = cfg.models if not other_vlm else dataclasses.replace(
+                cfg.models, vlm=dataclasses.replace(cfg.models.vlm, id=other_vlm, revision="main"))
+            alone = dataclasses.replace(cfg, models=models, eval=dataclasses.replace(e, generator=name, baselines=[]))
             # hybrid draws with the same aligner; the others need none
-            baselines[name] = evaluate_cobsat(alone, model=model if name in ALIGNER_GENERATORS else None).summary
+            baselines[entry] = evaluate_cobsat(alone, model=model if name in ALIGNER_GENERATORS else None).summary
     result = CobsatEvaluation(table=table, results_dir=out_dir, summary=summary, run_id=run_id,
                               run_url=records.run_url(run_id), model=ref, baselines=baselines)
     if baselines:
         summaries = {"thinkdiff": summary, **baselines}
-        vlm = cfg.models.vlm.id  # the VLM-backed generators drew with it; the sanity baselines with none
-        written = harness.compare(out_dir, summaries, {n: vlm for n in summaries if n not in harness.BASELINES})
+        # The VLM-backed generators drew with models.vlm or the one their entry names; the sanity baselines with none.
+        vlms = {n: n.partition("@")[2] or cfg.models.vlm.id for n in summaries if n not in harness.BASELINES}
+        written = harness.compare(out_dir, summaries, vlms)
         records.log_comparison(run_id, [result.comparison_md, result.comparison_png], replace=written)
         result = dataclasses.replace(result, table=result.comparison_md.read_text().rstrip("\n"))
     log.info("CoBSAT (%s): mean accuracy %s over %d prompts; per task in %s", label,
