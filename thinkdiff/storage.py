@@ -152,10 +152,11 @@ def stage_root(cfg: RunConfig) -> Path:
     root = Path(cfg.paths.root)
     for existing in (root, *root.parents):
         try:
-            if existing.is_dir():
-                return root
+            # In this order: another process may make the directory between the two checks.
             if not existing.exists():
                 continue
+            if existing.is_dir():
+                return root
         except OSError:  # unreadable: the first mkdir will say why
             return root
         where = "is a file" if existing == root else f"is under {existing}, a file"
