@@ -6,10 +6,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+from prefect.client.orchestration import get_client
+from prefect.context import FlowRunContext
+from prefect.task_runners import TaskRunner
+
+from thinkdiff import cluster
 from thinkdiff.config import load_config
 from thinkdiff.errors import BAD_INPUT_ERRORS, ConfigError
 
@@ -39,3 +45,29 @@ def run_from_command_line(flow_fn: Callable[..., object], prog: str) -> None:
         print("\n".join(f"{name:>{width}}: {value}" for name, value in result.items()))
     else:
         print(json.dumps(result) if not isinstance(result, str) else result)
+
+
+def on_ray(config: str, overrides: list[str]) -> bool:
+    """Whether the config spreads the stages over a Ray cluster (cluster.engine=ray)."""
+    return load_config(config, overrides).cluster.engine == "ray"
+
+
+@contextlib.contextmanager
+def task_runner(config: str, overrides: list[str], *, training: bool = False) -> Iterator[TaskRunner]:
+    """Where a flow's per-unit tasks run: the flow run's own task runner (cluster.engine=local), or
+    prefect-ray's on the cluster (ray), each task a Ray task holding cluster.gpus_per_worker and
+    cluster.cpus_per_worker (`training`: once per accelerate process). Its task runs report to this
+    flow run's Prefect API (also a temporary one, which a temporary local cluster reaches)."""
+    cfg = load_config(config, overrides)
+    if cfg.cluster.engine == "local":
+        yield FlowRunContext.get().task_runner
+        return
+    from prefect_ray import RayTaskRunner
+    from prefect_ray.context import remote_options
+
+    with get_client(sync_client=True) as client:
+        api_url = str(client.api_url)
+    options = cluster.training_options(cfg) if training else cluster.remote_options(cfg.cluster)
+    with RayTaskRunner(init_kwargs=cluster.init_kwargs(cfg.cluster)) as runner, remote_options(
+            **options, runtime_env={"env_vars": {"PREFECT_API_URL": api_url}}):
+        yield runner

@@ -42,3 +42,11 @@ def retry_on(*transient: type[BaseException]):
         return False
 
     return condition
+
+
+def send_run_logs(task, task_run, state) -> None:
+    """An on_completion / on_failure hook of tasks that run in Ray workers: such a process sends its
+    batched log records (the library's progress lines among them) only when told to, so the task
+    run's logs reach the Prefect API as it ends rather than never."""
+    for handler in _library_logger.handlers:
+        handler.flush()

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from prefect import task
 
+from tasks import send_run_logs
 from thinkdiff import pipeline
 from thinkdiff.config import load_config
 
@@ -16,7 +17,7 @@ def plan_feature_shards_task(config: str, overrides: list[str], corpus_dir: str 
 
 # No timeout: mapped, this task runs in a worker thread, where Prefect cannot enforce one (it would
 # only log a warning for every shard).
-@task(name="cache-feature-shard", tags=["gpu"])
+@task(name="cache-feature-shard", tags=["gpu"], on_completion=[send_run_logs], on_failure=[send_run_logs])
 def cache_feature_shard_task(config: str, overrides: list[str], corpus_shard: str) -> str:
     return str(pipeline.cache_feature_shard(load_config(config, overrides), Path(corpus_shard)))
 

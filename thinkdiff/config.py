@@ -83,6 +83,49 @@ class PathsConfig:
         return p
 
 
+ENGINES = ("local", "ray")
+
+
+@dataclass(kw_only=True)
+class ClusterConfig:
+    """Where the stages run (docs/cluster.md). It changes how fast, never what: no stage fingerprint holds it."""
+
+    engine: str
+    """`local` (every stage on this machine, as `make demo`) or `ray`: corpus shards, feature shards and
+    CoBSAT (task, shot) units spread over the Ray cluster's workers, training on one of its GPU workers."""
+    address: str
+    """engine ray: "" starts a temporary local Ray for the run; `auto` joins the cluster this machine is
+    a node of (`ray start`); `ray://host:10001` joins a remote head through Ray Client; `host:6379` its GCS."""
+    gpus_per_worker: float
+    """engine ray: GPUs each feature shard, CoBSAT unit and training task holds (0 on a CPU-only cluster;
+    a fraction shares one GPU, above 1 a whole number)."""
+    cpus_per_worker: float
+    """engine ray: CPUs each of those tasks holds (the image preprocessing threads run on them)."""
+
+    def problems(self, root: str | None = None) -> list[str]:
+        """This section's rules; with `root` (paths.root, from RunConfig.validate) also that a cluster
+        joined by address, whose workers run in their own directories, is given an absolute one."""
+        p = _Problems()
+        p.need(self.engine in ENGINES, "cluster.engine", self.engine, f"use one of {', '.join(ENGINES)}")
+        address = self.address.strip()
+        p.need(address in ("", "auto") or address.startswith("ray://") or _host_port(address),
+               "cluster.address", self.address,
+               'use "" (a temporary local Ray), auto, ray://HEAD:10001 or HEAD:6379')
+        p.need(self.gpus_per_worker >= 0 and (self.gpus_per_worker <= 1 or self.gpus_per_worker.is_integer()),
+               "cluster.gpus_per_worker", self.gpus_per_worker, "use 0, a fraction of 1, or a whole number of GPUs")
+        p.need(self.cpus_per_worker > 0, "cluster.cpus_per_worker", self.cpus_per_worker, "use a value > 0, e.g. 4")
+        if root is not None and self.engine == "ray" and self.address:
+            p.need(Path(root).is_absolute(), "paths.root", root,
+                   "the cluster's workers resolve a relative root in their own directories: give an absolute path "
+                   "that every node mounts (docs/cluster.md)")
+        return p
+
+
+def _host_port(address: str) -> bool:
+    host, sep, port = address.rpartition(":")
+    return bool(sep and host and "/" not in host and port.isdigit())
+
+
 @dataclass(kw_only=True)
 class CorpusConfig:
     url_list: str
@@ -465,6 +508,7 @@ class RunConfig:
     train: TrainConfig
     tracking: TrackingConfig
     eval: EvalConfig
+    cluster: ClusterConfig
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -487,6 +531,7 @@ class RunConfig:
         problems += self.train.problems(max_feature_rows=self.features.max_feature_rows)
         problems += self.tracking.problems()
         problems += self.eval.problems()
+        problems += self.cluster.problems(root=self.paths.root)
         if problems:
             raise ConfigError(f"invalid config (preset {self.preset!r}):\n  " + "\n  ".join(problems))
         return self
@@ -678,6 +723,7 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
 
 
 __all__ = [
+    "ClusterConfig",
     "CorpusConfig",
     "FeaturesConfig",
     "ModelSource",

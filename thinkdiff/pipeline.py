@@ -9,18 +9,21 @@ Functions are named after the stage's flow (`build-corpus`, `cache-features`, `t
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from thinkdiff import registry
+from thinkdiff import cluster, registry
 from thinkdiff.config import RunConfig
 from thinkdiff.data import corpus, extract
 from thinkdiff.models.aligner import WEIGHTS_NAME
 from thinkdiff.storage import read_manifest, recorded_location, stage_dir
 from thinkdiff.train import launch, loop
 
+log = logging.getLogger(__name__)
+
 
 def build_corpus(cfg: RunConfig, out_dir: Path | None = None) -> corpus.Corpus:
-    return corpus.Corpus(corpus.build_corpus(cfg.corpus, out_dir or stage_dir(cfg, "corpus")))
+    return corpus.Corpus(corpus.build_corpus(cfg.corpus, out_dir or stage_dir(cfg, "corpus"), cfg.cluster))
 
 
 def _corpus_dir(cfg: RunConfig, corpus_dir: Path | None) -> Path:
@@ -59,6 +62,8 @@ def pending_feature_shards(cfg: RunConfig, corpus_dir: Path | None = None) -> li
 
 
 def cache_feature_shard(cfg: RunConfig, corpus_shard: Path) -> Path:
+    if worker := cluster.worker_description():
+        log.info("features: %s on %s", corpus_shard.name, worker)
     return extract.extract_feature_shard(cfg, corpus_shard, stage_dir(cfg, "features", corpus_shard.parent))
 
 

@@ -76,7 +76,8 @@ TAG_PROMOTION_REASON = "thinkdiff.promotion_reason"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 # Settings a training run's name leaves out: where things are written and logged, not what is trained.
-_UNNAMED_SECTIONS = ("paths.", "tracking.", "eval.", "corpus.processes", "corpus.threads", "features.batch_size")
+_UNNAMED_SECTIONS = ("paths.", "tracking.", "eval.", "cluster.", "corpus.processes", "corpus.threads",
+                      "features.batch_size")
 # The store locks this thread holds, with their depth: an operation that holds one calls others that take it.
 _held = threading.local()
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")

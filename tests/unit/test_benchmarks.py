@@ -266,3 +266,19 @@ def test_summary_ratios(capsys):
     # Same batch: the largest both ran (4: 50 / 20); best vs best: 90 at 8 / 20 at 4.
     assert (m["same_batch"], m["same"], m["project"], m["naive"], m["best"]) == ("4", "2.5", "8", "4", "4.5")
     assert _rates(out)["best project:"]["8"] == {"rate": 90.0, "tflops": 9.0, "share": 90.0, "gib": 2.0}
+
+
+def test_cluster_throughput_reports_one_and_n_workers(tmp_path):
+    """benchmarks/cluster_throughput.py --tiny: a local Ray cluster of 2 logical GPUs; both stages'
+    rates with 1 and 2 workers, and their ratio consistent with them."""
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: the cluster on 127.0.0.1 (tests/integration/test_ray.py).
+    done = subprocess.run([sys.executable, "benchmarks/cluster_throughput.py", "--tiny", "--root", str(tmp_path)],
+                          cwd=REPO, env=os.environ | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for stage, unit in (("features", "images/s"), ("cobsat", "prompts/s")):
+        [m] = [m for line in done.stdout.splitlines() if (m := re.match(
+            rf"^{stage}: 1 worker (?P<one>{NUMBER}) {unit}, 2 workers (?P<two>{NUMBER}) {unit} \((?P<x>{NUMBER})x\)$",
+            line))]
+        one, two = float(m["one"]), float(m["two"])
+        assert one > 0 and two > 0 and abs(float(m["x"]) - two / one) <= 0.01 + 0.01 * two / one

@@ -288,3 +288,33 @@ def test_the_tbdn_preset_is_paper_lvlm_evaluating_tbdn():
     assert {k for k in lvlm if tbdn[k] != lvlm[k]} == {"preset", "eval.generator", "eval.baselines"}
     assert (tbdn["eval.generator"], tbdn["eval.tbdn_alpha"], tbdn["models.vlm.id"]) == (
         "tbdn", "0.5", "Qwen/Qwen2-VL-7B-Instruct")
+
+
+def test_cluster_settings_change_no_stage_directory(tmp_path):
+    """Where a stage runs changes how fast, not what: every stage directory stays where it was."""
+    base = load_config("tiny", [f"paths.root={tmp_path}"])
+    spread = load_config("tiny", [f"paths.root={tmp_path}", "cluster.engine=ray", "cluster.address=auto",
+                                  "cluster.gpus_per_worker=0.5", "cluster.cpus_per_worker=3"])
+    assert spread.cluster.engine == "ray" and spread.cluster.gpus_per_worker == 0.5
+    assert [stage_dir(spread, stage) for stage in ("corpus", "features", "train")] == [
+        stage_dir(base, stage) for stage in ("corpus", "features", "train")]
+
+
+def test_cluster_settings_are_checked_with_key_value_and_fix():
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", ["cluster.engine=spark", "cluster.address=http://head", "cluster.gpus_per_worker=1.5",
+                             "cluster.cpus_per_worker=0"])
+    assert str(err.value).splitlines()[1:] == [
+        "  cluster.engine='spark': use one of local, ray",
+        "  cluster.address='http://head': use \"\" (a temporary local Ray), auto, ray://HEAD:10001 or HEAD:6379",
+        "  cluster.gpus_per_worker=1.5: use 0, a fraction of 1, or a whole number of GPUs",
+        "  cluster.cpus_per_worker=0.0: use a value > 0, e.g. 4",
+    ]
+    for address in ("", "auto", "ray://head:10001", "10.0.0.5:6379"):
+        assert load_config("tiny", ["paths.root=/srv/thinkdiff", "cluster.engine=ray",
+                                    f"cluster.address={address}"]).cluster.address == address
+    # A cluster joined by address runs its workers in their own directories: the root must be absolute.
+    with pytest.raises(ConfigError, match=r"paths.root='data': the cluster's workers resolve a relative root .*"
+                                          r"absolute path that every node mounts"):
+        load_config("tiny", ["cluster.engine=ray", "cluster.address=auto"])
+    assert load_config("tiny", ["cluster.engine=ray"]).paths.root == "data"  # a temporary local Ray shares this one's

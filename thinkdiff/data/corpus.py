@@ -66,7 +66,8 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from thinkdiff.config import CorpusConfig
+from thinkdiff.cluster import driver_address
+from thinkdiff.config import ClusterConfig, CorpusConfig
 from thinkdiff.data.webserver import serve_directory
 from thinkdiff.errors import DataContractError, ThinkDiffError, first_line
 from thinkdiff.processes import spawn, stop_process_group
@@ -383,8 +384,9 @@ def write_hf_url_list(cfg: CorpusConfig, path: Path) -> int:
 # The stage
 
 
-def build_corpus(cfg: CorpusConfig, out_dir: Path) -> Path:
+def build_corpus(cfg: CorpusConfig, out_dir: Path, cluster: ClusterConfig | None = None) -> Path:
     """Run the corpus stage into `out_dir` (skipped when its manifest exists); returns `out_dir`.
+    With `cluster` on engine ray, img2dataset's ray distributor downloads the shards on its workers.
 
     An hf:// url list is first written to `hf_url_list_path(out_dir)`, unless a run before wrote it.
 
@@ -406,18 +408,18 @@ def build_corpus(cfg: CorpusConfig, out_dir: Path) -> Path:
             lines = ["url\tcaption"] + [f"{base_url}/{name}\t{caption}" for name, caption in rows]
             atomic_write_bytes(url_list, ("\n".join(lines) + "\n").encode())
             expected = check_url_list(url_list, "tsv", "url", "caption")
-            run_img2dataset(cfg, url_list, "tsv", "url", "caption", out_dir, expected)
+            run_img2dataset(cfg, url_list, "tsv", "url", "caption", out_dir, expected, cluster)
     elif is_hf_url_list(cfg.url_list):
         # Read from the Hub once: a rerun (after an interrupted download, say) takes the list written then.
         url_list = hf_url_list_path(out_dir)
         if not url_list.is_file():
             write_hf_url_list(cfg, url_list)
         expected = check_url_list(url_list, "parquet", cfg.url_col, cfg.caption_col)
-        run_img2dataset(cfg, url_list, "parquet", cfg.url_col, cfg.caption_col, out_dir, expected)
+        run_img2dataset(cfg, url_list, "parquet", cfg.url_col, cfg.caption_col, out_dir, expected, cluster)
     else:
         url_list = Path(cfg.url_list)
         expected = check_url_list(url_list, cfg.input_format, cfg.url_col, cfg.caption_col)
-        run_img2dataset(cfg, url_list, cfg.input_format, cfg.url_col, cfg.caption_col, out_dir, expected)
+        run_img2dataset(cfg, url_list, cfg.input_format, cfg.url_col, cfg.caption_col, out_dir, expected, cluster)
     report = check_shard_stats(out_dir, expected, cfg)
     write_manifest(out_dir, {
         "stage": "corpus",
@@ -456,15 +458,17 @@ def check_accepted_rate(out_dir: Path, manifest: dict, cfg: CorpusConfig) -> Non
 
 
 def img2dataset_args(cfg: CorpusConfig, url_list: Path, input_format: str, url_col: str, caption_col: str,
-                     out_dir: Path) -> list[str]:
-    """Every img2dataset argument that matters, explicit (datacomp style)."""
+                     out_dir: Path, distributor: str = "multiprocessing") -> list[str]:
+    """Every img2dataset argument that matters, explicit (datacomp style). Its `ray` distributor runs
+    a Ray task of one CPU per shard (`processes_count` is the multiprocessing distributor's alone), each
+    downloading on `corpus.threads` threads into the output folder, which every node must mount."""
     args = {
         "url_list": str(url_list),
         "input_format": input_format,
         "url_col": url_col,
         "caption_col": caption_col,
         "output_format": "parquet",
-        "output_folder": str(out_dir),
+        "output_folder": str(out_dir.resolve()),  # Ray workers run in their own directories
         "image_size": cfg.image_size,
         "resize_mode": cfg.resize_mode,
         "resize_only_if_bigger": False,
@@ -476,7 +480,7 @@ def img2dataset_args(cfg: CorpusConfig, url_list: Path, input_format: str, url_c
         "retries": cfg.retries,
         "timeout": cfg.timeout_s,
         "incremental_mode": "incremental",
-        "distributor": "multiprocessing",
+        "distributor": distributor,
         "extract_exif": False,
         "compute_hash": "sha256",
         "enable_wandb": False,
@@ -485,26 +489,33 @@ def img2dataset_args(cfg: CorpusConfig, url_list: Path, input_format: str, url_c
 
 
 def run_img2dataset(cfg: CorpusConfig, url_list: Path, input_format: str, url_col: str, caption_col: str, out_dir: Path,
-                    expected_rows: int) -> None:
+                    expected_rows: int, cluster: ClusterConfig | None = None) -> None:
     """img2dataset as a subprocess: it installs signal handlers and spawns workers, neither of which
     is safe inside a Prefect worker thread (docs/choices.md). Progress (shards done, rate, ETA) is logged
     from the stats file it writes per finished shard; its output goes to a temporary file (a long
     download would otherwise pile it up in memory) and its tail to the log. Shards a rerun cannot
     trust are discarded first (the module docstring says which)."""
+    on_ray = cluster is not None and cluster.engine == "ray"
     entry = "import sys; from img2dataset.main import main; sys.exit(main())"
-    command = [sys.executable, "-c", entry,
-               *img2dataset_args(cfg, url_list, input_format, url_col, caption_col, out_dir)]
+    args = img2dataset_args(cfg, url_list, input_format, url_col, caption_col, out_dir,
+                            "ray" if on_ray else "multiprocessing")
+    command = [sys.executable, "-c", entry, *args]
     total = math.ceil(expected_rows / cfg.shard_size)
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
-    with download_claim(out_dir) as claim, tempfile.TemporaryFile("w+") as output:
+    with (driver_address(cluster) if on_ray else contextlib.nullcontext()) as ray_address, \
+            download_claim(out_dir) as claim, tempfile.TemporaryFile("w+") as output:
+        # Read after joining the cluster, whose credentials Ray puts in this process's environment.
+        env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
+        if ray_address:  # img2dataset joins the cluster as a driver of its own
+            env["RAY_ADDRESS"] = ray_address
         discard_untrusted_shards(out_dir)
         marker = out_dir / DOWNLOAD_MARKER
         atomic_write_bytes(marker, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                                "started": time.time()}).encode())
         # an interrupted run's shards (those kept) are not fetched again
         already = reported = len(list(out_dir.glob("*_stats.json")))
-        log.info("corpus: img2dataset %s -> %s (%d processes x %d threads), %d/%d shards already done", url_list,
-                 out_dir, cfg.processes, cfg.threads, already, total)
+        log.info("corpus: img2dataset %s -> %s (%s x %d threads), %d/%d shards already done", url_list, out_dir,
+                 f"Ray at {ray_address}, a task per shard" if on_ray else f"{cfg.processes} processes", cfg.threads,
+                 already, total)
         started = time.perf_counter()
         # Its own process group, ended with this process however it ends (thinkdiff/processes.py), holding
         # the claim until its last process is gone; Ctrl-C reaches only us.

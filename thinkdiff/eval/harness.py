@@ -17,6 +17,7 @@ about 0.1, random about 0.01.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -193,6 +194,12 @@ def prompts_per_task(limit: int) -> int:
     return min(limit or NUM_PROMPTS, NUM_PROMPTS)
 
 
+def prompt_keys(tasks: list[int], shots: list[int], limit: int | None) -> set[tuple[int, int, int]]:
+    """(task, shot, index) of every prompt an evaluation of (tasks x shots) under `limit` scores."""
+    count = prompts_per_task(limit)
+    return {(t, shot, i) for shot in shots for t in tasks for i in range(count)}
+
+
 def evaluate(
     dataset: CobsatDataset,
     generator: Generator,
@@ -223,52 +230,108 @@ def evaluate(
     # One writer per results directory (a baseline's is shared by every aligner evaluated with its
     # settings): a second evaluation waits, then finds the prompts drawn.
     with exclusive(out_dir / ".lock", f"cobsat: another evaluation is writing {out_dir}; waiting for it"):
-        results_path = out_dir / RESULTS
-        done = {(r["task"], r["shot"], r["index"]) for r in _read_results(results_path)}
-        batches: list[list[Prompt]] = []
-        wanted: set[tuple[int, int, int]] = set()
-        count = prompts_per_task(limit)
-        for shot in shots:
-            for t in tasks:
-                wanted |= {(t, shot, i) for i in range(count)}
-                for start in range(0, count, batch_size):
-                    if any((t, shot, i) not in done for i in range(start, min(start + batch_size, count))):
-                        batches.append([build_prompt(get_task(t), shot, i)
-                                        for i in range(start, min(start + batch_size, NUM_PROMPTS))])
-        total = sum(len(b) for b in batches)
-        log.info("cobsat: %d prompts to evaluate in %d batches (%d already in %s)", total, len(batches), len(done),
-                 results_path)
-        every = max(1, len(batches) // 20)
-        started_all = time.perf_counter()
-        finished = 0
-        with open(results_path, "a") as fh, tqdm(total=total, desc="cobsat", unit="prompt", disable=None) as progress:
-            for n, batch in enumerate(batches, start=1):
-                started = time.perf_counter()
-                drawn = generator(batch, dataset)
-                gen_s = (time.perf_counter() - started) / len(batch)
-                # A partly written batch: its earlier rows stay as they are.
-                new = [(p, d) for p, d in zip(batch, drawn, strict=True) if (p.task.id, p.shot, p.index) not in done]
-                saved = [_save_image(out_dir, cobsat_result_path(p, name), d.image if isinstance(d, Drawing) else d)
-                         for p, d in new]
-                judge_started = time.perf_counter()
-                reread = [_reopen(out_dir / rel) for rel in saved]
-                verdicts = judge(reread, [p.task for p, _ in new])
-                judge_s = (time.perf_counter() - judge_started) / max(len(new), 1)
-                rows = [_row(prompt, drawing, rel, verdict, gen_s=gen_s, judge_s=judge_s)
-                        for (prompt, drawing), rel, verdict in zip(new, saved, verdicts, strict=True)]
-                if clip_scorer is not None and rows:
-                    for row, fields in zip(rows, clip_scorer(reread, [p for p, _ in new]), strict=True):
-                        row.update(fields)
-                fh.write("".join(json.dumps(row) + "\n" for row in rows))
-                fh.flush()
-                finished += len(batch)
-                progress.update(len(batch))
-                if n % every == 0 or n == len(batches):
-                    rate = finished / (time.perf_counter() - started_all)
-                    log.info("cobsat: %d/%d prompts, %.2f prompts/s, ETA %.0fs", finished, total, rate,
-                             (total - finished) / rate)
+        _draw(dataset, generator, judge, out_dir, out_dir / RESULTS, tasks=tasks, shots=shots, limit=limit,
+              batch_size=batch_size, name=name, clip_scorer=clip_scorer)
         # Only the prompts asked for: a directory may also hold rows of a run with a larger limit.
-        return summarize(out_dir, wanted, dataset, judge_label)
+        return summarize(out_dir, prompt_keys(tasks, shots, limit), dataset, judge_label)
+
+
+UNITS_DIR = "units"
+
+
+def unit_results(out_dir: Path, task: int, shot: int) -> Path:
+    """Where the (task, shot) unit of a spread evaluation appends its rows until `merge_units` moves
+    them into results.jsonl."""
+    return out_dir / UNITS_DIR / f"task{task:02d}-shot{shot}.jsonl"
+
+
+def evaluate_unit(dataset: CobsatDataset, generator: Generator, judge: Judge, out_dir: Path, *, task: int, shot: int,
+                  limit: int | None, batch_size: int = 1, name: str = "thinkdiff",
+                  clip_scorer: ClipScorer | None = None) -> Path:
+    """One (task, shot) of `evaluate`, drawn beside the other units (on another worker, say) into the
+    same directory: the same batches, seeds and image paths, its rows in `unit_results` (resuming
+    from them and from results.jsonl); returns that file. `merge_units` then summarizes."""
+    results = unit_results(out_dir, task, shot)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    # The rows' own file is the lock: nothing is left beside them once merged.
+    with exclusive(results, f"cobsat: another worker is drawing task {task}, {shot} shots in {out_dir}; waiting"):
+        _draw(dataset, generator, judge, out_dir, results, tasks=[task], shots=[shot], limit=limit,
+              batch_size=batch_size, name=name, clip_scorer=clip_scorer)
+    return results
+
+
+def merge_units(dataset: CobsatDataset, out_dir: Path, *, tasks: list[int], shots: list[int], limit: int | None,
+                judge_label: str) -> Summary:
+    """Append the units' rows to results.jsonl in the order `evaluate` writes them (shot, then task),
+    remove the unit files, and summarize as `evaluate` does. A merge cut off is merged again: rows
+    already in results.jsonl are not appended twice."""
+    with exclusive(out_dir / ".lock", f"cobsat: another evaluation is writing {out_dir}; waiting for it"):
+        done = {(r["task"], r["shot"], r["index"]) for r in _read_results(out_dir / RESULTS)}
+        units = [unit_results(out_dir, t, shot) for shot in shots for t in tasks]
+        rows = []
+        for unit in units:
+            for row in _read_results(unit):
+                if (key := (row["task"], row["shot"], row["index"])) not in done:
+                    done.add(key)
+                    rows.append(row)
+        with open(out_dir / RESULTS, "a") as fh:
+            fh.write("".join(json.dumps(row) + "\n" for row in rows))
+        for unit in units:
+            unit.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # units of other prompt sets still there
+            (out_dir / UNITS_DIR).rmdir()
+        log.info("cobsat: %d rows of %d units merged into %s", len(rows), len(units), out_dir / RESULTS)
+        return summarize(out_dir, prompt_keys(tasks, shots, limit), dataset, judge_label)
+
+
+def _draw(dataset: CobsatDataset, generator: Generator, judge: Judge, out_dir: Path, results_path: Path, *,
+          tasks: list[int], shots: list[int], limit: int | None, batch_size: int, name: str,
+          clip_scorer: ClipScorer | None) -> None:
+    """Draw and judge the batches with a prompt lacking a row in `results_path` (or in results.jsonl),
+    appending their rows to `results_path`. The caller holds that file's lock."""
+    done = {(r["task"], r["shot"], r["index"]) for r in _read_results(results_path)}
+    if results_path != out_dir / RESULTS:
+        done |= {(r["task"], r["shot"], r["index"]) for r in _read_results(out_dir / RESULTS)}
+    batches: list[list[Prompt]] = []
+    count = prompts_per_task(limit)
+    for shot in shots:
+        for t in tasks:
+            for start in range(0, count, batch_size):
+                if any((t, shot, i) not in done for i in range(start, min(start + batch_size, count))):
+                    batches.append([build_prompt(get_task(t), shot, i)
+                                    for i in range(start, min(start + batch_size, NUM_PROMPTS))])
+    total = sum(len(b) for b in batches)
+    log.info("cobsat: %d prompts to evaluate in %d batches (%d already in %s)", total, len(batches), len(done),
+             results_path)
+    every = max(1, len(batches) // 20)
+    started_all = time.perf_counter()
+    finished = 0
+    with open(results_path, "a") as fh, tqdm(total=total, desc="cobsat", unit="prompt", disable=None) as progress:
+        for n, batch in enumerate(batches, start=1):
+            started = time.perf_counter()
+            drawn = generator(batch, dataset)
+            gen_s = (time.perf_counter() - started) / len(batch)
+            # A partly written batch: its earlier rows stay as they are.
+            new = [(p, d) for p, d in zip(batch, drawn, strict=True) if (p.task.id, p.shot, p.index) not in done]
+            saved = [_save_image(out_dir, cobsat_result_path(p, name), d.image if isinstance(d, Drawing) else d)
+                     for p, d in new]
+            judge_started = time.perf_counter()
+            reread = [_reopen(out_dir / rel) for rel in saved]
+            verdicts = judge(reread, [p.task for p, _ in new])
+            judge_s = (time.perf_counter() - judge_started) / max(len(new), 1)
+            rows = [_row(prompt, drawing, rel, verdict, gen_s=gen_s, judge_s=judge_s)
+                    for (prompt, drawing), rel, verdict in zip(new, saved, verdicts, strict=True)]
+            if clip_scorer is not None and rows:
+                for row, fields in zip(rows, clip_scorer(reread, [p for p, _ in new]), strict=True):
+                    row.update(fields)
+            fh.write("".join(json.dumps(row) + "\n" for row in rows))
+            fh.flush()
+            finished += len(batch)
+            progress.update(len(batch))
+            if n % every == 0 or n == len(batches):
+                rate = finished / (time.perf_counter() - started_all)
+                log.info("cobsat: %d/%d prompts, %.2f prompts/s, ETA %.0fs", finished, total, rate,
+                         (total - finished) / rate)
 
 
 def _save_image(out_dir: Path, rel: str, image: Image.Image) -> str:

@@ -14,8 +14,8 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from thinkdiff import registry
-from thinkdiff.config import RunConfig, fingerprint
+from thinkdiff import cluster, registry
+from thinkdiff.config import RunConfig, config_from_dict, fingerprint
 from thinkdiff.errors import ConfigError, DataContractError
 from thinkdiff.eval import dataset, harness, judge
 from thinkdiff.models.aligner import weights_sha256
@@ -142,6 +142,7 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> CobsatEvaluatio
         log.info(note)
         return CobsatEvaluation(table=note, skipped=note)
     ref, records = None, registry.Registry(cfg)  # one tracking-server check for the evaluation
+    drawn_with = None  # the aligner, for the generators that draw with one
     if e.generator in harness.BASELINES:
         generator, identity = harness.BASELINES[e.generator], e.generator
         label = identity
@@ -162,15 +163,11 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> CobsatEvaluatio
             except registry.TrackingUnavailableError as err:  # draw now; the logging at the end waits for the server
                 log.warning("%s; evaluating %s without looking up its registry version", err, spec)
         generator = built_on_first_call(lambda: generate.build_generator(cfg, spec))
+        drawn_with = spec
         # Results are keyed by the weights: one aligner named by path or by version is drawn once.
         identity = f"aligner-sha256:{digest}" if digest else spec
         label = ref.uri if ref is not None else spec
-    if e.dataset == "synthetic":
-        # One set per image size: a changed eval.synthetic_image_size draws its own set.
-        data = dataset.make_synthetic_dataset(stage_root(cfg) / f"cobsat-synthetic-{e.synthetic_image_size}px",
-                                              e.synthetic_image_size)
-    else:
-        data = dataset.open_dataset(e.dataset)
+    data = cobsat_dataset(cfg)
     # Which prompts, how fast they are drawn and what is drawn beside them do not change a prompt's
     # result: the same directory.
     settings = {k: v for k, v in e.__dict__.items()
@@ -189,9 +186,15 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> CobsatEvaluatio
     scorer = built_on_first_call(lambda: clip_scorer(cfg)) if e.clip_score else None
     count = len(set(e.tasks)) * len(set(e.shots)) * harness.prompts_per_task(e.limit)
     with records.monitored_evaluation(out_dir, registry.prompt_set(e.tasks, e.shots, count)):
-        summary = harness.evaluate(data, generator, built_on_first_call(lambda: judge.load_judge(cfg)), out_dir,
-                                   tasks=e.tasks, shots=e.shots, limit=e.limit, batch_size=e.batch_size,
-                                   name=e.generator, judge_label=judge.judge_label(cfg), clip_scorer=scorer)
+        if cfg.cluster.engine == "ray":
+            units = [(cfg.to_dict(), drawn_with, str(out_dir), t, shot) for shot in e.shots for t in e.tasks]
+            cluster.map_on_workers(cfg.cluster, evaluate_cobsat_unit, units, f"cobsat ({label})")
+            summary = harness.merge_units(data, out_dir, tasks=e.tasks, shots=e.shots, limit=e.limit,
+                                          judge_label=judge.judge_label(cfg))
+        else:
+            summary = harness.evaluate(data, generator, built_on_first_call(lambda: judge.load_judge(cfg)), out_dir,
+                                       tasks=e.tasks, shots=e.shots, limit=e.limit, batch_size=e.batch_size,
+                                       name=e.generator, judge_label=judge.judge_label(cfg), clip_scorer=scorer)
     # Logged before the baselines are drawn: a run cut off while drawing them keeps the aligner's.
     run_id = records.log_evaluation(out_dir, summary, ref, label)
     baselines, table = {}, summary.table()
@@ -216,6 +219,31 @@ def evaluate_cobsat(cfg: RunConfig, model: str | None = None) -> CobsatEvaluatio
              ", ".join(f"{shot}-shot {m:.3f}" for shot, m in sorted(summary.mean.items())), summary.num_prompts,
              result.comparison_md or result.summary_md)
     return result
+
+
+def cobsat_dataset(cfg: RunConfig) -> dataset.CobsatDataset:
+    """The set `eval.dataset` names; the synthetic one made under paths.root if absent, one set per
+    image size (a changed eval.synthetic_image_size draws its own set)."""
+    e = cfg.eval
+    if e.dataset == "synthetic":
+        return dataset.make_synthetic_dataset(stage_root(cfg) / f"cobsat-synthetic-{e.synthetic_image_size}px",
+                                              e.synthetic_image_size)
+    return dataset.open_dataset(e.dataset)
+
+
+def evaluate_cobsat_unit(config: dict, aligner: str | None, out_dir: str, task: int, shot: int) -> str:
+    """One (task, shot) of `evaluate_cobsat` on a cluster worker (`config`: `RunConfig.to_dict()`,
+    `aligner`: the resolved spec the aligner generators draw with). The models are loaded once per
+    worker process and kept for its later units (thinkdiff.models.common.shared)."""
+    from thinkdiff import generate
+
+    cfg = config_from_dict(config, source="a CoBSAT unit's config")
+    e = cfg.eval
+    generator = harness.BASELINES.get(e.generator) or generate.build_generator(cfg, aligner)
+    results = harness.evaluate_unit(cobsat_dataset(cfg), generator, judge.load_judge(cfg), Path(out_dir), task=task,
+                                    shot=shot, limit=e.limit, batch_size=e.batch_size, name=e.generator,
+                                    clip_scorer=clip_scorer(cfg) if e.clip_score else None)
+    return str(results)
 
 
 def _checkpoint_vlm(aligner_dir: Path) -> str | None:
