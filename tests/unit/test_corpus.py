@@ -244,6 +244,8 @@ def _download_that_hangs(tmp_path, *, watched: bool):
               "from thinkdiff.config import load_config\n"
               "from thinkdiff.data.corpus import build_corpus\n"
               "faulthandler.register(signal.SIGUSR1)\nlogging.basicConfig(level=logging.INFO)\n"
+              # Ctrl-C as in a terminal, also where this test runs in the background (whose SIGINT is ignored).
+              "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
               f"cfg = load_config('tiny', ['corpus.url_list={urls}', 'corpus.timeout_s=60'])\n"
               f"build_corpus(cfg.corpus, Path('{out}'))\n")
     runner = subprocess.Popen([sys.executable, "-c", script])
