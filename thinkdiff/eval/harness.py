@@ -185,6 +185,11 @@ def compare(out_dir: Path, summaries: dict[str, Summary], vlms: dict[str, str] |
     return True
 
 
+def _drawn_prompts(results: Path) -> set[tuple[int, int, int]]:
+    """(task, shot, index) of every row in a results file."""
+    return {(r["task"], r["shot"], r["index"]) for r in _read_results(results)}
+
+
 def _read_results(path: Path) -> list[dict]:
     return read_jsonl(path, "delete that line and the evaluation draws its prompt again")
 
@@ -266,7 +271,7 @@ def merge_units(dataset: CobsatDataset, out_dir: Path, *, tasks: list[int], shot
     remove the unit files, and summarize as `evaluate` does. A merge cut off is merged again: rows
     already in results.jsonl are not appended twice."""
     with exclusive(out_dir / ".lock", f"cobsat: another evaluation is writing {out_dir}; waiting for it"):
-        done = {(r["task"], r["shot"], r["index"]) for r in _read_results(out_dir / RESULTS)}
+        done = _drawn_prompts(out_dir / RESULTS)
         units = [unit_results(out_dir, t, shot) for shot in shots for t in tasks]
         rows = []
         for unit in units:
@@ -289,9 +294,9 @@ def _draw(dataset: CobsatDataset, generator: Generator, judge: Judge, out_dir: P
           clip_scorer: ClipScorer | None) -> None:
     """Draw and judge the batches with a prompt lacking a row in `results_path` (or in results.jsonl),
     appending their rows to `results_path`. The caller holds that file's lock."""
-    done = {(r["task"], r["shot"], r["index"]) for r in _read_results(results_path)}
+    done = _drawn_prompts(results_path)
     if results_path != out_dir / RESULTS:
-        done |= {(r["task"], r["shot"], r["index"]) for r in _read_results(out_dir / RESULTS)}
+        done |= _drawn_prompts(out_dir / RESULTS)
     batches: list[list[Prompt]] = []
     count = prompts_per_task(limit)
     for shot in shots:
