@@ -206,7 +206,7 @@ def vlm_family(src: ModelSource) -> str:
 def image_text_processor(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:
     """`processor_class` without its video processor: transformers requires one to build the processor,
     and builds video processors only where torchvision is installed; this project feeds no videos.
-    It saves as `processor_class` (same name, same settings), so a saved one loads with AutoProcessor."""
+    It saves under `processor_class`'s name with its settings (`load_image_text_processor` reads them)."""
 
     class ImageTextProcessor(processor_class):
         def __init__(self, image_processor=None, tokenizer=None, **kwargs):
