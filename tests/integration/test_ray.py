@@ -226,3 +226,33 @@ def test_a_cobsat_unit_resumes_on_its_own_and_the_merge_equals_a_local_evaluatio
     assert rows(out) == rows(tmp_path / "local") and len(rows(out)) == 16
     assert summary.accuracy == local.accuracy and not (out / harness.UNITS_DIR).exists()
     assert (out / harness.SUMMARY_TABLE).read_text() == (tmp_path / "local" / harness.SUMMARY_TABLE).read_text()
+
+
+def test_a_local_rerun_takes_up_the_rows_of_a_spread_evaluation_cut_off(tmp_path):
+    """The local engine, run on a directory where a spread evaluation stopped before its merge,
+    keeps the rows its units drew and draws only the rest."""
+    from thinkdiff.eval import dataset, harness, judge
+
+    data = dataset.make_synthetic_dataset(tmp_path / "set", 32)
+    draw = harness.BASELINES["random"]
+    options = {"limit": 4, "batch_size": 2, "name": "random"}
+    local = harness.evaluate(data, draw, judge.synthetic_judge, tmp_path / "local", tasks=[1, 2], shots=[2, 4],
+                             judge_label="synthetic", **options)
+    out = tmp_path / "spread"
+    harness.evaluate_unit(data, draw, judge.synthetic_judge, out, task=2, shot=4, **options)
+    drawn: list[int] = []
+
+    def counted(prompts, data):
+        drawn.append(len(prompts))
+        return draw(prompts, data)
+
+    rerun = harness.evaluate(data, counted, judge.synthetic_judge, out, tasks=[1, 2], shots=[2, 4],
+                             judge_label="synthetic", **options)
+    assert sum(drawn) == 12 and not harness.unit_results(out, 2, 4).exists()  # the unit's 4 prompts kept
+
+    def rows(directory: Path) -> list[dict]:
+        return sorted(({k: v for k, v in json.loads(line).items() if k not in ("gen_s", "judge_s")}
+                       for line in (directory / harness.RESULTS).read_text().splitlines()),
+                      key=lambda r: (r["task"], r["shot"], r["index"]))
+
+    assert rows(out) == rows(tmp_path / "local") and rerun.accuracy == local.accuracy

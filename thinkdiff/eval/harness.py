@@ -229,12 +229,15 @@ def evaluate(
     k*batch_size .. (k+1)*batch_size - 1 of its full list, whatever the limit or the run's history
     (a sampling VLM's output depends on its batch). A batch runs when one of its prompts within the
     limit has no result yet; its rows without a result are appended (a batch crossing the limit
-    adds a few rows past it, which the summary leaves out).
+    adds a few rows past it, which the summary leaves out). Rows that units of a spread evaluation
+    of these prompts left (`evaluate_unit`, cut off before `merge_units`) are taken up first, except
+    a unit's that a worker is still drawing.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     # One writer per results directory (a baseline's is shared by every aligner evaluated with its
     # settings): a second evaluation waits, then finds the prompts drawn.
     with exclusive(out_dir / ".lock", f"cobsat: another evaluation is writing {out_dir}; waiting for it"):
+        _merge_unit_files(out_dir, tasks=tasks, shots=shots, wait=False)
         _draw(dataset, generator, judge, out_dir, out_dir / RESULTS, tasks=tasks, shots=shots, limit=limit,
               batch_size=batch_size, name=name, clip_scorer=clip_scorer)
         # Only the prompts asked for: a directory may also hold rows of a run with a larger limit.
@@ -271,22 +274,32 @@ def merge_units(dataset: CobsatDataset, out_dir: Path, *, tasks: list[int], shot
     remove the unit files, and summarize as `evaluate` does. A merge cut off is merged again: rows
     already in results.jsonl are not appended twice."""
     with exclusive(out_dir / ".lock", f"cobsat: another evaluation is writing {out_dir}; waiting for it"):
-        done = _drawn_prompts(out_dir / RESULTS)
-        units = [unit_results(out_dir, t, shot) for shot in shots for t in tasks]
-        rows = []
-        for unit in units:
-            for row in _read_results(unit):
-                if (key := (row["task"], row["shot"], row["index"])) not in done:
-                    done.add(key)
-                    rows.append(row)
-        with open(out_dir / RESULTS, "a") as fh:
-            fh.write("".join(json.dumps(row) + "\n" for row in rows))
-        for unit in units:
-            unit.unlink(missing_ok=True)
+        _merge_unit_files(out_dir, tasks=tasks, shots=shots, wait=True)
         with contextlib.suppress(OSError):  # units of other prompt sets still there
             (out_dir / UNITS_DIR).rmdir()
-        log.info("cobsat: %d rows of %d units merged into %s", len(rows), len(units), out_dir / RESULTS)
         return summarize(out_dir, prompt_keys(tasks, shots, limit), dataset, judge_label)
+
+
+def _merge_unit_files(out_dir: Path, *, tasks: list[int], shots: list[int], wait: bool) -> None:
+    """Append the rows of the (tasks x shots) units' files to results.jsonl, in `evaluate`'s order
+    (shot, then task) and never twice, removing each file once its rows are in. A unit a worker is
+    drawing is waited for, or with `wait=False` left to it. The caller holds the directory's lock."""
+    done, merged = _drawn_prompts(out_dir / RESULTS), 0
+    for unit in (unit_results(out_dir, t, shot) for shot in shots for t in tasks):
+        if not unit.is_file():
+            continue
+        with exclusive(unit, f"cobsat: a worker is drawing {unit.name}; waiting for it", wait=wait) as held:
+            if held is None:
+                continue
+            rows = {(r["task"], r["shot"], r["index"]): r for r in _read_results(unit)}
+            new = [row for key, row in rows.items() if key not in done]
+            with open(out_dir / RESULTS, "a") as fh:
+                fh.write("".join(json.dumps(row) + "\n" for row in new))
+            done |= rows.keys()
+            merged += len(new)
+            unit.unlink()
+    if merged:
+        log.info("cobsat: %d rows of spread units merged into %s", merged, out_dir / RESULTS)
 
 
 def _draw(dataset: CobsatDataset, generator: Generator, judge: Judge, out_dir: Path, results_path: Path, *,
