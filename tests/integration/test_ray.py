@@ -55,6 +55,12 @@ def shard_bytes(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(Path(directory).glob("part-*.parquet"))}
 
 
+def result_rows(results: Path) -> list[dict]:
+    """A results.jsonl's rows, in order, without their timings (which differ from run to run)."""
+    return [{k: v for k, v in json.loads(line).items() if k not in ("gen_s", "judge_s")}
+            for line in results.read_text().splitlines()]
+
+
 def holders(directory: Path) -> dict[int, str]:
     """pid -> the shard lock it holds open (a shard is claimed while it is extracted), read from /proc."""
     held = {}
@@ -176,9 +182,7 @@ def test_cobsat_on_ray_writes_the_local_engines_rows(ray_cluster, tmp_path):
     spread = evaluate(tmp_path / "ray", *RAY)
 
     def rows(result: stage.CobsatEvaluation) -> list[dict]:
-        timings = ("gen_s", "judge_s")
-        lines = result.results_jsonl.read_text().splitlines()
-        return [{k: v for k, v in json.loads(line).items() if k not in timings} for line in lines]
+        return result_rows(result.results_jsonl)
 
     assert rows(spread) == rows(local) and len(rows(local)) == 2 * 2 * 2
     assert [r["vlm_text"] for r in rows(spread)] and not list((spread.results_dir / harness.UNITS_DIR).glob("*.jsonl"))
@@ -189,7 +193,10 @@ def test_cobsat_on_ray_writes_the_local_engines_rows(ray_cluster, tmp_path):
     assert {p.name for p in spread.results_dir.iterdir()} == {p.name for p in local.results_dir.iterdir()}
 
 
-def test_a_cobsat_unit_resumes_on_its_own_and_the_merge_equals_a_local_evaluation(tmp_path):
+@pytest.fixture
+def drawn_locally(tmp_path):
+    """A synthetic set, the random generator, its options, and its evaluation of tasks 1-2 x shots 2, 4
+    on the local engine into tmp_path/local (the reference a spread evaluation must equal)."""
     from thinkdiff.eval import dataset, harness, judge
 
     data = dataset.make_synthetic_dataset(tmp_path / "set", 32)
@@ -197,6 +204,13 @@ def test_a_cobsat_unit_resumes_on_its_own_and_the_merge_equals_a_local_evaluatio
     options = {"limit": 4, "batch_size": 2, "name": "random"}
     local = harness.evaluate(data, draw, judge.synthetic_judge, tmp_path / "local", tasks=[1, 2], shots=[2, 4],
                              judge_label="synthetic", **options)
+    return data, draw, options, local
+
+
+def test_a_cobsat_unit_resumes_on_its_own_and_the_merge_equals_a_local_evaluation(drawn_locally, tmp_path):
+    from thinkdiff.eval import harness, judge
+
+    data, draw, options, local = drawn_locally
     out = tmp_path / "spread"
     drawn: list[int] = []
 
@@ -220,24 +234,19 @@ def test_a_cobsat_unit_resumes_on_its_own_and_the_merge_equals_a_local_evaluatio
     summary = harness.merge_units(data, out, tasks=[1, 2], shots=[2, 4], limit=4, judge_label="synthetic")
 
     def rows(directory: Path) -> list[dict]:
-        return [{k: v for k, v in json.loads(line).items() if k not in ("gen_s", "judge_s")}
-                for line in (directory / harness.RESULTS).read_text().splitlines()]
+        return result_rows(directory / harness.RESULTS)
 
     assert rows(out) == rows(tmp_path / "local") and len(rows(out)) == 16
     assert summary.accuracy == local.accuracy and not (out / harness.UNITS_DIR).exists()
     assert (out / harness.SUMMARY_TABLE).read_text() == (tmp_path / "local" / harness.SUMMARY_TABLE).read_text()
 
 
-def test_a_local_rerun_takes_up_the_rows_of_a_spread_evaluation_cut_off(tmp_path):
+def test_a_local_rerun_takes_up_the_rows_of_a_spread_evaluation_cut_off(drawn_locally, tmp_path):
     """The local engine, run on a directory where a spread evaluation stopped before its merge,
     keeps the rows its units drew and draws only the rest."""
-    from thinkdiff.eval import dataset, harness, judge
+    from thinkdiff.eval import harness, judge
 
-    data = dataset.make_synthetic_dataset(tmp_path / "set", 32)
-    draw = harness.BASELINES["random"]
-    options = {"limit": 4, "batch_size": 2, "name": "random"}
-    local = harness.evaluate(data, draw, judge.synthetic_judge, tmp_path / "local", tasks=[1, 2], shots=[2, 4],
-                             judge_label="synthetic", **options)
+    data, draw, options, local = drawn_locally
     out = tmp_path / "spread"
     harness.evaluate_unit(data, draw, judge.synthetic_judge, out, task=2, shot=4, **options)
     drawn: list[int] = []
@@ -250,9 +259,7 @@ def test_a_local_rerun_takes_up_the_rows_of_a_spread_evaluation_cut_off(tmp_path
                              judge_label="synthetic", **options)
     assert sum(drawn) == 12 and not harness.unit_results(out, 2, 4).exists()  # the unit's 4 prompts kept
 
-    def rows(directory: Path) -> list[dict]:
-        return sorted(({k: v for k, v in json.loads(line).items() if k not in ("gen_s", "judge_s")}
-                       for line in (directory / harness.RESULTS).read_text().splitlines()),
-                      key=lambda r: (r["task"], r["shot"], r["index"]))
+    def rows(directory: Path) -> list[dict]:  # the unit's rows come first here
+        return sorted(result_rows(directory / harness.RESULTS), key=lambda r: (r["task"], r["shot"], r["index"]))
 
     assert rows(out) == rows(tmp_path / "local") and rerun.accuracy == local.accuracy
